@@ -1,0 +1,68 @@
+"""The optimizer, built from `config.optim`: schedule, AdamW with a weight-decay mask, clipping, freezing by regex.
+
+Parameter names are the '/'-joined key paths of the trainable tree (e.g. `layers/attn/q/kernel`); every regex rule
+in the config is matched against them with `re.search`. A rule that matches no parameter is an error, because a
+misspelled freeze pattern silently training everything is the worst kind of ablation bug.
+"""
+
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def param_names(params: Any) -> Any:
+  """A tree shaped like params whose leaves are the '/'-joined key paths."""
+  def name(path, _):
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+  return jax.tree.map_with_path(name, params)
+
+
+def _matching(patterns: Sequence[str], params: Any, field: str) -> Any:
+  """A bool tree: does any pattern match the parameter's name? Unused patterns are reported."""
+  names = param_names(params)
+  flat = jax.tree.leaves(names)
+  for pattern in patterns:
+    if not any(re.search(pattern, n) for n in flat):
+      raise ValueError(f'config.optim.{field} pattern {pattern!r} matches no parameter; names look like '
+                       f'{flat[:4]}.')
+  return jax.tree.map(lambda n: any(re.search(p, n) for p in patterns), names)
+
+
+def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+  warmup = min(int(cfg.warmup_steps), total_steps)
+  if cfg.schedule == 'constant':
+    decay = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warmup, 1), alpha=cfg.end_lr_fraction)
+  elif cfg.schedule == 'linear':
+    decay = optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_fraction, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f'config.optim.schedule={cfg.schedule!r}; choose one of constant, cosine, linear.')
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (tx, schedule). `params` may be abstract (ShapeDtypeStructs): only names and structure are used."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  decay_mask = jax.tree.map(lambda excluded: not excluded,
+                            _matching(cfg.weight_decay_exclude, params, 'weight_decay_exclude'))
+  if cfg.name == 'adamw':
+    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+  elif cfg.name == 'sgd':
+    core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(schedule, momentum=cfg.b1))
+  else:
+    raise ValueError(f'config.optim.name={cfg.name!r}; choose adamw or sgd.')
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+  tx = optax.chain(*parts, core)
+  if cfg.freeze:
+    # Frozen parameters get zero updates and no optimizer state (set_to_zero keeps none).
+    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', _matching(cfg.freeze, params, 'freeze'))
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def global_norm(tree: Any) -> jax.Array:
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

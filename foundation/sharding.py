@@ -1,0 +1,140 @@
+"""The one sharding layer: mesh, logical-axis rules, and shardings for params, optimizer state and batches.
+
+Models name their axes logically (`embed`, `mlp`, `heads`, ...); the rules table below maps those names onto the
+mesh axes ('data', 'fsdp', 'tensor'). Parameters use the plain names; activations use the `act_*` names so that a
+weight's `embed` axis can be FSDP-sharded while an activation's embed axis is not.
+"""
+
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # the batch is split over every axis that is not tensor parallel
+
+DEFAULT_RULES = (
+    # parameters
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', None),  # few k/v heads (GQA) rarely divide the tensor axis; they are small anyway
+    ('head_dim', None),
+    ('layers', None),
+    ('norm', None),
+    # activations
+    ('act_batch', BATCH_AXES),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', None),
+    ('act_head_dim', None),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def logical_rules(overrides: dict[str, Any] | None = None) -> tuple:
+  """The default table with a config's overrides ({'mlp': None, ...}) applied."""
+  overrides = dict(overrides or {})
+  unknown = set(overrides) - {name for name, _ in DEFAULT_RULES}
+  if unknown:
+    raise ValueError(f'config.sharding_rules names unknown logical axes {sorted(unknown)}; '
+                     f'known: {[name for name, _ in DEFAULT_RULES]}')
+  return tuple((name, overrides.get(name, axes)) for name, axes in DEFAULT_RULES)
+
+
+def mesh_shape(mesh_cfg: dict[str, int], num_devices: int) -> tuple[int, int, int]:
+  """Resolves config.mesh ({'data': -1, 'fsdp': 1, 'tensor': 1}) against the device count; -1 takes the rest."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by '
+                       f'{known}; pick sizes whose product divides the device count.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} multiplies to {math.prod(sizes)} but there are '
+                     f'{num_devices} devices; make the sizes multiply to {num_devices} (or set one to -1).')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: with Explicit axes (jax.make_mesh's default) a tensor-parallel matmul is a type error.
+  try:
+    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # unusual topologies (fake CPU devices, AOT descriptions): plain order is fine there
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, where: str) -> P:
+  """Drops mesh axes from dimensions they do not divide, so odd sizes replicate instead of failing to compile."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    if names and dim % size:
+      logging.warning('%s: dimension %d is not divisible by mesh axes %s (size %d); replicating it.',
+                      where, dim, names, size)
+      names = ()
+    fitted.append(names[0] if len(names) == 1 else (names or None))
+  return P(*fitted)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: tuple) -> Any:
+  """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract params, via the logical rules."""
+  logical_specs = nn.get_partition_spec(abstract_params)
+  unboxed = nn.unbox(abstract_params)
+
+  def one(path, spec, leaf):
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec is not None else P()
+    return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
+
+  return jax.tree.map_with_path(one, logical_specs, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Builds global arrays from this process's rows (a contiguous block of the global batch)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins the processes of a multi-host run into one JAX runtime.
+
+  With explicit flags (CPU/GPU clusters, local tests) they are passed through; on a Cloud TPU pod slice no flags
+  are needed: jax finds its peers from the TPU metadata. On one host with no flags this does nothing.
+  """
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError('--coordinator_address needs --num_processes and --process_id as well.')
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0 or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()

@@ -1,0 +1,47 @@
+"""The seam between the one training loop and the methods: a task is a small value of pure functions.
+
+`config.task = 'lm'` names the module `foundation.tasks.lm`, whose `build(config) -> Task` returns it. The loop
+never looks inside a task, and a new method is a new module here plus configs.
+"""
+
+import dataclasses
+import importlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+from jax.sharding import Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What an evaluator may use besides the params: the mesh to place its batches on and where to write files."""
+  mesh: Mesh | None        # None on the pmap path
+  workdir: str
+  is_writer: bool          # process 0: the one that writes files and prints
+
+
+class Task(NamedTuple):
+  # rng -> trainable params; leaves may be boxed with logical axis names (nn.with_logical_partitioning).
+  init: Callable[[jax.Array], Any]
+  # (params, frozen, batch, rng) -> (scalar mean loss, {name: scalar}); batch is the global batch (or a device's
+  # share on the pmap path, where the loop averages loss, metrics and grads over devices).
+  loss: Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+  # (process_index, process_count) -> a sequence indexed by step whose item s is this process's rows of global
+  # batch s (grain MapDataset, so its iterator state is checkpointed for exact resume).
+  train_batches: Callable[[int, int], Any]
+  # (params, frozen, step, EvalContext) -> {metric name: scalar}; called on every process.
+  evaluate: Callable[[Any, Any, int, EvalContext], dict] | None = None
+  # () -> params that are used but never optimized nor checkpointed with the trainable state (teachers, backbones).
+  frozen: Callable[[], Any] | None = None
+  flops_per_example: float = 0.0   # training model FLOPs per example, for MFU
+  tokens_per_example: int = 0      # for tokens/s; 0 when examples are not token sequences
+
+
+def build(config) -> Task:
+  try:
+    module = importlib.import_module(f'foundation.tasks.{config.task}')
+  except ModuleNotFoundError as e:
+    if e.name != f'foundation.tasks.{config.task}':
+      raise
+    raise ValueError(f'config.task={config.task!r} has no module foundation/tasks/{config.task}.py') from None
+  return module.build(config)

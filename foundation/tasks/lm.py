@@ -1,0 +1,95 @@
+"""Next-token language modelling: a Llama-style decoder on any TFDS text dataset.
+
+Evaluation: validation loss in nats per token (per byte with the byte tokenizer) and perplexity over the whole
+validation split, plus samples from a prompt, written to `workdir/samples/step_<N>.txt` and printed.
+"""
+
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from foundation import losses, sharding
+from foundation.data import text
+from foundation.data.tokenizers import get_tokenizer
+from foundation.evaluate.generate import generate
+from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
+from foundation.tasks import EvalContext, Task
+
+
+def build(config) -> Task:
+  data = config.data
+  tokenizer = get_tokenizer(data.tokenizer)
+  model_cfg = TransformerConfig.from_dict(config.model)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'config.model.vocab_size={model_cfg.vocab_size} is smaller than the {data.tokenizer!r} '
+                     f'tokenizer\'s {tokenizer.vocab_size} ids; raise it.')
+  if data.seq_len > model_cfg.max_len:
+    raise ValueError(f'config.data.seq_len={data.seq_len} exceeds config.model.max_len={model_cfg.max_len}.')
+  prompt = tokenizer.encode(config.sample.prompt)
+  if config.sample.num_samples and len(prompt) + config.sample.max_new_tokens > model_cfg.max_len:
+    raise ValueError(f'the sample prompt ({len(prompt)} tokens) plus config.sample.max_new_tokens='
+                     f'{config.sample.max_new_tokens} exceeds config.model.max_len={model_cfg.max_len}.')
+  text.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
+  model = Transformer(model_cfg)
+  source = dict(name=data.name, data_dir=data.data_dir, text_key=data.text_key, tokenizer=tokenizer,
+                seq_len=data.seq_len)
+
+  def init(rng):
+    return model.init(rng, jnp.zeros((1, data.seq_len), jnp.int32))['params']
+
+  def loss(params, frozen, batch, rng):
+    del frozen, rng  # no dropout in this model
+    logits = model.apply({'params': params}, batch['inputs'])
+    total, count = losses.next_token_xent(logits, batch['targets'], batch['weights'])
+    return total / jnp.maximum(count, 1.0), {}
+
+  def train_batches(process_index, process_count):
+    return text.train_batches(**source, split=data.train_split, global_batch=config.global_batch_size,
+                              num_shards=data.num_shards, seed=config.seed, process_index=process_index,
+                              process_count=process_count)
+
+  @jax.jit
+  def eval_sums(params, batch):
+    logits = model.apply({'params': params}, batch['inputs'])
+    return losses.next_token_xent(logits, batch['targets'], batch['weights'])
+
+  eval_cache = {}
+
+  def evaluate(params, frozen, step, ctx: EvalContext):
+    if 'batches' not in eval_cache:  # read once per run, on first use
+      eval_cache['batches'] = text.eval_batches(
+          **source, split=data.eval_split, global_batch=config.eval.batch_size, max_batches=config.eval.max_batches,
+          process_index=jax.process_index(), process_count=jax.process_count())
+    total = count = 0.0
+    for batch in eval_cache['batches']:
+      batch_total, batch_count = eval_sums(params, sharding.global_batch(batch, ctx.mesh))
+      total, count = total + float(batch_total), count + float(batch_count)
+    results = {'eval/loss': total / count, 'eval/perplexity': math.exp(total / count)}
+    if config.sample.num_samples:
+      _write_samples(model, params, tokenizer, prompt, config, step, ctx)
+    return results
+
+  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
+              flops_per_example=flops_per_token(model_cfg, data.seq_len) * data.seq_len,
+              tokens_per_example=data.seq_len)
+
+
+def _write_samples(model, params, tokenizer, prompt, config, step: int, ctx: EvalContext) -> None:
+  sample = config.sample
+  prompts = jnp.asarray(np.tile(prompt[None], (sample.num_samples, 1)), jnp.int32)
+  # A handful of sample rows does not divide the data axes, so sampling runs without activation constraints.
+  with nn.logical_axis_rules(()):
+    tokens = generate(model, params, prompts, max_new_tokens=sample.max_new_tokens,
+                      rng=jax.random.fold_in(jax.random.key(config.seed + 1), step), temperature=sample.temperature,
+                      top_k=sample.top_k, top_p=sample.top_p)
+  if not ctx.is_writer:
+    return
+  texts = [config.sample.prompt + tokenizer.decode(np.asarray(row)) for row in jax.device_get(tokens)]
+  os.makedirs(os.path.join(ctx.workdir, 'samples'), exist_ok=True)
+  with open(os.path.join(ctx.workdir, 'samples', f'step_{step:06d}.txt'), 'w') as f:
+    f.write('\n\n=====\n\n'.join(texts) + '\n')
+  print(f'\n--- sample at step {step} ---\n{texts[0]}\n---', flush=True)

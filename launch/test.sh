@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the test suite on CPU with 8 fake devices (every sharding path is exercised), setting up first if needed.
+# Extra arguments go to pytest, e.g. bash launch/test.sh -k sharding -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
+export JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

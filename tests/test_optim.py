@@ -1,0 +1,69 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from foundation import optim
+
+
+def optim_config(**overrides):
+  c = ml_collections.ConfigDict(dict(
+      name='adamw', lr=0.1, schedule='cosine', warmup_steps=10, end_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.5, weight_decay_exclude=('norm',), grad_clip=0.0, freeze=()))
+  c.update(overrides)
+  return c
+
+
+def params():
+  return {'layer': {'kernel': jnp.ones((3, 2)), 'norm': {'scale': jnp.ones((2,))}}, 'head': jnp.ones((2,))}
+
+
+def test_schedule_warmup_then_cosine_closed_form():
+  schedule = optim.learning_rate_schedule(optim_config(), total_steps=110)
+  for step in (0, 5, 10):
+    np.testing.assert_allclose(schedule(step), 0.1 * step / 10, rtol=1e-6)
+  for step in (10, 35, 60, 110):
+    progress = (step - 10) / 100
+    want = 0.1 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+    np.testing.assert_allclose(schedule(step), want, rtol=1e-5)
+
+
+def test_weight_decay_mask_skips_excluded_names():
+  # With zero gradients AdamW's only update is decay: -lr * wd * param on decayed leaves, 0 on excluded ones.
+  cfg = optim_config(schedule='constant', warmup_steps=0)
+  tx, _ = optim.make_optimizer(cfg, params(), total_steps=10)
+  p = params()
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+  np.testing.assert_allclose(updates['layer']['kernel'], -0.1 * 0.5 * np.ones((3, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates['head'], -0.05 * np.ones(2), rtol=1e-6)
+  np.testing.assert_array_equal(updates['layer']['norm']['scale'], 0.0)
+
+
+def test_freeze_by_regex_gives_zero_updates_and_no_state():
+  cfg = optim_config(schedule='constant', warmup_steps=0, freeze=('^layer/',))
+  tx, _ = optim.make_optimizer(cfg, params(), total_steps=10)
+  p = params()
+  grads = jax.tree.map(jnp.ones_like, p)
+  state = tx.init(p)
+  updates, _ = tx.update(grads, state, p)
+  np.testing.assert_array_equal(updates['layer']['kernel'], 0.0)
+  np.testing.assert_array_equal(updates['layer']['norm']['scale'], 0.0)
+  assert np.all(np.asarray(updates['head']) < 0)
+  moment_sizes = sum(x.size for x in jax.tree.leaves(state) if hasattr(x, 'size') and x.ndim > 0)
+  assert moment_sizes == 2 * 2  # Adam's two moments for `head` only
+
+
+def test_clipping_bounds_the_global_norm():
+  cfg = optim_config(name='sgd', b1=0.0, schedule='constant', warmup_steps=0, weight_decay=0.0, grad_clip=1.0, lr=1.0)
+  tx, _ = optim.make_optimizer(cfg, params(), total_steps=10)
+  p = params()
+  grads = jax.tree.map(lambda x: 10 * jnp.ones_like(x), p)
+  updates, _ = tx.update(grads, tx.init(p), p)
+  np.testing.assert_allclose(float(optim.global_norm(updates)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('field', ['freeze', 'weight_decay_exclude'])
+def test_a_pattern_that_matches_nothing_is_an_error(field):
+  with pytest.raises(ValueError, match='matches no parameter'):
+    optim.make_optimizer(optim_config(**{field: ('lyaer',)}), params(), total_steps=10)

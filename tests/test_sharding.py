@@ -1,0 +1,94 @@
+"""The sharding layer: mesh validation, parameters really sharded, and sharded math equal to one device's."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from foundation import losses, optim, sharding, train
+from foundation.models.transformer import Transformer, TransformerConfig
+
+CFG = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                        max_len=16)
+
+
+def loss_fn(model):
+  def loss(params, batch):
+    logits = model.apply({'params': params}, batch['inputs'])
+    total, count = losses.next_token_xent(logits, batch['targets'], batch['weights'])
+    return total / count
+  return loss
+
+
+def test_mesh_shape_resolves_and_rejects():
+  assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 1}, 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match='multiplies to 4 but there are 8 devices'):
+    sharding.mesh_shape({'data': 2, 'fsdp': 2, 'tensor': 1}, 8)
+  with pytest.raises(ValueError, match='not divisible by 3'):
+    sharding.mesh_shape({'data': -1, 'fsdp': 3, 'tensor': 1}, 8)
+  with pytest.raises(ValueError, match='at most one axis may be -1'):
+    sharding.mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
+
+
+def test_unknown_logical_axis_override_is_an_error():
+  with pytest.raises(ValueError, match='unknown logical axes'):
+    sharding.logical_rules({'mpl': None})
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_params_and_adam_state_are_created_sharded(scan_layers):
+  cfg = TransformerConfig(**{**CFG.__dict__, 'scan_layers': scan_layers})
+  model = Transformer(cfg)
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  rules = sharding.logical_rules()
+  init = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  tx, _ = optim.make_optimizer(_optim_cfg(), nn.unbox(abstract), 10)
+  shardings = train._state_shardings(abstract, tx, mesh, rules)
+  params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings['params'])(jax.random.key(0))
+  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+
+  prefix = (cfg.num_layers,) if scan_layers else ()
+  up = params['layers']['mlp']['up'] if scan_layers else params['layers_0']['mlp']['up']
+  assert up.shape == prefix + (32, 64)
+  # embed (32) split over fsdp=2, mlp (64) over tensor=2: each device holds a quarter.
+  assert {s.data.shape for s in up.addressable_shards} == {prefix + (16, 32)}
+  embedding = params['embedding']  # (vocab 64 -> tensor, embed 32 -> fsdp)
+  assert {s.data.shape for s in embedding.addressable_shards} == {(32, 16)}
+  adam_mu = opt_state[1][0].mu['embedding']  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  assert {s.data.shape for s in adam_mu.addressable_shards} == {(32, 16)}
+
+
+def _optim_cfg():
+  import ml_collections
+  return ml_collections.ConfigDict(dict(name='adamw', lr=1e-3, schedule='constant', warmup_steps=0,
+                                        end_lr_fraction=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                                        weight_decay_exclude=('norm',), grad_clip=1.0, freeze=()))
+
+
+@pytest.mark.parametrize('mesh_cfg', [{'data': 8, 'fsdp': 1, 'tensor': 1}, {'data': 2, 'fsdp': 2, 'tensor': 2},
+                                      {'data': 1, 'fsdp': 2, 'tensor': 4}])
+def test_sharded_loss_and_grads_equal_one_device(mesh_cfg):
+  model = Transformer(CFG)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 64, size=(8, 9))
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': np.ones((8, 8), np.float32)}
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  one_device = jax.devices()[0]
+  want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn(model)))(
+      jax.device_put(params, one_device), jax.device_put(batch, one_device))
+
+  mesh = sharding.make_mesh(mesh_cfg)
+  rules = sharding.logical_rules()
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  param_shardings = sharding.param_shardings(abstract, mesh, rules)
+  sharded_params = jax.device_put(params, param_shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn(model)), out_shardings=(None, param_shardings))(
+        sharded_params, sharding.global_batch(batch, mesh))
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
+               grads, want_grads)
+  assert grads['layers_0']['mlp']['gate'].sharding.spec == param_shardings['layers_0']['mlp']['gate'].spec
