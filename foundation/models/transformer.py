@@ -1,0 +1,260 @@
+"""A Llama-style decoder: RMSNorm pre-norm blocks, rotary positions, grouped-query attention, SwiGLU, no biases.
+
+One module serves pretraining (full sequences), generation (`decode=True` keeps a fixed-size KV cache in the
+'cache' collection), soft prompts (`prefix_embeddings`), and encoders or probes (`causal=False`,
+`return_hidden=True`). Parameters and activations carry logical axis names; `foundation/sharding.py` maps them
+onto the mesh, and without rules they are plain arrays.
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# What the backward pass may keep from the forward; 'full' keeps nothing (policy None), 'none' skips nn.remat.
+REMAT_POLICIES = {'none': None, 'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int  # grouped-query attention: == num_heads is MHA, 1 is MQA
+  mlp_dim: int  # SwiGLU hidden width
+  max_len: int  # longest sequence; sizes the KV cache
+  head_dim: int | None = None  # None: embed_dim // num_heads
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  causal: bool = True  # False: the same blocks as a bidirectional encoder
+  dtype: str = 'float32'  # compute dtype; logits and softmax/norm statistics stay float32
+  param_dtype: str = 'float32'
+  scan_layers: bool = False  # one compiled block scanned over layers: compile time independent of depth
+  remat: str = 'none'  # 'none' | 'full' | 'dots' (save only matmul outputs for the backward pass)
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      if self.embed_dim % self.num_heads:
+        raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; '
+                         'set head_dim explicitly.')
+      object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}.')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim {self.head_dim} must be even: rotary embeddings rotate pairs of features.')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}.')
+    for name in ('dtype', 'param_dtype'):
+      jnp.dtype(getattr(self, name))  # fails early on a misspelt dtype
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'TransformerConfig':
+    """From a dict or an ml_collections ConfigDict; unknown keys are an error, not silently dropped."""
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(d) - known:
+      raise ValueError(f'unknown TransformerConfig fields {sorted(set(d) - known)}; known: {sorted(known)}')
+    return cls(**d)
+
+
+def param_count(cfg: TransformerConfig) -> int:
+  attention = cfg.embed_dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = 3 * cfg.embed_dim * cfg.mlp_dim
+  block = attention + mlp + 2 * cfg.embed_dim  # + two norm scales
+  embeddings = cfg.vocab_size * cfg.embed_dim * (1 if cfg.tie_embeddings else 2)
+  return cfg.num_layers * block + embeddings + cfg.embed_dim  # + final norm
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+  """Training "model FLOPs" per token (PaLM appendix B / MaxText convention), the numerator of MFU.
+
+  forward = 2 * (matmul weights: q, k, v, out, gate, up, down in every layer, plus the projection to the vocabulary,
+            counted whether or not it is tied; the input embedding lookup is not a matmul and is not counted)
+          + 2 * 2 * num_layers * seq_len * num_heads * head_dim (attention scores and weighted values, over the full
+            sequence: the causal mask is not halved, and rematerialisation is not counted)
+  training = 3 * forward (the backward pass costs twice the forward).
+  """
+  attention = cfg.embed_dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  matmul_params = cfg.num_layers * (attention + 3 * cfg.embed_dim * cfg.mlp_dim) + cfg.embed_dim * cfg.vocab_size
+  attention_flops = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+  return 3.0 * (2 * matmul_params + attention_flops)
+
+
+def _weight(std: float, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def apply_rope(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding in the rotate-half layout: feature i pairs with feature i + head_dim/2.
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length]. GGUF and Meta's original checkpoints store q/k
+  weights for the interleaved-pair layout (feature 2i pairs with 2i+1), so an importer must permute the output
+  features of those q/k projections (interleaved -> halves) before loading them here.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [batch, length, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)), (cfg.embed_dim,),
+                       jnp.dtype(cfg.param_dtype))
+    x32 = x.astype(jnp.float32)  # a bf16 mean of squares loses too much precision
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (normed * scale.astype(jnp.float32)).astype(cfg.dtype)
+
+
+class Attention(nn.Module):
+  config: TransformerConfig
+  decode: bool
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, cache_index: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual branches add up over depth (GPT-2)
+    wq = self.param('query', _weight(cfg.init_std, ('embed', 'heads', 'head_dim')), (e, h, d), pdtype)
+    wk = self.param('key', _weight(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), (e, kv, d), pdtype)
+    wv = self.param('value', _weight(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), (e, kv, d), pdtype)
+    wo = self.param('out', _weight(out_std, ('heads', 'head_dim', 'embed')), (h, d, e), pdtype)
+
+    q = jnp.einsum('ble,ehd->blhd', x, wq.astype(dtype))
+    k = jnp.einsum('ble,ekd->blkd', x, wk.astype(dtype))
+    v = jnp.einsum('ble,ekd->blkd', x, wv.astype(dtype))
+    q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+    k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+    v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+    q = apply_rope(q, positions, cfg.rope_base)
+    k = apply_rope(k, positions, cfg.rope_base)
+
+    batch, length = x.shape[:2]
+    if self.decode:
+      # The cache has a fixed size so that every decode step compiles once; slots past the index are masked below.
+      cached_k = self.variable('cache', 'key', jnp.zeros, (batch, cfg.max_len, kv, d), dtype)
+      cached_v = self.variable('cache', 'value', jnp.zeros, (batch, cfg.max_len, kv, d), dtype)
+      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, cache_index, 0, 0))
+      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, cache_index, 0, 0))
+      k, v = cached_k.value, cached_v.value
+
+    query_slot = cache_index + jnp.arange(length)
+    key_slot = jnp.arange(k.shape[1])
+    visible = key_slot[None, :] < cache_index + length  # excludes cache slots not yet written
+    if cfg.causal:
+      visible &= key_slot[None, :] <= query_slot[:, None]
+
+    # Query head j reads k/v head j // group (Llama's repeat_kv); a grouped einsum avoids copying k/v per head.
+    group = h // kv
+    q = q.reshape(batch, length, kv, group, d)
+    scores = jnp.einsum('blkgd,bskd->bkgls', q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(batch, length, h, d)
+    return jnp.einsum('blhd,hde->ble', out, wo.astype(dtype))
+
+
+class MLP(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    w_gate = self.param('gate', _weight(cfg.init_std, ('embed', 'mlp')), (cfg.embed_dim, cfg.mlp_dim), pdtype)
+    w_up = self.param('up', _weight(cfg.init_std, ('embed', 'mlp')), (cfg.embed_dim, cfg.mlp_dim), pdtype)
+    w_down = self.param('down', _weight(out_std, ('mlp', 'embed')), (cfg.mlp_dim, cfg.embed_dim), pdtype)
+    hidden = nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
+    hidden = nn.with_logical_constraint(hidden, ('act_batch', 'act_length', 'act_mlp'))
+    return hidden @ w_down.astype(dtype)
+
+
+class Block(nn.Module):
+  config: TransformerConfig
+  decode: bool
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, cache_index: Array) -> tuple[Array, None]:
+    # Returns (carry, output) so that nn.scan can stack it; the unscanned path ignores the None.
+    x = x + Attention(self.config, self.decode, name='attention')(
+        RMSNorm(self.config, name='attention_norm')(x), positions, cache_index)
+    x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
+    x = x + MLP(self.config, name='mlp')(RMSNorm(self.config, name='mlp_norm')(x))
+    return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), None
+
+
+class Transformer(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, positions: Array | None = None, decode: bool = False,
+               prefix_embeddings: Array | None = None, return_hidden: bool = False) -> Array:
+    """tokens int [batch, length] -> float32 logits [batch, prefix + length, vocab].
+
+    positions: int [batch, prefix + length] for rotary embeddings; default 0, 1, ... counted from the cache index
+      when decoding. The attention mask follows the order of the sequence (and the cache), not `positions`.
+    decode: read and extend the KV cache (the 'cache' collection, pass mutable=['cache']); one call may add a whole
+      prompt, later calls one token each. Start from an empty cache: `generate.init_cache`, or the cache of
+      `init(..., decode=True)`, which holds no tokens.
+    prefix_embeddings: float [batch, prefix, embed_dim] placed before the token embeddings (soft prompts).
+    return_hidden: return the final-normed hidden states (float32) [batch, prefix + length, embed_dim] instead.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    embedding = self.param('embedding', _weight(cfg.init_std, ('vocab', 'embed')), (cfg.vocab_size, cfg.embed_dim),
+                           jnp.dtype(cfg.param_dtype))
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    if prefix_embeddings is not None:
+      x = jnp.concatenate([prefix_embeddings.astype(dtype), x], axis=1)
+    x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
+    batch, length = x.shape[:2]
+
+    cache_index = jnp.zeros((), jnp.int32)
+    if decode:
+      index = self.variable('cache', 'index', jnp.zeros, (), jnp.int32)
+      cache_index = index.value
+      if not self.is_initializing():  # the cache that init returns is empty, ready for a prefill
+        index.value = cache_index + length
+    if positions is None:
+      positions = jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    block = Block
+    if cfg.remat != 'none':
+      # Inside a scan, XLA cannot CSE across iterations anyway, and prevent_cse would block optimisations.
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index)
+
+    x = RMSNorm(cfg, name='final_norm')(x)
+    if return_hidden:
+      return x.astype(jnp.float32)
+    if cfg.tie_embeddings:
+      head = embedding.T
+    else:
+      head = self.param('lm_head', _weight(cfg.init_std, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size),
+                        jnp.dtype(cfg.param_dtype))
+    # bf16 inputs, float32 accumulation and output: the softmax over a large vocabulary needs the precision.
+    logits = jnp.einsum('ble,ev->blv', x, head.astype(dtype), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))

@@ -1,0 +1,136 @@
+"""Sampling filters against numpy, and generation against decoding by full recomputation (no cache)."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from foundation.evaluate.generate import generate, sample_logits, top_k_mask, top_p_mask
+from foundation.models.transformer import Transformer, TransformerConfig
+
+TINY = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                         max_len=16, init_std=0.25)
+PROMPT_LEN, NEW = 5, 7
+
+# Distinct values, so that the numpy references need no tie-breaking rule.
+LOGITS = np.array([[2.0, -1.0, 0.5, 3.0, 0.0, -2.0, 1.0, 1.5],
+                   [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                   [5.0, -5.0, 0.0, 1.0, -1.0, 2.0, -2.0, 3.0]], np.float32)
+
+
+def np_top_k_keep(logits, k):
+  return np.stack([np.isin(np.arange(len(row)), np.argsort(-row)[:k]) for row in logits])
+
+
+def np_top_p_keep(logits, p):
+  keep = np.zeros(logits.shape, bool)
+  for r, row in enumerate(logits):
+    probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    total = 0.0
+    for i in np.argsort(-row):  # add the most likely tokens until their mass reaches p
+      keep[r, i] = True
+      total += probs[i]
+      if total >= p:
+        break
+  return keep
+
+
+@pytest.mark.parametrize('k', [1, 3, 8])
+def test_top_k_mask(k):
+  masked = np.asarray(top_k_mask(jnp.asarray(LOGITS), k))
+  keep = np_top_k_keep(LOGITS, k)
+  np.testing.assert_array_equal(np.isfinite(masked), keep)
+  np.testing.assert_array_equal(masked[keep], LOGITS[keep])
+
+
+@pytest.mark.parametrize('p', [0.05, 0.3, 0.6, 0.9, 0.999])
+def test_top_p_mask(p):
+  masked = np.asarray(top_p_mask(jnp.asarray(LOGITS), p))
+  keep = np_top_p_keep(LOGITS, p)
+  np.testing.assert_array_equal(np.isfinite(masked), keep)
+  np.testing.assert_array_equal(masked[keep], LOGITS[keep])
+
+
+def test_sampling_frequencies_follow_filtered_distribution():
+  temperature, k, p = 0.7, 5, 0.8
+  draws = jax.jit(jax.vmap(lambda key: sample_logits(jnp.asarray(LOGITS), key, temperature=temperature, top_k=k,
+                                                     top_p=p)))(jax.random.split(jax.random.key(0), 20000))
+  scaled = LOGITS / temperature
+  keep = np_top_k_keep(scaled, k) & np_top_p_keep(np.where(np_top_k_keep(scaled, k), scaled, -np.inf), p)
+  expected = np.where(keep, np.exp(scaled - scaled.max(-1, keepdims=True)), 0.0)
+  expected /= expected.sum(-1, keepdims=True)
+  for row in range(len(LOGITS)):
+    frequencies = np.bincount(np.asarray(draws[:, row]), minlength=LOGITS.shape[1]) / len(draws)
+    np.testing.assert_allclose(frequencies, expected[row], atol=0.015)  # ~4 standard errors at 20k draws
+
+
+def test_greedy_and_cold_sampling_are_argmax():
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(sample_logits(jnp.asarray(LOGITS), key, greedy=True), LOGITS.argmax(-1))
+  np.testing.assert_array_equal(sample_logits(jnp.asarray(LOGITS), key, temperature=1e-3), LOGITS.argmax(-1))
+
+
+@pytest.fixture(scope='module', params=[False, True], ids=['loop', 'scan'])
+def model_params_prompt(request):
+  model = Transformer(dataclasses.replace(TINY, scan_layers=request.param))
+  prompt = jax.random.randint(jax.random.key(1), (2, PROMPT_LEN), 0, TINY.vocab_size)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompt)['params'])
+  return model, params, prompt
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, tokens):
+  return model.apply({'params': params}, tokens)
+
+
+def full_forward_logits(model, params, sequence):
+  """Logits at every position by a fresh full forward (no cache); padded to max_len so one compile serves all."""
+  padded = jnp.zeros((sequence.shape[0], model.config.max_len), jnp.int32).at[:, :sequence.shape[1]].set(sequence)
+  return _forward(model, params, padded)[:, :sequence.shape[1]]
+
+
+def test_greedy_matches_recomputation(model_params_prompt):
+  model, params, prompt = model_params_prompt
+  generated = generate(model, params, prompt, max_new_tokens=NEW, rng=jax.random.key(0), greedy=True)
+  assert generated.shape == (2, NEW)
+  sequence = prompt
+  for _ in range(NEW):  # causal: logits at the last real position ignore the zero padding after it
+    next_token = jnp.argmax(full_forward_logits(model, params, sequence)[:, -1], axis=-1)
+    sequence = jnp.concatenate([sequence, next_token[:, None]], axis=1)
+  np.testing.assert_array_equal(generated, sequence[:, PROMPT_LEN:])
+
+
+def test_sampling_is_reproducible_and_respects_top_k(model_params_prompt):
+  model, params, prompt = model_params_prompt
+  k = 3
+
+  def sample(seed):
+    return generate(model, params, prompt, max_new_tokens=NEW, rng=jax.random.key(seed), temperature=1.5, top_k=k)
+
+  first = sample(0)
+  np.testing.assert_array_equal(first, sample(0))
+  assert not np.array_equal(first, sample(1))
+  # Every sampled token must be among the k most likely under a full recomputation of its prefix.
+  sequence = jnp.concatenate([prompt, first], axis=1)
+  logits = full_forward_logits(model, params, sequence)[:, PROMPT_LEN - 1:-1]
+  top = np.argsort(-np.asarray(logits), axis=-1)[..., :k]
+  assert np.all((top == np.asarray(first)[..., None]).any(-1))
+
+
+def test_top_k_one_is_greedy(model_params_prompt):
+  model, params, prompt = model_params_prompt
+  np.testing.assert_array_equal(
+      generate(model, params, prompt, max_new_tokens=NEW, rng=jax.random.key(3), top_k=1),
+      generate(model, params, prompt, max_new_tokens=NEW, rng=jax.random.key(4), greedy=True))
+
+
+def test_rejects_generation_past_max_len(model_params_prompt):
+  model, params, prompt = model_params_prompt
+  with pytest.raises(ValueError, match='max_len'):
+    generate(model, params, prompt, max_new_tokens=TINY.max_len - PROMPT_LEN + 1, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match='greedy=True'):
+    generate(model, params, prompt, max_new_tokens=2, rng=jax.random.key(0), temperature=0.0)
