@@ -29,45 +29,65 @@ PEAK_FLOPS_BF16 = (
 )
 
 
-def measure_cpu_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-  """Best-of-n FLOP/s of a jitted f32 matmul on the default device: the CPU's practical peak."""
-  x = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
+def measure_matmul_flops(devices: Sequence[jax.Device], total_flops: float = 1.5e11) -> float:
+  """FLOP/s of f32 matmuls running on all `devices` at once, best of three: the machine's practical peak.
+
+  Each device multiplies its own square matrix, sized so the whole measurement is ~total_flops: long enough to
+  span several CPU-quota periods of a container, where a 50 ms burst can overstate the sustained rate.
+  """
+  n = len(devices)
+  size = max(256, int(round((total_flops / (2 * n)) ** (1 / 3) / 256)) * 256)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('d',))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
+  x = jax.jit(lambda: jnp.ones((n, size, size), jnp.float32), out_shardings=spec)()
+  matmul = jax.jit(lambda a: jnp.einsum('nij,njk->nik', a, a), out_shardings=spec)
   matmul(x).block_until_ready()
   best = float('inf')
-  for _ in range(repeats):
+  for _ in range(3):
     start = time.perf_counter()
     matmul(x).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
+  return n * 2 * size**3 / best
 
 
-def cpu_peak_flops(cache_path: str = os.path.expanduser('~/.cache/foundation/cpu_peak_flops.json')) -> float:
-  """Measured once per machine (a second or two) and cached; delete the file to measure again."""
-  key = f'{os.cpu_count()}cpus'
+def cpu_peak_flops(devices: Sequence[jax.Device],
+                   cache_path: str = os.path.expanduser('~/.cache/foundation/cpu_peak_flops.json')) -> float:
+  """The CPU's matmul peak for MFU: $FOUNDATION_CPU_PEAK_FLOPS if set, else measured once per machine and layout.
+
+  Cached only when measured on a quiet machine, so a measurement taken under load does not understate MFU for good.
+  """
+  if os.environ.get('FOUNDATION_CPU_PEAK_FLOPS'):
+    return float(os.environ['FOUNDATION_CPU_PEAK_FLOPS'])
+  key = f'{os.cpu_count()} cpus, {len(devices)} devices, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")}'
   try:
     with open(cache_path) as f:
       return float(json.load(f)[key])
   except (OSError, KeyError, ValueError):
     pass
-  flops = measure_cpu_matmul_flops()
-  try:
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    with open(cache_path, 'w') as f:
-      json.dump({key: flops}, f)
-  except OSError:
-    pass
+  quiet = os.getloadavg()[0] < 0.5 * os.cpu_count()
+  flops = measure_matmul_flops(devices)
+  if quiet and jax.process_count() == 1:
+    try:
+      cached = {}
+      if os.path.exists(cache_path):
+        with open(cache_path) as f:
+          cached = json.load(f)
+      os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+      with open(cache_path, 'w') as f:
+        json.dump({**cached, key: flops}, f, indent=1)
+    except (OSError, ValueError):
+      pass
   return flops
 
 
 def peak_flops(devices: Sequence[jax.Device]) -> float | None:
   """Peak FLOP/s of all `devices` together; None where unknown (MFU is then not reported)."""
-  kind = devices[0].device_kind
   if devices[0].platform == 'cpu':
-    # Fake CPU devices share the same cores, so the machine's peak is the peak of all of them together.
-    return cpu_peak_flops()
+    # CPU devices (real or --xla_force_host_platform_device_count fakes) share the machine's cores.
+    return cpu_peak_flops(jax.local_devices())
+  kind = devices[0].device_kind.lower()
   for name, flops in PEAK_FLOPS_BF16:
-    if name.lower() in kind.lower():
+    if name.lower() in kind:
       return flops * len(devices)
   return None
 

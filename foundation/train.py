@@ -117,22 +117,55 @@ def _state_shardings(abstract_params, tx, mesh: jax.sharding.Mesh, rules) -> Any
   return {'step': sharding.replicated(mesh), 'params': params, 'opt_state': opt}
 
 
-class _PmapLayout:
-  """Moves state between the global (checkpointed) layout and pmap's stacked per-device layout."""
+class _Jit:
+  """The sharded path: one jit over the mesh; the state is already in its global, checkpointable layout."""
 
-  def __init__(self, mesh):
+  def __init__(self, step_fn, mesh, rules, shardings):
+    self.mesh, self.rules = mesh, rules
+    self.step = jax.jit(step_fn, in_shardings=(shardings, None, sharding.batch_sharding(mesh)),
+                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  def place(self, local_batch):
+    return sharding.global_batch(local_batch, self.mesh)
+
+  def to_devices(self, state):
+    return state
+
+  def to_global(self, tree):
+    return tree
+
+  def first(self, tree):
+    return tree
+
+  @contextlib.contextmanager
+  def context(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+
+class _Pmap:
+  """The data-parallel pmap path: state stacked per local device, moved to the global layout to save or evaluate."""
+
+  def __init__(self, step_fn, mesh):
     self.mesh = mesh
     self.n = jax.local_device_count()
+    self.step = jax.pmap(step_fn, axis_name='batch', in_axes=(0, None, 0), donate_argnums=(0,))
 
-  def to_devices(self, tree):
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.n, *x.shape)), tree)
+  def place(self, local_batch):
+    return jax.tree.map(lambda x: np.asarray(x).reshape(self.n, -1, *x.shape[1:]), local_batch)
+
+  def to_devices(self, state):
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.n, *x.shape)), state)
 
   def to_global(self, tree):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         sharding.replicated(self.mesh), np.asarray(x[0])), tree)
 
-  def batch(self, local_batch):
-    return jax.tree.map(lambda x: np.asarray(x).reshape(self.n, -1, *x.shape[1:]), local_batch)
+  def first(self, tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+  def context(self):
+    return contextlib.nullcontext()  # pmap fails inside jax.set_mesh, and it replicates everything anyway
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -176,40 +209,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress.message(f'Resuming from the checkpoint at step {start} in {workdir}.')
   peak = metrics.peak_flops(jax.devices())
 
-  step_fn = make_train_step(task, tx, schedule, config, axis_name='batch' if config.parallelism == 'pmap' else None)
   if config.parallelism == 'pmap':
-    layout = _PmapLayout(mesh)
-    compiled = jax.pmap(step_fn, axis_name='batch', in_axes=(0, None, 0), donate_argnums=(0,))
-    state = layout.to_devices(state)
-    place, sharding_ctx = layout.batch, contextlib.nullcontext
-    to_global = layout.to_global
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    runner = _Pmap(make_train_step(task, tx, schedule, config, axis_name='batch'), mesh)
   else:
-    layout = None
-    jitted = jax.jit(step_fn, in_shardings=(shardings, None, sharding.batch_sharding(mesh)),
-                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-    compiled = jitted
-    place = lambda b: sharding.global_batch(b, mesh)
-    to_global = first = lambda tree: tree
-
-    @contextlib.contextmanager
-    def sharding_ctx():
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
-
+    runner = _Jit(make_train_step(task, tx, schedule, config, axis_name=None), mesh, rules, shardings)
+  state = runner.to_devices(state)
   eval_ctx = tasks.EvalContext(mesh=mesh, workdir=workdir, is_writer=is_writer)
 
   def evaluate(step) -> dict:
     if task.evaluate is None:
       return {}
-    with sharding_ctx():
-      results = task.evaluate(to_global(state['params']), frozen, step, eval_ctx)
+    with runner.context():
+      results = task.evaluate(runner.to_global(state['params']), frozen, step, eval_ctx)
     writer.write(step, results)
     progress.message(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
     return results
 
   def check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
-    fetched = jax.device_get([first(m) for _, m in pending])
+    fetched = jax.device_get([runner.first(m) for _, m in pending])
     for (step, _), m in zip(pending, fetched):
       if not math.isfinite(m['train/loss']):
         saved = ckpt.latest_step()
@@ -220,36 +237,40 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return fetched
 
   last = {}
-  if start == 0 and config.eval_at_start:
-    last.update(evaluate(0))
-  pending: list[tuple[int, dict]] = []
-  interval_start, interval_steps = time.perf_counter(), 0
-  with sharding_ctx():
-    for step in range(start + 1, config.num_train_steps + 1):  # `step` counts completed steps
-      state, step_metrics = compiled(state, frozen, place(next(data_iter)))
-      pending.append((step, step_metrics))
-      interval_steps += 1
-      is_last = step == config.num_train_steps
-      if step % config.log_every == 0 or is_last:
-        fetched = check_finite(pending)
-        elapsed = time.perf_counter() - interval_start
-        logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        logged['train/lr'] = float(fetched[-1]['train/lr'])
-        if step > config.log_every or start:  # the first interval includes compilation: not a throughput figure
-          logged.update(_throughput(elapsed / interval_steps, task, config, peak))
-        writer.write(step, logged)
-        progress.update(step, logged, elapsed / interval_steps)
-        last.update(logged)
-        pending.clear()
-        interval_start, interval_steps = time.perf_counter(), 0
-      if step % config.eval_every == 0 or is_last:
-        last.update(evaluate(step))
-        interval_start, interval_steps = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or is_last:
-        ckpt.save(step, to_global(state), data_iter.get_state())
-        interval_start, interval_steps = time.perf_counter(), 0
-  ckpt.close()
-  writer.close()
+  try:
+    if start == 0 and config.eval_at_start:
+      last.update(evaluate(0))
+    pending: list[tuple[int, dict]] = []
+    timed = False
+    interval_start, interval_steps = time.perf_counter(), 0
+    with runner.context():
+      for step in range(start + 1, config.num_train_steps + 1):  # `step` counts completed steps
+        state, step_metrics = runner.step(state, frozen, runner.place(next(data_iter)))
+        pending.append((step, step_metrics))
+        interval_steps += 1
+        is_last = step == config.num_train_steps
+        if step % config.log_every == 0 or is_last:
+          fetched = check_finite(pending)
+          elapsed = time.perf_counter() - interval_start
+          logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+          logged['train/lr'] = float(fetched[-1]['train/lr'])
+          if timed:  # the first interval after a (re)start includes compilation: not a throughput figure
+            logged.update(_throughput(elapsed / interval_steps, task, config, peak))
+          timed = True
+          writer.write(step, logged)
+          progress.update(step, logged, elapsed / interval_steps)
+          last.update(logged)
+          pending.clear()
+          interval_start, interval_steps = time.perf_counter(), 0
+        if step % config.eval_every == 0 or is_last:
+          last.update(evaluate(step))
+          interval_start, interval_steps = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or is_last:
+          ckpt.save(step, runner.to_global(state), data_iter.get_state())
+          interval_start, interval_steps = time.perf_counter(), 0
+  finally:  # an error must not leave an async save half-written
+    ckpt.close()
+    writer.close()
   return last
 
 

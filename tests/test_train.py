@@ -68,7 +68,7 @@ def logged(workdir) -> dict[int, dict]:
   return by_step
 
 
-def assert_same_numbers(a, b, keys=('train/loss', 'train/grad_norm', 'eval/loss'), rtol=1e-5):
+def assert_same_numbers(a, b, keys=('train/loss', 'train/grad_norm', 'eval/loss'), rtol=5e-5):
   assert sorted(a) == sorted(b), f'logged steps differ: {sorted(a)} vs {sorted(b)}'
   compared = 0
   for step in a:
@@ -80,10 +80,18 @@ def assert_same_numbers(a, b, keys=('train/loss', 'train/grad_norm', 'eval/loss'
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, shakespeare_dir):
+def reference(tmp_path_factory, tfds_dir):
   """The uninterrupted run on ONE device: what every other way of running must reproduce."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  run(workdir, shakespeare_dir, *STEPS, devices=1)
+  run(workdir, tfds_dir, *STEPS, devices=1)
+  return logged(workdir)
+
+
+@pytest.fixture(scope='module')
+def reference_8(tmp_path_factory, tfds_dir):
+  """The uninterrupted run on 8 devices (data parallel): the same program, so interruptions must not change a bit."""
+  workdir = str(tmp_path_factory.mktemp('reference_8'))
+  run(workdir, tfds_dir, *STEPS)
   return logged(workdir)
 
 
@@ -94,43 +102,45 @@ def test_reference_run_learns_and_writes_its_outputs(reference, tmp_path_factory
   assert np.isclose(reference[12]['eval/perplexity'], np.exp(reference[12]['eval/loss']), rtol=1e-5)
 
 
-def test_sharded_mesh_equals_one_device(reference, tmp_path, shakespeare_dir):
-  run(tmp_path, shakespeare_dir, *STEPS, '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
+def test_sharded_mesh_equals_one_device(reference, tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, *STEPS, '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
   assert_same_numbers(logged(tmp_path), reference)
 
 
-def test_pmap_equals_one_device(reference, tmp_path, shakespeare_dir):
-  run(tmp_path, shakespeare_dir, *STEPS, '--config.parallelism=pmap')
+def test_pmap_equals_one_device(reference, tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, *STEPS, '--config.parallelism=pmap')
   assert_same_numbers(logged(tmp_path), reference)
 
 
-def test_gradient_accumulation_equals_one_big_step(reference, tmp_path, shakespeare_dir):
-  run(tmp_path, shakespeare_dir, *STEPS, '--config.grad_accum_steps=2', '--config.mesh.data=4',
-      '--config.mesh.fsdp=2')
-  assert_same_numbers(logged(tmp_path), reference, rtol=2e-5)
+def test_gradient_accumulation_equals_one_big_step(reference, tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, *STEPS, '--config.grad_accum_steps=2', '--config.mesh.data=2',
+      '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
+  assert_same_numbers(logged(tmp_path), reference)
 
 
-def test_kill_9_then_rerun_resumes_exactly(reference, tmp_path, shakespeare_dir):
-  killed = run(tmp_path, shakespeare_dir, *STEPS, kill_at_step=8, check=False)
+def test_kill_9_then_rerun_resumes_exactly(reference_8, tmp_path, tfds_dir):
+  # Killed just after the save of step 8 began: orbax had finished step 4 before starting it, so the rerun resumes
+  # from 4 (or from 8, if that save happened to complete) and recomputes the rest.
+  killed = run(tmp_path, tfds_dir, *STEPS, kill_at_step=8, check=False)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  resumed = run(tmp_path, shakespeare_dir, *STEPS)
+  resumed = run(tmp_path, tfds_dir, *STEPS)
+  assert 'Resuming from the checkpoint at step' in resumed.stdout
+  assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
+
+
+def test_resume_onto_a_different_mesh(reference, tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, *STEPS, '--config.mesh.fsdp=8', '--config.mesh.data=1', kill_at_step=8,
+      check=False)
+  resumed = run(tmp_path, tfds_dir, *STEPS, '--config.mesh.tensor=2', '--config.mesh.data=2', devices=4)
   assert 'Resuming from the checkpoint at step' in resumed.stdout
   assert_same_numbers(logged(tmp_path), reference)
 
 
-def test_resume_onto_a_different_mesh(reference, tmp_path, shakespeare_dir):
-  run(tmp_path, shakespeare_dir, *STEPS, '--config.mesh.fsdp=8', '--config.mesh.data=1', kill_at_step=4,
-      check=False)
-  resumed = run(tmp_path, shakespeare_dir, *STEPS, '--config.mesh.tensor=2', '--config.mesh.data=2', devices=4)
-  assert 'Resuming from the checkpoint at step 4' in resumed.stdout
-  assert_same_numbers(logged(tmp_path), reference)
-
-
-def test_two_processes_equal_one(reference, tmp_path, shakespeare_dir):
+def test_two_processes_equal_one(reference_8, tmp_path, tfds_dir):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  procs = [run(tmp_path, shakespeare_dir, *STEPS, devices=4, process=(port, 2, i)) for i in range(2)]
+  procs = [run(tmp_path, tfds_dir, *STEPS, devices=4, process=(port, 2, i)) for i in range(2)]
   try:
     outputs = [p.communicate(timeout=180)[0] for p in procs]
   finally:
@@ -139,11 +149,11 @@ def test_two_processes_equal_one(reference, tmp_path, shakespeare_dir):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
   assert 'step 12/12' in outputs[0] and 'step 12/12' not in outputs[1]  # only process 0 reports
-  assert_same_numbers(logged(tmp_path), reference)
+  assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare_dir):
-  result = run(tmp_path, shakespeare_dir, *STEPS, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
+  result = run(tmp_path, tfds_dir, *STEPS, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
                '--config.checkpoint_every=1', check=False)
   assert result.returncode != 0
   message = result.stderr.strip().splitlines()[-1]
@@ -163,17 +173,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare
     (('--config.parallelism=pmap', '--config.mesh.tensor=2'), 'data-parallel only'),
     (('--config.checkpoint_every=3', '--config.log_every=2'), 'multiple of config.log_every'),
 ])
-def test_bad_input_fails_early_and_writes_nothing(tmp_path, shakespeare_dir, overrides, message):
+def test_bad_input_fails_early_and_writes_nothing(tmp_path, tfds_dir, overrides, message):
   workdir = tmp_path / 'run'
-  result = run(workdir, shakespeare_dir, *overrides, check=False)
+  result = run(workdir, tfds_dir, *overrides, check=False)
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-3000:]
   assert not workdir.exists()
 
 
-def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, shakespeare_dir):
-  run(tmp_path, shakespeare_dir, '--config.num_train_steps=4', '--config.checkpoint_every=2')
+def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, '--config.num_train_steps=4')
   before = (tmp_path / 'metrics.jsonl').read_text()
-  result = run(tmp_path, shakespeare_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', check=False)
+  result = run(tmp_path, tfds_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', check=False)
   assert result.returncode != 0 and 'different config (differs in: optim)' in result.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == before

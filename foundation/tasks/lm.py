@@ -62,7 +62,7 @@ def build(config) -> Task:
   def evaluate(params, frozen, step, ctx: EvalContext):
     if 'batches' not in eval_cache:  # read once per run, on first use
       eval_cache['batches'] = text.eval_batches(
-          **source, split=data.eval_split, global_batch=config.eval.batch_size, max_batches=config.eval.max_batches,
+          **source, split=data.eval_split, global_batch=config.eval.batch_size, max_batches=config.eval.max_batches or None,
           process_index=jax.process_index(), process_count=jax.process_count())
     total = count = 0.0
     for batch in eval_cache['batches']:
