@@ -14,3 +14,60 @@ def next_token_xent(logits: jax.Array, targets: jax.Array, weights: jax.Array) -
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   weights = weights.astype(jnp.float32)
   return jnp.sum(per_token * weights), jnp.sum(weights)
+
+
+# ---- contrastive losses ------------------------------------------------------------------------------------------
+# Each takes the GLOBAL batch. Under jax.jit with the batch sharded over devices, `a @ b.T` is still the product over
+# the whole global batch (XLA gathers what it needs), so every example's negatives come from every device -- no
+# explicit all_gather is needed, and the value and gradients equal a single-device run on the same batch. (Inside
+# shard_map/pmap, where arrays are per-device, all_gather the embeddings before calling these.)
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array) -> jax.Array:
+  """SimCLR's NT-Xent: mean over the 2N views of -log softmax(cos / temperature) at the view's partner.
+
+  z1, z2 [N, D]: two augmented views of the same N examples (row i of z1 pairs with row i of z2), normalised here.
+  For each of the 2N anchors the positive is its other view and the negatives are the remaining 2N - 2 views of
+  the global batch (the anchor itself is excluded from the softmax).
+  """
+  n = z1.shape[0]
+  z = _l2_normalize(jnp.concatenate([z1, z2], axis=0))
+  logits = z @ z.T / temperature
+  logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)  # an anchor is not its own negative
+  partner = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, partner))
+
+
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
+  """CLIP's symmetric InfoNCE over the global batch: the mean of the image->text and text->image cross-entropies,
+  the positive of row i being column i.
+
+  image_emb, text_emb [N, D]: expected L2-normalised (the model normalises; this does not). logits =
+  scale * image @ text.T with scale = min(exp(logit_scale), 100), CLIP's clamp (no gradient to logit_scale above it).
+  """
+  scale = jnp.minimum(jnp.exp(jnp.asarray(logit_scale, jnp.float32)), 100.0)
+  logits = scale * (image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T)
+  labels = jnp.arange(logits.shape[0])
+  image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+  return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                logit_bias: jax.Array) -> jax.Array:
+  """SigLIP's pairwise sigmoid loss over the global batch: -sum_ij log sigmoid(y_ij * (scale * <img_i, txt_j> + bias))
+  / N with y = +1 on the diagonal and -1 elsewhere, scale = exp(logit_scale) (not clamped).
+
+  image_emb, text_emb [N, D]: expected L2-normalised (the model normalises; this does not). Computed here as one
+  global N x N matrix; SigLIP's chunked device-to-device scheme saves memory but gives the same number.
+  """
+  scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
+  logits = scale * (image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T) + logit_bias
+  n = logits.shape[0]
+  labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n

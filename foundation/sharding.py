@@ -28,6 +28,14 @@ DEFAULT_RULES = (
     ('head_dim', None),
     ('layers', None),
     ('norm', None),
+    ('patch', None),  # a flattened image patch (patch * patch * channels), the input of the ViT's patch embedding
+    ('position', None),  # rows of a learned position-embedding table
+    ('conv_h', None),  # convolution kernels are small next to transformer weights: replicated
+    ('conv_w', None),
+    ('conv_in', None),
+    ('conv_out', None),
+    ('projection', None),  # the output of an embedding/projection head (contrastive embedding dimension)
+    ('classes', None),  # the output of a classifier head
     # activations
     ('act_batch', BATCH_AXES),
     ('act_length', None),

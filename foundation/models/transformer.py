@@ -199,6 +199,25 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), None
 
 
+def run_blocks(cfg: TransformerConfig, x: Array, positions: Array, cache_index: Array, *,
+               decode: bool = False) -> Array:
+  """The stack of blocks, unrolled ('layers_0', 'layers_1', ...) or scanned (one 'layers' tree), optionally
+  rematerialised. Called from inside a compact module: the decoder here, the ViT in vit.py."""
+  block = Block
+  if cfg.remat != 'none':
+    # Inside a scan, XLA cannot CSE across iterations anyway, and prevent_cse would block optimisations.
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index)
+  else:
+    for i in range(cfg.num_layers):
+      x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index)
+  return x
+
+
 class Transformer(nn.Module):
   config: TransformerConfig
 
@@ -234,19 +253,7 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-    block = Block
-    if cfg.remat != 'none':
-      # Inside a scan, XLA cannot CSE across iterations anyway, and prevent_cse would block optimisations.
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index)
-
+    x = run_blocks(cfg, x, positions, cache_index, decode=decode)
     x = RMSNorm(cfg, name='final_norm')(x)
     if return_hidden:
       return x.astype(jnp.float32)

@@ -1,0 +1,105 @@
+"""A small ResNet encoder for small images (28x28 Fashion-MNIST and the like; any size works).
+
+conv stem (3x3, stride 1) -> stages of basic residual blocks (two 3x3 convs; the first block of every stage but the
+first halves the resolution with stride 2 and a 1x1 projection shortcut) -> global average pool -> [batch, widths[-1]].
+
+Normalisation never uses batch statistics (GroupNorm, per-pixel LayerNorm, or none): the model is a pure function
+of its params and one example, so there is no mutable 'batch_stats' collection, no train/eval switch, and no
+cross-device reduction -- the generic training loop and any sharding of the batch work unchanged.
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+CONV_AXES = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
+MAX_GROUPS = 32  # GroupNorm's default from Wu & He (2018), reduced where a width has fewer channels
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+  widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; every stage after the first halves H and W
+  blocks_per_stage: int = 1
+  norm: str = 'group'  # 'group' (GroupNorm, gcd(32, width) groups) | 'layer' (LayerNorm over channels) | 'none'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    object.__setattr__(self, 'widths', tuple(int(w) for w in self.widths))  # lists from a ConfigDict: hashable
+    if not self.widths or self.blocks_per_stage < 1:
+      raise ValueError(f'widths={self.widths}, blocks_per_stage={self.blocks_per_stage}: need at least one of each.')
+    if self.norm not in ('group', 'layer', 'none'):
+      raise ValueError(f"norm={self.norm!r}; expected 'group', 'layer' or 'none'.")
+    for name in ('dtype', 'param_dtype'):
+      jnp.dtype(getattr(self, name))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'CNNConfig':
+    """From a dict or an ml_collections ConfigDict; unknown keys are an error, not silently dropped."""
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(d) - known:
+      raise ValueError(f'unknown CNNConfig fields {sorted(set(d) - known)}; known: {sorted(known)}')
+    return cls(**d)
+
+
+class _Norm(nn.Module):
+  config: CNNConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    kwargs = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                  scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)))
+    if cfg.norm == 'group':
+      return nn.GroupNorm(num_groups=math.gcd(MAX_GROUPS, x.shape[-1]), **kwargs)(x)
+    if cfg.norm == 'layer':
+      return nn.LayerNorm(**kwargs)(x)  # per pixel, over channels (as in ConvNeXt)
+    return x
+
+
+def _conv(cfg: CNNConfig, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+                 use_bias=cfg.norm == 'none',  # a norm's own bias makes a conv bias redundant
+                 dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), CONV_AXES),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('conv_out',)), name=name)
+
+
+class ResidualBlock(nn.Module):
+  config: CNNConfig
+  features: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.features:
+      shortcut = _Norm(cfg, name='shortcut_norm')(_conv(cfg, self.features, 1, self.stride, 'shortcut')(x))
+    y = nn.relu(_Norm(cfg, name='norm1')(_conv(cfg, self.features, 3, self.stride, 'conv1')(x)))
+    y = _Norm(cfg, name='norm2')(_conv(cfg, self.features, 3, 1, 'conv2')(y))
+    return nn.relu(shortcut + y)
+
+
+class CNN(nn.Module):
+  config: CNNConfig
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    """images float [batch, H, W, C] -> float32 features [batch, widths[-1]] (global average pool)."""
+    cfg = self.config
+    x = images.astype(jnp.dtype(cfg.dtype))
+    x = nn.relu(_Norm(cfg, name='stem_norm')(_conv(cfg, cfg.widths[0], 3, 1, 'stem')(x)))
+    for stage, width in enumerate(cfg.widths):
+      for i in range(cfg.blocks_per_stage):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = ResidualBlock(cfg, width, stride, name=f'stage{stage}_block{i}')(x)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
