@@ -15,6 +15,7 @@ import time
 # Builders of this codebase, by TFDS name -> module that registers them (imported only when asked for).
 FOUNDATION_BUILDERS = {
     'shakespeare_plays': 'foundation.data.shakespeare',
+    'fashion_mnist_offline': 'foundation.data.fashion_mnist',
 }
 
 _MAX_EXAMPLES_TO_COUNT_CHARACTERS = 100_000

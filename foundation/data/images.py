@@ -1,0 +1,184 @@
+"""Image-classification / image-text input pipeline over any TFDS dataset with an image and a class label, read with
+`tfds.data_source` + grain.
+
+Training batches are a pure function of the global step, identical whatever the number of processes:
+
+  * global example position g (row r of global batch s is g = s * global_batch + r) is example
+    order_e[g % n] of the split, epoch e = g // n, order_e = np.random.default_rng([seed, e]).permutation(n);
+  * process p owns rows [p * lb, (p + 1) * lb) of every global batch (lb = global_batch // process_count) and reads
+    only those records (random access into the array_record files);
+  * each row carries its global position as 'index', which keys its on-device augmentation (see augment.py), and,
+    when captions are given, one caption of its class chosen by a hash of (seed, g).
+
+So `train_batches(...)` is a grain MapDataset indexed by step: `to_iter_dataset()` prefetches in the background and
+its iterator's `get_state()` (a small JSON-able dict) resumes exactly.
+
+Images stay uint8 on the host ([H, W, C]; a Tensor feature without a channel axis gets one); augment.py turns them
+into floats on the accelerator.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from foundation.data.text import Tokenizer
+from foundation.data.text import check_prepared
+
+_READ_CHUNK = 1024  # records fetched per data-source call by load_split
+
+
+def _data_source(name: str, data_dir: str, split: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (keeps importing this module light)
+  check_prepared(name, data_dir, [split])
+  return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def class_names(name: str, data_dir: str, label_key: str = 'label') -> list[str]:
+  """The names of the ClassLabel feature `label_key` of prepared dataset `name`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  check_prepared(name, data_dir, [])
+  feature = tfds.builder(name, data_dir=data_dir).info.features[label_key]
+  if not isinstance(feature, tfds.features.ClassLabel):
+    raise ValueError(f'{name}[{label_key!r}] is a {type(feature).__name__}, not a ClassLabel.')
+  return list(feature.names)
+
+
+def _num_classes(name: str, data_dir: str, label_key: str) -> int | None:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  feature = tfds.builder(name, data_dir=data_dir).info.features[label_key]
+  return feature.num_classes if isinstance(feature, tfds.features.ClassLabel) else None
+
+
+def _images(records: Sequence[dict], image_key: str) -> np.ndarray:
+  images = np.stack([np.asarray(record[image_key]) for record in records])
+  if images.dtype != np.uint8:
+    raise ValueError(f'Feature {image_key!r} holds {images.dtype} images; this pipeline expects uint8.')
+  return images[..., None] if images.ndim == 3 else images  # [N, H, W] -> [N, H, W, 1]
+
+
+def _labels(records: Sequence[dict], label_key: str) -> np.ndarray:
+  return np.array([record[label_key] for record in records], np.int32)
+
+
+def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image', label_key: str = 'label',
+               max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The first `max_examples` (all by default) records of `split` in stored order: (images uint8 [N, H, W, C],
+  labels int32 [N]). Everything is held in host memory: for probes and evaluation on small sets."""
+  source = _data_source(name, data_dir, split)
+  n = len(source) if max_examples is None else min(max_examples, len(source))
+  images, labels = [], []
+  for start in range(0, n, _READ_CHUNK):
+    records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
+    images.append(_images(records, image_key))
+    labels.append(_labels(records, label_key))
+  if not images:
+    raise ValueError(f'{name}/{split} in {data_dir} has no examples to load (max_examples={max_examples}).')
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def caption_hash(seed: int, positions: np.ndarray) -> np.ndarray:
+  """uint64 hash of (seed, global position): splitmix64's finalizer over both; a pure, vectorised function."""
+  with np.errstate(over='ignore'):
+    x = np.asarray(positions, np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+    for _ in range(2):  # two rounds so that nearby (seed, position) pairs decorrelate
+      x = x + np.uint64(0x9E3779B97F4A7C15)
+      x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+      x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+      x = x ^ (x >> np.uint64(31))
+  return x
+
+
+def tokenize_captions(captions: Sequence[Sequence[str]], tokenizer: Tokenizer, text_len: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens int32 [num_classes, max_captions, text_len], mask float32 [same], counts int32 [num_classes]): caption j
+  of class c is its tokenizer ids truncated to text_len, then eos if it fits, then pad_id (mask 0)."""
+  if text_len < 1:
+    raise ValueError(f'text_len={text_len} must be positive when captions are given.')
+  if not captions or any(not class_captions for class_captions in captions):
+    raise ValueError('Every class needs at least one caption.')
+  counts = np.array([len(class_captions) for class_captions in captions], np.int32)
+  tokens = np.full([len(captions), counts.max(), text_len], tokenizer.pad_id, np.int32)
+  mask = np.zeros(tokens.shape, np.float32)
+  for c, class_captions in enumerate(captions):
+    for j, caption in enumerate(class_captions):
+      ids = np.concatenate([np.asarray(tokenizer.encode(caption), np.int32)[:text_len],
+                            np.array([tokenizer.eos_id], np.int32)])[:text_len]
+      tokens[c, j, :len(ids)] = ids
+      mask[c, j, :len(ids)] = 1
+  return tokens, mask, counts
+
+
+class _TrainBatch:
+  """Global step -> this process's rows of global batch `step`."""
+
+  def __init__(self, source, *, seed: int, global_batch: int, first_row: int, rows: int, image_key: str,
+               label_key: str, captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
+    self.source, self.seed, self.global_batch, self.first_row, self.rows = source, seed, global_batch, first_row, rows
+    self.image_key, self.label_key = image_key, label_key
+    self.captions = captions
+    self.num_records = len(source)
+    self._order = functools.lru_cache(maxsize=2)(self._order_uncached)
+
+  def _order_uncached(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+
+  def records(self, positions: np.ndarray) -> np.ndarray:
+    """Record ids at global example positions."""
+    epochs, offsets = np.divmod(positions, self.num_records)
+    ids = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):
+      at = epochs == epoch
+      ids[at] = self._order(int(epoch))[offsets[at]]
+    return ids
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    positions = step * self.global_batch + self.first_row + np.arange(self.rows, dtype=np.int64)
+    records = self.source.__getitems__(self.records(positions).tolist())
+    labels = _labels(records, self.label_key)
+    batch = {'image': _images(records, self.image_key), 'label': labels,
+             # int32 wraps after 2**31 examples; it only keys augmentation, so a wrap merely repeats keys.
+             'index': positions.astype(np.int32)}
+    if self.captions is not None:
+      tokens, mask, counts = self.captions
+      if labels.min() < 0 or labels.max() >= len(counts):
+        raise ValueError(f'Label {labels.max()} has no captions: captions cover {len(counts)} classes.')
+      choice = (caption_hash(self.seed, positions) % counts[labels].astype(np.uint64)).astype(np.int64)
+      batch['text'], batch['text_mask'] = tokens[labels, choice], mask[labels, choice]
+    return batch
+
+
+def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'image', label_key: str = 'label',
+                  global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+                  captions: Sequence[Sequence[str]] | None = None, tokenizer: Tokenizer | None = None,
+                  text_len: int = 0) -> grain.MapDataset:
+  """Item s is this process's rows of global batch s (see module docstring), lb = global_batch // process_count:
+  {'image': uint8 [lb, H, W, C], 'label': int32 [lb], 'index': int32 [lb] (global example positions)} and, when
+  `captions` (one list of strings per class) is given, 'text': int32 [lb, text_len] (tokenizer ids of one caption of
+  the example's class: truncated to text_len, eos appended when it fits, then pad_id) and 'text_mask': float32
+  [lb, text_len] (1 on ids and eos, 0 on padding).
+
+  Records are read when an item is asked for; the returned dataset is endless (2**40 steps).
+  """
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f'global_batch={global_batch} must be a positive multiple of process_count={process_count}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count}).')
+  source = _data_source(name, data_dir, split)
+  caption_table = None
+  if captions is not None:
+    if tokenizer is None:
+      raise ValueError('captions need a tokenizer (and text_len).')
+    num_classes = _num_classes(name, data_dir, label_key)
+    if num_classes is not None and num_classes != len(captions):
+      raise ValueError(f'captions cover {len(captions)} classes but {name}[{label_key!r}] has {num_classes}.')
+    caption_table = tokenize_captions(captions, tokenizer, text_len)
+  if len(source) < 1:
+    raise ValueError(f'{name}/{split} in {data_dir} has no examples.')
+  rows = global_batch // process_count
+  return grain.MapDataset.range(2**40).map(_TrainBatch(
+      source, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,
+      label_key=label_key, captions=caption_table))

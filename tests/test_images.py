@@ -1,0 +1,424 @@
+"""Image side of the data: the Fashion-MNIST builder, the image pipeline, synthetic captions and on-device
+augmentations, each against an independent reference (raw IDX bytes, the spec written out in numpy, closed forms)."""
+
+import functools
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from foundation.data import augment
+from foundation.data import captions
+from foundation.data import fashion_mnist
+from foundation.data import images
+from foundation.data import tokenizers
+
+TOKENIZER = tokenizers.ByteTokenizer()
+FASHION_FILES = '/usr/share/datasets/fashion-mnist'
+WORDNET = os.path.exists('/usr/share/wordnet/data.noun')
+
+# A tiny RGB, non-square dataset: nothing may assume 28x28x1.
+TINY_CLASSES = ['cat', 'Ankle boot', 'T-shirt/top']
+TINY_SHAPE = (5, 4, 3)
+TINY = {'train': 13, 'test': 4}
+
+
+def tiny_example(split, i):
+  rng = np.random.default_rng([len(split), i])
+  return rng.integers(0, 256, TINY_SHAPE, dtype=np.uint8), (i + len(split)) % len(TINY_CLASSES)
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+  """Known images, stored in generation order."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Tensor(shape=TINY_SHAPE, dtype=np.uint8),
+        'label': tfds.features.ClassLabel(names=TINY_CLASSES)}))
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split) for split in TINY}
+
+  def _generate_examples(self, split):
+    for i in range(TINY[split]):
+      image, label = tiny_example(split, i)
+      yield i, {'image': image, 'label': label}
+
+
+@pytest.fixture(scope='module')
+def tiny_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tiny_images'))
+  TinyImages(data_dir=path, file_format='array_record').download_and_prepare()
+  return path
+
+
+def tiny_arrays(split='train'):
+  examples = [tiny_example(split, i) for i in range(TINY[split])]
+  return np.stack([e[0] for e in examples]), np.array([e[1] for e in examples])
+
+
+def train(data_dir, **overrides):
+  kwargs = dict(name='tiny_images', data_dir=data_dir, split='train', global_batch=6, seed=5)
+  return images.train_batches(**(kwargs | overrides))
+
+
+def reference_record(position, *, seed, n):
+  """The spec: global position g is record permutation_e[g % n] of epoch e = g // n."""
+  epoch, offset = divmod(position, n)
+  return np.random.default_rng([seed, epoch]).permutation(n)[offset]
+
+
+# Fashion-MNIST builder (the session-wide tfds_dir of conftest.py builds every dataset of prepare.py's table).
+
+def raw_idx(path, header_ints):
+  with gzip.open(path, 'rb') as f:
+    data = f.read()
+  header = np.frombuffer(data[:4 * header_ints], '>i4')
+  return header, np.frombuffer(data[4 * header_ints:], np.uint8)
+
+
+@pytest.mark.skipif(not os.path.exists(FASHION_FILES), reason='apt-get install dataset-fashion-mnist')
+def test_fashion_mnist_builder_reproduces_the_idx_files(tfds_dir):
+  for split, prefix, n in (('train', 'train', 60000), ('test', 't10k', 10000)):
+    image_header, pixels = raw_idx(f'{FASHION_FILES}/{prefix}-images-idx3-ubyte.gz', 4)
+    label_header, labels = raw_idx(f'{FASHION_FILES}/{prefix}-labels-idx1-ubyte.gz', 2)
+    np.testing.assert_array_equal(image_header, [2051, n, 28, 28])
+    np.testing.assert_array_equal(label_header, [2049, n])
+    got_images, got_labels = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split=split)
+    assert got_images.dtype == np.uint8 and got_images.shape == (n, 28, 28, 1)
+    assert got_labels.dtype == np.int32
+    np.testing.assert_array_equal(got_images.reshape(-1), pixels)
+    np.testing.assert_array_equal(got_labels, labels)
+  assert images.class_names('fashion_mnist_offline', tfds_dir) == [
+      'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+  first, _ = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test', max_examples=3)
+  np.testing.assert_array_equal(first, got_images[:3])
+
+
+def test_fashion_mnist_without_the_debian_files_says_what_to_install(tmp_path, monkeypatch):
+  monkeypatch.setattr(fashion_mnist, 'FASHION_MNIST_DIR', str(tmp_path / 'absent'))
+  builder = fashion_mnist.FashionMnistOffline(data_dir=str(tmp_path), file_format='array_record')
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+    builder.download_and_prepare()
+
+
+# Training batches.
+
+def test_train_rows_follow_per_epoch_permutations(tiny_dir):
+  x, y = tiny_arrays()
+  n, seed, global_batch = TINY['train'], 5, 6
+  ds = train(tiny_dir)
+  records = []
+  for step in range(5):  # 30 positions: more than two epochs of 13
+    batch = ds[step]
+    assert batch['image'].shape == (global_batch, *TINY_SHAPE) and batch['image'].dtype == np.uint8
+    assert batch['label'].dtype == batch['index'].dtype == np.int32 and set(batch) == {'image', 'label', 'index'}
+    positions = step * global_batch + np.arange(global_batch)
+    np.testing.assert_array_equal(batch['index'], positions)
+    expected = [reference_record(g, seed=seed, n=n) for g in positions]
+    np.testing.assert_array_equal(batch['image'], x[expected])
+    np.testing.assert_array_equal(batch['label'], y[expected])
+    records += expected
+  for epoch in range(2):  # every record exactly once per epoch, in a different order each epoch
+    assert sorted(records[epoch * n:(epoch + 1) * n]) == list(range(n))
+  assert records[:n] != records[n:2 * n]
+  assert train(tiny_dir, seed=6)[0]['index'].tolist() == list(range(6))
+  assert not np.array_equal(train(tiny_dir, seed=6)[0]['image'], ds[0]['image'])
+
+
+def test_processes_read_only_their_rows_and_together_make_the_global_batch(tiny_dir, monkeypatch):
+  captioned = dict(captions=[['a cat', 'the cat sat'], ['boots', 'b'], ['tee', 'a t-shirt', 'top']],
+                   tokenizer=TOKENIZER, text_len=6)
+  single = train(tiny_dir, **captioned)
+  reads = []
+  data_source = images._data_source
+
+  class Spy:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitems__(self, ids):
+      reads.append(list(ids))
+      return self.source.__getitems__(ids)
+
+  monkeypatch.setattr(images, '_data_source', lambda *a: Spy(data_source(*a)))
+  n = TINY['train']
+  for process_count in (2, 3):
+    parts = [train(tiny_dir, process_index=p, process_count=process_count, **captioned) for p in range(process_count)]
+    for step in (0, 1, 2, 7, 12345):
+      for p, part in enumerate(parts):
+        reads.clear()
+        rows = part[step]
+        lb = 6 // process_count
+        positions = step * 6 + p * lb + np.arange(lb)
+        assert reads == [[reference_record(g, seed=5, n=n) for g in positions]]
+        np.testing.assert_array_equal(rows['index'], positions)
+      for key, value in single[step].items():
+        np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), value)
+
+
+def test_an_example_depends_only_on_seed_and_global_position(tiny_dir):
+  """Batch size does not matter either: the stream of examples is the same, cut differently."""
+  kwargs = dict(captions=captions.class_prompts(TINY_CLASSES), tokenizer=TOKENIZER, text_len=40)
+  small, large = train(tiny_dir, global_batch=4, **kwargs), train(tiny_dir, global_batch=6, **kwargs)
+  for key in ('image', 'label', 'index', 'text', 'text_mask'):
+    np.testing.assert_array_equal(np.concatenate([small[s][key] for s in range(6)]),
+                                  np.concatenate([large[s][key] for s in range(4)]))
+
+
+def test_captions_are_tokenized_captions_of_the_example_class(tiny_dir):
+  prompts = captions.class_prompts(TINY_CLASSES)
+  text_len = 30
+  ds = train(tiny_dir, captions=prompts, tokenizer=TOKENIZER, text_len=text_len)
+  chosen = {c: set() for c in range(len(TINY_CLASSES))}
+  for step in range(40):
+    batch = ds[step]
+    assert batch['text'].shape == batch['text_mask'].shape == (6, text_len)
+    assert batch['text'].dtype == np.int32 and batch['text_mask'].dtype == np.float32
+    for label, tokens, mask in zip(batch['label'], batch['text'], batch['text_mask']):
+      length = int(mask.sum())
+      np.testing.assert_array_equal(mask, np.arange(text_len) < length)
+      np.testing.assert_array_equal(tokens[length:], TOKENIZER.pad_id)
+      # naive reference: ids of the caption, eos if it fits, truncated to text_len
+      matches = [j for j, caption in enumerate(prompts[label])
+                 if list(tokens[:length]) == (list(caption.encode('utf-8')) + [TOKENIZER.eos_id])[:text_len]]
+      assert len(matches) == 1, TOKENIZER.decode(tokens)
+      chosen[int(label)].add(matches[0])
+  for c, caption_ids in chosen.items():  # the choice varies: most captions of every class get used
+    assert len(caption_ids) >= len(prompts[c]) // 2
+  # Short captions end with eos; long ones are truncated without it.
+  assert (batch['text'][:, text_len - 1] != TOKENIZER.eos_id).all()
+  short = train(tiny_dir, captions=[['ab']] * 3, tokenizer=TOKENIZER, text_len=4)[0]
+  np.testing.assert_array_equal(short['text'], [[97, 98, TOKENIZER.eos_id, TOKENIZER.pad_id]] * 6)
+  exact = train(tiny_dir, captions=[['abcd']] * 3, tokenizer=TOKENIZER, text_len=4)[0]
+  np.testing.assert_array_equal(exact['text'], [[97, 98, 99, 100]] * 6)
+  np.testing.assert_array_equal(exact['text_mask'], 1.0)
+
+
+def test_train_iterator_resumes_exactly_from_its_json_state(tiny_dir):
+  ds = train(tiny_dir, captions=[['a'], ['bb', 'c'], ['ddd']], tokenizer=TOKENIZER, text_len=3)
+  options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=3)
+  uninterrupted = iter(ds.to_iter_dataset(options))
+  expected = [next(uninterrupted) for _ in range(9)]
+  first = iter(ds.to_iter_dataset(options))
+  for _ in range(4):
+    next(first)
+  resumed = iter(ds.to_iter_dataset(options))
+  resumed.set_state(json.loads(json.dumps(first.get_state())))
+  for step in range(4, 9):
+    got = next(resumed)
+    for key in expected[step]:
+      np.testing.assert_array_equal(got[key], expected[step][key])
+      np.testing.assert_array_equal(got[key], ds[step][key])
+
+
+def test_load_split_and_class_names(tiny_dir):
+  x, y = tiny_arrays('test')
+  got_x, got_y = images.load_split(name='tiny_images', data_dir=tiny_dir, split='test')
+  np.testing.assert_array_equal(got_x, x)
+  np.testing.assert_array_equal(got_y, y)
+  assert got_y.dtype == np.int32
+  assert images.load_split(name='tiny_images', data_dir=tiny_dir, split='train', max_examples=2)[0].shape == (
+      2, *TINY_SHAPE)
+  assert images.class_names('tiny_images', tiny_dir) == TINY_CLASSES
+
+
+def test_errors_are_clear(tiny_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match='python -m foundation.data.prepare tiny_images'):
+    train(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"no split\(s\) \['validation'\]"):
+    train(tiny_dir, split='validation')
+  with pytest.raises(ValueError, match='global_batch=6 must be a positive multiple of process_count=4'):
+    train(tiny_dir, process_count=4)
+  with pytest.raises(ValueError, match='captions cover 2 classes but tiny_images'):
+    train(tiny_dir, captions=[['a'], ['b']], tokenizer=TOKENIZER, text_len=4)
+  with pytest.raises(ValueError, match='text_len=0 must be positive'):
+    train(tiny_dir, captions=[['a']] * 3, tokenizer=TOKENIZER)
+
+
+def test_importing_the_pipeline_does_not_import_tensorflow_or_tfds():
+  code = ('import sys, foundation.data.images, foundation.data.augment, foundation.data.captions; '
+          'print(sorted({"tensorflow", "tensorflow_datasets"} & set(sys.modules)))')
+  assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout == '[]\n'
+
+
+# Captions.
+
+def test_readable_names_and_templates():
+  assert [captions.readable_name(c) for c in ('T-shirt/top', 'Ankle boot', 'aquarium_fish', 'Trouser')] == [
+      't-shirt', 'ankle boot', 'aquarium fish', 'trouser']
+  prompts = captions.zero_shot_prompts(fashion_mnist.CLASS_NAMES)
+  assert len(prompts) == 10
+  for name, class_prompts in zip(fashion_mnist.CLASS_NAMES, prompts):
+    assert len(set(class_prompts)) == len(class_prompts) >= 8
+    assert all(captions.readable_name(name) in p for p in class_prompts)
+  assert 'a black and white photo of an ankle boot.' in prompts[9]
+  assert 'a low resolution photo of a sandal.' in prompts[5]
+
+
+@pytest.mark.skipif(not WORDNET, reason='apt-get install wordnet-base')
+def test_class_prompts_add_wordnet_glosses():
+  prompts = captions.class_prompts(fashion_mnist.CLASS_NAMES)
+  templates = captions.zero_shot_prompts(fashion_mnist.CLASS_NAMES)
+  for with_gloss, without in zip(prompts, templates):
+    assert with_gloss[:len(without)] == without and len(with_gloss) > len(without)
+  assert 'a sandal: a shoe consisting of a sole fastened by straps to the foot.' in prompts[5]
+  # WordNet's most frequent sense, not data.noun's first line naming the word (coat = an animal's fur there).
+  assert any('outer garment' in p for p in prompts[4])
+  assert any('footwear' in p for p in prompts[9])
+  assert any('container' in p for p in prompts[8])
+  assert all('"' not in p and ';' not in p for class_prompts in prompts for p in class_prompts)
+
+
+def test_class_prompts_without_wordnet_are_the_templates(tmp_path):
+  names = ['cat', 'Sandal']
+  assert captions.class_prompts(names, wordnet_dir=str(tmp_path)) == captions.zero_shot_prompts(names)
+
+
+# Augmentations.
+
+def batch_of_images(shape=(6, 12, 12, 1), seed=0):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def keys_for(n, seed=0):
+  return augment.example_keys(jax.random.key(seed), jnp.arange(n))
+
+
+IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, brightness=0.0, contrast=0.0,
+                blur_prob=0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(**config):
+  return jax.jit(functools.partial(augment.augment, **config))
+
+
+def run(x, keys, **config):
+  return np.asarray(jitted(**config)(x, keys))
+
+
+def test_augment_shapes_range_and_determinism():
+  x = batch_of_images((6, 12, 10, 3))
+  out = run(x, keys_for(6), out_size=8, saturation=0.4, grayscale_prob=0.2, noise_std=0.05)
+  assert out.shape == (6, 8, 8, 3) and out.dtype == np.float32
+  assert 0.0 <= out.min() and out.max() <= 1.0
+  np.testing.assert_array_equal(run(x, keys_for(6), out_size=8, saturation=0.4, grayscale_prob=0.2,
+                                    noise_std=0.05), out)
+  other = run(x, keys_for(6, seed=1), out_size=8, saturation=0.4, grayscale_prob=0.2, noise_std=0.05)
+  assert all(np.abs(other[i] - out[i]).max() > 1e-3 for i in range(6))
+  assert run(x, keys_for(6), out_size=(7, 5)).shape == (6, 7, 5, 3)
+  assert run(x.astype(np.float32) / 255, keys_for(6)).shape == (6, 12, 10, 3)
+  views = jax.vmap(lambda k: augment.augment(x, k))(jnp.stack([keys_for(6), keys_for(6, seed=1)]))
+  np.testing.assert_allclose(views[1], run(x, keys_for(6, seed=1)), atol=1e-5)
+
+
+def test_identity_settings_return_the_input():
+  x = batch_of_images()
+  np.testing.assert_allclose(run(x, keys_for(6), **IDENTITY), x / 255.0, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(augment.to_float(x), x / 255.0, atol=1e-7, rtol=0)
+  assert augment.to_float(x).dtype == augment.to_float(x / 255.0).dtype == jnp.float32
+  np.testing.assert_array_equal(augment.to_float(x / 255.0), (x / 255.0).astype(np.float32))
+
+
+def test_flip_flips_exactly():
+  x = batch_of_images((16, 12, 12, 1))
+  out = run(x, keys_for(16), **(IDENTITY | dict(flip=True)))
+  flipped = [np.allclose(o, x[i, :, ::-1] / 255.0, atol=1e-6, rtol=0) for i, o in enumerate(out)]
+  kept = [np.allclose(o, x[i] / 255.0, atol=1e-6, rtol=0) for i, o in enumerate(out)]
+  assert all(f != k for f, k in zip(flipped, kept))
+  assert 0 < sum(flipped) < 16
+
+
+def test_result_does_not_depend_on_batch_composition():
+  x = batch_of_images((5, 12, 12, 3))
+  keys = augment.example_keys(jax.random.key(3), jnp.array([7, 100, 3, 2**30, 0]))
+  config = dict(saturation=0.4, grayscale_prob=0.5, noise_std=0.1, out_size=9)
+  whole = run(x, keys, **config)
+  for i in range(5):
+    np.testing.assert_allclose(run(x[i:i + 1], keys[i:i + 1], **config)[0], whole[i], atol=1e-6)
+  np.testing.assert_allclose(run(x[::-1], keys[::-1], **config), whole[::-1], atol=1e-6)
+
+
+def test_brightness_and_contrast_follow_the_numpy_formulas():
+  x = batch_of_images((8, 10, 10, 1)) / 255.0
+  bright = run(x, keys_for(8), **(IDENTITY | dict(brightness=0.4)))
+  contrast = run(x, keys_for(8), **(IDENTITY | dict(contrast=0.4)))
+  factors = []
+  for xi, bi, ci in zip(x, bright, contrast):
+    # brightness: clip(b * x); recover b from the brightest unclipped pixel
+    unclipped = (bi < 1) & (xi > 0.2)
+    b = np.median(bi[unclipped] / xi[unclipped])
+    assert 0.6 - 1e-6 <= b <= 1.4 + 1e-6
+    np.testing.assert_allclose(bi, np.clip(b * xi, 0, 1), atol=1e-5)
+    # contrast: clip(c * x + (1 - c) * mean(x)); recover c from the spread of unclipped pixels
+    mean = xi.mean()
+    unclipped = (ci > 0) & (ci < 1)
+    c = np.polyfit(xi[unclipped] - mean, ci[unclipped] - mean, 1)[0]
+    assert 0.6 - 1e-5 <= c <= 1.4 + 1e-5
+    np.testing.assert_allclose(ci, np.clip(c * xi + (1 - c) * mean, 0, 1), atol=1e-5)
+    factors.append((b, c))
+  assert len({round(b, 4) for b, _ in factors}) == 8 and len({round(c, 4) for _, c in factors}) == 8
+  # RGB: contrast blends with the mean luma, saturation with each pixel's luma
+  rgb = batch_of_images((1, 6, 5, 3))[0] / 255.0
+  luma = rgb @ np.array([0.299, 0.587, 0.114])
+  np.testing.assert_allclose(augment.adjust_contrast(jnp.asarray(rgb), 0.5),
+                             np.clip(0.5 * rgb + 0.5 * luma.mean(), 0, 1), atol=1e-6)
+  np.testing.assert_allclose(augment.adjust_saturation(jnp.asarray(rgb), 1.5),
+                             np.clip(1.5 * rgb - 0.5 * luma[..., None], 0, 1), atol=1e-6)
+  np.testing.assert_allclose(augment.adjust_brightness(jnp.asarray(rgb), 1.3), np.clip(1.3 * rgb, 0, 1), atol=1e-6)
+
+
+def numpy_blur(image, sigma, sizes):
+  """Separable Gaussian of odd sizes (per axis) with reflected edges, written out."""
+  for axis, size in enumerate(sizes):
+    radius = size // 2
+    w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    w /= w.sum()
+    padded = np.pad(image, [(radius, radius) if a == axis else (0, 0) for a in range(image.ndim)], mode='reflect')
+    image = sum(w[i] * np.take(padded, np.arange(i, i + image.shape[axis]), axis=axis) for i in range(size))
+  return image
+
+
+def test_blur_matches_a_numpy_gaussian():
+  assert [augment.blur_kernel_size(s) for s in (28, 32, 96, 224)] == [3, 3, 9, 23]
+  x = batch_of_images((3, 30, 30, 2)) / 255.0
+  np.testing.assert_allclose(augment.gaussian_blur(jnp.asarray(x[0]), 1.3, (5, 3)), numpy_blur(x[0], 1.3, (5, 3)),
+                             atol=1e-6)
+  out = run(x, keys_for(3), **(IDENTITY | dict(blur_prob=1.0, blur_sigma=(0.7, 0.7))))
+  for xi, oi in zip(x, out):
+    np.testing.assert_allclose(oi, numpy_blur(xi, 0.7, (3, 3)), atol=1e-6)
+  sometimes = run(x, keys_for(3), **(IDENTITY | dict(blur_prob=0.5, blur_sigma=(0.7, 0.7))))
+  assert all(np.allclose(s, o, atol=1e-6) or np.allclose(s, xi, atol=1e-6) for s, o, xi in zip(sometimes, out, x))
+
+
+def test_random_resized_crop_zooms_by_the_sampled_area_and_aspect():
+  """On a linear ramp a*x + b*y, a bilinear crop of a box (h, w) resized to (H', W') is again a ramp, with slopes
+  a*w/W' and b*h/H' away from the borders; area fraction s and aspect r give w = sqrt(s*r*H*W), h = sqrt(s*H*W/r)."""
+  height = width = 16
+  yy, xx = np.mgrid[:height, :width]
+  ramp = (0.01 * xx + 0.03 * yy)[None, :, :, None].repeat(4, axis=0)
+  for scale, ratio, out in ((0.25, 1.0, 16), (0.25, 2.0, 16), (0.5, 0.5, 16), (1.0, 1.0, 8)):
+    crops = run(ramp, keys_for(4), **(IDENTITY | dict(crop_scale=(scale, scale), crop_ratio=(ratio, ratio),
+                                                      out_size=out)))
+    box_w, box_h = np.sqrt(scale * ratio * height * width), np.sqrt(scale * height * width / ratio)
+    for crop in crops[..., 0]:
+      interior = crop[2:-2, 2:-2]
+      np.testing.assert_allclose(np.diff(interior, axis=1), 0.01 * box_w / out, atol=1e-5)
+      np.testing.assert_allclose(np.diff(interior, axis=0), 0.03 * box_h / out, atol=1e-5)
+      assert ramp.min() - 1e-6 <= crop.min() and crop.max() <= ramp.max() + 1e-6
+    if scale < 1:  # boxes sit at random places
+      assert len({round(float(c[0, 0]), 4) for c in crops[..., 0]}) > 1
