@@ -5,9 +5,11 @@ directory and renames it when complete), so a kill -9 mid-save leaves the previo
 Restoring takes an abstract target carrying the *current* shardings, so a run saved on one mesh resumes on another.
 """
 
+import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -39,6 +41,30 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(workdir: str, path: str, abstract: Any) -> Any:
+  """The subtree `path` ('/'-separated, e.g. 'params/backbone') of the latest checkpoint in another run's workdir,
+  shaped like `abstract`, as host arrays. For restoring a pretrained part (a LiT image tower, a fine-tuning
+  backbone); the whole state is read on the host, which is fine for the encoder sizes this is used with.
+  """
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), item_names=('state', 'data'))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'{workdir} has no checkpoint to restore {path!r} from; train that run first.')
+  metadata = manager.item_metadata(step).state
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+  tree = state.state
+  for key in path.split('/'):
+    if key not in tree:
+      raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has {sorted(tree)}.')
+    tree = tree[key]
+  want = jax.tree.structure(abstract)
+  if jax.tree.structure(tree) != want or any(
+      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract))):
+    raise ValueError(f'{path!r} in {workdir} does not match this model: restore a checkpoint of the same encoder.')
+  return tree
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -92,6 +92,17 @@ def peak_flops(devices: Sequence[jax.Device]) -> float | None:
   return None
 
 
+def forward_flops(fn, *args) -> float:
+  """FLOPs of one call of fn(*args) as XLA counts them (args may be ShapeDtypeStructs); compiles, runs nothing.
+
+  For models without an analytic count (convolutions): training FLOPs ~ 3x this. XLA counts a scan's body once,
+  so use it on unscanned models.
+  """
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
+
+
 class MetricWriter:
   """metrics.jsonl and TensorBoard events in the workdir (process 0 only)."""
 

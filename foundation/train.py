@@ -201,7 +201,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     abstract_state = checkpoint.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
     state, data_state = ckpt.restore(start, abstract_state)
     data_iter.set_state(data_state)
-  frozen = task.frozen() if task.frozen else {}
+  # Frozen params (teachers, locked towers) are placed once, replicated; they are never optimized nor saved.
+  frozen = jax.device_put(task.frozen(), sharding.replicated(mesh)) if task.frozen else {}
 
   writer = metrics.MetricWriter(workdir, enabled=is_writer, resume_step=start if start else None)
   progress = metrics.Progress(config.num_train_steps, enabled=is_writer)

@@ -35,13 +35,16 @@ def zero_shot_accuracy(image_emb, class_emb, labels) -> float:
   return float(np.mean(np.asarray(jnp.argmax(scores, axis=1)) == np.asarray(labels)))
 
 
-def retrieval_recall(image_emb, text_emb, ks=(1, 5), *, batch_size: int = 1024) -> dict[str, float]:
+def retrieval_recall(image_emb, text_emb, ks=(1, 5), *, labels=None, batch_size: int = 1024) -> dict[str, float]:
   """Recall@k both ways for aligned pairs (image i belongs with text i), by cosine similarity.
 
   Keys 'image_to_text_recall_at_{k}' (fraction of images whose own text is among their k most similar texts) and
   'text_to_image_recall_at_{k}'. A tie with the true partner counts against it: the partner's rank is the number
   of OTHER candidates at least as similar, so a collapsed encoder (all embeddings equal) scores 0, not 1. Queries
   go through in batches, so memory is O(batch_size * N).
+
+  labels [N]: where captions describe a class rather than one image (synthetic captions repeat within a class), a
+  retrieved item is relevant when its label equals the query's: a hit is a relevant item among the top k.
   """
   image_emb, text_emb = _l2_normalise(image_emb), _l2_normalise(text_emb)
   if image_emb.shape != text_emb.shape:
@@ -49,10 +52,20 @@ def retrieval_recall(image_emb, text_emb, ks=(1, 5), *, batch_size: int = 1024) 
   results = {}
   for direction, queries, candidates in (('image_to_text', image_emb, text_emb),
                                          ('text_to_image', text_emb, image_emb)):
-    ranks = _partner_ranks(queries, candidates, batch_size)
+    if labels is None:
+      ranks = _partner_ranks(queries, candidates, batch_size)
+    else:
+      ranks = _first_relevant_ranks(np.asarray(queries), np.asarray(candidates), np.asarray(labels))
     for k in ks:
       results[f'{direction}_recall_at_{k}'] = float(np.mean(ranks < k))
   return results
+
+
+def _first_relevant_ranks(queries, candidates, labels) -> np.ndarray:
+  """For each query, the rank (0 = most similar) of the most similar candidate sharing its label."""
+  order = np.argsort(-(queries @ candidates.T), axis=1, kind='stable')
+  relevant = labels[order] == labels[:, None]
+  return np.argmax(relevant, axis=1)
 
 
 def _partner_ranks(queries, candidates, batch_size: int) -> np.ndarray:

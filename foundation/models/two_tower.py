@@ -19,13 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from foundation.models.cnn import CNN, CNNConfig
+from foundation.models.cnn import CNNConfig
+from foundation.models.image_encoders import IMAGE_ENCODERS
 from foundation.models.transformer import Transformer, TransformerConfig
-from foundation.models.vit import ViT, ViTConfig
+from foundation.models.vit import ViTConfig
 
 Array = jax.Array
 
-IMAGE_ENCODERS = {'vit': (ViT, ViTConfig), 'cnn': (CNN, CNNConfig)}
 INITIAL_LOGITS = {  # loss -> (logit_scale, logit_bias or None)
     'clip': (math.log(1 / 0.07), None),
     'siglip': (math.log(10.0), -10.0),

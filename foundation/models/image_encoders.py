@@ -1,0 +1,21 @@
+"""Image encoders by name, so configs choose one with a string: `model.encoder = 'cnn'` plus its config fields."""
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+
+from foundation.models.cnn import CNN, CNNConfig
+from foundation.models.vit import ViT, ViTConfig
+
+IMAGE_ENCODERS = {'vit': (ViT, ViTConfig), 'cnn': (CNN, CNNConfig)}
+
+
+def encoder_config(kind: str, fields: Mapping[str, Any]) -> CNNConfig | ViTConfig:
+  if kind not in IMAGE_ENCODERS:
+    raise ValueError(f'image encoder {kind!r}; choose one of {sorted(IMAGE_ENCODERS)}.')
+  return IMAGE_ENCODERS[kind][1].from_dict(fields)
+
+
+def image_encoder(kind: str, fields: Mapping[str, Any]) -> nn.Module:
+  """images float [B, H, W, C] -> float32 features [B, D]."""
+  return IMAGE_ENCODERS[kind][0](encoder_config(kind, fields))

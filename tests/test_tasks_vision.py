@@ -1,0 +1,53 @@
+"""Vision tasks end to end: LiT restores and freezes another run's encoder; retrieval with class labels."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from foundation import train
+from foundation.evaluate import zero_shot
+from foundation.tasks import clip
+from test_configs import load
+
+
+def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, tmp_path):
+  supervised = load('configs/classify/fashion_mnist.py').get_config('smoke')
+  supervised.data.data_dir = tfds_dir
+  train.train_and_evaluate(supervised, str(tmp_path / 'supervised'))
+
+  lit = load('configs/contrastive/clip_fashion_mnist.py').get_config('smoke')
+  lit.data.data_dir = tfds_dir
+  lit.lock_image_tower = dict(workdir=str(tmp_path / 'supervised'), params_path='params/backbone')
+  assert lit.model.image.to_dict() == {**supervised.model.cnn.to_dict()}  # the same encoder, so it restores
+  train.train_and_evaluate(lit, str(tmp_path / 'lit'))
+
+  task = clip.build(lit)
+  restored = task.frozen()
+  saved = _latest_state(tmp_path / 'supervised')['params']['backbone']
+  jax.tree.map(np.testing.assert_array_equal, restored, saved)
+  lit_state = _latest_state(tmp_path / 'lit')
+  assert 'image_encoder' not in lit_state['params']  # not trained, not saved with the trainable state
+  assert 'text_encoder' in lit_state['params']
+
+
+def _latest_state(workdir):
+  """The latest checkpoint's state read independently of foundation.checkpoint, as numpy."""
+  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'), item_names=('state', 'data'))
+  step = manager.latest_step()
+  metadata = manager.item_metadata(step).state
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=args))).state
+
+
+def test_class_level_retrieval_counts_any_item_of_the_right_class():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, size=40)
+  images = rng.normal(size=(40, 8))
+  texts = rng.normal(size=(40, 8))
+  recall = zero_shot.retrieval_recall(images, texts, ks=(1, 3), labels=labels)
+  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  for direction, q, c in (('image_to_text', images, texts), ('text_to_image', texts, images)):
+    sims = norm(q) @ norm(c).T
+    for k in (1, 3):
+      hits = [np.any(labels[np.argsort(-sims[i], kind='stable')[:k]] == labels[i]) for i in range(40)]
+      assert recall[f'{direction}_recall_at_{k}'] == np.mean(hits)
