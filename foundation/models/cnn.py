@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foundation.models import config_from_dict
+
 Array = jax.Array
 
 CONV_AXES = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
@@ -41,12 +43,7 @@ class CNNConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'CNNConfig':
-    """From a dict or an ml_collections ConfigDict; unknown keys are an error, not silently dropped."""
-    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(d) - known:
-      raise ValueError(f'unknown CNNConfig fields {sorted(set(d) - known)}; known: {sorted(known)}')
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 class _Norm(nn.Module):

@@ -19,3 +19,20 @@ def encoder_config(kind: str, fields: Mapping[str, Any]) -> CNNConfig | ViTConfi
 def image_encoder(kind: str, fields: Mapping[str, Any]) -> nn.Module:
   """images float [B, H, W, C] -> float32 features [B, D]."""
   return IMAGE_ENCODERS[kind][0](encoder_config(kind, fields))
+
+
+class EncoderWithHead(nn.Module):
+  """An image encoder ('backbone') with a head on its features (a projection MLP, a classifier). `features` skips
+  the head: it is what probes measure and what later runs restore as 'params/backbone'."""
+  encoder: str
+  encoder_fields: tuple  # sorted (name, value) pairs: module attributes must be hashable
+  head: nn.Module
+
+  def setup(self):
+    self.backbone = image_encoder(self.encoder, dict(self.encoder_fields))
+
+  def features(self, x):
+    return self.backbone(x)
+
+  def __call__(self, x):
+    return self.head(self.backbone(x))

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foundation.models import config_from_dict
+
 Array = jax.Array
 
 # What the backward pass may keep from the forward; 'full' keeps nothing (policy None), 'none' skips nn.remat.
@@ -57,12 +59,7 @@ class TransformerConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'TransformerConfig':
-    """From a dict or an ml_collections ConfigDict; unknown keys are an error, not silently dropped."""
-    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(d) - known:
-      raise ValueError(f'unknown TransformerConfig fields {sorted(set(d) - known)}; known: {sorted(known)}')
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 def param_count(cfg: TransformerConfig) -> int:

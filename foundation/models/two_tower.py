@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foundation.models import config_from_dict
 from foundation.models.cnn import CNNConfig
 from foundation.models.image_encoders import IMAGE_ENCODERS
 from foundation.models.transformer import Transformer, TransformerConfig
@@ -54,14 +55,11 @@ class TwoTowerConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> 'TwoTowerConfig':
     """From a dict or ConfigDict whose 'image' and 'text' are dicts of the encoders' config fields."""
     d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(d) - known:
-      raise ValueError(f'unknown TwoTowerConfig fields {sorted(set(d) - known)}; known: {sorted(known)}')
     if d.get('image_encoder') not in IMAGE_ENCODERS:
       raise ValueError(f"image_encoder={d.get('image_encoder')!r}; expected one of {sorted(IMAGE_ENCODERS)}.")
-    d['image'] = IMAGE_ENCODERS[d['image_encoder']][1].from_dict(d['image'])
-    d['text'] = TransformerConfig.from_dict(d['text'])
-    return cls(**d)
+    d['image'] = IMAGE_ENCODERS[d['image_encoder']][1].from_dict(d.get('image', {}))
+    d['text'] = TransformerConfig.from_dict(d.get('text', {}))
+    return config_from_dict(cls, d)
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foundation.models import config_from_dict
 from foundation.models.transformer import RMSNorm, TransformerConfig, run_blocks
 
 Array = jax.Array
@@ -68,14 +69,7 @@ class ViTConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ViTConfig':
-    """From a dict or an ml_collections ConfigDict; unknown keys are an error, not silently dropped."""
-    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(d) - known:
-      raise ValueError(f'unknown ViTConfig fields {sorted(set(d) - known)}; known: {sorted(known)}')
-    if isinstance(d.get('image_size'), list):
-      d['image_size'] = tuple(d['image_size'])
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 def patchify(images: Array, patch_size: int) -> Array:

@@ -14,24 +14,8 @@ from foundation import metrics
 from foundation.data import augment, images
 from foundation.evaluate.representation import RepresentationEval, encoder_features
 from foundation.models.heads import LinearClassifier
-from foundation.models.image_encoders import encoder_config, image_encoder
+from foundation.models.image_encoders import EncoderWithHead, encoder_config
 from foundation.tasks import Task
-
-
-class Classifier(nn.Module):
-  encoder: str
-  encoder_fields: tuple  # (name, value) pairs: a module attribute must be hashable
-  num_classes: int
-
-  def setup(self):
-    self.backbone = image_encoder(self.encoder, dict(self.encoder_fields))
-    self.head = LinearClassifier(self.num_classes)
-
-  def features(self, x):
-    return self.backbone(x)
-
-  def __call__(self, x):
-    return self.head(self.backbone(x))
 
 
 def build(config) -> Task:
@@ -39,7 +23,8 @@ def build(config) -> Task:
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
   num_classes = len(images.class_names(data.name, data.data_dir))
-  model = Classifier(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())), num_classes)
+  model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
+                          LinearClassifier(num_classes))
   aug = dict(config.augment)
   image_shape = tuple(data.image_shape)
 

@@ -13,33 +13,16 @@ from foundation import losses, metrics
 from foundation.data import augment, images
 from foundation.evaluate.representation import RepresentationEval
 from foundation.models.heads import ProjectionHead
-from foundation.models.image_encoders import encoder_config, image_encoder
+from foundation.models.image_encoders import EncoderWithHead, encoder_config
 from foundation.tasks import Task
-
-
-class SimCLRModel(nn.Module):
-  encoder: str
-  encoder_fields: tuple  # (name, value) pairs: a module attribute must be hashable
-  head_hidden: int
-  head_out: int
-
-  def setup(self):
-    self.backbone = image_encoder(self.encoder, dict(self.encoder_fields))
-    self.head = ProjectionHead(self.head_hidden, self.head_out)
-
-  def features(self, x):
-    return self.backbone(x)
-
-  def __call__(self, x):
-    return self.head(self.backbone(x))
 
 
 def build(config) -> Task:
   data, model_cfg = config.data, config.model
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])  # validates the fields before anything runs
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
-  model = SimCLRModel(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
-                      model_cfg.head_hidden, model_cfg.head_out)
+  model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
+                          ProjectionHead(model_cfg.head_hidden, model_cfg.head_out))
   aug = dict(config.augment)
   image_shape = tuple(config.data.image_shape)
 
