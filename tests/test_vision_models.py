@@ -186,6 +186,15 @@ def test_cnn_any_image_size_and_downsampling():
   assert state['intermediates']['stage1_block0']['__call__'][0].shape == (2, 7, 9, 16)
 
 
+def test_cnn_strided_stem_halves_the_resolution_before_the_first_stage():
+  cnn = CNN(CNNConfig(widths=(8, 16), stem_stride=2))
+  x = images((2, 28, 28, 1))
+  params = jax.eval_shape(lambda x: init(cnn, x), x)
+  _, state = jax.eval_shape(lambda p, x: cnn.apply({'params': p}, x, capture_intermediates=True), params, x)
+  assert state['intermediates']['stage0_block0']['__call__'][0].shape == (2, 14, 14, 8)
+  assert state['intermediates']['stage1_block0']['__call__'][0].shape == (2, 7, 7, 16)
+
+
 # ---- heads --------------------------------------------------------------------------------------------------------
 
 

@@ -22,11 +22,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.parallelism = 'jit'
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.num_train_steps = 2000
+  c.num_train_steps = 1600
   c.global_batch_size = 256
   c.grad_accum_steps = 1
   c.log_every = 50
-  c.eval_every = 2000
+  c.eval_every = 800
   c.eval_at_start = True   # the random-init encoder is measured in the same run
   c.checkpoint_every = 500
   c.max_checkpoints = 2
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 train_split='train', eval_split='test', image_shape=(28, 28, 1))
   c.model = dict(
       encoder='cnn',
-      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, norm='group'),
+      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='group'),
       vit=dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4, mlp_dim=256,
                pool='mean'),
       head_hidden=256,

@@ -28,6 +28,7 @@ MAX_GROUPS = 32  # GroupNorm's default from Wu & He (2018), reduced where a widt
 class CNNConfig:
   widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; every stage after the first halves H and W
   blocks_per_stage: int = 1
+  stem_stride: int = 1  # 2 halves the resolution at once: the full-resolution first stage dominates the cost
   norm: str = 'group'  # 'group' (GroupNorm, gcd(32, width) groups) | 'layer' (LayerNorm over channels) | 'none'
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -94,7 +95,7 @@ class CNN(nn.Module):
     """images float [batch, H, W, C] -> float32 features [batch, widths[-1]] (global average pool)."""
     cfg = self.config
     x = images.astype(jnp.dtype(cfg.dtype))
-    x = nn.relu(_Norm(cfg, name='stem_norm')(_conv(cfg, cfg.widths[0], 3, 1, 'stem')(x)))
+    x = nn.relu(_Norm(cfg, name='stem_norm')(_conv(cfg, cfg.widths[0], 3, cfg.stem_stride, 'stem')(x)))
     for stage, width in enumerate(cfg.widths):
       for i in range(cfg.blocks_per_stage):
         stride = 2 if stage > 0 and i == 0 else 1
