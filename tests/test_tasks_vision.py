@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from foundation import train
 from foundation.evaluate import zero_shot
@@ -18,7 +19,13 @@ def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, t
   lit = load('configs/contrastive/clip_fashion_mnist.py').get_config('smoke')
   lit.data.data_dir = tfds_dir
   lit.lock_image_tower = dict(workdir=str(tmp_path / 'supervised'), params_path='params/backbone')
-  assert lit.model.image.to_dict() == {**supervised.model.cnn.to_dict()}  # the same encoder, so it restores
+  # A stem stride changes no parameter shape: without the architecture check this would restore and be wrong.
+  lit.model.image = dict(supervised.model.cnn.to_dict(), stem_stride=1)
+  with pytest.raises(ValueError, match=r'--config\.model\.image\.stem_stride=2$'):
+    train.train_and_evaluate(lit, str(tmp_path / 'lit'))
+  assert not (tmp_path / 'lit').exists()  # refused before anything was written
+
+  lit.model.image = supervised.model.cnn.to_dict()
   train.train_and_evaluate(lit, str(tmp_path / 'lit'))
 
   task = clip.build(lit)
