@@ -19,6 +19,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index in
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}; config fields are set with --config.name=value.')
+  from foundation import host
+  host.keep_freed_memory()  # before jax starts its threads and allocates
   # Imported here so that --help and flag errors do not pay for importing jax.
   from foundation import sharding, train
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

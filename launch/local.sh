@@ -9,10 +9,7 @@ config=${1:-configs/lm/shakespeare.py}
 workdir=${2:-workdirs/$(basename "${config%%:*}" .py)}
 shift $(( $# < 2 ? $# : 2 ))
 bash launch/setup.sh
-if ! command -v nvidia-smi >/dev/null && [ ! -e /dev/accel0 ] && [[ "${XLA_FLAGS:-}" != *device_count* ]]; then
-  # CPU only: one XLA device per core, trained data parallel. Small models' matmuls are too small to split well
-  # across cores; splitting the batch instead was 1.4x faster here (benchmarks/). Not also single-threading the
-  # devices (--xla_cpu_multi_thread_eigen=false, a further 8%): under load that once hung in an all-reduce.
-  export XLA_FLAGS="--xla_force_host_platform_device_count=$(nproc) ${XLA_FLAGS:-}"
-fi
+# On CPU this runs on one XLA device whose ops use every core. One device per core (XLA_FLAGS=
+# --xla_force_host_platform_device_count=N) was no faster once foundation/host.py tunes malloc, and two CPU devices
+# can deadlock in an all-reduce when many steps are in flight (benchmarks/README.md).
 exec .venv/bin/python -m foundation.main --config="$config" --workdir="$workdir" "$@"

@@ -10,6 +10,10 @@ os.environ['XLA_FLAGS'] = ' '.join(
     + ['--xla_force_host_platform_device_count=8'])
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from foundation import host  # noqa: E402
+
+host.keep_freed_memory()  # as foundation.main does: XLA's CPU buffers reuse warm pages (foundation/host.py)
+
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
