@@ -170,6 +170,10 @@ class _Pmap:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
+  if '://' in workdir:
+    raise ValueError(f'--workdir={workdir}: the workdir must be a filesystem path (metrics.jsonl is appended to). On '
+                     'a TPU pod slice, mount a bucket on every worker (gcsfuse) and pass the mount point; '
+                     'data_dir may be a gs:// path.')
   validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get('sharding_rules'))

@@ -187,3 +187,12 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
   result = run(tmp_path, tfds_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', check=False)
   assert result.returncode != 0 and 'different config (differs in: optim)' in result.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == before
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  from foundation import train
+  from test_configs import load
+  monkeypatch.chdir(tmp_path)  # where os.makedirs('gs://...') would have made a local 'gs:' directory
+  with pytest.raises(ValueError, match='must be a filesystem path'):
+    train.train_and_evaluate(load('configs/lm/shakespeare.py').get_config('smoke'), 'gs://bucket/run')
+  assert not os.listdir(tmp_path)
