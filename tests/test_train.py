@@ -172,6 +172,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
     (('--config.data.data_dir=/nonexistent/tfds',), 'python -m foundation.data.prepare shakespeare_plays'),
     (('--config.parallelism=pmap', '--config.mesh.tensor=2'), 'data-parallel only'),
     (('--config.checkpoint_every=3', '--config.log_every=2'), 'multiple of config.log_every'),
+    (('--config.sample.max_new_tokens=40',), 'exceeds the trained context config.data.seq_len=32'),
 ])
 def test_bad_input_fails_early_and_writes_nothing(tmp_path, tfds_dir, overrides, message):
   workdir = tmp_path / 'run'

@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       freeze=(),                               # regexes: matching parameters get no updates
   )
   c.eval = dict(batch_size=64, max_batches=0)  # 0: the whole validation split
-  c.sample = dict(prompt='ROMEO:\n', num_samples=2, max_new_tokens=300, temperature=0.8, top_k=0, top_p=0.95)
+  c.sample = dict(prompt='ROMEO:\n', num_samples=2, max_new_tokens=120, temperature=0.8, top_k=0, top_p=0.95)
 
   if arg == 'smoke':
     c.num_train_steps = 6
@@ -93,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_shards = 4
     c.model.update(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, mlp_dim=384, max_len=512)
     c.optim.update(lr=1e-3, warmup_steps=100)
+    c.sample.max_new_tokens = 56
   elif arg == 'gpu':
     c.global_batch_size = 64
     c.num_train_steps = 20000
@@ -103,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    dtype='bfloat16', scan_layers=True, remat='dots')
     c.optim.update(lr=6e-4, warmup_steps=1000)
     c.eval.update(batch_size=64, max_batches=20)
+    c.sample.max_new_tokens = 500
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/lm/shakespeare.py; choose smoke, baby or gpu.')
   return c

@@ -30,9 +30,12 @@ def build(config) -> Task:
   if data.seq_len > model_cfg.max_len:
     raise ValueError(f'config.data.seq_len={data.seq_len} exceeds config.model.max_len={model_cfg.max_len}.')
   prompt = tokenizer.encode(config.sample.prompt)
-  if config.sample.num_samples and len(prompt) + config.sample.max_new_tokens > model_cfg.max_len:
+  # The model never sees a position past seq_len in training, and rotary attention does not extrapolate: samples
+  # that run past it turn to noise, so they are held to the trained context.
+  if config.sample.num_samples and len(prompt) + config.sample.max_new_tokens > data.seq_len:
     raise ValueError(f'the sample prompt ({len(prompt)} tokens) plus config.sample.max_new_tokens='
-                     f'{config.sample.max_new_tokens} exceeds config.model.max_len={model_cfg.max_len}.')
+                     f'{config.sample.max_new_tokens} exceeds the trained context config.data.seq_len={data.seq_len}; '
+                     f'lower max_new_tokens to {data.seq_len - len(prompt)} or less.')
   text.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
   model = Transformer(model_cfg)
   source = dict(name=data.name, data_dir=data.data_dir, text_key=data.text_key, tokenizer=tokenizer,
