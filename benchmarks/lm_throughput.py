@@ -4,13 +4,12 @@ r"""Training throughput of the issue's "baby" LM, foundation against PyTorch, si
       [--steps=300] [--rounds=3] [--json=results.json]
 
 Rows, run one after another (never two at once), each in its own process:
-  foundation, 1 device        `python -m foundation.main --config=configs/lm/shakespeare.py:baby`: one CPU device,
-                              XLA's intra-op threads over all cores (what launch/local.sh does on CPU).
+  foundation, N devices       `python -m foundation.main --config=configs/lm/shakespeare.py:baby` with
+                              XLA_FLAGS="--xla_force_host_platform_device_count=N": one CPU device per core, data
+                              parallel (what launch/local.sh does on CPU).
   foundation, glibc malloc    the same with FOUNDATION_DEFAULT_MALLOC=1: glibc's default allocator settings, i.e.
                               without foundation/host.py's tuning, to show what that buys.
-  foundation, N devices       XLA_FLAGS="--xla_force_host_platform_device_count=N": one device per core, data
-                              parallel. Not the default: no faster once the allocator is tuned, and two CPU
-                              devices can deadlock in an all-reduce when many steps are in flight.
+  foundation, 1 device        one CPU device whose ops use XLA's intra-op threads over all cores.
   PyTorch Llama-style         a reference of the same size written below (RMSNorm, RoPE, SwiGLU, causal SDPA,
                               tied embeddings, AdamW), torch.set_num_threads(N).
   PyTorch nanoGPT-style       nanoGPT's GPT at the same width/depth (LayerNorm, GELU MLP 4x, learned positions).
@@ -39,7 +38,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/lm/shakespeare.py'
 VARIANT = 'baby'
-ROWS = ('foundation_1dev', 'foundation_glibc_malloc', 'foundation_dp', 'torch_llama', 'torch_gpt')
+ROWS = ('foundation_dp', 'foundation_glibc_malloc', 'foundation_1dev', 'torch_llama', 'torch_gpt')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,13 +334,13 @@ def main():
 
   dp_flags = f'--xla_force_host_platform_device_count={n}'
   specs = {
-      'foundation_1dev': ('foundation, 1 CPU device (launch/local.sh)',
+      'foundation_1dev': ('foundation, 1 CPU device',
                           lambda label: run_foundation(args, label=label, xla_flags=None, steps=steps,
                                                        log_every=log_every)),
-      'foundation_glibc_malloc': ('foundation, 1 CPU device, glibc malloc defaults',
-                                  lambda label: run_foundation(args, label=label, xla_flags=None, steps=steps,
+      'foundation_glibc_malloc': (f'foundation, {n} devices, glibc malloc defaults',
+                                  lambda label: run_foundation(args, label=label, xla_flags=dp_flags, steps=steps,
                                                                log_every=log_every, glibc_malloc=True)),
-      'foundation_dp': (f'foundation, {n} devices, data parallel',
+      'foundation_dp': (f'foundation, {n} devices, data parallel (launch/local.sh)',
                         lambda label: run_foundation(args, label=label, xla_flags=dp_flags, steps=steps,
                                                      log_every=log_every)),
       'torch_llama': (f'PyTorch Llama-style, {n} threads',

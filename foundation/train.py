@@ -54,6 +54,12 @@ def validate(config, num_devices: int) -> None:
 # How a run executes, not what it computes: a resumed run may change these (e.g. move to another mesh).
 RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches')
 
+# The loop dispatches steps ahead of the device and fetches their metrics once per log interval; it waits for a
+# step once this many newer ones are queued behind it. Enough to hide dispatch on any accelerator, and a bound is
+# needed on CPU: with several CPU devices sharing one thread pool, an unbounded queue of steps deadlocked in an
+# all-reduce ("Expected 2 threads to join the rendezvous", benchmarks/README.md) while 4 queued steps never did.
+MAX_STEPS_IN_FLIGHT = 4
+
 
 def _write_config(config, workdir: str) -> None:
   """Writes config.json; a workdir holding a different run's config is refused rather than overwritten."""
@@ -252,6 +258,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       for step in range(start + 1, config.num_train_steps + 1):  # `step` counts completed steps
         state, step_metrics = runner.step(state, frozen, runner.place(next(data_iter)))
         pending.append((step, step_metrics))
+        if len(pending) > MAX_STEPS_IN_FLIGHT:
+          jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
         interval_steps += 1
         is_last = step == config.num_train_steps
         if step % config.log_every == 0 or is_last:

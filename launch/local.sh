@@ -9,7 +9,10 @@ config=${1:-configs/lm/shakespeare.py}
 workdir=${2:-workdirs/$(basename "${config%%:*}" .py)}
 shift $(( $# < 2 ? $# : 2 ))
 bash launch/setup.sh
-# On CPU this runs on one XLA device whose ops use every core. One device per core (XLA_FLAGS=
-# --xla_force_host_platform_device_count=N) was no faster once foundation/host.py tunes malloc, and two CPU devices
-# can deadlock in an all-reduce when many steps are in flight (benchmarks/README.md).
+if ! command -v nvidia-smi >/dev/null && [ ! -e /dev/accel0 ] && [[ "${XLA_FLAGS:-}" != *device_count* ]]; then
+  # CPU only: one XLA device per core, trained data parallel. XLA runs each fused elementwise loop (augmentations,
+  # norms, activations) on one thread per device, so splitting the batch over devices is what uses every core:
+  # 1.85x on SimCLR's CNN, ~1.15x on the LM (benchmarks/README.md).
+  export XLA_FLAGS="--xla_force_host_platform_device_count=$(nproc) ${XLA_FLAGS:-}"
+fi
 exec .venv/bin/python -m foundation.main --config="$config" --workdir="$workdir" "$@"
