@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from foundation import sharding
-from foundation.models.cnn import CNN, CNNConfig
+from foundation.models.cnn import CNN, CNNConfig, grid_average_pool
 from foundation.models.heads import LinearClassifier, ProjectionHead
 from foundation.models.transformer import Transformer, TransformerConfig
 from foundation.models.two_tower import TwoTower, TwoTowerConfig
@@ -193,6 +193,29 @@ def test_cnn_strided_stem_halves_the_resolution_before_the_first_stage():
   _, state = jax.eval_shape(lambda p, x: cnn.apply({'params': p}, x, capture_intermediates=True), params, x)
   assert state['intermediates']['stage0_block0']['__call__'][0].shape == (2, 14, 14, 8)
   assert state['intermediates']['stage1_block0']['__call__'][0].shape == (2, 7, 7, 16)
+
+
+@pytest.mark.parametrize('height, width, grid', [(4, 4, 1), (4, 4, 2), (7, 5, 2), (7, 7, 3)])
+def test_grid_average_pool_against_numpy(height, width, grid):
+  x = np.random.default_rng(0).normal(size=(2, height, width, 3)).astype(np.float32)
+  expected = []
+  for i in range(grid):  # rows, then columns; cell i covers [floor(i n / g), ceil((i + 1) n / g))
+    for j in range(grid):
+      rows = slice(int(np.floor(i * height / grid)), int(np.ceil((i + 1) * height / grid)))
+      cols = slice(int(np.floor(j * width / grid)), int(np.ceil((j + 1) * width / grid)))
+      expected.append(x[:, rows, cols].mean(axis=(1, 2)))
+  np.testing.assert_allclose(grid_average_pool(jnp.asarray(x), grid), np.concatenate(expected, axis=-1), rtol=1e-6)
+
+
+def test_cnn_pool_grid_keeps_where_features_are_and_refuses_a_grid_finer_than_the_map():
+  x = images((2, 28, 28, 1))
+  cnn = CNN(CNNConfig(widths=(8, 16), stem_stride=2, pool_grid=2))  # final map 7x7
+  params = jax.eval_shape(lambda x: init(cnn, x), x)
+  assert jax.eval_shape(lambda p, x: cnn.apply({'params': p}, x), params, x).shape == (2, 4 * 16)
+  with pytest.raises(ValueError, match='finer than the final 7x7 feature map'):
+    jax.eval_shape(lambda x: init(CNN(CNNConfig(widths=(8, 16), stem_stride=2, pool_grid=8)), x), x)
+  with pytest.raises(ValueError, match='pool_grid=0'):
+    CNNConfig(pool_grid=0)
 
 
 # ---- heads --------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 train_split='train', eval_split='test', image_shape=(28, 28, 1))
   c.model = dict(
       encoder='cnn',
-      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer'),
+      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),
       vit=dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4, mlp_dim=256,
                pool='mean'),
   )

@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg == 'lit':
     c.lock_image_tower = dict(workdir='workdirs/simclr', params_path='params/backbone')
     # The SimCLR default encoder; a locked run with another one is refused with the overrides to set.
-    c.model.image = dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer')
+    c.model.image = dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
     c.eval.name = 'LiT (locked image tower)'
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/contrastive/clip_fashion_mnist.py; '

@@ -7,8 +7,8 @@ Variants:
   :vit     the same with a small ViT encoder instead of the CNN
   :cifar10 real TFDS data on a TPU VM / GPU (not run here):
            --config=configs/contrastive/simclr_fashion_mnist.py:cifar10 --config.data.data_dir=gs://BUCKET/tfds
-Compare with the supervised baseline by naming its workdir:
-  --config.eval.compare.supervised=workdirs/classify_fashion_mnist
+The results table and plot include the supervised baseline when its default run (configs/classify/fashion_mnist.py)
+is in workdirs/classify_fashion_mnist; name another run with --config.eval.compare.supervised=DIR.
 """
 
 import os
@@ -22,22 +22,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.parallelism = 'jit'
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.num_train_steps = 1000
+  c.num_train_steps = 600
   c.global_batch_size = 256
   c.grad_accum_steps = 1
   c.log_every = 50
-  c.eval_every = 1000
+  c.eval_every = 600
   c.eval_at_start = True   # the random-init encoder is measured in the same run
-  c.checkpoint_every = 500
+  c.checkpoint_every = 300
   c.max_checkpoints = 2
   c.prefetch_batches = 4
 
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
                 train_split='train', eval_split='test', image_shape=(28, 28, 1))
+  # pool_grid=2: the features are the final 4x4 map averaged over its four 2x2 quadrants (4 x 128 = 512 values)
+  # instead of one global average. Fashion-MNIST's items are centred and aligned, so where a feature fires carries
+  # the class; a global pool threw that away, and raw pixels, which keep it, beat the probe at 60 labels per class.
+  # Same run, 20k-label logistic probe, 500 steps: 60-shot 75.6% -> 78.9%, all labels 83.7% -> 86.4%.
   c.model = dict(
       encoder='cnn',
-      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer'),
+      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),
       vit=dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4, mlp_dim=256,
                pool='mean'),
       head_hidden=256,
@@ -50,7 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim = dict(name='adamw', lr=2e-3, schedule='cosine', warmup_steps=100, end_lr_fraction=0.0, b1=0.9, b2=0.999,
                  eps=1e-8, weight_decay=1e-4, weight_decay_exclude=('norm', 'bias', 'scale'), grad_clip=0.0, freeze=())
   c.eval = dict(name='SimCLR', probe='logistic', shots=(1, 5, 10, 25, 60), fewshot_seeds=3, batch_size=1000,
-                max_train_examples=0, max_test_examples=0, compare={})
+                max_train_examples=0, max_test_examples=0,
+                # rows for the results table, read from those runs' metrics.jsonl if they exist
+                compare={'supervised': 'workdirs/classify_fashion_mnist'})
 
   if arg == 'smoke':
     c.num_train_steps = 4
@@ -63,11 +69,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.head_out = 16
     c.eval.update(probe='ridge', shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400,
                   max_test_examples=200)
+    c.eval.compare = {}
   elif arg == 'vit':
     c.model.encoder = 'vit'
     c.eval.name = 'SimCLR (ViT)'
+    c.eval.compare = {'supervised (ViT)': 'workdirs/classify_fashion_mnist_vit'}
   elif arg == 'cifar10':
     c.data.update(name='cifar10', eval_split='test', image_shape=(32, 32, 3))
+    c.eval.compare = {}
     c.model.cnn.widths = (64, 128, 256)
     c.model.vit.update(image_size=32, num_channels=3)
     c.augment.update(crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, blur_prob=0.0, noise_std=0.0)
