@@ -112,7 +112,7 @@ def _leave_one_out_l2(train_basis, hat_right, eigvals, coeffs, targets, target_m
 # ---- logistic regression -------------------------------------------------------------------------------------------
 
 
-def logistic_probe(train_x, train_y, test_x, test_y, *, num_classes: int, l2: float = 1e-4, steps: int = 1000,
+def logistic_probe(train_x, train_y, test_x, test_y, *, num_classes: int, l2: float = 1e-4, steps: int = 300,
                    tolerance: float = 1e-5) -> float:
   """Test accuracy of multinomial logistic regression on standardised features, fitted by full-batch L-BFGS.
 
@@ -120,6 +120,11 @@ def logistic_probe(train_x, train_y, test_x, test_y, *, num_classes: int, l2: fl
   LogisticRegression(C=1 / (n * l2)) objective divided by C n. Starts from zeros and stops after `steps`
   iterations or once the gradient's norm is below `tolerance`, so it is deterministic. Runs in float32 under
   jax.jit; recompiles for each new training-set shape.
+
+  steps=300: on all 60,000 Fashion-MNIST training images the fit is the evaluation's main cost (~0.1 s per
+  iteration on 2 CPU cores), and test accuracy moves by at most 0.3 points between 100 and 1,000 iterations, in
+  no consistent direction (raw pixels 84.3/84.0/84.1%, a 512-d random ReLU feature set 85.4/85.4/85.4% at
+  100/400/1,000), so 300 buys 3x less time for no systematic change. Small (few-shot) sets converge well before.
   """
   train_y = _check_labels(train_y, num_classes, 'train_y')
   test_y = _check_labels(test_y, num_classes, 'test_y')
