@@ -186,6 +186,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if config.parallelism == 'pmap':
     rules = tuple((name, None) for name, _ in rules)  # pmap replicates everything
   task = tasks.build(config)  # checks that its data is prepared before anything is written
+  if task.batch_coupled_loss and (config.parallelism == 'pmap' or config.grad_accum_steps > 1):
+    raise ValueError(f'config.task={config.task!r} contrasts every example with the whole global batch, but '
+                     f'parallelism={config.parallelism!r} with grad_accum_steps={config.grad_accum_steps} would '
+                     'compute its loss on a slice of it: set --config.parallelism=jit --config.grad_accum_steps=1.')
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)

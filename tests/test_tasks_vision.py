@@ -1,4 +1,5 @@
-"""Vision tasks end to end: LiT restores and freezes another run's encoder; retrieval with class labels."""
+"""Vision tasks end to end: LiT restores and freezes another run's encoder; contrastive tasks refuse to split their
+batch; retrieval with class labels."""
 
 import jax
 import numpy as np
@@ -35,6 +36,17 @@ def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, t
   lit_state = _latest_state(tmp_path / 'lit')
   assert 'image_encoder' not in lit_state['params']  # not trained, not saved with the trainable state
   assert 'text_encoder' in lit_state['params']
+
+
+@pytest.mark.parametrize('path', ['configs/contrastive/simclr_fashion_mnist.py', 'configs/contrastive/clip_fashion_mnist.py'])
+@pytest.mark.parametrize('overrides', [dict(parallelism='pmap'), dict(grad_accum_steps=2)])
+def test_contrastive_tasks_refuse_to_split_the_batch_their_loss_contrasts(tfds_dir, tmp_path, path, overrides):
+  config = load(path).get_config('smoke')
+  config.data.data_dir = tfds_dir
+  config.update(overrides)
+  with pytest.raises(ValueError, match='--config.parallelism=jit --config.grad_accum_steps=1'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def _latest_state(workdir):

@@ -34,6 +34,9 @@ class Task(NamedTuple):
   # () -> params that are used but never optimized nor checkpointed with the trainable state (teachers, backbones).
   frozen: Callable[[], Any] | None = None
   flops_per_example: float = 0.0   # training model FLOPs per example, for MFU
+  # True when the loss couples the examples of a batch (contrastive negatives): the loop then refuses the pmap path
+  # and gradient accumulation, which would compute it on a device's share or a microbatch instead.
+  batch_coupled_loss: bool = False
   tokens_per_example: int = 0      # for tokens/s; 0 when examples are not token sequences
 
 

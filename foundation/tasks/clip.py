@@ -111,7 +111,7 @@ def build(config) -> Task:
                                   jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
                                   jax.ShapeDtypeStruct((1, text_len), jnp.int32),
                                   jax.ShapeDtypeStruct((1, text_len), jnp.float32))
-  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
+  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, batch_coupled_loss=True,
               frozen=frozen if lock else None, flops_per_example=3 * forward)
 
 

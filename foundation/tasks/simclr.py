@@ -53,5 +53,5 @@ def build(config) -> Task:
   one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   two_views = 2 * metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), nn.unbox(abstract_params),
                                          one_image)
-  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
+  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, batch_coupled_loss=True,
               flops_per_example=3 * two_views)  # forward + backward of both views
