@@ -49,7 +49,7 @@ def plot_fewshot(curves: dict[str, dict[int, float]], path: str, title: str) -> 
     axes.xaxis.set_minor_formatter(NullFormatter())
   axes.set_xlabel('labelled examples per class')
   axes.set_ylabel('test accuracy (%)')
-  axes.set_title(title)
+  axes.set_title(title, fontsize='medium', wrap=True)  # wrapped: a dataset's name must not push it off the figure
   axes.grid(True, alpha=0.3)
   if curves:
     axes.legend()

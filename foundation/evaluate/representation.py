@@ -53,9 +53,14 @@ def _read_evals(workdir: str) -> dict[int, dict]:
 
 
 class RepresentationEval:
-  """Call with (encode, params, step, ctx) -> {'eval/...': value}; loads the data once, on first use."""
+  """Call with (encode, params, step, ctx) -> {'eval/...': value}; loads the data once, on first use.
 
-  def __init__(self, config):
+  `start` names what the encoder is at step 0 in the results table: its random init, unless the run starts from
+  trained weights (a locked or restored encoder).
+  """
+
+  def __init__(self, config, start: str = 'random init'):
+    self._start = start
     self._data_cfg = config.data
     self._cfg = config.eval
     self._name = config.eval.name
@@ -95,7 +100,7 @@ class RepresentationEval:
   def _write_report(self, earlier: dict[int, dict], current: dict, step: int, workdir: str) -> None:
     rows = {f'{self._name} (step {step})': current}
     if 0 in earlier and step != 0:
-      rows[f'{self._name} at random init (step 0)'] = earlier[0]
+      rows[f'{self._name} at step 0 ({self._start})'] = earlier[0]
     raw = next((m for m in [current, *earlier.values()] if 'raw_pixels/linear_probe/accuracy' in m), None)
     if raw:
       rows['raw pixels'] = {k[len('raw_pixels/'):]: v for k, v in raw.items() if k.startswith('raw_pixels/')}
@@ -114,4 +119,4 @@ class RepresentationEval:
                      all_labels: m['linear_probe/accuracy']}
               for name, m in rows.items() if 'linear_probe/accuracy' in m}
     report.plot_fewshot(curves, os.path.join(workdir, 'fewshot.png'),
-                        f'{self._data_cfg.name}: probe accuracy against labels per class')
+                        f'{self._data_cfg.name}: probe accuracy vs labels per class')

@@ -74,7 +74,7 @@ def build(config) -> Task:
   apply = lambda method: jax.jit(lambda params, *args: model.apply({'params': params}, *args, method=method))
   encode_image, encode_text = apply(TwoTower.encode_image), apply(TwoTower.encode_text)
   image_features = apply(lambda m, x: m.image_encoder(augment.to_float(x)))
-  representation = RepresentationEval(config)
+  representation = RepresentationEval(config, start=f'locked, from {lock.workdir}' if lock else 'random init')
   prompts = captions.zero_shot_prompts(class_names)
   prompt_tokens, prompt_mask, _ = images.tokenize_captions(prompts, tokenizer, text_len)
   cache = {}
