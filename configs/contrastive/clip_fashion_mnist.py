@@ -23,13 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.parallelism = 'jit'
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.num_train_steps = 1500
+  c.num_train_steps = 800
   c.global_batch_size = 256
   c.grad_accum_steps = 1
   c.log_every = 50
-  c.eval_every = 1500
+  c.eval_every = 800
   c.eval_at_start = True
-  c.checkpoint_every = 500
+  c.checkpoint_every = 400
   c.max_checkpoints = 2
   c.prefetch_batches = 4
 
@@ -39,7 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text = dict(tokenizer='byte', max_len=80)
   c.model = dict(
       image_encoder='cnn',
-      image=dict(widths=(16, 32, 64), blocks_per_stage=1, norm='group'),
+      # The SimCLR default's encoder: every method's image features are probed on the same architecture, and
+      # :lit can lock a SimCLR run's tower without overrides.
+      image=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),
       # Causal, so right padding never reaches the pooled last token.
       text=dict(vocab_size=320, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=128, max_len=80),
       embed_dim=64,
@@ -68,9 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.loss = 'siglip'
     c.eval.name = 'SigLIP image tower'
   elif arg == 'lit':
+    # The SimCLR default's encoder (as above); a locked run with another one is refused with the overrides to set.
     c.lock_image_tower = dict(workdir='workdirs/simclr', params_path='params/backbone')
-    # The SimCLR default encoder; a locked run with another one is refused with the overrides to set.
-    c.model.image = dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
     c.eval.name = 'LiT (locked image tower)'
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of configs/contrastive/clip_fashion_mnist.py; '
