@@ -48,14 +48,20 @@ def restore_params(workdir: str, path: str, abstract: Any) -> Any:
   shaped like `abstract`, as host arrays. For restoring a pretrained part (a LiT image tower, a fine-tuning
   backbone); the whole state is read on the host, which is fine for the encoder sizes this is used with.
   """
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), item_names=('state', 'data'))
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                                  item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                                                 'data': ocp.JsonCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'{workdir} has no checkpoint to restore {path!r} from; train that run first.')
   metadata = manager.item_metadata(step).state
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  # Every array whole on this process's first device: the saved run's mesh is irrelevant here (and naming the
+  # target sharding keeps orbax from reading, and warning about, the saved one).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), metadata)
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
-  tree = state.state
+  manager.close()
+  tree = jax.tree.map(np.asarray, state.state)
   for key in path.split('/'):
     if key not in tree:
       raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has {sorted(tree)}.')

@@ -1,6 +1,7 @@
 """Human-readable results: a markdown table comparing encoders, and a few-shot curve as a PNG."""
 
 import math
+import textwrap
 
 
 def results_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
@@ -41,7 +42,7 @@ def plot_fewshot(curves: dict[str, dict[int, float]], path: str, title: str) -> 
   for name, curve in curves.items():
     shots = sorted(curve)
     all_shots.update(shots)
-    axes.plot(shots, [100 * curve[k] for k in shots], marker='o', label=name)
+    axes.plot(shots, [100 * curve[k] for k in shots], marker='o', label=textwrap.fill(name, 36))  # long names wrap
   axes.set_xscale('log')
   if all_shots:  # label the shot counts measured, not decades
     axes.set_xticks(sorted(all_shots))
@@ -52,6 +53,6 @@ def plot_fewshot(curves: dict[str, dict[int, float]], path: str, title: str) -> 
   axes.set_title(title, fontsize='medium', wrap=True)  # wrapped: a dataset's name must not push it off the figure
   axes.grid(True, alpha=0.3)
   if curves:
-    axes.legend()
+    axes.legend(loc='lower right', fontsize='small')  # accuracy rises with labels: lower right stays clear
   figure.tight_layout()
   figure.savefig(path, format='png')
