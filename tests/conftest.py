@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices (so every sharding path runs), a persistent compilation cache, and this
-codebase's offline datasets built once per session into a temporary TFDS data dir."""
+"""Test setup: 8 fake CPU devices (so every sharding path runs), a persistent compilation cache, this codebase's
+offline datasets built once per session into a temporary TFDS data dir, and the slowest modules scheduled first."""
 
 import os
 import subprocess
@@ -33,3 +33,14 @@ def tfds_dir(tmp_path_factory):
     subprocess.run([sys.executable, '-m', 'foundation.data.prepare', name, f'--data_dir={data_dir}'],
                    check=True, cwd=REPO, capture_output=True, timeout=300)
   return data_dir
+
+
+# launch/test.sh runs one pytest-xdist worker per core and hands each worker whole files (module fixtures such as
+# test_train's reference runs are computed once). A long file handed out last would run alone at the end, so the
+# end-to-end files go first; the rest keep their order.
+SLOW_FIRST = ('test_train.py', 'test_configs.py', 'test_tasks_vision.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: SLOW_FIRST.index(item.path.name) if item.path.name in SLOW_FIRST else len(SLOW_FIRST)
+  items.sort(key=rank)  # stable: tests keep their order within a file
