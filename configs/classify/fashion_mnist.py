@@ -1,6 +1,6 @@
 r"""Supervised baseline on Fashion-MNIST: the same encoder as the SimCLR config, trained on the labels.
 
-Default (CPU, a few minutes on 2 cores):
+Default (CPU, about 12 minutes on 2 cores, evaluations included):
   python -m foundation.main --config=configs/classify/fashion_mnist.py --workdir=workdirs/classify_fashion_mnist
 Variants: :smoke (seconds, for tests), :vit (the ViT encoder).
 """

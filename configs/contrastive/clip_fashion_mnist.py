@@ -8,8 +8,8 @@ Variants:
   :smoke   seconds, for tests
   :siglip  the pairwise sigmoid loss with a learnable bias, instead of CLIP's softmax
   :lit     locked-image tuning: the image tower is restored from another run's checkpoint and frozen; only the text
-           side trains. Name that run (its encoder must have the same config):
-           --config=configs/contrastive/clip_fashion_mnist.py:lit --config.lock_image_tower.workdir=workdirs/simclr
+           side trains. It locks the SimCLR default's run in workdirs/simclr; name another run (its encoder must
+           have the same config) with --config.lock_image_tower.workdir=DIR
 """
 
 import os
