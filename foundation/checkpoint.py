@@ -1,39 +1,115 @@
-"""Checkpoints with orbax: the train state (sharded arrays) plus the data iterator's state, saved together.
+"""Checkpoints with orbax: the train state (sharded arrays) plus a JSON record (the data iterator's state and the
+metrics of a log interval cut short by a stop), saved together.
 
 Saves are asynchronous (training goes on while the arrays are written) and atomic (orbax writes to a temporary
-directory and renames it when complete), so a kill -9 mid-save leaves the previous checkpoint as the latest one.
-Restoring takes an abstract target carrying the *current* shardings, so a run saved on one mesh resumes on another.
+directory and renames it when complete), so a kill -9 mid-save leaves the previous checkpoint as the latest one;
+the temporary directories of killed saves are removed when the next run opens the directory. Restoring takes an
+abstract target carrying the *current* shardings, so a run saved on one mesh resumes on another.
+
+Nothing is deleted that might be the last good state: checkpoints that cannot be read, or whose parameters turned
+out non-finite, are moved aside into `checkpoints_<reason>/` next to `checkpoints/`, and retention (`prune`) never
+removes the newest checkpoint that the loop has confirmed good.
 """
 
+import hashlib
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, async_save: bool = True):
+    self.directory = directory
+    # Retention is ours (prune), not orbax's: it must know which checkpoints are confirmed good.
     self._manager = ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                             create=True),
-        item_names=('state', 'data'))
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True,
+                                             cleanup_tmp_directories=True),
+        item_names=('state', 'record'))
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict) -> None:
+  def save(self, step: int, state: Any, record: dict) -> bool:
+    """Saves asynchronously, unless a float in `state` is not finite: then nothing is written and False returned."""
+    sums, finite = jax.device_get(_inspect(state))
+    if not finite:
+      return False
+    record = {**record, 'checksums': [int(c) for c in sums]}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(data_state)))
+                                                     record=ocp.args.JsonSave(record)))
+    return True
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """abstract_state: ShapeDtypeStructs with the target shardings (jax.eval_shape + shardings)."""
+    """abstract_state: ShapeDtypeStructs with the target shardings (jax.eval_shape + shardings). Orbax reads
+    damaged array bytes without complaint, so the state's checksums are compared with those saved beside it."""
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                   data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+                                                                   record=ocp.args.JsonRestore()))
+    saved = restored.record.get('checksums')
+    found = [int(c) for c in jax.device_get(checksums(restored.state))]
+    if saved != found:
+      bad = [i for i, (a, b) in enumerate(zip(saved or [], found)) if a != b]
+      raise ValueError(f'its arrays do not match the checksums saved with them (leaves {bad[:5]} differ)')
+    return restored.state, restored.record
+
+  def restore_newest_readable(self, abstract_state: Any, *, step: int = 0,
+                              warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+    """The newest checkpoint that restores (or exactly `step` if nonzero), as (step, state, record); None if there
+    is none. An unreadable one is moved to checkpoints_unreadable/ with a warning naming it and the fallback, so the
+    resumed run can write that step again; if none can be read the first error is raised, unchanged."""
+    steps = self.steps()
+    if step:
+      if step not in steps:
+        raise ValueError(f'config.restore_step={step}: there is no checkpoint of that step in {self.directory} '
+                         f'(it has {steps or "none"}).')
+      return (step, *self.restore(step, abstract_state))
+    errors = []
+    for candidate in reversed(steps):
+      try:
+        return (candidate, *self.restore(candidate, abstract_state))
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+        older = [s for s in steps if s < candidate]
+        warn(f'WARNING: the checkpoint of step {candidate} in {self.directory} cannot be read '
+             f'({type(e).__name__}: {_first_words(e)}); moved to '
+             f'{self.quarantine([candidate], "unreadable")}; '
+             + (f'trying step {older[-1]}.' if older else 'no older checkpoint is left.'))
+    if errors:
+      raise errors[0]
+    return None
+
+  def quarantine(self, steps: list[int], reason: str) -> str:
+    """Moves the checkpoints of `steps` into checkpoints_<reason>/ beside this directory; returns that directory."""
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      target = self.directory.rstrip('/') + f'_{reason}'
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        destination = os.path.join(target, str(step))
+        if os.path.exists(destination):  # an earlier quarantine of the same step: keep both
+          destination += f'.{len(os.listdir(target))}'
+        shutil.move(os.path.join(self.directory, str(step)), destination)
+    if jax.process_count() > 1:  # the others must not list the directory before process 0 has moved them
+      multihost_utils.sync_global_devices(f'quarantine {steps}')
+    self._manager.reload()
+    return self.directory.rstrip('/') + f'_{reason}'
+
+  def prune(self, keep: int, protect: int | None) -> None:
+    """Deletes all but the newest `keep` finished checkpoints, and never `protect` (the newest confirmed good)."""
+    steps = self.steps()
+    for step in steps[:max(len(steps) - keep, 0)]:
+      if step != protect:
+        self._manager.delete(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -43,35 +119,134 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params(workdir: str, path: str, abstract: Any) -> Any:
-  """The subtree `path` ('/'-separated, e.g. 'params/backbone') of the latest checkpoint in another run's workdir,
-  shaped like `abstract`, as host arrays. For restoring a pretrained part (a LiT image tower, a fine-tuning
-  backbone); the whole state is read on the host, which is fine for the encoder sizes this is used with.
+def _first_words(error: Exception, limit: int = 160) -> str:
+  text = ' '.join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+@jax.jit
+def checksums(tree: Any) -> list[jax.Array]:
+  """One uint32 per leaf: the leaf's bits, weighted by position, summed with wrap-around. Integer sums do not depend
+  on the order of reduction, so the value is the same on any mesh; computed on the devices, sharded as the leaf."""
+  def one(x):
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32)
+    else:
+      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+      bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
+    for axis in range(1, x.ndim):
+      position = position * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    return jnp.sum(bits * (position * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+  return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def all_finite(tree: Any) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+@jax.jit
+def _inspect(tree: Any) -> tuple[list[jax.Array], jax.Array]:
+  """Checksums and finiteness in one pass over the state (one compiled program per state structure)."""
+  return checksums(tree), all_finite(tree)
+
+
+def content_hash(tree: Any) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes: names which exact weights a run was built from."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def restore_params(workdir: str, path: str, abstract: Any, step: int | None = None) -> tuple[Any, int]:
+  """The subtree `path` ('/'-separated, e.g. 'params/backbone') of another run's checkpoint `step` (default: its
+  newest), shaped like `abstract`, as host arrays; returns (tree, step). For restoring a pretrained part (a LiT image
+  tower, a teacher, a fine-tuning backbone); the whole state is read on the host, which is fine at these sizes.
   """
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir} has no checkpoints/ to restore {path!r} from; train that run first.')
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                                                 'data': ocp.JsonCheckpointHandler()})
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{workdir} has no checkpoint to restore {path!r} from; train that run first.')
-  metadata = manager.item_metadata(step).state
-  # Every array whole on this process's first device: the saved run's mesh is irrelevant here (and naming the
-  # target sharding keeps orbax from reading, and warning about, the saved one).
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), metadata)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
-  manager.close()
+                                                 'record': ocp.JsonCheckpointHandler()})
+  try:
+    steps = manager.all_steps()
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'{workdir} has no checkpoint to restore {path!r} from; train that run first.')
+    elif step not in steps:
+      raise FileNotFoundError(f'{workdir} no longer has the checkpoint of step {step} (it has {sorted(steps)}).')
+    metadata = manager.item_metadata(step).state
+    # Every array whole on this process's first device: the saved run's mesh is irrelevant here (and naming the
+    # target sharding keeps orbax from reading, and warning about, the saved one).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), metadata)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+  finally:
+    manager.close()
   tree = jax.tree.map(np.asarray, state.state)
   for key in path.split('/'):
-    if key not in tree:
-      raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has {sorted(tree)}.')
+    if not isinstance(tree, dict) or key not in tree:
+      raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has '
+                       f'{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}.')
     tree = tree[key]
   want = jax.tree.structure(abstract)
   if jax.tree.structure(tree) != want or any(
       np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract))):
     raise ValueError(f'{path!r} in {workdir} does not match this model: restore a checkpoint of the same encoder.')
-  return tree
+  return tree, step
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Sources:
+  """The params a run reads from other runs (a LiT tower, teachers, a pretrained backbone), pinned.
+
+  The first start of a run reads each source's newest checkpoint and records its workdir, step and content hash
+  (`recorded`, which the loop writes into config.json). A resumed run gets those records back as `pinned` and reads
+  exactly that step; if the source's bytes changed, or that step is gone, it is an error rather than a silently
+  different model. With `dry=True` nothing is read: `load` returns the abstract shapes (for checking configs).
+  """
+
+  def __init__(self, pinned: dict | None = None, *, dry: bool = False):
+    self.pinned = dict(pinned or {})
+    self.recorded: dict[str, dict] = {}
+    self._dry = dry
+
+  def load(self, name: str, workdir: str, path: str, abstract: Any) -> Any:
+    if self._dry:
+      return abstract
+    pin = self.pinned.get(name)
+    tree, step = restore_params(workdir, path, abstract, step=pin['step'] if pin else None)
+    digest = content_hash(tree)
+    if pin and digest != pin['hash']:
+      raise ValueError(f'{name}: the checkpoint of step {step} in {workdir} is not the one this run was built from '
+                       f'(content hash {digest}, recorded {pin["hash"]}); it was overwritten. Restore that run, or '
+                       'start this one in a new --workdir.')
+    self.recorded[name] = dict(workdir=os.path.abspath(workdir), path=path, step=int(step), hash=digest)
+    return tree
+
+  def load_file(self, name: str, path: str, read: Callable[[str], Any]) -> Any:
+    """`read(path)` of a file source (an imported model such as a GGUF), pinned by the file's sha256."""
+    digest = file_hash(path)
+    pin = self.pinned.get(name)
+    if pin and digest != pin['hash']:
+      raise ValueError(f'{name}: {path} is not the file this run was built from (sha256 {digest}, recorded '
+                       f'{pin["hash"]}). Put that file back, or start this run in a new --workdir.')
+    self.recorded[name] = dict(file=os.path.abspath(path), hash=digest)
+    return read(path)
+
+
+def file_hash(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 24), b''):
+      digest.update(chunk)
+  return digest.hexdigest()[:16]

@@ -6,7 +6,8 @@ new pages and pays a page fault for each 4 KiB it writes: 1.6 M faults in a 40-s
 2-core machine, a third of its step time. So: no mmap for blocks, no trimming of the heap's free top, and one arena
 (a thread's own arena is capped at 64 MiB, and larger blocks fall back to mmap again). Later steps then reuse warm
 pages: 12x fewer faults, steps 1.3-1.6x faster on CPU (benchmarks/README.md). On GPU or TPU hosts the host
-allocator is off the hot path and this changes nothing that matters.
+allocator is off the hot path, and keeping freed memory would only hold host RAM that the input pipeline needs, so
+it is applied only where JAX will compute on the CPU.
 
 The cost: memory freed by the process is kept for its reuse instead of going back to the OS (as with jemalloc or
 tcmalloc). Set FOUNDATION_DEFAULT_MALLOC=1 to leave glibc's defaults alone.
@@ -14,6 +15,7 @@ tcmalloc). Set FOUNDATION_DEFAULT_MALLOC=1 to leave glibc's defaults alone.
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 
@@ -22,9 +24,22 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
+def computes_on_cpu() -> bool:
+  """Whether JAX will run on the CPU, decided before jax is imported (importing it would start its allocators):
+  JAX_PLATFORMS says so, or no accelerator (TPU or NVIDIA device node, or JAX's TPU/CUDA plugin) is present."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  accelerator_nodes = ('/dev/accel0', '/dev/vfio/0', '/dev/nvidia0', '/dev/nvidiactl')
+  if any(os.path.exists(node) for node in accelerator_nodes):
+    return False
+  return not any(importlib.util.find_spec(name) for name in ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin'))
+
+
 def keep_freed_memory() -> bool:
-  """Makes glibc malloc reuse freed memory rather than unmap it; True if applied (glibc only, else a no-op)."""
-  if os.environ.get('FOUNDATION_DEFAULT_MALLOC') == '1' or platform.libc_ver()[0] != 'glibc':
+  """Makes glibc malloc reuse freed memory rather than unmap it; True if applied (glibc and CPU only, else a no-op)."""
+  if (os.environ.get('FOUNDATION_DEFAULT_MALLOC') == '1' or platform.libc_ver()[0] != 'glibc'
+      or not computes_on_cpu()):
     return False
   libc = ctypes.CDLL(ctypes.util.find_library('c'))
   # mallopt returns 1 on success. The trim threshold is an int: 1 GiB of free heap top is kept at most.

@@ -103,24 +103,54 @@ def forward_flops(fn, *args) -> float:
   return float(cost.get('flops', 0.0))
 
 
-class MetricWriter:
-  """metrics.jsonl and TensorBoard events in the workdir (process 0 only)."""
+def write_atomically(path: str, text: str) -> None:
+  """Writes a whole file so that a reader (or a crash) sees the old content or the new, never a part."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
-  def __init__(self, workdir: str, *, enabled: bool, resume_step: int | None):
+
+def read_metrics(path: str, *, warn=print) -> list[dict]:
+  """The records of a metrics.jsonl. A last line cut short by a crash mid-write is dropped with a warning; a bad
+  line anywhere else means the file was damaged otherwise, and is an error naming the line."""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise ValueError(f'{path} line {number} is not JSON ({line[:60]!r}); repair or remove that line.') from None
+      warn(f'WARNING: dropped the last line of {path}, cut short by an interrupted write: {line[:60]!r}')
+  return records
+
+
+class MetricWriter:
+  """metrics.jsonl and TensorBoard events in the workdir (process 0 only).
+
+  On resume, the records past the restored step are dropped (the resumed run recomputes exactly those steps): the
+  kept ones are rewritten atomically, and the TensorBoard events of those steps are purged, so no step repeats.
+  Each record is then appended as one whole line.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool, resume_step: int | None, warn=print):
     self._enabled = enabled
     self._path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if not enabled:
       return
     if resume_step is not None and os.path.exists(self._path):
-      with open(self._path) as f:
-        kept = [line for line in f if json.loads(line)['step'] <= resume_step]
-      with open(self._path, 'w') as f:
-        f.writelines(kept)
+      kept = [r for r in read_metrics(self._path, warn=warn) if r['step'] <= resume_step]
+      write_atomically(self._path, ''.join(json.dumps(r) + '\n' for r in kept))
     elif os.path.exists(self._path):
       os.remove(self._path)  # no checkpoint: the run starts over, and so do its metrics
     from tensorboardX import SummaryWriter  # imported late: only the writing process needs it
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                             purge_step=resume_step + 1 if resume_step is not None else None)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self._enabled:

@@ -81,10 +81,10 @@ def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = N
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: with Explicit axes (jax.make_mesh's default) a tensor-parallel matmul is a type error.
-  try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # unusual topologies (fake CPU devices, AOT descriptions): plain order is fine there
+  if devices[0].platform == 'cpu':  # no interconnect topology to follow: plain order
     device_array = np.asarray(devices).reshape(shape)
+  else:  # TPU/GPU: an order that follows the physical links; its errors (a shape the topology can't take) surface
+    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -116,6 +116,24 @@ def param_shardings(abstract_params: Any, mesh: Mesh, rules: tuple) -> Any:
     return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
 
   return jax.tree.map_with_path(one, logical_specs, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def warn_replicated(params: Any, mesh: Mesh, top: int = 5) -> list[str]:
+  """On a mesh that shards parameters (fsdp or tensor > 1), warns once, listing the largest parameters that the rules
+  leave whole on every device (e.g. convolution kernels, which map to no mesh axis); returns those lines."""
+  if mesh.shape['fsdp'] * mesh.shape['tensor'] == 1:
+    return []
+  whole = [(x.size, jax.tree_util.keystr(path), x.shape) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+           if x.size > 1 and all(s is None for s in x.sharding.spec)]
+  lines = [f'{name} {shape}' for _, name, shape in sorted(whole, reverse=True)[:top]]
+  if whole:
+    total = sum(n for n, _, _ in whole)
+    all_params = sum(x.size for x in jax.tree.leaves(params))
+    logging.warning('The sharding rules leave %d parameters (%.0f%% of all) replicated on every device of the '
+                    'fsdp=%d x tensor=%d mesh; the largest: %s. Map their logical axes in config.sharding_rules to '
+                    'shard them.', total, 100 * total / all_params, mesh.shape['fsdp'], mesh.shape['tensor'],
+                    ', '.join(lines))
+  return lines
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

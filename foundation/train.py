@@ -1,16 +1,28 @@
 """The one training loop, shared by every method. It knows nothing about any method: a Task supplies the parts.
 
-Read top to bottom: check the config against the machine -> mesh -> task -> workdir -> sharded state (restored if
-the workdir has a checkpoint) -> compiled step -> loop (log, evaluate, checkpoint) -> final evaluation.
+Read top to bottom: `prepare` checks everything that depends on the config (mesh, task, data, model shapes, the
+optimizer, the step's shapes, the workdir's earlier config) and writes nothing; then the workdir -> sharded state
+(restored if the workdir has a checkpoint) -> compiled step -> loop (log, check for non-finite numbers, evaluate,
+checkpoint, stop on SIGTERM) -> final evaluation.
 
-Exact resume: the step's randomness is `fold_in(seed, step)` and the data iterator's state is saved with the
-params, so a run restarted from a checkpoint computes the same numbers as one that never stopped.
+Exact resume: the step's randomness is `fold_in(seed, step)`, and the data iterator's state (and the metrics of a
+log interval cut short by a stop) are saved with the params, so a run restarted from a checkpoint computes and logs
+the same numbers as one that never stopped.
+
+A checkpoint of step s holds the params after update s, whose own loss is only computed at step s + 1: the loop
+counts a checkpoint as good once that loss was seen finite, never prunes the newest good one, and when it meets a
+non-finite loss it moves the checkpoints it can no longer vouch for aside before stopping.
 """
 
 import contextlib
+import dataclasses
+import datetime
 import json
 import math
 import os
+import signal
+import subprocess
+import threading
 import time
 from typing import Any
 
@@ -20,14 +32,34 @@ import jax.numpy as jnp
 import grain
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from foundation import checkpoint, metrics, optim, sharding, tasks
+
+# Bumped whenever the structure of the saved state changes; a workdir of another format is refused with a message
+# instead of an orbax tree-structure error.
+CHECKPOINT_FORMAT = 2
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, found before anything is written. `foundation.main` prints it as one line."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss, gradient norm or parameter stopped the run."""
 
 
 def validate(config, num_devices: int) -> None:
   """Every check that needs no data and no compilation, so a bad config fails before anything is written."""
   if config.parallelism not in ('jit', 'pmap'):
     raise ValueError(f'config.parallelism={config.parallelism!r}; choose jit or pmap.')
+  for name in ('log_every', 'eval_every', 'checkpoint_every', 'grad_accum_steps', 'global_batch_size',
+               'max_checkpoints'):
+    if not isinstance(config[name], int) or config[name] < 1:
+      raise ValueError(f'config.{name}={config[name]!r} must be a whole number of at least 1.')
+  for name in ('restore_step', 'prefetch_batches', 'num_train_steps'):  # 0 steps: evaluate only
+    if not isinstance(config[name], int) or config[name] < 0:
+      raise ValueError(f'config.{name}={config[name]!r} must be a whole number of at least 0.')
   data, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
   if config.parallelism == 'pmap' and (fsdp, tensor) != (1, 1):
     raise ValueError('config.parallelism=pmap is data-parallel only: set --config.mesh.fsdp=1 --config.mesh.tensor=1 '
@@ -43,16 +75,26 @@ def validate(config, num_devices: int) -> None:
   if per_replica % config.grad_accum_steps:
     raise ValueError(f'config.grad_accum_steps={config.grad_accum_steps} does not divide the {int(per_replica)} '
                      'examples each data-parallel replica gets per step.')
-  for name in ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum_steps'):
-    if config[name] < 1:
-      raise ValueError(f'config.{name}={config[name]} must be at least 1.')
   if config.checkpoint_every % config.log_every:
     raise ValueError(f'config.checkpoint_every={config.checkpoint_every} must be a multiple of config.log_every='
                      f'{config.log_every}, so a resumed run logs the same averages as an uninterrupted one.')
+  eval_batch = config.get('eval', {}).get('batch_size')
+  if eval_batch is not None and (not isinstance(eval_batch, int) or eval_batch < 1 or eval_batch % replicas):
+    raise ValueError(f'config.eval.batch_size={eval_batch!r} must be a positive multiple of the data-parallel size '
+                     f'{replicas}: evaluation batches are split over it too.')
+  skip = config.optim.get('skip_nonfinite', 0)
+  if not isinstance(skip, int) or skip < 0:
+    raise ValueError(f'config.optim.skip_nonfinite={skip!r} must be a whole number of at least 0.')
+  lr = config.optim.get('lr')
+  if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    raise ValueError(f'config.optim.lr={lr!r} must be a finite number of at least 0.')
 
 
-# How a run executes, not what it computes: a resumed run may change these (e.g. move to another mesh).
-RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches')
+# How a run executes, or where it reads from, not what it computes: a resumed run may change these (move to another
+# mesh, machine or account). Dotted names are fields inside a section.
+RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir')
+# Written into config.json beside the config, never compared as config fields.
+RECORD_FIELDS = ('frozen_sources', 'foundation_version')
 
 # The loop dispatches steps ahead of the device and fetches their metrics once per log interval; it waits for a
 # step once this many newer ones are queued behind it. Enough to hide dispatch on any accelerator, and a bound is
@@ -61,22 +103,162 @@ RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches')
 MAX_STEPS_IN_FLIGHT = 4
 
 
-def _write_config(config, workdir: str) -> None:
-  """Writes config.json; a workdir holding a different run's config is refused rather than overwritten."""
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _is_within(name: str, fields) -> bool:
+  return any(name == f or name.startswith(f + '.') for f in fields)
+
+
+def _code_version() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=os.path.dirname(__file__), text=True,
+                          capture_output=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What `prepare` found: everything the loop needs before it writes its first file."""
+  task: tasks.Task
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: Any
+  shardings: Any
+  frozen: Any
+  record: dict            # the config.json to write: the resolved config plus RECORD_FIELDS
+  changes: dict           # field -> [old, new] accepted through allow_config_change
+  resume: bool            # the workdir holds this run already
+
+
+def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False) -> Prepared:
+  """Every check that can fail because of the config, data or workdir, before anything is written.
+
+  Raises ConfigError with one line that says what to change. In a multi-process run every process prepares and
+  they agree: if one refuses, all do. `dry=True` reads no other run's checkpoint (frozen sources stay abstract),
+  for checking configs whose sources do not exist here.
+  """
+  error = None
+  try:
+    prepared = _prepare(config, workdir, tuple(allow_config_change), dry)
+  except ConfigError as e:
+    error = e
+  except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, NotADirectoryError) as e:
+    error = ConfigError(str(e).strip().replace('\n', ' '))
+    error.__cause__ = e
+  if jax.process_count() > 1:
+    refused = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and refused.any():
+      error = ConfigError(f'process(es) {np.flatnonzero(refused).tolist()} refused this run; their output says why.')
+  if error is not None:
+    raise error
+  return prepared
+
+
+def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Prepared:
+  if '://' in workdir:
+    raise ConfigError(f'--workdir={workdir}: the workdir must be a filesystem path (metrics.jsonl is appended to). '
+                      'On a TPU pod slice, mount a bucket on every worker (gcsfuse) and pass the mount point; '
+                      'data_dir may be a gs:// path.')
+  validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.get('sharding_rules'))
+  if config.parallelism == 'pmap':
+    rules = tuple((name, None) for name, _ in rules)  # pmap replicates everything
+  task = tasks.build(config)  # checks that its data is prepared
+  if task.batch_coupled_loss and (config.parallelism == 'pmap' or config.grad_accum_steps > 1):
+    raise ConfigError(f'config.task={config.task!r} contrasts every example with the whole global batch, but '
+                      f'parallelism={config.parallelism!r} with grad_accum_steps={config.grad_accum_steps} would '
+                      'compute its loss on a slice of it: set --config.parallelism=jit --config.grad_accum_steps=1.')
+
+  previous = None
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      previous = json.load(f)
+    version = previous.get('foundation_version', {})
+    if version.get('checkpoint_format') != CHECKPOINT_FORMAT:
+      raise ConfigError(f'{workdir} was written by foundation {version.get("commit", "(an older version)")} with '
+                        f'checkpoint format {version.get("checkpoint_format", 1)}; this code ({_code_version()}) '
+                        f'reads format {CHECKPOINT_FORMAT}. Resume it with that version, or pick a new --workdir.')
+
+  # Model shapes, the optimizer (names, regexes), the frozen sources and the step's shapes: all traced abstractly.
+  abstract_params = jax.eval_shape(task.init, jax.random.key(config.seed))
+  tx, schedule = optim.make_optimizer(config.optim, nn.unbox(abstract_params), config.num_train_steps)
+  shardings = _state_shardings(abstract_params, tx, mesh, rules)
+  abstract_state = jax.eval_shape(lambda rng: _init_state(task, tx, rng), jax.random.key(0))
+  _check_memory(abstract_state, shardings)
+  sources = checkpoint.Sources(previous.get('frozen_sources') if previous else None, dry=dry)
+  frozen = task.frozen(sources) if task.frozen else {}
+  try:
+    batch = task.train_batches(jax.process_index(), jax.process_count())[0]  # checks shards against the batch
+  except MemoryError as e:
+    raise ConfigError(f'one batch of config.global_batch_size={config.global_batch_size} does not fit in host '
+                      f'memory ({e}); lower it.') from e
+  global_batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]), x.dtype), batch)
+  step_fn = make_train_step(task, tx, schedule, config, axis_name=None)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jax.eval_shape(step_fn, abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
+                   global_batch)
+
+  resolved = json.loads(config.to_json_best_effort())
+  changes = {}
+  if previous is not None:
+    old, new = _flatten({k: v for k, v in previous.items() if k not in RECORD_FIELDS}), _flatten(resolved)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not _is_within(k, RUNTIME_FIELDS))
+    refused = [k for k in changed if not _is_within(k, allow_config_change)]
+    if refused:
+      shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in refused[:6])
+      raise ConfigError(f'{workdir} holds a run with a different config ({shown}). Rerun with the same config to '
+                        f'resume it, pick a new --workdir, or accept the change with '
+                        f'--allow_config_change={",".join(sorted({k.split(".")[0] for k in refused}))}.')
+    changes = {k: [old.get(k), new.get(k)] for k in changed}
+  record = {**resolved, 'frozen_sources': sources.recorded,
+            'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
+  return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
+                  record=record, changes=changes, resume=previous is not None)
+
+
+def _check_memory(abstract_state, shardings) -> None:
+  """Refuses a train state that cannot fit: per device, the parameters and optimizer state alone (activations
+  come on top) against the device's memory, or on CPU against the machine's RAM shared by its devices."""
+  per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)))
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    limit, where = stats['bytes_limit'], f'{device.device_kind} memory'
+  else:
+    limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / jax.local_device_count()
+    where = f'this machine\'s RAM shared by {jax.local_device_count()} CPU devices'
+  if per_device > limit:
+    raise ConfigError(f'the parameters and optimizer state need {per_device / 2**30:.1f} GiB per device, more than '
+                      f'the {limit / 2**30:.1f} GiB of {where}; shrink the model, or shard it with '
+                      '--config.mesh.fsdp (or tensor) over more devices.')
+
+
+def _write_config(prepared: Prepared, workdir: str, resume_step: int | None) -> None:
+  """config.json (atomically); an accepted change of config is appended to config_history.jsonl."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'config.json')
-  resolved = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    changed = sorted(k for k in set(previous) | set(resolved)
-                     if previous.get(k) != resolved.get(k) and k not in RUNTIME_FIELDS)
-    if changed:
-      raise ValueError(f'{workdir} holds a run with a different config (differs in: {", ".join(changed)}). '
-                       'Rerun with the same config to resume it, or pick a new --workdir.')
-  with open(path, 'w') as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
+  if prepared.changes:
+    entry = {'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+             'resumed_from_step': resume_step, 'changes': prepared.changes}
+    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
+      f.write(json.dumps(entry) + '\n')
+  metrics.write_atomically(os.path.join(workdir, 'config.json'),
+                           json.dumps(prepared.record, indent=2, sort_keys=True) + '\n')
 
 
 def _split_microbatches(batch: Any, n: int) -> Any:
@@ -84,33 +266,64 @@ def _split_microbatches(batch: Any, n: int) -> Any:
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
+def _init_state(task, tx, rng):
+  params = nn.unbox(task.init(rng))
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+          'skipped_updates': jnp.zeros((), jnp.int32)}
+
+
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule, config, axis_name: str | None):
-  """(state, frozen, batch) -> (state, metrics). `axis_name` is set on the pmap path, where devices average."""
+  """(state, frozen, batch) -> (state, metrics). `axis_name` is set on the pmap path, where devices average.
+
+  Devices (pmap) and microbatches (accumulation) each compute a mean over their share; the shares are combined
+  weighted by the task's aux['weight'] (tokens, for padded text), so every path computes the global batch's mean.
+  """
   base_rng = jax.random.key(config.seed)
+  skip_budget = config.optim.get('skip_nonfinite', 0)
+
+  def weighted(params, frozen, batch, rng):
+    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, frozen, batch, rng)
+    aux = dict(aux)
+    weight = jax.lax.stop_gradient(jnp.asarray(aux.pop('weight', 1.0), jnp.float32))
+    return jax.tree.map(lambda x: x * weight, (loss, aux, grads)), weight
 
   def step(state, frozen, batch):
     rng = jax.random.fold_in(base_rng, state['step'])
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-    if config.grad_accum_steps == 1:
-      (loss, aux), grads = grad_fn(state['params'], frozen, batch, rng)
+    if config.grad_accum_steps == 1 and not axis_name:
+      (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state['params'], frozen, batch, rng)
+      aux = {k: v for k, v in aux.items() if k != 'weight'}
     else:
-      def accumulate(carry, micro):
-        i, micro_batch = micro
-        (loss, aux), grads = grad_fn(state['params'], frozen, micro_batch, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
-      micro = _split_microbatches(batch, config.grad_accum_steps)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          grad_fn, state['params'], frozen, jax.tree.map(lambda x: x[0], micro), rng))
-      (loss, aux, grads), _ = jax.lax.scan(accumulate, ((zeros[0][0]), zeros[0][1], zeros[1]),
-                                           (jnp.arange(config.grad_accum_steps), micro))
-      loss, aux, grads = jax.tree.map(lambda x: x / config.grad_accum_steps, (loss, aux, grads))
-    if axis_name:
-      loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
+      if config.grad_accum_steps == 1:
+        sums, weight = weighted(state['params'], frozen, batch, rng)
+      else:
+        micro = _split_microbatches(batch, config.grad_accum_steps)
+
+        def accumulate(carry, micro_batch):
+          # The same rng for every microbatch: examples key their randomness by their global position.
+          return jax.tree.map(jnp.add, carry, weighted(state['params'], frozen, micro_batch, rng)), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+            weighted, state['params'], frozen, jax.tree.map(lambda x: x[0], micro), rng))
+        (sums, weight), _ = jax.lax.scan(accumulate, zeros, micro)
+      if axis_name:
+        sums, weight = jax.lax.psum((sums, weight), axis_name)
+      loss, aux, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1e-12), sums)
+    grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    out = {'train/loss': loss, 'train/grad_norm': optim.global_norm(grads), 'train/lr': schedule(state['step']),
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skipped = state['skipped_updates']
+    if skip_budget:  # a non-finite update leaves params and optimizer state as they were, while budget remains
+      skip = ~finite & (skipped < skip_budget)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(skip, old, new), (params, opt_state),
+                                       (state['params'], state['opt_state']))
+      skipped = skipped + skip.astype(jnp.int32)
+    out = {'update_skipped': skip} if skip_budget else {}
+    out |= {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(state['step']),
            **{f'train/{k}': v for k, v in aux.items()}}
-    return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, out
+    if skip_budget:
+      out['train/skipped_updates'] = skipped
+    return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'skipped_updates': skipped}, out
 
   return step
 
@@ -120,7 +333,8 @@ def _state_shardings(abstract_params, tx, mesh: jax.sharding.Mesh, rules) -> Any
   unboxed = nn.unbox(abstract_params)
   opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, unboxed), params,
                               transform_non_params=lambda _: sharding.replicated(mesh))
-  return {'step': sharding.replicated(mesh), 'params': params, 'opt_state': opt}
+  return {'step': sharding.replicated(mesh), 'params': params, 'opt_state': opt,
+          'skipped_updates': sharding.replicated(mesh)}
 
 
 class _Jit:
@@ -174,103 +388,167 @@ class _Pmap:
     return contextlib.nullcontext()  # pmap fails inside jax.set_mesh, and it replicates everything anyway
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
-  if '://' in workdir:
-    raise ValueError(f'--workdir={workdir}: the workdir must be a filesystem path (metrics.jsonl is appended to). On '
-                     'a TPU pod slice, mount a bucket on every worker (gcsfuse) and pass the mount point; '
-                     'data_dir may be a gs:// path.')
-  validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.get('sharding_rules'))
-  if config.parallelism == 'pmap':
-    rules = tuple((name, None) for name, _ in rules)  # pmap replicates everything
-  task = tasks.build(config)  # checks that its data is prepared before anything is written
-  if task.batch_coupled_loss and (config.parallelism == 'pmap' or config.grad_accum_steps > 1):
-    raise ValueError(f'config.task={config.task!r} contrasts every example with the whole global batch, but '
-                     f'parallelism={config.parallelism!r} with grad_accum_steps={config.grad_accum_steps} would '
-                     'compute its loss on a slice of it: set --config.parallelism=jit --config.grad_accum_steps=1.')
+class _StopRequest:
+  """SIGTERM (preemption) or SIGINT (Ctrl-C) asks the loop to stop after the current step and save it.
+
+  One process: a signal handler sets a flag (a second Ctrl-C interrupts at once). Several processes: JAX's
+  preemption service (SIGTERM on any host) makes every process agree on the step to stop at, so they all save the
+  same one; there the handlers are left to JAX.
+  """
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+
+  def __call__(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = 'a preemption notice'
+        return True
+      return False
+    return self.signal_name is not None
+
+  def close(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+_params_finite = jax.jit(checkpoint.all_finite)
+
+
+def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
+
+  allow_config_change: top-level (or dotted) config fields a resumed run may change, e.g. ('optim',) to continue
+  with a lower learning rate after a non-finite loss; the change is recorded in config_history.jsonl.
+  """
+  prepared = prepare(config, workdir, allow_config_change)
+  task, mesh, shardings, tx = prepared.task, prepared.mesh, prepared.shardings, prepared.tx
   is_writer = jax.process_index() == 0
+  say = print if is_writer else (lambda *_: None)
+
+  # From here on, files are written.
   os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-
-  # State, created directly sharded: no device ever holds a full copy of sharded params.
-  abstract_params = jax.eval_shape(task.init, jax.random.key(config.seed))
-  tx, schedule = optim.make_optimizer(config.optim, nn.unbox(abstract_params), config.num_train_steps)
-  shardings = _state_shardings(abstract_params, tx, mesh, rules)
-
-  def init_state(rng):
-    params = nn.unbox(task.init(rng))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-
-  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                 max_to_keep=config.max_checkpoints)
-  start = ckpt.latest_step()
+  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'))
   data_iter = iter(task.train_batches(jax.process_index(), jax.process_count()).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch_batches)))
-  if start is None:
+  init_state = lambda rng: _init_state(task, tx, rng)
+  abstract_state = checkpoint.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
+  restored = ckpt.restore_newest_readable(abstract_state, step=config.restore_step, warn=say)
+  interval = []  # metrics of the steps since the last log line (restored when a stop cut an interval short)
+  if restored is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
     start = 0
   else:
-    abstract_state = checkpoint.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
-    state, data_state = ckpt.restore(start, abstract_state)
-    data_iter.set_state(data_state)
-  # Frozen params (teachers, locked towers) are placed once, replicated; they are never optimized nor saved.
-  frozen = jax.device_put(task.frozen(), sharding.replicated(mesh)) if task.frozen else {}
+    start, state, record = restored
+    data_iter.set_state(record['data'])
+    interval = [(s, m, True) for s, m in record.get('interval', [])]
+    later = [s for s in ckpt.steps() if s > start]
+    if later:  # an explicit restore_step: the checkpoints after it are kept aside, not overwritten
+      say(f'Checkpoints {later} are newer than restore_step={start}; moved to {ckpt.quarantine(later, "superseded")}.')
+  _write_config(prepared, workdir, start if restored else None)
+  frozen = jax.device_put(prepared.frozen, sharding.replicated(mesh)) if prepared.frozen else {}
+  if is_writer:
+    sharding.warn_replicated(state['params'], mesh)
 
-  writer = metrics.MetricWriter(workdir, enabled=is_writer, resume_step=start if start else None)
+  writer = metrics.MetricWriter(workdir, enabled=is_writer, resume_step=start if start else None, warn=say)
   progress = metrics.Progress(config.num_train_steps, enabled=is_writer)
   if start:
     progress.message(f'Resuming from the checkpoint at step {start} in {workdir}.')
   peak = metrics.peak_flops(jax.devices())
 
   if config.parallelism == 'pmap':
-    runner = _Pmap(make_train_step(task, tx, schedule, config, axis_name='batch'), mesh)
+    runner = _Pmap(make_train_step(task, tx, prepared.schedule, config, axis_name='batch'), mesh)
   else:
-    runner = _Jit(make_train_step(task, tx, schedule, config, axis_name=None), mesh, rules, shardings)
+    runner = _Jit(make_train_step(task, tx, prepared.schedule, config, axis_name=None), mesh, prepared.rules,
+                  shardings)
   state = runner.to_devices(state)
   eval_ctx = tasks.EvalContext(mesh=mesh, workdir=workdir, is_writer=is_writer)
+  # Bookkeeping for non-finite numbers: every step up to `checked` had its metrics fetched; `good` is the newest
+  # checkpoint whose own loss (logged one step later) was finite, the one retention must never delete.
+  checked, good, nonfinite_steps = start, None, set()
+
+  def stop_nonfinite(what: str, step: int, first_bad_params: int):
+    """Moves aside every checkpoint whose params are not known good, then stops with a way forward."""
+    ckpt.wait()
+    suspect = [s for s in ckpt.steps() if s >= first_bad_params or s + 1 in nonfinite_steps]
+    moved = ckpt.quarantine(suspect, 'nonfinite') if suspect else None
+    kept = ckpt.latest_step()
+    lower = config.optim.lr / 10
+    raise NonFiniteError(
+        f'{what} at step {step}; stopped without saving it. '
+        + (f'Checkpoints {suspect} hold params that produced it and were moved to {moved}. ' if suspect else '')
+        + (f'The newest good checkpoint is step {kept} (its loss at step {kept + 1} was finite). ' if kept
+           else 'No good checkpoint is left: the rerun starts from step 0. ')
+        + f'To continue with a lower learning rate: rerun with --allow_config_change=optim '
+          f'--config.optim.lr={lower:g} (or skip rare bad batches with --config.optim.skip_nonfinite=N).')
+
+  def check(pending: list[tuple[int, Any, bool]]) -> list[dict]:
+    """Fetches the pending steps' metrics; stops at a non-finite step unless the step skipped its update."""
+    nonlocal checked, good
+    fetched = jax.device_get([m if on_host else runner.first(m) for _, m, on_host in pending])
+    for (step, _, _), m in zip(pending, fetched):
+      if not (math.isfinite(m['train/loss']) and math.isfinite(m['train/grad_norm'])):
+        nonfinite_steps.add(step)
+        if not m.get('update_skipped', False):
+          stop_nonfinite(f'train/loss is {m["train/loss"]} (train/grad_norm {m["train/grad_norm"]})', step,
+                         step - 1)
+    checked = pending[-1][0] if pending else checked
+    confirmed = [s for s in ckpt.steps() if s + 1 <= checked and s + 1 not in nonfinite_steps]
+    if confirmed:
+      good = max(confirmed)
+    return fetched
+
+  def check_params(step: int, why: str):
+    if not bool(jax.device_get(_params_finite(runner.first(state['params'])))):
+      stop_nonfinite(f'the params are not finite before {why}', step, step)
 
   def evaluate(step) -> dict:
     if task.evaluate is None:
       return {}
+    check_params(step, 'evaluation')
     with runner.context():
       results = task.evaluate(runner.to_global(state['params']), frozen, step, eval_ctx)
     writer.write(step, results)
     progress.message(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
     return results
 
-  def check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
-    fetched = jax.device_get([runner.first(m) for _, m in pending])
-    for (step, _), m in zip(pending, fetched):
-      if not math.isfinite(m['train/loss']):
-        saved = ckpt.latest_step()
-        raise FloatingPointError(
-            f'train/loss is {m["train/loss"]} at step {step}. Stopped without saving; the last good checkpoint '
-            f'is {"step " + str(saved) if saved is not None else "none"} in {workdir}/checkpoints. Lower '
-            '--config.optim.lr or raise warmup_steps, then rerun (it resumes from that checkpoint).')
-    return fetched
+  def save(step, pending_interval):
+    if not ckpt.save(step, runner.to_global(state), {'data': data_iter.get_state(), 'interval': pending_interval}):
+      stop_nonfinite('the params or optimizer state are not finite at a checkpoint', step, step)
+    ckpt.prune(config.max_checkpoints, good)
 
+  stop = _StopRequest()
   last = {}
   try:
-    if start == 0 and config.eval_at_start:
+    if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
       last.update(evaluate(0))
-    pending: list[tuple[int, dict]] = []
+    pending: list[tuple[int, Any, bool]] = list(interval)  # (step, metrics, already on the host)
     timed = False
     interval_start, interval_steps = time.perf_counter(), 0
     with runner.context():
       for step in range(start + 1, config.num_train_steps + 1):  # `step` counts completed steps
         state, step_metrics = runner.step(state, frozen, runner.place(next(data_iter)))
-        pending.append((step, step_metrics))
+        pending.append((step, step_metrics, False))
         if len(pending) > MAX_STEPS_IN_FLIGHT:
           jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
         interval_steps += 1
         is_last = step == config.num_train_steps
         if step % config.log_every == 0 or is_last:
-          fetched = check_finite(pending)
+          fetched = check(pending)
           elapsed = time.perf_counter() - interval_start
-          logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-          logged['train/lr'] = float(fetched[-1]['train/lr'])
+          logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != 'update_skipped'}
+          for k in ('train/lr', 'train/skipped_updates'):  # a value at the step, not an interval's average
+            if k in logged:
+              logged[k] = float(fetched[-1][k])
           if timed:  # the first interval after a (re)start includes compilation: not a throughput figure
             logged.update(_throughput(elapsed / interval_steps, task, config, peak))
           timed = True
@@ -282,10 +560,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if step % config.eval_every == 0 or is_last:
           last.update(evaluate(step))
           interval_start, interval_steps = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or is_last:
-          ckpt.save(step, runner.to_global(state), data_iter.get_state())
+        stopping = stop(step) and not is_last  # called every step: processes agree on the step through it
+        if step % config.checkpoint_every == 0 or is_last or stopping:
+          # Metrics of an interval cut short travel with the checkpoint, so the resumed run logs what this one would.
+          fetched = check(pending) if pending else []
+          save(step, [(s, {k: float(v) for k, v in m.items()}) for (s, _, _), m in zip(pending, fetched)])
           interval_start, interval_steps = time.perf_counter(), 0
+        if stopping:
+          ckpt.wait()
+          progress.message(f'Stopped by {stop.signal_name} after step {step}; saved its checkpoint in {workdir}. '
+                           'Rerun the same command to resume.')
+          break
   finally:  # an error must not leave an async save half-written
+    stop.close()
     ckpt.close()
     writer.close()
   return last

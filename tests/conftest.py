@@ -9,6 +9,9 @@ os.environ['XLA_FLAGS'] = ' '.join(
     [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
     + ['--xla_force_host_platform_device_count=8'])
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# MFU's denominator: measuring the CPU's matmul peak takes ~5 s in every run, and a loaded machine (a test suite)
+# never caches it. The tests compare losses, not MFU, so they give it a fixed value (subprocesses inherit it).
+os.environ.setdefault('FOUNDATION_CPU_PEAK_FLOPS', '2e11')
 
 from foundation import host  # noqa: E402
 
@@ -38,7 +41,7 @@ def tfds_dir(tmp_path_factory):
 # launch/test.sh runs one pytest-xdist worker per core and hands each worker whole files (module fixtures such as
 # test_train's reference runs are computed once). A long file handed out last would run alone at the end, so the
 # end-to-end files go first; the rest keep their order.
-SLOW_FIRST = ('test_train.py', 'test_configs.py', 'test_tasks_vision.py')
+SLOW_FIRST = ('test_train.py', 'test_configs.py', 'test_tasks_vision.py', 'test_loop.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -1,8 +1,13 @@
 """Every config file: its docstring carries the command that runs it, and its `:smoke` variant trains end to end."""
 
+import contextlib
+import copy
 import glob
 import os
+import random
+import warnings
 
+import ml_collections
 import pytest
 
 from conftest import REPO
@@ -43,3 +48,124 @@ def test_smoke_variant_trains(path, tfds_dir, tmp_path):
 def test_unknown_variant_is_an_error(path):
   with pytest.raises(ValueError, match='unknown variant'):
     load(path).get_config('no-such-variant')
+
+
+def _variants():
+  return [(path, name) for path in CONFIGS for name in load(path).VARIANTS]
+
+
+class _Records(list):
+  def __init__(self, source):
+    super().__init__(source[i] for i in range(len(source)))
+
+  def __getitems__(self, keys):
+    return [self[k] for k in keys]
+
+
+@pytest.fixture
+def offline_or_mocked_data(monkeypatch):
+  """Datasets this codebase builds are read from the test's TFDS dir; any other (cifar10 on a TPU VM) is TFDS's own
+  mock data of the real feature spec, so the variant's shapes are checked without downloading it."""
+  import tensorflow_datasets as tfds
+  from foundation.data import images, prepare, text
+
+  @contextlib.contextmanager
+  def context(name):
+    if name.split(':')[0] in prepare.FOUNDATION_BUILDERS:
+      yield
+      return
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+      monkeypatch.setattr(images, 'check_prepared', lambda *a, **k: None)
+      monkeypatch.setattr(text, 'check_prepared', lambda *a, **k: None)
+      # The mock source's batched read takes other arguments than a real one; its records in a list serve.
+      mocked = images._data_source  # pylint: disable=protected-access
+      monkeypatch.setattr(images, '_data_source', lambda *a, **k: _Records(mocked(*a, **k)))
+      yield
+  return context
+
+
+@pytest.mark.parametrize('path, variant', _variants())
+def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_path, offline_or_mocked_data):
+  """Every variant, and every variant combined with smoke, passes every check the loop makes before writing: the
+  config's validation, the task's data and shapes, the optimizer's rules, and the train step traced abstractly."""
+  for arg in (variant, f'{variant},smoke'):
+    config = load(path).get_config(arg)
+    config.data.data_dir = tfds_dir
+    if config.get('lock_image_tower'):  # LiT checks the locked run's encoder config: give it a matching one
+      source = tmp_path / 'locked'
+      source.mkdir(exist_ok=True)
+      locked = load('configs/contrastive/simclr_fashion_mnist.py').get_config('smoke' if 'smoke' in arg else None)
+      (source / 'config.json').write_text(locked.to_json_best_effort())
+      config.lock_image_tower.workdir = str(source)
+    with offline_or_mocked_data(config.data.name):
+      train.prepare(config, str(tmp_path / 'run'), dry=True)
+    assert not (tmp_path / 'run').exists()
+
+
+def _mutations(value, rng):
+  """Wrong types, zero, negative, huge, malformed regexes and unknown names for one config field."""
+  if isinstance(value, bool):
+    return [rng.choice(['yes', 2, None])]
+  if isinstance(value, int):
+    return [0, -1, -(10**6), 10**9, 'abc', 2.5, rng.randint(1, 7)]
+  if isinstance(value, float):
+    return [0.0, -1.0, float('inf'), float('nan'), 1e30, 'abc']
+  if isinstance(value, str):
+    return ['', 'no_such_name', '(', '[a-', 'x' * 300, 3]
+  if isinstance(value, tuple):
+    return [(), ('(',), ('no_such_param',), (0,), ('a', 'b', 'c', 'd', 'e', 'f', 'g')]
+  return [None, 'abc', -1]
+
+
+def _leaves(config, prefix=''):
+  for key in sorted(config.keys()):
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def test_fuzzed_overrides_run_or_fail_with_one_clear_line_before_writing(tfds_dir, tmp_path):
+  """200 random single-field overrides of the smoke configs: each is refused as the command line would refuse it
+  (ml_collections' type check), or `prepare` accepts it, or `prepare` refuses it with a one-line ConfigError and
+  nothing written. Anything else (a traceback, a hang, a file) fails the test, naming the override."""
+  rng = random.Random(0)
+  configs = {path: load(path).get_config('smoke') for path in CONFIGS}
+  cases = []
+  for path in CONFIGS:
+    for name, value in _leaves(configs[path]):
+      if name not in ('data.data_dir', 'task'):
+        cases += [(path, name, m) for m in _mutations(value, rng)]
+  rng.shuffle(cases)
+  outcomes = {'type': 0, 'accepted': 0, 'refused': 0}
+  failures = []
+  for i, (path, name, value) in enumerate(cases[:200]):
+    config = copy.deepcopy(configs[path])
+    config.data.data_dir = tfds_dir
+    try:
+      *parents, leaf = name.split('.')
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    except (TypeError, ValueError):
+      outcomes['type'] += 1  # the command line refuses it the same way, before anything runs
+      continue
+    workdir = tmp_path / f'case{i}'
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        train.prepare(config, str(workdir))
+      outcomes['accepted'] += 1
+    except train.ConfigError as e:
+      if '\n' in str(e) or len(str(e)) > 600 + 3 * len(str(value)):
+        failures.append(f'{path} --config.{name}={value!r}: a message of {len(str(e))} characters: {e}')
+      outcomes['refused'] += 1
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(f'{path} --config.{name}={value!r}: {type(e).__name__}: {e}')
+    if workdir.exists():
+      failures.append(f'{path} --config.{name}={value!r}: wrote {os.listdir(workdir)}')
+  print(outcomes)
+  assert not failures, '\n'.join(failures)
+  assert outcomes['refused'] >= 40 and outcomes['accepted'] >= 20, outcomes

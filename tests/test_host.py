@@ -45,3 +45,13 @@ def test_the_environment_variable_leaves_malloc_alone(monkeypatch):
   from foundation import host
   monkeypatch.setenv('FOUNDATION_DEFAULT_MALLOC', '1')
   assert not host.keep_freed_memory()
+
+
+@pytest.mark.parametrize('platforms, applied', [('cpu', True), ('cuda', False), ('tpu', False), ('cuda,cpu', False)])
+def test_memory_tuning_only_where_jax_computes_on_the_cpu(monkeypatch, platforms, applied):
+  from foundation import host
+  monkeypatch.delenv('FOUNDATION_DEFAULT_MALLOC', raising=False)
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  assert host.computes_on_cpu() == applied
+  if not applied:
+    assert not host.keep_freed_memory()

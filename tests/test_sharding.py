@@ -63,9 +63,22 @@ def test_params_and_adam_state_are_created_sharded(scan_layers):
 
 def _optim_cfg():
   import ml_collections
-  return ml_collections.ConfigDict(dict(name='adamw', lr=1e-3, schedule='constant', warmup_steps=0,
-                                        end_lr_fraction=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                                        weight_decay_exclude=('norm',), grad_clip=1.0, freeze=()))
+  from foundation import config_base
+  return ml_collections.ConfigDict(config_base.optimizer(schedule='constant', warmup_steps=0, b2=0.95,
+                                                         weight_decay=0.1, weight_decay_exclude=('norm',),
+                                                         grad_clip=1.0))
+
+
+def test_parameters_left_whole_on_a_sharding_mesh_are_named(caplog):
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+  put = lambda shape, spec: jax.device_put(jnp.zeros(shape), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*spec)))
+  params = {'conv': {'kernel': put((3, 3, 64, 128), ())}, 'dense': {'kernel': put((512, 10), ('fsdp',))},
+            'norm': {'scale': put((64,), ())}}
+  lines = sharding.warn_replicated(params, mesh)
+  assert lines == ["['conv']['kernel'] (3, 3, 64, 128)", "['norm']['scale'] (64,)"]
+  assert 'replicated on every device' in caplog.text and 'sharding_rules' in caplog.text
+  assert sharding.warn_replicated(params, sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})) == []
 
 
 @pytest.mark.parametrize('mesh_cfg', [{'data': 8, 'fsdp': 1, 'tensor': 1}, {'data': 2, 'fsdp': 2, 'tensor': 2},

@@ -1,12 +1,14 @@
 """Vision tasks end to end: LiT restores and freezes another run's encoder; contrastive tasks refuse to split their
 batch; retrieval with class labels."""
 
+import json
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from foundation import train
+from foundation import checkpoint, train
 from foundation.evaluate import zero_shot
 from foundation.tasks import clip
 from test_configs import load
@@ -30,9 +32,12 @@ def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, t
   train.train_and_evaluate(lit, str(tmp_path / 'lit'))
 
   task = clip.build(lit)
-  restored = task.frozen()
+  restored = task.frozen(checkpoint.Sources())
   saved = _latest_state(tmp_path / 'supervised')['params']['backbone']
   jax.tree.map(np.testing.assert_array_equal, restored, saved)
+  # The source is pinned: config.json names its step and content hash, which a resumed run must find again.
+  pin = json.loads((tmp_path / 'lit' / 'config.json').read_text())['frozen_sources']['lock_image_tower']
+  assert pin['step'] == supervised.num_train_steps and pin['hash'] == checkpoint.content_hash(saved)
   lit_state = _latest_state(tmp_path / 'lit')
   assert 'image_encoder' not in lit_state['params']  # not trained, not saved with the trainable state
   assert 'text_encoder' in lit_state['params']
@@ -51,7 +56,7 @@ def test_contrastive_tasks_refuse_to_split_the_batch_their_loss_contrasts(tfds_d
 
 def _latest_state(workdir):
   """The latest checkpoint's state read independently of foundation.checkpoint, as numpy."""
-  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'), item_names=('state', 'data'))
+  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'), item_names=('state', 'record'))
   step = manager.latest_step()
   metadata = manager.item_metadata(step).state
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)

@@ -6,6 +6,7 @@ each can have its own device count (1 or 8 fake CPU devices) or be two cooperati
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,11 +35,31 @@ def save_then_die(self, step, *args):
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.Checkpointer.save = save_then_die
 sys.argv[0] = 'foundation.main'
-app.run(main.main)
+app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=None, process=None, check=True):
+# Runs foundation.main, but sends itself SIGNAL at each step named in SIGNAL_AT_STEPS, as the step is dispatched: a
+# preemption (SIGTERM) or a crash (SIGKILL) at a chosen point, through the real signal path.
+SIGNALLING_MAIN = """
+import os, signal, sys
+from absl import app
+from foundation import main, train
+steps = {int(s) for s in os.environ['SIGNAL_AT_STEPS'].split(',')}
+sig = getattr(signal, os.environ['SIGNAL'])
+asked = train._StopRequest.__call__
+def signal_then_ask(self, step):
+  if step in steps:
+    os.kill(os.getpid(), sig)
+  return asked(self, step)
+train._StopRequest.__call__ = signal_then_ask
+sys.argv[0] = 'foundation.main'
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=None, process=None, check=True,
+        signal_at=None):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
              JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
@@ -46,6 +67,9 @@ def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=Non
   if kill_at_step is not None:
     env['KILL_AT_STEP'] = str(kill_at_step)
     cmd = [sys.executable, '-c', KILLING_MAIN, *args]
+  elif signal_at is not None:  # (signal name, step)
+    env['SIGNAL'], env['SIGNAL_AT_STEPS'] = signal_at[0], str(signal_at[1])
+    cmd = [sys.executable, '-c', SIGNALLING_MAIN, *args]
   else:
     cmd = [sys.executable, '-m', 'foundation.main', *args]
   if process is not None:  # (coordinator port, number of processes, this process's id): start, don't wait
@@ -152,20 +176,41 @@ def test_two_processes_equal_one(reference_8, tmp_path, tfds_dir):
   assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
-  result = run(tmp_path, tfds_dir, *STEPS, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
-               '--config.checkpoint_every=1', check=False)
-  assert result.returncode != 0
+def saved_steps(workdir, directory='checkpoints'):
+  path = os.path.join(workdir, directory)
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def test_nonfinite_loss_keeps_a_good_checkpoint_and_the_advice_works(tmp_path, tfds_dir):
+  # The learning rate warms up to 1e30: a few updates in, the params blow up. Checkpoints every step, one kept.
+  steps = ('--config.num_train_steps=12', '--config.log_every=1', '--config.checkpoint_every=1',
+           '--config.eval_every=12', '--config.max_checkpoints=1')
+  result = run(tmp_path, tfds_dir, *steps, '--config.optim.lr=1e30', '--config.optim.warmup_steps=3', check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
   message = result.stderr.strip().splitlines()[-1]
-  assert 'train/loss is nan at step' in message or 'train/loss is inf at step' in message, message
-  bad_step = int(message.split(' at step ')[1].split('.')[0])
-  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
-  assert saved and max(saved) == bad_step - 1
-  assert all(np.isfinite(v['train/loss']) for v in logged(tmp_path).values() if 'train/loss' in v)
+  assert message.startswith('error: train/loss is') and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  bad = int(message.split(' at step ')[1].split(';')[0])
+  kept = saved_steps(tmp_path)
+  # The kept checkpoint's own loss (computed one step later, with its params) was finite; the later ones, whose
+  # params produced the non-finite numbers, were moved aside, not deleted.
+  assert kept and max(kept) == bad - 2, (kept, bad)
+  assert saved_steps(tmp_path, 'checkpoints_nonfinite') == [bad - 1]
+  by_step = logged(tmp_path)
+  assert np.isfinite(by_step[max(kept) + 1]['train/loss']) and np.isfinite(by_step[max(kept) + 1]['train/grad_norm'])
+  # The way forward the message names: the same workdir, a lower learning rate, accepted explicitly.
+  assert '--allow_config_change=optim --config.optim.lr=' in message
+  refused = run(tmp_path, tfds_dir, *steps, '--config.optim.lr=1e-3', check=False)
+  assert refused.returncode == 2 and '--allow_config_change=optim' in refused.stderr
+  resumed = run(tmp_path, tfds_dir, *steps, '--config.optim.lr=1e-3', '--allow_config_change=optim')
+  assert f'Resuming from the checkpoint at step {max(kept)}' in resumed.stdout
+  by_step = logged(tmp_path)
+  assert sorted(by_step) == list(range(1, 13)) and all(np.isfinite(by_step[s]['train/loss']) for s in by_step)
+  history = [json.loads(line) for line in (tmp_path / 'config_history.jsonl').read_text().splitlines()]
+  assert history[-1]['changes']['optim.lr'] == [1e30, 1e-3] and history[-1]['resumed_from_step'] == max(kept)
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (('--config.optim.lrr=1',), 'Did you mean'),
+    (('--config.optim.lrr=1',), '--config.optim.lrr is not a field of the config; did you mean "lr"?'),
     (('--config.global_batch_size=abc',), 'global_batch_size'),
     (('--config.mesh.data=3',), 'multiplies to 3 but there are 8 devices'),
     (('--config.global_batch_size=12',), 'not divisible by the data-parallel size 8'),
@@ -173,12 +218,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
     (('--config.parallelism=pmap', '--config.mesh.tensor=2'), 'data-parallel only'),
     (('--config.checkpoint_every=3', '--config.log_every=2'), 'multiple of config.log_every'),
     (('--config.sample.max_new_tokens=40',), 'exceeds the trained context config.data.seq_len=32'),
+    (('--config.optim.freeze=("no_such_param",)',), "pattern 'no_such_param' matches no parameter"),
+    (('--config.optim.weight_decay_exclude=("nope",)',), "pattern 'nope' matches no parameter"),
+    (('--config.optim.name=adamz',), "config.optim.name='adamz'; choose adamw or sgd"),
+    (('--config.optim.schedule=cosin',), "config.optim.schedule='cosin'"),
+    (('--config.data.num_shards=3',), 'must be a positive multiple of num_shards=3'),
+    (('--config.model.num_heads=3',), 'embed_dim 32 is not divisible by num_heads 3'),
+    (('--config.eval.batch_size=4',), 'config.eval.batch_size=4 must be a positive multiple'),
+    (('--config.zzz=1',), "'zzz' is not a field of the config"),
+    (('--config.restore_step=-1',), 'config.restore_step=-1'),
 ])
 def test_bad_input_fails_early_and_writes_nothing(tmp_path, tfds_dir, overrides, message):
   workdir = tmp_path / 'run'
   result = run(workdir, tfds_dir, *overrides, check=False)
-  assert result.returncode != 0
-  assert message in result.stderr, result.stderr[-3000:]
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
   assert not workdir.exists()
 
 
@@ -186,8 +242,13 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
   run(tmp_path, tfds_dir, '--config.num_train_steps=4')
   before = (tmp_path / 'metrics.jsonl').read_text()
   result = run(tmp_path, tfds_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', check=False)
-  assert result.returncode != 0 and 'different config (differs in: optim)' in result.stderr
+  assert result.returncode == 2 and "different config (optim.lr: 0.01 -> 0.0001)" in result.stderr, result.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == before
+  # Where the data lives is not part of what is computed: a run moved to another machine resumes.
+  moved = tmp_path.parent / 'moved_tfds'
+  os.symlink(tfds_dir, moved)
+  rerun = run(tmp_path, str(moved), '--config.num_train_steps=4')
+  assert rerun.returncode == 0 and (tmp_path / 'metrics.jsonl').read_text() == before
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -197,3 +258,93 @@ def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypat
   with pytest.raises(ValueError, match='must be a filesystem path'):
     train.train_and_evaluate(load('configs/lm/shakespeare.py').get_config('smoke'), 'gs://bucket/run')
   assert not os.listdir(tmp_path)
+
+
+# 13 steps on 2 devices, a log line every 3 steps (so a stop can cut an interval short), checkpoints every 6.
+STEPS_2 = ('--config.num_train_steps=13', '--config.log_every=3', '--config.checkpoint_every=6',
+           '--config.eval_every=13')
+
+
+@pytest.fixture(scope='module')
+def reference_2(tmp_path_factory, tfds_dir):
+  workdir = str(tmp_path_factory.mktemp('reference_2'))
+  run(workdir, tfds_dir, *STEPS_2, devices=2)
+  return logged(workdir)
+
+
+def test_sigterm_saves_the_step_it_was_on_then_kill_9_anywhere_resumes_exactly(reference_2, tmp_path, tfds_dir):
+  # SIGTERM mid-interval: the run finishes that step, saves it, exits 0; then SIGKILLs at random steps (the rerun
+  # resumes from whatever was saved last); every logged number equals the uninterrupted run's, bit for bit.
+  stopped = run(tmp_path, tfds_dir, *STEPS_2, devices=2, signal_at=('SIGTERM', 4))
+  assert 'Stopped by SIGTERM after step 4; saved its checkpoint' in stopped.stdout, stopped.stdout[-2000:]
+  assert saved_steps(tmp_path) == [4]
+  rng = random.Random(0)
+  at = 4
+  for _ in range(2):
+    at = rng.randint(at + 1, 12)
+    killed = run(tmp_path, tfds_dir, *STEPS_2, devices=2, signal_at=('SIGKILL', at), check=False)
+    assert killed.returncode == -signal.SIGKILL, (at, killed.stderr[-2000:])
+  resumed = run(tmp_path, tfds_dir, *STEPS_2, devices=2)
+  assert 'Resuming from the checkpoint at step' in resumed.stdout
+  assert_same_numbers(logged(tmp_path), reference_2, rtol=1e-6)
+
+
+def test_damaged_files_resume_with_a_warning_and_the_right_numbers(reference_8, tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3')
+  assert saved_steps(tmp_path) == [4, 8, 12]
+  for root, _, files in os.walk(tmp_path / 'checkpoints' / '12' / 'state'):  # the newest: bytes overwritten
+    for name in files:
+      if os.sep + 'd' in root:
+        path = os.path.join(root, name)
+        data = bytearray(open(path, 'rb').read())
+        open(path, 'wb').write(bytes(b ^ 0x5A for b in data))
+  stale = tmp_path / 'checkpoints' / '12.orbax-checkpoint-tmp-1234'  # what a save killed mid-write leaves
+  stale.mkdir()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:  # a write cut short by a crash
+    f.write('{"step": 13, "train/lo')
+  resumed = run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3')
+  out = resumed.stdout
+  assert 'the checkpoint of step 12' in out and 'cannot be read' in out and 'trying step 8' in out, out[-3000:]
+  assert 'dropped the last line' in out and 'Resuming from the checkpoint at step 8' in out
+  assert not stale.exists() and saved_steps(tmp_path, 'checkpoints_unreadable') == [12]
+  assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
+
+
+def test_restore_step_resumes_from_an_older_checkpoint_and_keeps_the_newer(reference_8, tmp_path, tfds_dir):
+  run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3')
+  assert saved_steps(tmp_path) == [4, 8, 12]
+  resumed = run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3', '--config.restore_step=4')
+  assert 'Resuming from the checkpoint at step 4' in resumed.stdout
+  assert saved_steps(tmp_path, 'checkpoints_superseded') == [8, 12]
+  assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
+
+
+def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_dir):
+  # Process 1 alone gets a freeze pattern that matches nothing: both exit 2 at once, nothing is written, no hang.
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'run'
+  procs = [run(workdir, tfds_dir, *(('--config.optim.freeze=("nomatch",)',) if i else ()), devices=4,
+               process=(port, 2, i)) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outputs
+  assert 'process(es) [1] refused this run' in outputs[0] and "pattern 'nomatch' matches no parameter" in outputs[1]
+  assert not workdir.exists()
+
+
+def test_a_workdir_of_another_checkpoint_format_is_refused_with_the_versions(tmp_path, tfds_dir):
+  from foundation import train
+  from test_configs import load
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.data.data_dir = tfds_dir
+  (tmp_path / 'config.json').write_text(json.dumps({**json.loads(config.to_json_best_effort()),
+                                                    'foundation_version': {'checkpoint_format': 1,
+                                                                           'commit': 'abc1234'}}))
+  with pytest.raises(train.ConfigError, match='written by foundation abc1234 with checkpoint format 1'):
+    train.prepare(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['config.json']

@@ -16,22 +16,12 @@ import os
 
 import ml_collections
 
+from foundation import config_base
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = 'clip'
-  c.seed = 0
-  c.parallelism = 'jit'
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.num_train_steps = 800
-  c.global_batch_size = 256
-  c.grad_accum_steps = 1
-  c.log_every = 50
-  c.eval_every = 800
-  c.eval_at_start = True
-  c.checkpoint_every = 400
-  c.max_checkpoints = 2
-  c.prefetch_batches = 4
+  c = config_base.loop('clip', num_train_steps=800, global_batch_size=256, eval_every=800, eval_at_start=True,
+                       checkpoint_every=400)
 
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
@@ -49,31 +39,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.lock_image_tower = None  # LiT: dict(workdir=..., params_path='params/backbone')
   c.augment = dict(crop_scale=(0.5, 1.0), flip=True, brightness=0.2, contrast=0.2, blur_prob=0.0, noise_std=0.0)
-  c.optim = dict(name='adamw', lr=2e-3, schedule='cosine', warmup_steps=100, end_lr_fraction=0.0, b1=0.9, b2=0.98,
-                 eps=1e-6, weight_decay=1e-4, weight_decay_exclude=('norm|bias|scale|logit',), grad_clip=1.0,
-                 freeze=())
+  c.optim = config_base.optimizer(lr=2e-3, b2=0.98, eps=1e-6, weight_decay_exclude=('norm|bias|scale|logit',),
+                                  grad_clip=1.0)
   c.eval = dict(name='CLIP image tower', probe='ridge', shots=(1, 5, 10, 25, 60), fewshot_seeds=3, batch_size=1000,
                 max_train_examples=0, max_test_examples=0, compare={}, retrieval_examples=1000)
 
-  if arg == 'smoke':
-    c.num_train_steps = 4
-    c.global_batch_size = 16
-    c.log_every = 2
-    c.eval_every = 4
-    c.checkpoint_every = 2
-    c.model.image.widths = (8, 16)
-    c.model.text.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, mlp_dim=64)
-    c.model.embed_dim = 16
-    c.eval.update(shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400, max_test_examples=200,
-                  retrieval_examples=64)
-  elif arg == 'siglip':
-    c.model.loss = 'siglip'
-    c.eval.name = 'SigLIP image tower'
-  elif arg == 'lit':
-    # The SimCLR default's encoder (as above); a locked run with another one is refused with the overrides to set.
-    c.lock_image_tower = dict(workdir='workdirs/simclr', params_path='params/backbone')
-    c.eval.name = 'LiT (locked image tower)'
-  elif arg:
-    raise ValueError(f'unknown variant {arg!r} of configs/contrastive/clip_fashion_mnist.py; '
-                     'choose smoke, siglip or lit.')
-  return c
+  return config_base.apply_variants(c, arg, VARIANTS, __file__)
+
+
+def smoke(c):
+  config_base.smoke_loop(c, steps=4, batch=16)
+  c.model.image.widths = (8, 16)
+  c.model.text.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, mlp_dim=64)
+  c.model.embed_dim = 16
+  c.eval.update(shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400, max_test_examples=200,
+                retrieval_examples=64)
+
+
+def siglip(c):
+  c.model.loss = 'siglip'
+  c.eval.name = 'SigLIP image tower'
+
+
+def lit(c):
+  # The SimCLR default's encoder (as above); a locked run with another one is refused with the overrides to set.
+  c.lock_image_tower = dict(workdir='workdirs/simclr', params_path='params/backbone')
+  c.eval.name = 'LiT (locked image tower)'
+
+
+VARIANTS = {'smoke': smoke, 'siglip': siglip, 'lit': lit}

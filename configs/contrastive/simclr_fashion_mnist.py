@@ -15,22 +15,13 @@ import os
 
 import ml_collections
 
+from foundation import config_base
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = 'simclr'
-  c.seed = 0
-  c.parallelism = 'jit'
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.num_train_steps = 600
-  c.global_batch_size = 256
-  c.grad_accum_steps = 1
-  c.log_every = 50
-  c.eval_every = 600
-  c.eval_at_start = True   # the random-init encoder is measured in the same run
-  c.checkpoint_every = 300
-  c.max_checkpoints = 2
-  c.prefetch_batches = 4
+  # eval_at_start: the random-init encoder is measured in the same run
+  c = config_base.loop('simclr', num_train_steps=600, global_batch_size=256, eval_every=600, eval_at_start=True,
+                       checkpoint_every=300)
 
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
@@ -51,40 +42,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 83.4% -> 83.7% (20k-label logistic probe), and 1.2x the examples/s (LayerNorm is cheaper than GroupNorm on CPU).
   c.temperature = 0.5
   c.augment = dict(crop_scale=(0.4, 1.0), flip=True, brightness=0.4, contrast=0.4, blur_prob=0.2, noise_std=0.05)
-  c.optim = dict(name='adamw', lr=2e-3, schedule='cosine', warmup_steps=100, end_lr_fraction=0.0, b1=0.9, b2=0.999,
-                 eps=1e-8, weight_decay=1e-4, weight_decay_exclude=('norm', 'bias', 'scale'), grad_clip=0.0, freeze=())
+  c.optim = config_base.optimizer(lr=2e-3)
   c.eval = dict(name='SimCLR', probe='logistic', shots=(1, 5, 10, 25, 60), fewshot_seeds=3, batch_size=1000,
                 max_train_examples=0, max_test_examples=0,
                 # rows for the results table, read from those runs' metrics.jsonl if they exist
                 compare={'supervised': 'workdirs/classify_fashion_mnist'})
 
-  if arg == 'smoke':
-    c.num_train_steps = 4
-    c.global_batch_size = 16
-    c.log_every = 2
-    c.eval_every = 4
-    c.checkpoint_every = 2
-    c.model.cnn.widths = (8, 16)
-    c.model.head_hidden = 32
-    c.model.head_out = 16
-    c.eval.update(probe='ridge', shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400,
-                  max_test_examples=200)
-    c.eval.compare = {}
-  elif arg == 'vit':
-    c.model.encoder = 'vit'
-    c.eval.name = 'SimCLR (ViT)'
-    c.eval.compare = {'supervised (ViT)': 'workdirs/classify_fashion_mnist_vit'}
-  elif arg == 'cifar10':
-    c.data.update(name='cifar10', eval_split='test', image_shape=(32, 32, 3))
-    c.eval.compare = {}
-    c.model.cnn.widths = (64, 128, 256)
-    c.model.vit.update(image_size=32, num_channels=3)
-    c.augment.update(crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, blur_prob=0.0, noise_std=0.0)
-    c.global_batch_size = 1024
-    c.num_train_steps = 50000
-    c.eval_every = 5000
-    c.temperature = 0.2  # SimCLR's ImageNet-scale value, with large batches and long training
-  elif arg:
-    raise ValueError(f'unknown variant {arg!r} of configs/contrastive/simclr_fashion_mnist.py; '
-                     'choose smoke, vit or cifar10.')
-  return c
+  return config_base.apply_variants(c, arg, VARIANTS, __file__)
+
+
+def smoke(c):
+  config_base.smoke_loop(c, steps=4, batch=16)
+  c.model.cnn.widths = (8, 16)
+  c.model.head_hidden = 32
+  c.model.head_out = 16
+  c.eval.update(probe='ridge', shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400,
+                max_test_examples=200)
+  c.eval.compare = {}
+
+
+def vit(c):
+  c.model.encoder = 'vit'
+  c.eval.name = 'SimCLR (ViT)'
+  c.eval.compare = {'supervised (ViT)': 'workdirs/classify_fashion_mnist_vit'}
+
+
+def cifar10(c):
+  c.data.update(name='cifar10', eval_split='test', image_shape=(32, 32, 3))
+  c.eval.compare = {}
+  c.model.cnn.widths = (64, 128, 256)
+  c.model.vit.update(image_size=32, num_channels=3)
+  c.augment.update(crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, blur_prob=0.0, noise_std=0.0)
+  c.global_batch_size = 1024
+  c.num_train_steps = 50000
+  c.eval_every = 5000
+  c.temperature = 0.2  # SimCLR's ImageNet-scale value, with large batches and long training
+
+
+VARIANTS = {'smoke': smoke, 'vit': vit, 'cifar10': cifar10}

@@ -6,30 +6,18 @@ Variants:
   :smoke  seconds, for tests            --config=configs/lm/shakespeare.py:smoke
   :baby   the reference size of the issue's nanoGPT comparison (4 layers, width 128, context 64, batch 12)
   :gpu    one GPU or a TPU VM host (bf16, ~85 M params, context 1024; not run on CPU)
-Any field can be overridden, e.g. --config.optim.lr=1e-3 --config.mesh.fsdp=2 --config.parallelism=pmap.
+Variants combine with commas (:gpu,smoke). Any field can be overridden, e.g. --config.optim.lr=1e-3 --config.mesh.fsdp=2 --config.parallelism=pmap.
 """
 
 import os
 
 import ml_collections
 
+from foundation import config_base
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = 'lm'
-  c.seed = 0
-  c.parallelism = 'jit'                    # 'jit' (mesh sharding) or 'pmap' (data parallel only)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
-  c.num_train_steps = 2000
-  c.global_batch_size = 16
-  c.grad_accum_steps = 1
-  c.log_every = 50
-  c.eval_every = 2000
-  c.eval_at_start = False
-  c.checkpoint_every = 500
-  c.max_checkpoints = 2
-  c.prefetch_batches = 8
-
+  c = config_base.loop('lm', num_train_steps=2000, global_batch_size=16, eval_every=2000, prefetch_batches=8)
   c.data = dict(
       name='shakespeare_plays',
       data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
@@ -57,54 +45,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       scan_layers=False,
       remat='none',
   )
-  c.optim = dict(
-      name='adamw',
-      lr=6e-3,
-      schedule='cosine',
-      warmup_steps=100,
-      end_lr_fraction=0.1,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.1,
-      weight_decay_exclude=('norm', 'embed'),  # regexes on parameter names
-      grad_clip=1.0,
-      freeze=(),                               # regexes: matching parameters get no updates
-  )
+  c.optim = config_base.optimizer(lr=6e-3, warmup_steps=100, end_lr_fraction=0.1, b2=0.95, weight_decay=0.1,
+                                  weight_decay_exclude=('norm', 'embed'), grad_clip=1.0)
   c.eval = dict(batch_size=64, max_batches=0)  # 0: the whole validation split
   c.sample = dict(prompt='ROMEO:\n', num_samples=2, max_new_tokens=120, temperature=0.8, top_k=0, top_p=0.95)
+  return config_base.apply_variants(c, arg, VARIANTS, __file__)
 
-  if arg == 'smoke':
-    c.num_train_steps = 6
-    c.global_batch_size = 8
-    c.log_every = 2
-    c.eval_every = 6
-    c.checkpoint_every = 4
-    c.data.seq_len = 32
-    c.model.update(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=64)
-    c.eval.update(batch_size=8, max_batches=2)
-    c.sample.update(num_samples=1, max_new_tokens=8)
-    c.optim.update(lr=1e-2, warmup_steps=2)
-  elif arg == 'baby':
-    c.global_batch_size = 12
-    c.num_train_steps = 2000
-    c.eval_every = 2000
-    c.data.seq_len = 64
-    c.data.num_shards = 4
-    c.model.update(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, mlp_dim=384, max_len=512)
-    c.optim.update(lr=1e-3, warmup_steps=100)
-    c.sample.max_new_tokens = 56
-  elif arg == 'gpu':
-    c.global_batch_size = 64
-    c.num_train_steps = 20000
-    c.eval_every = 2000
-    c.checkpoint_every = 1000
-    c.data.seq_len = 1024
-    c.model.update(num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=4, mlp_dim=2048, max_len=1024,
-                   dtype='bfloat16', scan_layers=True, remat='dots')
-    c.optim.update(lr=6e-4, warmup_steps=1000)
-    c.eval.update(batch_size=64, max_batches=20)
-    c.sample.max_new_tokens = 500
-  elif arg:
-    raise ValueError(f'unknown variant {arg!r} of configs/lm/shakespeare.py; choose smoke, baby or gpu.')
-  return c
+
+def smoke(c):
+  config_base.smoke_loop(c, steps=6, batch=8, checkpoint_every=4)
+  c.data.seq_len = 32
+  c.model.update(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=64)
+  c.eval.update(batch_size=8, max_batches=2)
+  c.sample.update(num_samples=1, max_new_tokens=8)
+  c.optim.update(lr=1e-2, warmup_steps=2)
+
+
+def baby(c):
+  c.global_batch_size = 12
+  c.num_train_steps = 2000
+  c.eval_every = 2000
+  c.data.seq_len = 64
+  c.data.num_shards = 4
+  c.model.update(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, mlp_dim=384, max_len=512)
+  c.optim.update(lr=1e-3, warmup_steps=100)
+  c.sample.max_new_tokens = 56
+
+
+def gpu(c):
+  c.global_batch_size = 64
+  c.num_train_steps = 20000
+  c.eval_every = 2000
+  c.checkpoint_every = 1000
+  c.data.seq_len = 1024
+  c.model.update(num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=4, mlp_dim=2048, max_len=1024,
+                 dtype='bfloat16', scan_layers=True, remat='dots')
+  c.optim.update(lr=6e-4, warmup_steps=1000)
+  c.eval.update(batch_size=64, max_batches=20)
+  c.sample.max_new_tokens = 500
+
+
+VARIANTS = {'smoke': smoke, 'baby': baby, 'gpu': gpu}

@@ -19,6 +19,7 @@ pixels, odd kernel ~10% of the side, reflected edges), additive Gaussian noise, 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
@@ -130,6 +131,32 @@ def _augment_one(image, key, *, out_shape, crop_scale, crop_ratio, flip, brightn
   if noise_std:
     image = image + noise_std * jax.random.normal(noise_key, image.shape)
   return jnp.clip(image, 0.0, 1.0)
+
+
+def check_options(options: dict) -> dict:
+  """A config's `augment` section, checked before anything runs: known names, pairs that are ordered ranges,
+  strengths and probabilities in range. Returns it as a plain dict."""
+  options = dict(options)
+  known = set(inspect.signature(augment).parameters) - {'images', 'keys'}
+  if set(options) - known:
+    raise ValueError(f'config.augment has unknown options {sorted(set(options) - known)}; known: {sorted(known)}.')
+  for name in ('crop_scale', 'crop_ratio', 'blur_sigma'):
+    if name in options:
+      pair = options[name]
+      if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+          or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+          or not 0 < pair[0] <= pair[1] or (name == 'crop_scale' and pair[1] > 1)):
+        raise ValueError(f'config.augment.{name}={pair!r} must be a pair (low, high) with 0 < low <= high'
+                         + (' <= 1.' if name == 'crop_scale' else '.'))
+  for name in ('brightness', 'contrast', 'saturation', 'noise_std', 'grayscale_prob', 'blur_prob'):
+    value = options.get(name, 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float('inf') or (
+        name.endswith('_prob') and value > 1):
+      raise ValueError(f'config.augment.{name}={value!r} must be a number '
+                       + ('in [0, 1].' if name.endswith('_prob') else 'of at least 0.'))
+  if 'flip' in options and not isinstance(options['flip'], bool):
+    raise ValueError(f'config.augment.flip={options["flip"]!r} must be True or False.')
+  return options
 
 
 def augment(images: jax.Array, keys: jax.Array, *, crop_scale: tuple[float, float] = (0.08, 1.0),

@@ -1,6 +1,7 @@
 """Pure Flax modules, no training logic. Their configs are frozen dataclasses built from config dicts here."""
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 
@@ -11,4 +12,13 @@ def config_from_dict(cls, d: Mapping[str, Any]):
   known = {f.name for f in dataclasses.fields(cls)}
   if set(d) - known:
     raise ValueError(f'unknown {cls.__name__} fields {sorted(set(d) - known)}; known: {sorted(known)}')
-  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+  for name, value in values.items():
+    # Sizes (layers, widths, heads, patch sizes...) are the int fields: zero or negative ones fail deep inside
+    # initialisation (a division by zero, an empty stack), so they are refused here with the field's name.
+    ints = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in ints) or value == ():
+      raise ValueError(f'{cls.__name__}.{name}={value!r}: sizes must be whole numbers of at least 1.')
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{cls.__name__}.{name}={value!r} must be finite.')
+  return cls(**values)

@@ -24,15 +24,19 @@ class Task(NamedTuple):
   # rng -> trainable params; leaves may be boxed with logical axis names (nn.with_logical_partitioning).
   init: Callable[[jax.Array], Any]
   # (params, frozen, batch, rng) -> (scalar mean loss, {name: scalar}); batch is the global batch (or a device's
-  # share on the pmap path, where the loop averages loss, metrics and grads over devices).
+  # share on the pmap path, or a microbatch under gradient accumulation). Where the mean is over a varying number
+  # of items (tokens of padded rows), aux['weight'] holds that number and the loop weights the shares' means by it,
+  # so every path computes the same mean. rng is the step's key, the same on every device and microbatch: key
+  # per-example randomness by the example's global position (batch['index']), not by where it sits.
   loss: Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
   # (process_index, process_count) -> a sequence indexed by step whose item s is this process's rows of global
   # batch s (grain MapDataset, so its iterator state is checkpointed for exact resume).
   train_batches: Callable[[int, int], Any]
   # (params, frozen, step, EvalContext) -> {metric name: scalar}; called on every process.
   evaluate: Callable[[Any, Any, int, EvalContext], dict] | None = None
-  # () -> params that are used but never optimized nor checkpointed with the trainable state (teachers, backbones).
-  frozen: Callable[[], Any] | None = None
+  # (checkpoint.Sources) -> params that are used but never optimized nor checkpointed with the trainable state
+  # (teachers, locked towers, backbones). Read other runs through `sources.load(...)`, which pins them.
+  frozen: Callable[[Any], Any] | None = None
   flops_per_example: float = 0.0   # training model FLOPs per example, for MFU
   # True when the loss couples the examples of a batch (contrastive negatives): the loop then refuses the pmap path
   # and gradient accumulation, which would compute it on a device's share or a microbatch instead.

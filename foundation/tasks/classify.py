@@ -25,7 +25,7 @@ def build(config) -> Task:
   num_classes = len(images.class_names(data.name, data.data_dir))
   model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
                           LinearClassifier(num_classes))
-  aug = dict(config.augment)
+  aug = augment.check_options(config.augment)
   image_shape = tuple(data.image_shape)
 
   def init(rng):

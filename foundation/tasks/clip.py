@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint, losses, metrics
+from foundation import losses, metrics
 from foundation.data import augment, captions, images
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate import zero_shot
@@ -39,7 +39,7 @@ def build(config) -> Task:
   lock = config.lock_image_tower
   if lock:
     _check_locked_encoder(lock.workdir, model_cfg)
-  aug = dict(config.augment)
+  aug = augment.check_options(config.augment)
   image_shape = tuple(data.image_shape)
   text_len = config.text.max_len
 
@@ -51,10 +51,10 @@ def build(config) -> Task:
     params = init_all(rng)
     return {k: v for k, v in params.items() if k != 'image_encoder'} if lock else params
 
-  def frozen():
+  def frozen(sources):
     # LiT: the image encoder of another run (e.g. SimCLR's or the supervised baseline's 'backbone').
     abstract = nn.unbox(jax.eval_shape(init_all, jax.random.key(0)))['image_encoder']
-    return checkpoint.restore_params(lock.workdir, lock.params_path, abstract)
+    return sources.load('lock_image_tower', lock.workdir, lock.params_path, abstract)
 
   def merged(params, frozen_params):
     return {**params, 'image_encoder': frozen_params} if lock else params

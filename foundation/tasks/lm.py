@@ -48,7 +48,7 @@ def build(config) -> Task:
     del frozen, rng  # no dropout in this model
     logits = model.apply({'params': params}, batch['inputs'])
     total, count = losses.next_token_xent(logits, batch['targets'], batch['weights'])
-    return total / jnp.maximum(count, 1.0), {}
+    return total / jnp.maximum(count, 1.0), {'weight': count}
 
   def train_batches(process_index, process_count):
     return text.train_batches(**source, split=data.train_split, global_batch=config.global_batch_size,

@@ -23,7 +23,7 @@ def build(config) -> Task:
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
   model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
                           ProjectionHead(model_cfg.head_hidden, model_cfg.head_out))
-  aug = dict(config.augment)
+  aug = augment.check_options(config.augment)
   image_shape = tuple(config.data.image_shape)
 
   def init(rng):

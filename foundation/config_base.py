@@ -1,0 +1,83 @@
+"""What every config file shares: the loop's fields with their defaults, the optimizer's fields, and variants that
+combine (`--config=configs/x.py:vit,smoke` applies `vit`, then `smoke`).
+
+A config file builds its ConfigDict from `loop(...)` and `optimizer(...)`, adds its task's fields, and ends with
+`apply_variants(c, arg, VARIANTS, __file__)`, where VARIANTS maps each variant's name to a function that edits the
+config in place. Tests enumerate VARIANTS, so every variant of every config is built and checked.
+"""
+
+import os
+from typing import Callable, Mapping
+
+import ml_collections
+
+
+def loop(task: str, **fields) -> ml_collections.ConfigDict:
+  """The fields `foundation/train.py` reads, with defaults; `fields` overrides any of them."""
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.parallelism = 'jit'                     # 'jit' (mesh sharding) or 'pmap' (data parallel only)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
+  c.num_train_steps = 1000                  # 0: evaluate only (zero-shot), nothing is trained or saved
+  c.global_batch_size = 128
+  c.grad_accum_steps = 1
+  c.log_every = 50
+  c.eval_every = 1000
+  c.eval_at_start = False
+  c.checkpoint_every = 500
+  c.max_checkpoints = 2                     # kept on disk, besides the newest one whose own loss was finite
+  c.prefetch_batches = 4
+  c.restore_step = 0                        # 0: resume from the newest readable checkpoint; N: from step N
+  for name, value in fields.items():
+    if name not in c:
+      raise ValueError(f'loop() has no field {name!r}; known: {sorted(c)}')
+    c[name] = value
+  return c
+
+
+def smoke_loop(c: ml_collections.ConfigDict, *, steps: int, batch: int, checkpoint_every: int = 2) -> None:
+  """The loop of a `:smoke` variant: a few steps of a small batch, logged every 2, evaluated at the end."""
+  c.update(num_train_steps=steps, global_batch_size=batch, log_every=2, eval_every=steps,
+           checkpoint_every=checkpoint_every)
+
+
+def optimizer(**fields) -> dict:
+  """`config.optim`: AdamW (or SGD), warmup + decay, weight-decay exclusion and freezing by regex on names."""
+  c = dict(
+      name='adamw',
+      lr=1e-3,
+      schedule='cosine',
+      warmup_steps=100,
+      end_lr_fraction=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=1e-4,
+      weight_decay_exclude=('norm', 'bias', 'scale'),  # regexes on parameter names
+      grad_clip=0.0,                                   # 0: no clipping by global norm
+      freeze=(),                                       # regexes: matching parameters get no updates
+      # How many updates with a non-finite loss or gradient may be skipped (the params and optimizer state stay as
+      # they were) before the run stops; 0 stops at the first. Skips are counted in `train/skipped_updates`.
+      skip_nonfinite=0,
+  )
+  unknown = set(fields) - set(c)
+  if unknown:
+    raise ValueError(f'optimizer() has no fields {sorted(unknown)}; known: {sorted(c)}')
+  c.update(fields)
+  return c
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
+                   variants: Mapping[str, Callable[[ml_collections.ConfigDict], None]],
+                   path: str) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variants of `arg` in order; an unknown name is an error listing the known ones."""
+  for name in (arg or '').split(','):
+    name = name.strip()
+    if not name:
+      continue
+    if name not in variants:
+      raise ValueError(f'unknown variant {name!r} of {os.path.relpath(path)}; choose from {", ".join(variants)} '
+                       '(combine them with commas, e.g. :vit,smoke).')
+    variants[name](c)
+  return c

@@ -1,0 +1,216 @@
+"""The loop's parts in-process, on a toy task: weighted means across pmap / accumulation, skipping non-finite
+updates, checkpoint checksums, fallback and pruning, pinned frozen sources, metrics files."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from foundation import checkpoint, metrics, tasks, train
+
+
+def toy_config(**fields):
+  c = ml_collections.ConfigDict(dict(seed=0, grad_accum_steps=1, optim=dict(skip_nonfinite=0)))
+  c.update(fields)
+  return c
+
+
+def toy_task(noise: bool = False) -> tasks.Task:
+  """A linear model whose loss is a mean over a varying number of weighted rows (like padded text), with an
+  optional per-example noise keyed by the example's global index (like an augmentation)."""
+  def loss(params, frozen, batch, rng):
+    del frozen
+    x = batch['x']
+    if noise:
+      x = x + 0.1 * jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(rng, i), x.shape[1:]))(batch['index'])
+    err = (x @ params['w'] - batch['y']) ** 2
+    count = jnp.sum(batch['weight'])
+    return jnp.sum(err * batch['weight']) / jnp.maximum(count, 1.0), {'weight': count, 'err_max': jnp.max(err)}
+  return tasks.Task(init=lambda rng: {'w': jax.random.normal(rng, (3,))}, loss=loss, train_batches=None)
+
+
+def toy_batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  weight = (rng.random(n) < 0.6).astype(np.float32)
+  weight[:2] = 1.0
+  return {'x': rng.normal(size=(n, 3)).astype(np.float32), 'y': rng.normal(size=n).astype(np.float32),
+          'weight': weight, 'index': np.arange(100, 100 + n, dtype=np.int32)}
+
+
+def reference_mean_and_grad(w, batch):
+  """numpy: the weighted mean over the whole batch and its gradient."""
+  w = np.asarray(w, np.float64)
+  x, y, m = (np.asarray(batch[k], np.float64) for k in ('x', 'y', 'weight'))
+  r = x @ w - y
+  return np.sum(m * r**2) / m.sum(), 2 * (m * r) @ x / m.sum()
+
+
+def state_for(task, tx):
+  params = task.init(jax.random.key(1))
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+          'skipped_updates': jnp.zeros((), jnp.int32)}
+
+
+@pytest.mark.parametrize('accum', [1, 2, 4])
+def test_weighted_mean_is_the_same_on_every_path(accum):
+  task, tx = toy_task(), optax.sgd(0.1)
+  batch = toy_batch()
+  state = state_for(task, tx)
+  loss, grad = reference_mean_and_grad(state['params']['w'], batch)
+  step = train.make_train_step(task, tx, optax.constant_schedule(0.1), toy_config(grad_accum_steps=accum), None)
+  new, out = jax.jit(step)(state, {}, jax.tree.map(jnp.asarray, batch))
+  np.testing.assert_allclose(out['train/loss'], loss, rtol=1e-5)
+  np.testing.assert_allclose(new['params']['w'], np.asarray(state['params']['w']) - 0.1 * grad, rtol=1e-5)
+  # pmap over 8 devices, each a share of 16 / 8 = 2 rows whose weights differ from device to device.
+  step = train.make_train_step(task, tx, optax.constant_schedule(0.1), toy_config(), 'batch')
+  n = jax.local_device_count()
+  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+  new, out = jax.pmap(step, axis_name='batch', in_axes=(0, None, 0))(
+      stacked, {}, jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch))
+  np.testing.assert_allclose(out['train/loss'][0], loss, rtol=1e-5)
+  np.testing.assert_allclose(new['params']['w'][0], np.asarray(state['params']['w']) - 0.1 * grad, rtol=1e-5)
+
+
+def test_accumulation_keeps_each_examples_randomness():
+  task, tx = toy_task(noise=True), optax.sgd(0.1)
+  batch = jax.tree.map(jnp.asarray, toy_batch())
+  state = state_for(task, tx)
+  outs = [jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1), toy_config(grad_accum_steps=a),
+                                        None))(state, {}, batch)[1]['train/loss'] for a in (1, 2, 4)]
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5)
+  np.testing.assert_allclose(outs[2], outs[0], rtol=1e-5)
+
+
+def test_skip_nonfinite_keeps_the_state_and_spends_its_budget():
+  task, tx = toy_task(), optax.adam(0.1)
+  step = jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1),
+                                       toy_config(optim=dict(skip_nonfinite=1)), None))
+  good, bad = toy_batch(seed=0), toy_batch(seed=1)
+  bad['x'][3, 1] = np.nan
+  state = state_for(task, tx)
+  state, _ = step(state, {}, jax.tree.map(jnp.asarray, good))
+  before = jax.tree.map(np.asarray, state)
+  state, out = step(state, {}, jax.tree.map(jnp.asarray, bad))
+  assert bool(out['update_skipped']) and int(out['train/skipped_updates']) == 1
+  for a, b in zip(jax.tree.leaves(before['params']) + jax.tree.leaves(before['opt_state']),
+                  jax.tree.leaves(state['params']) + jax.tree.leaves(state['opt_state'])):
+    np.testing.assert_array_equal(a, b)  # bitwise: the bad update was not applied
+  assert int(state['step']) == 2
+  state, out = step(state, {}, jax.tree.map(jnp.asarray, bad))  # the budget is spent: applied, and reported
+  assert not bool(out['update_skipped']) and int(out['train/skipped_updates']) == 1
+  assert not np.isfinite(np.asarray(state['params']['w'])).all()
+
+
+def test_checksums_see_any_flipped_bit_or_swap_and_ignore_the_mesh():
+  x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+  base = int(checkpoint.checksums({'x': x})[0])
+  flipped = x.copy()
+  flipped.view(np.uint32)[3, 2] ^= 1 << 7
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]
+  assert int(checkpoint.checksums({'x': flipped})[0]) != base
+  assert int(checkpoint.checksums({'x': swapped})[0]) != base
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ('a', 'b'))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('a', 'b')))
+  assert int(checkpoint.checksums({'x': sharded})[0]) == base
+  mixed = {'h': jnp.ones(5, jnp.bfloat16), 'i': jnp.int32(7), 'b': jnp.array([True, False])}
+  assert len(checkpoint.checksums(mixed)) == 3
+
+
+def _state(scale):
+  return {'w': jnp.arange(1000.0).reshape(10, 100) * scale, 'step': jnp.int32(scale)}
+
+
+def _abstract():
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _state(1))
+
+
+def test_an_unreadable_or_damaged_checkpoint_falls_back_to_the_previous(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {'data': {'step': step}})
+  ckpt.wait()
+  # Step 3: every data file's bytes overwritten. Step 2: the saved checksums no longer match (as after bytes of the
+  # array data changed in place, which orbax itself reads without complaint).
+  for root, _, files in os.walk(tmp_path / 'checkpoints' / '3' / 'state'):
+    for name in files:
+      if os.sep + 'd' in root:
+        path = os.path.join(root, name)
+        data = bytearray(open(path, 'rb').read())
+        open(path, 'wb').write(bytes(b ^ 0x5A for b in data))
+  record_path = tmp_path / 'checkpoints' / '2' / 'record' / 'metadata'
+  record = json.loads(record_path.read_text())
+  record['checksums'][0] ^= 1
+  record_path.write_text(json.dumps(record))
+  warnings = []
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  step, state, record = ckpt.restore_newest_readable(_abstract(), warn=warnings.append)
+  assert step == 1 and record['data'] == {'step': 1}
+  np.testing.assert_array_equal(state['w'], np.asarray(_state(1)['w']))
+  assert len(warnings) == 2 and 'step 3' in warnings[0] and 'trying step 2' in warnings[0]
+  assert 'checksums' in warnings[1] and 'trying step 1' in warnings[1]
+  assert sorted(os.listdir(tmp_path / 'checkpoints_unreadable')) == ['2', '3']  # moved aside, not deleted
+  assert ckpt.steps() == [1]
+  ckpt.save(2, _state(5), {'data': {}})  # the resumed run can write those steps again
+  ckpt.close()
+
+
+def test_restore_step_and_pruning_keep_what_they_must(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, _state(step), {'data': {}})
+  ckpt.wait()
+  ckpt.prune(keep=1, protect=2)  # 2 is the newest confirmed good: kept, and so is the newest; older ones go
+  assert ckpt.steps() == [2, 4]
+  step, state, _ = ckpt.restore_newest_readable(_abstract(), step=2, warn=print)
+  assert step == 2 and int(state['step']) == 2
+  with pytest.raises(ValueError, match='restore_step=7: there is no checkpoint of that step'):
+    ckpt.restore_newest_readable(_abstract(), step=7, warn=print)
+  ckpt.close()
+
+
+def test_frozen_sources_are_pinned_by_step_and_hash(tmp_path):
+  other = tmp_path / 'other'
+  ckpt = checkpoint.Checkpointer(str(other / 'checkpoints'))
+  ckpt.save(5, {'params': {'tower': {'w': jnp.ones(4)}}}, {'data': {}})
+  ckpt.close()
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  first = checkpoint.Sources()
+  np.testing.assert_array_equal(first.load('tower', str(other), 'params/tower', abstract)['w'], np.ones(4))
+  pin = first.recorded['tower']
+  assert pin['step'] == 5 and pin['hash'] == checkpoint.content_hash({'w': np.ones(4, np.float32)})
+  # The other run trains on: a resumed run still reads step 5, not the newest.
+  ckpt = checkpoint.Checkpointer(str(other / 'checkpoints'))
+  ckpt.save(6, {'params': {'tower': {'w': jnp.zeros(4)}}}, {'data': {}})
+  ckpt.close()
+  np.testing.assert_array_equal(checkpoint.Sources(first.recorded).load('tower', str(other), 'params/tower',
+                                                                        abstract)['w'], np.ones(4))
+  changed = dict(first.recorded, tower=dict(pin, hash='0' * 16))
+  with pytest.raises(ValueError, match='is not the one this run was built from'):
+    checkpoint.Sources(changed).load('tower', str(other), 'params/tower', abstract)
+  gone = dict(first.recorded, tower=dict(pin, step=3))
+  with pytest.raises(FileNotFoundError, match='no longer has the checkpoint of step 3'):
+    checkpoint.Sources(gone).load('tower', str(other), 'params/tower', abstract)
+  assert checkpoint.Sources(dry=True).load('tower', str(tmp_path / 'missing'), 'params/tower', abstract) is abstract
+
+
+def test_metrics_drop_a_truncated_last_line_only(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
+  warnings = []
+  assert [r['step'] for r in metrics.read_metrics(str(path), warn=warnings.append)] == [1, 2]
+  assert len(warnings) == 1 and 'cut short' in warnings[0]
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, resume_step=1, warn=warnings.append)
+  writer.write(2, {'a': 5.0})
+  writer.close()
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [{'step': 1, 'a': 1.0},
+                                                                          {'step': 2, 'a': 5.0}]
+  path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(ValueError, match='line 2 is not JSON'):
+    metrics.read_metrics(str(path))
