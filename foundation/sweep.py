@@ -359,6 +359,7 @@ def plot(path: str, rows: list[Row], fields: list[str], metrics: list[str], titl
   one line per combination of the other fields; otherwise grouped bars, grouped by the first field."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.ticker import NullFormatter  # pylint: disable=g-import-not-at-top
 
   numeric = [f for f in fields if len({r.cell.overrides[f] for r in rows}) > 1
              and all(_as_number(r.cell.overrides[f]) is not None for r in rows)]
@@ -377,9 +378,11 @@ def plot(path: str, rows: list[Row], fields: list[str], metrics: list[str], titl
         members = sorted((r for r in rows if series_of(r) == name), key=lambda r: float(r.cell.overrides[x_field]))
         axes.errorbar([float(r.cell.overrides[x_field]) for r in members], [r.stats[metric][0] for r in members],
                       yerr=[std(r) for r in members], marker='o', capsize=3, label=name or None)
-      xs = [float(r.cell.overrides[x_field]) for r in rows]
-      if min(xs) > 0 and max(xs) / min(xs) >= 10:  # learning rates, weight decays: decades apart
+      ticks = {float(r.cell.overrides[x_field]): r.cell.overrides[x_field] for r in rows}
+      if min(ticks) > 0 and max(ticks) / min(ticks) >= 10:  # learning rates, weight decays: decades apart
         axes.set_xscale('log')
+      axes.set_xticks(list(ticks), list(ticks.values()))  # the values swept, as written, not decades
+      axes.xaxis.set_minor_formatter(NullFormatter())
       axes.set_xlabel(x_field)
     else:
       groups = list(dict.fromkeys(r.cell.overrides[fields[0]] if fields else r.cell.name for r in rows))
@@ -472,7 +475,7 @@ def sweep(args) -> int:
       print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
   print(f'[sweep] {sum(r.n for r in rows)} finished run(s) in {os.path.join(root, "table.md")} (.csv, .png)')
   if unfinished:
-    print(f'[sweep] not in the table, unfinished: {", ".join(unfinished)}', file=sys.stderr)
+    print(f'[sweep] not in the table (unfinished or not run): {", ".join(unfinished)}', file=sys.stderr)
   return 1 if failures else 0
 
 
