@@ -9,8 +9,8 @@ The grid is `field=value,value;field=value,...`: `;` separates fields and `,` va
 quotes, so tuples (`optim.freeze=('layers_0/',),('layers_[01]/',)`) and quoted strings (`data.name='a,b'`) are one
 value each. A value that is one quoted string is passed without its quotes (they only protect commas). A cell is
 one combination of values; each cell runs `--seeds` times with `--config.seed=0..seeds-1` into
-`ROOT/<cell>/seed_<s>`, where `<cell>` spells the cell's overrides (`optim.lr=0.001,model.num_layers=2`) with
-characters a filesystem or shell would mind replaced by `_`.
+`ROOT/<cell>/seed_<s>`, where `<cell>` spells the cell's overrides (`optim.lr=0.001,model.num_layers=2`) without
+quotes and spaces, and with characters a filesystem would mind (`/`, `:`, ...) replaced by `_`.
 
 Everything is checked before any run starts or anything is written: the config loads, and every `--set` and grid
 value parses into it through the same loader `foundation.main` uses (`config_flags`), so a typo fails here, once,
@@ -18,14 +18,18 @@ with exit status 2, instead of in every run.
 
 Runs go one after another as subprocesses that print to this terminal. A run that exits 0 having logged its last
 step gets a `.sweep_done` marker holding its command; rerunning the sweep skips the runs whose marker matches and
-reruns the others, which resume from their checkpoints. A failing run does not stop the sweep: it is reported at
-the end, and the exit status is 1. `--jobs=print` prints the commands (one per line, shell-quoted) instead of
-running them, to submit them as separate jobs; `--table_only` then builds the tables once they have finished.
+reruns the others, which resume from their checkpoints. (A run whose command changed, say by another `--set`, is
+rerun, and `foundation.main` refuses a workdir that holds another config: give a changed sweep a new root.) A
+failing run does not stop the sweep: it is reported at the end, and the exit status is 1. `--jobs=print` prints
+the commands of the runs not yet marked done (one per line, shell-quoted) instead of running them, to submit them
+as separate jobs; `--table_only` builds the tables once they have finished.
 
 The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. For every metric (default: every
 `eval/...` key logged) they give the mean and the sample standard deviation (ddof=1; undefined for a single seed)
-over seeds of the metric's last logged value in each finished run, and n, the number of finished runs. A run
-counts as finished when its `metrics.jsonl` has a line at its config's `num_train_steps`, however it was run.
+over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over
+the runs that have it), and n, the number of finished runs. A run counts as finished when its `metrics.jsonl` has
+a line at its config's `num_train_steps`, however it was run. The tables cover the cells of the latest sweep
+started or printed for the root (`ROOT/sweep.json`).
 """
 
 import argparse
@@ -173,7 +177,7 @@ def _one_line(error: Exception) -> str:
 
 def load_config(config: str, overrides: dict[str, str]):
   """The config exactly as `foundation.main --config=CONFIG --config.field=value ...` would resolve it."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
   argv = ['foundation.main', f'--config={config}', *(f'--config.{k}={v}' for k, v in overrides.items())]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True, sys_argv=argv)
@@ -357,9 +361,10 @@ def _as_number(value: str) -> float | None:
 def plot(path: str, rows: list[Row], fields: list[str], metrics: list[str], title: str) -> None:
   """One panel per metric, error bars one std. A numeric field with several values is the x axis of a line plot,
   one line per combination of the other fields; otherwise grouped bars, grouped by the first field."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from matplotlib.ticker import NullFormatter  # pylint: disable=g-import-not-at-top
+  # Imported here: only plotting needs matplotlib. The Agg canvas renders without a display (as in evaluate/report).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import NullFormatter
 
   numeric = [f for f in fields if len({r.cell.overrides[f] for r in rows}) > 1
              and all(_as_number(r.cell.overrides[f]) is not None for r in rows)]
@@ -421,15 +426,18 @@ def write_tables(root: str, metrics: list[str] | None) -> tuple[list[Row], list[
             f'ddof=1) over the n finished seeds of {manifest["seeds"]}.\n\n')
     f.write(markdown_table(rows, fields, metrics))
   write_csv(os.path.join(root, 'table.csv'), rows, fields, metrics)
+  png = os.path.join(root, 'table.png')
   if metrics and any(r.n for r in rows):
-    plot(os.path.join(root, 'table.png'), rows, fields, metrics, title)
+    plot(png, rows, fields, metrics, title)
+  elif os.path.exists(png):
+    os.remove(png)  # nothing to plot: an old figure would contradict the table
   return rows, unfinished
 
 
 # ------------------------------------------------------------------------------------------------------ main
 
 def parse_args(argv: list[str] | None = None):
-  parser = argparse.ArgumentParser(prog='python -m foundation.sweep', description=__doc__.split('\n\n')[0],
+  parser = argparse.ArgumentParser(prog='python -m foundation.sweep', description='\n\n'.join(__doc__.split('\n\n')[:2]),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', help='path to a config file, optionally with :variant (as for main)')
   parser.add_argument('--grid', help="fields and their values: 'field=v1,v2;field2=a,b'")
@@ -447,7 +455,7 @@ def parse_args(argv: list[str] | None = None):
 
 def sweep(args) -> int:
   """Validates, runs (or prints) the runs, writes the tables; returns the exit status."""
-  root = args.root
+  root = os.path.normpath(args.root)  # one spelling of each workdir, as the markers record it
   if args.table_only:
     rows, unfinished = write_tables(root, args.metrics)
     failures = []
@@ -473,7 +481,8 @@ def sweep(args) -> int:
     rows, unfinished = write_tables(root, args.metrics)
     if failures:
       print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
-  print(f'[sweep] {sum(r.n for r in rows)} finished run(s) in {os.path.join(root, "table.md")} (.csv, .png)')
+  print(f'[sweep] {sum(r.n for r in rows)} finished run(s) in {os.path.join(root, "table.md")} and table.csv'
+        + (', table.png' if os.path.exists(os.path.join(root, 'table.png')) else ''))
   if unfinished:
     print(f'[sweep] not in the table (unfinished or not run): {", ".join(unfinished)}', file=sys.stderr)
   return 1 if failures else 0
