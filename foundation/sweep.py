@@ -1,0 +1,500 @@
+r"""Ablations: a grid of config overrides x seeds, one `foundation.main` run each, then a table of final metrics.
+
+  python -m foundation.sweep --config=configs/lm/shakespeare.py:baby \
+      --grid='optim.lr=1e-3,3e-3;model.num_layers=2,4' --seeds=3 --root=workdirs/lr_depth \
+      [--metrics=eval/loss,eval/perplexity] [--set=num_train_steps=500 ...] [--jobs=print]
+  python -m foundation.sweep --root=workdirs/lr_depth --table_only
+
+The grid is `field=value,value;field=value,...`: `;` separates fields and `,` values, but only outside brackets and
+quotes, so tuples (`optim.freeze=('layers_0/',),('layers_[01]/',)`) and quoted strings (`data.name='a,b'`) are one
+value each. A value that is one quoted string is passed without its quotes (they only protect commas). A cell is
+one combination of values; each cell runs `--seeds` times with `--config.seed=0..seeds-1` into
+`ROOT/<cell>/seed_<s>`, where `<cell>` spells the cell's overrides (`optim.lr=0.001,model.num_layers=2`) without
+quotes and spaces, and with characters a filesystem would mind (`/`, `:`, ...) replaced by `_`.
+
+Everything is checked before any run starts or anything is written: the config loads, and every `--set` and grid
+value parses into it through the same loader `foundation.main` uses (`config_flags`), so a typo fails here, once,
+with exit status 2, instead of in every run.
+
+Runs go one after another as subprocesses that print to this terminal. A run that exits 0 having logged its last
+step gets a `.sweep_done` marker holding its command; rerunning the sweep skips the runs whose marker matches and
+reruns the others, which resume from their checkpoints. (A run whose command changed, say by another `--set`, is
+rerun, and `foundation.main` refuses a workdir that holds another config: give a changed sweep a new root.) A
+failing run does not stop the sweep: it is reported at the end, and the exit status is 1. `--jobs=print` prints
+the commands of the runs not yet marked done (one per line, shell-quoted) instead of running them, to submit them
+as separate jobs; `--table_only` builds the tables once they have finished.
+
+The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. For every metric (default: every
+`eval/...` key logged) they give the mean and the sample standard deviation (ddof=1; undefined for a single seed)
+over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over
+the runs that have it), and n, the number of finished runs. A run counts as finished when its `metrics.jsonl` has
+a line at its config's `num_train_steps`, however it was run. The tables cover the cells of the latest sweep
+started or printed for the root (`ROOT/sweep.json`).
+"""
+
+import argparse
+import ast
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+from typing import NamedTuple
+
+from absl import flags
+
+MANIFEST = 'sweep.json'  # what --table_only needs to find the runs again: config, fields, cells, seeds
+DONE_MARKER = '.sweep_done'
+_UNSAFE = re.compile(r'[^A-Za-z0-9._,=+()-]')  # safe in a file name on any filesystem
+_MAX_NAME = 150  # characters; file names may have 255 bytes, and the hash suffix needs room
+_OPEN, _CLOSE = '([{', ')]}'
+
+
+class SweepError(ValueError):
+  """A bad sweep definition; reported as one line with exit status 2, before anything runs."""
+
+
+class Cell(NamedTuple):
+  name: str                    # its directory under the root
+  overrides: dict[str, str]    # field -> value, as passed to --config.field=value
+
+
+# ---------------------------------------------------------------------------------------------------- the grid
+
+def split_top_level(text: str, separator: str) -> list[str]:
+  """Splits at `separator` outside brackets and quotes, so tuples and quoted strings stay whole."""
+  parts, current, closers, quote = [], [], [], None
+  for char in text:
+    if quote:
+      quote = None if char == quote else quote
+    elif char in '\'"':
+      quote = char
+    elif char in _OPEN:
+      closers.append(_CLOSE[_OPEN.index(char)])
+    elif char in _CLOSE:
+      if not closers or closers.pop() != char:
+        raise SweepError(f'unbalanced {char!r} in {text!r}')
+    elif char == separator and not closers:
+      parts.append(''.join(current))
+      current = []
+      continue
+    current.append(char)
+  if quote or closers:
+    raise SweepError(f'unclosed {quote or closers[-1]!r} in {text!r}')
+  parts.append(''.join(current))
+  return parts
+
+
+def config_value(text: str) -> str:
+  """The value as --config.field receives it: one quoted string loses its quotes, which only protected commas."""
+  text = text.strip()
+  if len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
+    try:
+      value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+      return text
+    if isinstance(value, str):
+      return value
+  return text
+
+
+def _field_and_value(text: str, what: str) -> tuple[str, str]:
+  field, equals, value = text.partition('=')
+  field = field.strip()
+  if not equals or not re.fullmatch(r'[A-Za-z_]\w*(\.[A-Za-z_]\w*)*', field):
+    raise SweepError(f'{what} {text.strip()!r} is not field=value (e.g. optim.lr=1e-3)')
+  return field, value
+
+
+def parse_grid(text: str) -> dict[str, list[str]]:
+  """'a.b=1,2;c=(0,1),(2,3)' -> {'a.b': ['1', '2'], 'c': ['(0,1)', '(2,3)']}, fields in the order given."""
+  grid = {}
+  for part in split_top_level(text, ';') if text.strip() else []:
+    field, values = _field_and_value(part, 'grid entry')
+    if field in grid:
+      raise SweepError(f'grid field {field} appears twice')
+    texts = split_top_level(values, ',')
+    if any(not text.strip() for text in texts):
+      raise SweepError(f'grid field {field} has an empty value in {part.strip()!r}')
+    grid[field] = [config_value(text) for text in texts]
+  return grid
+
+
+def parse_sets(texts: list[str]) -> dict[str, str]:
+  sets = {}
+  for text in texts:
+    field, value = _field_and_value(text, '--set')
+    sets[field] = config_value(value)
+  return sets
+
+
+def _safe_name(overrides: dict[str, str]) -> str:
+  raw = ','.join(f'{field}={value}' for field, value in overrides.items()) or 'default'
+  name = _UNSAFE.sub('_', re.sub(r'[\'"\s]', '', raw))  # quotes and spaces carry nothing in a name
+  if len(name) > _MAX_NAME:
+    name = name[:_MAX_NAME - 9] + '~' + hashlib.sha1(raw.encode()).hexdigest()[:8]
+  return name
+
+
+def make_cells(grid: dict[str, list[str]]) -> list[Cell]:
+  """The Cartesian product of the grid, first field slowest; names that sanitising made equal get a hash suffix."""
+  cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+  names = [_safe_name(overrides) for overrides in cells]
+  for i, name in enumerate(names):
+    if names.count(name) > 1:
+      raw = json.dumps(cells[i], sort_keys=True)
+      names[i] = f'{name}~{hashlib.sha1(raw.encode()).hexdigest()[:8]}'
+  if len(set(names)) != len(names):
+    raise SweepError('the grid has the same cell twice (a value repeated within a field?)')
+  return [Cell(name, overrides) for name, overrides in zip(names, cells)]
+
+
+# ---------------------------------------------------------------------------------------- config and commands
+
+def _one_line(error: Exception) -> str:
+  if isinstance(error, (AttributeError, KeyError)) and error.args:  # a field the config lacks
+    message = error.args[0]
+    while isinstance(message, KeyError) and message.args:
+      message = message.args[0]
+    while isinstance(message, str) and message[:1] in '\'"':  # KeyError's repr, wrapped again by config_flags
+      try:
+        message = ast.literal_eval(message)
+      except (SyntaxError, ValueError):
+        break
+    return 'no such field ' + ' '.join(str(message).split())
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    return lines[-1]  # a config file that raised: its own message is the last line
+  return ' '.join(lines)
+
+
+def load_config(config: str, overrides: dict[str, str]):
+  """The config exactly as `foundation.main --config=CONFIG --config.field=value ...` would resolve it."""
+  from ml_collections import config_flags
+  argv = ['foundation.main', f'--config={config}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seeds: int) -> dict[str, int]:
+  """Loads every cell's config as main would; returns num_train_steps by cell name. Raises SweepError."""
+  path = config.split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise SweepError(f'--config={config}: no such file {path}')
+  if seeds < 1:
+    raise SweepError(f'--seeds={seeds} must be at least 1')
+  for field in ('seed', *sets):
+    if field in grid:
+      raise SweepError(f'grid field {field} is also set by ' + ('--seeds' if field == 'seed' else '--set'))
+  if 'seed' in sets:
+    raise SweepError('--set=seed=... conflicts with --seeds, which sets config.seed for each run')
+
+  def load(overrides, what):
+    try:
+      return load_config(config, overrides)
+    except Exception as e:  # config_flags raises several kinds (AttributeError, flags.Error, errors of the file)
+      raise SweepError(f'{what}: {_one_line(e)}') from None
+
+  load(sets, f'--config={config}' + ''.join(f' --set={k}={v}' for k, v in sets.items()))
+  for field, values in grid.items():  # one value at a time, so an error names the value at fault
+    for value in values:
+      load({**sets, field: value}, f'grid value {field}={value}')
+  return {cell.name: int(load({**sets, **cell.overrides}, f'cell {cell.name}').num_train_steps)
+          for cell in make_cells(grid)}
+
+
+def run_command(config: str, workdir: str, sets: dict[str, str], cell: Cell, seed: int) -> list[str]:
+  overrides = {**sets, **cell.overrides, 'seed': str(seed)}
+  return [sys.executable, '-m', 'foundation.main', f'--config={config}', f'--workdir={workdir}',
+          *(f'--config.{field}={value}' for field, value in overrides.items())]
+
+
+def _workdir(root: str, cell_name: str, seed: int) -> str:
+  return os.path.join(root, cell_name, f'seed_{seed}')
+
+
+# ------------------------------------------------------------------------------------------------ the runs
+
+def read_metrics(workdir: str) -> list[dict]:
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except FileNotFoundError:
+    return []
+
+
+def reached_step(workdir: str, step: int) -> bool:
+  return any(record.get('step') == step for record in read_metrics(workdir))
+
+
+def _marked_done(workdir: str, command: list[str]) -> bool:
+  """Whether this exact run (its arguments; not the interpreter's path) finished under the sweep before."""
+  try:
+    with open(os.path.join(workdir, DONE_MARKER)) as f:
+      return json.load(f)['args'] == command[1:]
+  except (OSError, ValueError, KeyError):
+    return False
+
+
+def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], seeds: int,
+            steps: dict[str, int]) -> list[str]:
+  """Runs every unfinished run in turn; returns one line per failed run."""
+  failures = []
+  total = len(cells) * seeds
+  for i, (cell, seed) in enumerate(itertools.product(cells, range(seeds)), 1):
+    workdir = _workdir(root, cell.name, seed)
+    command = run_command(config, workdir, sets, cell, seed)
+    if _marked_done(workdir, command):
+      print(f'[sweep {i}/{total}] {workdir}: finished before, skipped', flush=True)
+      continue
+    print(f'[sweep {i}/{total}] {workdir}: running\n  {shlex.join(command)}', flush=True)
+    returncode = subprocess.run(command).returncode
+    if returncode != 0:
+      failures.append(f'{workdir}: exit status {returncode}')
+    elif not reached_step(workdir, steps[cell.name]):
+      failures.append(f'{workdir}: exited 0 but metrics.jsonl has no line at step {steps[cell.name]}')
+    else:
+      with open(os.path.join(workdir, DONE_MARKER), 'w') as f:
+        json.dump({'args': command[1:], 'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S')}, f, indent=1)
+  return failures
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+class Row(NamedTuple):
+  cell: Cell
+  n: int                                     # finished runs
+  stats: dict[str, tuple[float, float]]      # metric -> (mean, sample std); NaN where undefined
+
+
+def last_values(records: list[dict]) -> dict[str, float]:
+  """Each key's value on the last line that has it (eval and train lines of one step may be separate)."""
+  last = {}
+  for record in records:
+    last.update({k: v for k, v in record.items() if k != 'step'})
+  return last
+
+
+def _finished_step(workdir: str) -> int | None:
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      return int(json.load(f)['num_train_steps'])
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1): the spread a new seed would show; NaN for fewer values."""
+  if not values:
+    return math.nan, math.nan
+  mean = sum(values) / len(values)
+  if len(values) < 2:
+    return mean, math.nan
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def collect(root: str, cells: list[Cell], seeds: int,
+            metrics: list[str] | None) -> tuple[list[Row], list[str], list[str]]:
+  """Rows of the table, the metrics shown, and the runs that have not finished (missing from the table)."""
+  finished, unfinished = {}, []
+  for cell, seed in itertools.product(cells, range(seeds)):
+    workdir = _workdir(root, cell.name, seed)
+    step = _finished_step(workdir)
+    records = read_metrics(workdir)
+    if step is not None and any(r.get('step') == step for r in records):
+      finished.setdefault(cell.name, []).append(last_values(records))
+    else:
+      unfinished.append(workdir)
+  if metrics is None:  # every eval metric logged, in the order they were logged
+    metrics = list(dict.fromkeys(k for runs in finished.values() for last in runs for k in last
+                                 if k.startswith('eval/')))
+  rows = []
+  for cell in cells:
+    runs = finished.get(cell.name, [])
+    stats = {m: mean_and_std([float(last[m]) for last in runs if m in last]) for m in metrics}
+    rows.append(Row(cell, len(runs), stats))
+  return rows, metrics, unfinished
+
+
+def _format(mean: float, std: float) -> str:
+  if math.isnan(mean):
+    return '-'
+  return f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ({std:.2g})'
+
+
+def markdown_table(rows: list[Row], fields: list[str], metrics: list[str]) -> str:
+  header = [*(fields or ['cell']), *metrics, 'n']
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join([' --- '] * len(fields or ['cell']) + [' ---: '] * (len(metrics) + 1)) + '|']
+  for row in rows:
+    keys = [row.cell.overrides[f] for f in fields] if fields else [row.cell.name]
+    lines.append('| ' + ' | '.join([*keys, *(_format(*row.stats[m]) for m in metrics), str(row.n)]) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_csv(path: str, rows: list[Row], fields: list[str], metrics: list[str]) -> None:
+  number = lambda x: '' if math.isnan(x) else repr(x)  # full precision; empty where undefined
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['cell', *fields, *(f'{m} {s}' for m in metrics for s in ('mean', 'std')), 'n'])
+    for row in rows:
+      writer.writerow([row.cell.name, *(row.cell.overrides[f] for f in fields),
+                       *(number(x) for m in metrics for x in row.stats[m]), row.n])
+
+
+def _as_number(value: str) -> float | None:
+  try:
+    return float(value)
+  except ValueError:
+    return None
+
+
+def plot(path: str, rows: list[Row], fields: list[str], metrics: list[str], title: str) -> None:
+  """One panel per metric, error bars one std. A numeric field with several values is the x axis of a line plot,
+  one line per combination of the other fields; otherwise grouped bars, grouped by the first field."""
+  # Imported here: only plotting needs matplotlib. The Agg canvas renders without a display (as in evaluate/report).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import NullFormatter
+
+  numeric = [f for f in fields if len({r.cell.overrides[f] for r in rows}) > 1
+             and all(_as_number(r.cell.overrides[f]) is not None for r in rows)]
+  x_field = numeric[0] if numeric else None
+  series_fields = [f for f in fields if f != x_field] if x_field else fields[1:]
+  series_of = lambda row: ', '.join(f'{f}={row.cell.overrides[f]}' for f in series_fields)
+  series = list(dict.fromkeys(series_of(r) for r in rows))
+  columns = min(len(metrics), 3)
+  figure = Figure(figsize=(4.8 * columns, 3.6 * math.ceil(len(metrics) / columns)), dpi=110)
+  FigureCanvasAgg(figure)
+  for k, metric in enumerate(metrics):
+    axes = figure.add_subplot(math.ceil(len(metrics) / columns), columns, k + 1)
+    std = lambda r: 0.0 if math.isnan(r.stats[metric][1]) else r.stats[metric][1]
+    if x_field:
+      for name in series:
+        members = sorted((r for r in rows if series_of(r) == name), key=lambda r: float(r.cell.overrides[x_field]))
+        axes.errorbar([float(r.cell.overrides[x_field]) for r in members], [r.stats[metric][0] for r in members],
+                      yerr=[std(r) for r in members], marker='o', capsize=3, label=name or None)
+      ticks = {float(r.cell.overrides[x_field]): r.cell.overrides[x_field] for r in rows}
+      if min(ticks) > 0 and max(ticks) / min(ticks) >= 10:  # learning rates, weight decays: decades apart
+        axes.set_xscale('log')
+      axes.set_xticks(list(ticks), list(ticks.values()))  # the values swept, as written, not decades
+      axes.xaxis.set_minor_formatter(NullFormatter())
+      axes.set_xlabel(x_field)
+    else:
+      groups = list(dict.fromkeys(r.cell.overrides[fields[0]] if fields else r.cell.name for r in rows))
+      width = 0.8 / max(len(series), 1)
+      for j, name in enumerate(series):
+        members = {(r.cell.overrides[fields[0]] if fields else r.cell.name): r for r in rows if series_of(r) == name}
+        positions = [g + (j - (len(series) - 1) / 2) * width for g, key in enumerate(groups) if key in members]
+        present = [members[key] for key in groups if key in members]
+        axes.bar(positions, [r.stats[metric][0] for r in present], width, yerr=[std(r) for r in present],
+                 capsize=3, label=name or None)
+      axes.set_xticks(range(len(groups)), groups, rotation=30 if max(map(len, groups)) > 8 else 0)
+      axes.set_xlabel(fields[0] if fields else 'cell')
+    axes.set_title(metric, fontsize='medium')
+    axes.grid(True, alpha=0.3)
+    if len(series) > 1:
+      axes.legend(fontsize='x-small')
+  figure.suptitle(textwrap.fill(title, int(17 * figure.get_figwidth())), fontsize='small')  # long --set lists wrap
+  figure.tight_layout()
+  figure.savefig(path, format='png')
+
+
+def write_tables(root: str, metrics: list[str] | None) -> tuple[list[Row], list[str]]:
+  """Writes table.md, table.csv and table.png from the runs under `root`; returns the rows and unfinished runs."""
+  try:
+    with open(os.path.join(root, MANIFEST)) as f:
+      manifest = json.load(f)
+  except OSError:
+    raise SweepError(f'{root} holds no {MANIFEST}: run the sweep (or --jobs=print) first') from None
+  fields = list(manifest['grid'])
+  cells = [Cell(c['name'], c['overrides']) for c in manifest['cells']]
+  rows, metrics, unfinished = collect(root, cells, manifest['seeds'], metrics or manifest['metrics'])
+  sets = ''.join(f' --set={k}={v}' for k, v in manifest['set'].items())
+  title = f'{manifest["config"]}{sets}, {manifest["seeds"]} seeds'
+  with open(os.path.join(root, 'table.md'), 'w') as f:
+    f.write(f'Sweep of `{manifest["config"]}`{sets}: each metric\'s last logged value, mean (sample std, '
+            f'ddof=1) over the n finished seeds of {manifest["seeds"]}.\n\n')
+    f.write(markdown_table(rows, fields, metrics))
+  write_csv(os.path.join(root, 'table.csv'), rows, fields, metrics)
+  png = os.path.join(root, 'table.png')
+  if metrics and any(r.n for r in rows):
+    plot(png, rows, fields, metrics, title)
+  elif os.path.exists(png):
+    os.remove(png)  # nothing to plot: an old figure would contradict the table
+  return rows, unfinished
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def parse_args(argv: list[str] | None = None):
+  parser = argparse.ArgumentParser(prog='python -m foundation.sweep', description='\n\n'.join(__doc__.split('\n\n')[:2]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', help='path to a config file, optionally with :variant (as for main)')
+  parser.add_argument('--grid', help="fields and their values: 'field=v1,v2;field2=a,b'")
+  parser.add_argument('--seeds', type=int, default=1, help='runs per cell, with config.seed = 0, ..., seeds - 1')
+  parser.add_argument('--root', required=True, help='directory of the sweep: a subdirectory per cell, the tables')
+  parser.add_argument('--metrics', type=lambda s: [m for m in s.split(',') if m],
+                      help='comma-separated metrics of the tables (default: every eval/... key logged)')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='set in every run (repeat for several fields)')
+  parser.add_argument('--jobs', choices=('run', 'print'), default='run',
+                      help='run: here, one after another; print: print the commands, to submit as separate jobs')
+  parser.add_argument('--table_only', action='store_true', help='only (re)build the tables from the runs in --root')
+  return parser.parse_args(argv)
+
+
+def sweep(args) -> int:
+  """Validates, runs (or prints) the runs, writes the tables; returns the exit status."""
+  root = os.path.normpath(args.root)  # one spelling of each workdir, as the markers record it
+  if args.table_only:
+    rows, unfinished = write_tables(root, args.metrics)
+    failures = []
+  else:
+    if not args.config or args.grid is None:
+      raise SweepError('--config and --grid are required (or --table_only)')
+    grid, sets = parse_grid(args.grid), parse_sets(args.set)
+    steps = validate(args.config, grid, sets, args.seeds)
+    cells = make_cells(grid)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, MANIFEST), 'w') as f:
+      json.dump({'config': args.config, 'grid': grid, 'set': sets, 'seeds': args.seeds, 'metrics': args.metrics,
+                 'cells': [c._asdict() for c in cells]}, f, indent=1)
+    if args.jobs == 'print':
+      for cell, seed in itertools.product(cells, range(args.seeds)):
+        command = run_command(args.config, _workdir(root, cell.name, seed), sets, cell, seed)
+        if not _marked_done(_workdir(root, cell.name, seed), command):
+          print(shlex.join(command))
+      print(f'When they have finished: python -m foundation.sweep --root={shlex.quote(root)} --table_only',
+            file=sys.stderr)
+      return 0
+    failures = run_all(args.config, root, sets, cells, args.seeds, steps)
+    rows, unfinished = write_tables(root, args.metrics)
+    if failures:
+      print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
+  print(f'[sweep] {sum(r.n for r in rows)} finished run(s) in {os.path.join(root, "table.md")} and table.csv'
+        + (', table.png' if os.path.exists(os.path.join(root, 'table.png')) else ''))
+  if unfinished:
+    print(f'[sweep] not in the table (unfinished or not run): {", ".join(unfinished)}', file=sys.stderr)
+  return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    return sweep(parse_args(argv))
+  except SweepError as e:
+    print(f'sweep: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,251 @@
+"""foundation.sweep: the grid parser, cell names, the printed commands, early errors, and the tables, whose means and
+standard deviations are checked against numpy over the runs' metrics.jsonl. One small sweep runs end to end."""
+
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CACHE_DIR, REPO
+from foundation import sweep
+
+SMOKE = 'configs/lm/shakespeare.py:smoke'
+
+
+def run_sweep(*args, env=None):
+  return subprocess.run([sys.executable, '-m', 'foundation.sweep', *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def read_csv(path) -> dict[str, dict[str, str]]:
+  with open(path) as f:
+    return {row['cell']: row for row in csv.DictReader(f)}
+
+
+def last_value(workdir, key) -> float:
+  """The reference reading of a run: the value of `key` on the last line of metrics.jsonl that has it."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)[key] for line in f if key in json.loads(line)][-1]
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('optim.lr=1e-3,3e-3;model.num_layers=2,4', {'optim.lr': ['1e-3', '3e-3'], 'model.num_layers': ['2', '4']}),
+    # Commas and semicolons inside brackets or quotes belong to the value; one quoted string loses its quotes.
+    ("optim.freeze=(),('layers_0/', 'a,b'),['x;y'];data.name='a,b;c', \"it's\"",
+     {'optim.freeze': ['()', "('layers_0/', 'a,b')", "['x;y']"], 'data.name': ['a,b;c', "it's"]}),
+    ('mesh={"data": (1, 2)},{}', {'mesh': ['{"data": (1, 2)}', '{}']}),
+    ("data.name='a','b'", {'data.name': ['a', 'b']}),
+    ("data.name='a'+'b'", {'data.name': ["'a'+'b'"]}),  # not one string literal: passed on as written
+    ('', {}),
+])
+def test_grid_parser_keeps_tuples_and_quoted_strings_whole(text, expected):
+  assert sweep.parse_grid(text) == expected
+
+
+@pytest.mark.parametrize('text, message', [
+    ('optim.lr=(1,2', "unclosed ')'"),
+    ('optim.lr=1,2)', "unbalanced ')'"),
+    ("data.name='a,b", "unclosed \"'\""),
+    ('optim.lr', 'is not field=value'),
+    ('optim.lr=1;optim.lr=2', 'appears twice'),
+    ('optim.lr=1,,2', 'empty value'),
+])
+def test_grid_parser_refuses_malformed_grids(text, message):
+  with pytest.raises(sweep.SweepError, match=re.escape(message)):
+    sweep.parse_grid(text)
+
+
+def test_parsed_values_reach_the_config_as_main_reads_them():
+  grid = sweep.parse_grid("optim.freeze=('layers_0/', 'a,b');data.name='a,b;c';optim.lr=3e-3")
+  config = sweep.load_config(SMOKE, {field: values[0] for field, values in grid.items()})
+  assert config.optim.freeze == ('layers_0/', 'a,b') and config.data.name == 'a,b;c' and config.optim.lr == 3e-3
+
+
+def test_cell_names_are_readable_filesystem_safe_and_distinct():
+  cells = sweep.make_cells(sweep.parse_grid("optim.lr=0.001,0.01;model.num_layers=2"))
+  assert [c.name for c in cells] == ['optim.lr=0.001,model.num_layers=2', 'optim.lr=0.01,model.num_layers=2']
+  # 'a b' and 'ab' sanitise to the same name; a path's slashes must not make subdirectories.
+  cells = sweep.make_cells(sweep.parse_grid("data.name='a b',ab,'x/../y',\"q:*?|<>\";optim.freeze=('a/',)"))
+  names = [c.name for c in cells]
+  assert len(set(names)) == len(names) == 4
+  assert all(re.fullmatch(r'[A-Za-z0-9._,=+()~-]+', n) and '/' not in n for n in names), names
+  assert cells[0].overrides == {'data.name': 'a b', 'optim.freeze': "('a/',)"}
+
+
+def test_jobs_print_prints_shell_quoted_commands_and_writes_no_run(tmp_path, capsys):
+  root = str(tmp_path / 'root')
+  grid = "optim.freeze=(),('layers_0/', 'x y');data.name='a,b'"
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=2', f'--root={root}', '--jobs=print',
+                     '--set=num_train_steps=3']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  expected = []
+  for cell, freeze in (('optim.freeze=(),data.name=a,b', '()'),
+                       ('optim.freeze=(layers_0_,xy),data.name=a,b', "('layers_0/', 'x y')")):
+    for seed in (0, 1):
+      expected.append([sys.executable, '-m', 'foundation.main', f'--config={SMOKE}',
+                       f'--workdir={root}/{cell}/seed_{seed}', '--config.num_train_steps=3',
+                       f'--config.optim.freeze={freeze}', '--config.data.name=a,b', f'--config.seed={seed}'])
+  assert [shlex.split(line) for line in lines] == expected
+  # What bash makes of a printed line, argument by argument.
+  echoed = subprocess.run(['bash', '-c', 'printf "%s\\0" ' + lines[2]], capture_output=True, text=True, check=True)
+  assert echoed.stdout.split('\0')[:-1] == expected[2]
+  assert os.listdir(root) == [sweep.MANIFEST]  # the manifest, for --table_only; no run directory
+
+
+def test_a_bad_field_fails_with_exit_2_before_anything_is_written(tmp_path):
+  root = tmp_path / 'root'
+  result = run_sweep(f'--config={SMOKE}', '--grid=optim.lr=0.1,0.2;optim.lrr=1,2', f'--root={root}')
+  assert result.returncode == 2
+  assert result.stderr.strip() == ('sweep: error: grid value optim.lrr=1: no such field \'lrr\' '
+                                   'Did you mean "lr" instead of "lrr"?'), result.stderr
+  assert not root.exists()
+
+
+@pytest.mark.parametrize('args, message', [
+    ((f'--config={SMOKE}', '--grid=optim.lr=0.1,abc'), 'grid value optim.lr=abc: flag --config.optim.lr=abc: could '
+                                                      "not convert string to float: 'abc'"),
+    (('--config=configs/lm/nope.py', '--grid=optim.lr=0.1'), 'no such file configs/lm/nope.py'),
+    (('--config=configs/lm/shakespeare.py:tiny', '--grid=optim.lr=0.1'), "unknown variant 'tiny'"),
+    ((f'--config={SMOKE}', '--grid=optim.lr=0.1', '--set=modell.num_layers=1'), 'no such field \'modell\''),
+    ((f'--config={SMOKE}', '--grid=seed=1,2'), 'grid field seed is also set by --seeds'),
+    ((f'--config={SMOKE}', '--grid=optim.lr=(0.1'), "unclosed ')'"),
+    ((f'--config={SMOKE}',), '--config and --grid are required'),
+])
+def test_bad_sweeps_fail_with_exit_2_before_anything_is_written(tmp_path, capsys, args, message):
+  root = tmp_path / 'root'
+  assert sweep.main([*args, f'--root={root}']) == 2
+  error = capsys.readouterr().err
+  assert error.startswith('sweep: error: ') and message in error and error.count('\n') == 1, error
+  assert not root.exists()
+
+
+def fake_run(workdir, num_train_steps, final: dict[str, float] | None, earlier: dict[str, float]):
+  """A run's outputs as foundation.main writes them: train and eval lines of one step as separate objects."""
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump({'num_train_steps': num_train_steps, 'seed': 0}, f)
+  lines = [{'step': 5, 'train/loss': 9.0}, {'step': 5, **earlier}]
+  if final is not None:
+    lines += [{'step': num_train_steps, 'train/loss': final['train/loss']},
+              {'step': num_train_steps, **{k: v for k, v in final.items() if k != 'train/loss'}}]
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(line) + '\n' for line in lines)
+
+
+@pytest.mark.parametrize('grid', ['optim.lr=0.01,0.001;model.num_layers=1,2',        # a numeric field: lines
+                                  'optim.name=adamw,sgd;optim.schedule=cosine,constant'])  # none: grouped bars
+def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, grid):
+  root = str(tmp_path)
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=3', f'--root={root}', '--jobs=print']) == 0
+  cells = sweep.make_cells(sweep.parse_grid(grid))
+  rng = np.random.default_rng(0)
+  expected = {}
+  for i, cell in enumerate(cells):
+    finals = []
+    for seed in range(3):
+      workdir = os.path.join(root, cell.name, f'seed_{seed}')
+      final = {'train/loss': rng.uniform(1, 2), 'eval/loss': rng.uniform(1, 2), 'eval/accuracy': rng.uniform()}
+      if i == 3 and seed > 0:
+        continue  # never ran: this cell has one seed, whose std is undefined
+      if i == 0 and seed == 2:
+        fake_run(workdir, 10, None, {'eval/loss': 0.0})  # stopped early: not in the table
+        continue
+      fake_run(workdir, 10, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5})
+      finals.append(final)
+    expected[cell.name] = finals
+
+  assert sweep.main([f'--root={root}', '--table_only']) == 0
+  table = read_csv(os.path.join(root, 'table.csv'))
+  assert list(table) == [c.name for c in cells]
+  assert list(next(iter(table.values()))) == ['cell', *sweep.parse_grid(grid), 'eval/loss mean', 'eval/loss std',
+                                              'eval/accuracy mean', 'eval/accuracy std', 'n']
+  for cell in cells:
+    row, finals = table[cell.name], expected[cell.name]
+    assert int(row['n']) == len(finals) == (2 if cell == cells[0] else 1 if cell == cells[3] else 3)
+    for metric in ('eval/loss', 'eval/accuracy'):
+      values = np.array([final[metric] for final in finals])
+      np.testing.assert_allclose(float(row[f'{metric} mean']), values.mean(), rtol=1e-12)
+      if len(values) > 1:
+        np.testing.assert_allclose(float(row[f'{metric} std']), values.std(ddof=1), rtol=1e-12)
+      else:
+        assert row[f'{metric} std'] == ''
+
+  markdown = open(os.path.join(root, 'table.md')).read()
+  loss = np.array([final['eval/loss'] for final in expected[cells[1].name]])
+  assert f'| {loss.mean():.4g} ({loss.std(ddof=1):.2g}) |' in markdown
+  assert f'| {expected[cells[3].name][0]["eval/loss"]:.4g} |' in markdown  # one seed: no std
+  with open(os.path.join(root, 'table.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  assert sweep.main([f'--root={root}', '--table_only', '--metrics=train/loss']) == 0
+  table = read_csv(os.path.join(root, 'table.csv'))
+  train_loss = [final['train/loss'] for final in expected[cells[2].name]]
+  np.testing.assert_allclose(float(table[cells[2].name]['train/loss mean']), np.mean(train_loss), rtol=1e-12)
+  assert 'eval/loss mean' not in table[cells[2].name]
+  assert 'not in the table (unfinished or not run)' in capsys.readouterr().err
+
+
+def sweep_env():
+  """One CPU device and the suite's compilation cache for the runs (they inherit the sweep's environment)."""
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
+              JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', FOUNDATION_CPU_PEAK_FLOPS='1e11')
+
+
+def fast(data_dir):
+  """Two steps, one eval batch, no samples: seconds per run."""
+  return [f'--set=data.data_dir={data_dir}', '--set=num_train_steps=2', '--set=log_every=1', '--set=eval_every=2',
+          '--set=checkpoint_every=2', '--set=sample.num_samples=0']
+
+
+def test_a_sweep_runs_tabulates_and_skips_finished_runs_on_rerun(tmp_path, tfds_dir):
+  root = str(tmp_path / 'root')
+  # The cells differ only in evaluation, so a seed's two runs share one compiled train step: compiling is most of a
+  # smoke run's time. Their eval losses still differ (one validation batch or two).
+  args = [f'--config={SMOKE}', '--grid=eval.max_batches=1,2', '--seeds=2', f'--root={root}', *fast(tfds_dir)]
+  first = run_sweep(*args, env=sweep_env())
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert first.stdout.count(': running') == 4
+
+  table = read_csv(os.path.join(root, 'table.csv'))
+  assert list(table) == ['eval.max_batches=1', 'eval.max_batches=2']
+  for cell, row in table.items():
+    assert row['n'] == '2'
+    for metric in ('eval/loss', 'eval/perplexity'):
+      values = np.array([last_value(os.path.join(root, cell, f'seed_{s}'), metric) for s in (0, 1)])
+      np.testing.assert_allclose(float(row[f'{metric} mean']), values.mean(), rtol=1e-12)
+      np.testing.assert_allclose(float(row[f'{metric} std']), values.std(ddof=1), rtol=1e-12)
+      assert values.std() > 0  # the seeds differ, so the std is a real check
+  assert table['eval.max_batches=2']['eval.max_batches'] == '2'
+  assert table['eval.max_batches=1']['eval/loss mean'] != table['eval.max_batches=2']['eval/loss mean']
+
+  workdirs = [os.path.join(root, cell, f'seed_{s}') for cell in table for s in (0, 1)]
+  mtimes = {w: os.stat(os.path.join(w, 'metrics.jsonl')).st_mtime_ns for w in workdirs}
+  again = run_sweep(*args, env=sweep_env())
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count('finished before, skipped') == 4 and ': running' not in again.stdout
+  assert {w: os.stat(os.path.join(w, 'metrics.jsonl')).st_mtime_ns for w in workdirs} == mtimes
+  assert read_csv(os.path.join(root, 'table.csv')) == table
+
+  # A run without its marker (killed, say) is the only one left to do.
+  os.remove(os.path.join(workdirs[1], sweep.DONE_MARKER))
+  printed = run_sweep(*args, '--jobs=print').stdout.splitlines()
+  assert len(printed) == 1 and f'--workdir={workdirs[1]}' in shlex.split(printed[0])
+
+
+def test_a_failing_run_is_reported_and_the_sweep_exits_nonzero(tmp_path, tfds_dir):
+  root = tmp_path / 'root'
+  # grad_accum_steps=3 does not divide the batch of 8: foundation.main refuses it before compiling anything.
+  result = run_sweep(f'--config={SMOKE}', '--grid=grad_accum_steps=3', f'--root={root}', *fast(tfds_dir),
+                     '--set=eval.max_batches=1',
+                     env=sweep_env())
+  assert result.returncode == 1
+  assert f'1 run(s) failed:\n  {root}/grad_accum_steps=3/seed_0: exit status 1' in result.stderr, result.stderr
+  assert not (root / 'grad_accum_steps=3' / 'seed_0' / sweep.DONE_MARKER).exists()
+  assert read_csv(root / 'table.csv')['grad_accum_steps=3']['n'] == '0'
