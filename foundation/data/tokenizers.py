@@ -40,7 +40,9 @@ class ByteTokenizer:
   bos_id = 257
   eos_id = 258
   vocab_size = 259
-  SPECIAL_TOKENS = ('<pad>', '<bos>', '<eos>')  # the names ids 256.. get in an exported tokenizer.json
+  # The names ids 256.. get in an exported tokenizer.json, where (unlike in encode here) text spelling one of them
+  # becomes that id, as with any Hugging Face special token.
+  SPECIAL_TOKENS = ('<pad>', '<bos>', '<eos>')
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
@@ -88,10 +90,11 @@ class BPETokenizer:
   """A byte-level BPE `tokenizers.Tokenizer` behind the interface of ByteTokenizer, plus the chat turns of an
   instruct model (ChatML: `<|im_start|>role\\ntext<|im_end|>\\n`)."""
 
-  def __init__(self, tokenizer, *, bos_id: int, eos_id: int, pad_id: int, default_system: str | None = None):
+  def __init__(self, tokenizer, *, bos_id: int, eos_id: int, pad_id: int, chat_template: str | None = None):
     self.tokenizer = tokenizer
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-    self.default_system = default_system
+    self.chat_template = chat_template  # the model's Jinja template, kept for export (tokenizer_config.json)
+    self.default_system = _chatml_default_system(chat_template or '')
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
   @classmethod
@@ -125,12 +128,13 @@ class BPETokenizer:
     if eos is None:
       raise ValueError('GGUF metadata has no tokenizer.ggml.eos_token_id: documents could not be separated.')
     return cls(hf, bos_id=int(bos), eos_id=int(eos), pad_id=int(pad),
-               default_system=_chatml_default_system(metadata.get('tokenizer.chat_template', '')))
+               chat_template=metadata.get('tokenizer.chat_template'))
 
   @classmethod
   def from_file(cls, path: str) -> BPETokenizer:
-    """From a `tokenizer.json`; the bos/eos/pad tokens (and a default system prompt) come from the
-    `tokenizer_config.json` beside it, as Hugging Face writes them, else eos is the last special token."""
+    """From a `tokenizer.json`; the bos/eos/pad tokens (and the chat template) come from the
+    `tokenizer_config.json` beside it, as Hugging Face writes them. Without one, a vocabulary with a single special
+    token (GPT-2's <|endoftext|>) uses it for all three; guessing among several is refused."""
     import tokenizers
     hf = tokenizers.Tokenizer.from_file(path)
     config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
@@ -145,14 +149,13 @@ class BPETokenizer:
       if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
         token = token['content']
       if token is None or hf.token_to_id(token) is None:
-        raise ValueError(f'{path}: no {key} in {config_path} and no special token to fall back on.')
+        raise ValueError(f'{path}: no {key} in {config_path}, and not exactly one special token to use instead.')
       return hf.token_to_id(token)
 
-    eos = token_id('eos_token', specials[-1] if specials else None)
+    eos = token_id('eos_token', specials[0] if len(specials) == 1 else None)
     eos_token = hf.id_to_token(eos)
     return cls(hf, bos_id=token_id('bos_token', eos_token), eos_id=eos,
-               pad_id=token_id('pad_token', eos_token),
-               default_system=_chatml_default_system(config.get('chat_template') or ''))
+               pad_id=token_id('pad_token', eos_token), chat_template=config.get('chat_template'))
 
   def encode(self, text: str) -> np.ndarray:
     """Special tokens written in the text (`<|im_start|>`) become their ids; no bos is added."""
@@ -195,4 +198,4 @@ def get_tokenizer(name: str) -> ByteTokenizer | BPETokenizer:
     return ByteTokenizer()
   if name.endswith('.json') and os.path.exists(name):
     return BPETokenizer.from_file(name)
-  raise ValueError(f'Unknown tokenizer {name!r}; valid choices: \'byte\' or the path of a tokenizer.json.')
+  raise ValueError(f'Unknown tokenizer {name!r}; valid choices: [\'byte\'] or the path of a tokenizer.json.')
