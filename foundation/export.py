@@ -33,8 +33,7 @@ def export_workdir(workdir: str, out_dir: str, step: int | None = None) -> None:
   model_cfg = TransformerConfig.from_dict(config['model'])
   model = Transformer(model_cfg)
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']))
-  # --step needs restore_params's `step` argument (the checkpoint rework adds it); the default is the newest step.
-  params = checkpoint.restore_params(workdir, 'params', abstract, **({} if step is None else {'step': step}))
+  params, _ = checkpoint.restore_params(workdir, 'params', abstract, step=step)
   export_llama(params, model_cfg, get_tokenizer(config['data']['tokenizer']), out_dir)
 
 
