@@ -195,11 +195,22 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
       raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has '
                        f'{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}.')
     tree = tree[key]
-  want = jax.tree.structure(abstract)
-  if jax.tree.structure(tree) != want or any(
-      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract))):
-    raise ValueError(f'{path!r} in {workdir} does not match this model: restore a checkpoint of the same encoder.')
+  differences = tree_differences(tree, abstract)
+  if differences:
+    raise ValueError(f'{path!r} of step {step} in {workdir} does not fit this model: {differences}.')
   return tree, step
+
+
+def tree_differences(found: Any, want: Any, limit: int = 4) -> str:
+  """'' if `found` has the structure and leaf shapes of `want`; else the first differing leaves, named."""
+  flat_found = {jax.tree_util.keystr(p): tuple(getattr(x, 'shape', np.shape(x)))
+                for p, x in jax.tree_util.tree_flatten_with_path(found)[0]}
+  flat_want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+  lines = [f'{k} is {flat_found[k]}, the model has {flat_want[k]}'
+           for k in flat_want if k in flat_found and flat_found[k] != flat_want[k]]
+  lines += [f'{k} is missing' for k in flat_want if k not in flat_found]
+  lines += [f'{k} is not in the model' for k in flat_found if k not in flat_want]
+  return '; '.join(lines[:limit]) + (f' (and {len(lines) - limit} more)' if len(lines) > limit else '')
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -220,11 +231,12 @@ class Sources:
     self.recorded: dict[str, dict] = {}
     self._dry = dry
 
-  def load(self, name: str, workdir: str, path: str, abstract: Any) -> Any:
+  def load(self, name: str, workdir: str, path: str, abstract: Any, step: int | None = None) -> Any:
+    """The subtree `path` of checkpoint `step` (default the newest) of another run, pinned."""
     if self._dry:
       return abstract
     pin = self.pinned.get(name)
-    tree, step = restore_params(workdir, path, abstract, step=pin['step'] if pin else None)
+    tree, step = restore_params(workdir, path, abstract, step=pin['step'] if pin else step)
     digest = content_hash(tree)
     if pin and digest != pin['hash']:
       raise ValueError(f'{name}: the checkpoint of step {step} in {workdir} is not the one this run was built from '

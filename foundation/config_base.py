@@ -29,6 +29,10 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   c.max_checkpoints = 2                     # kept on disk, besides the newest one whose own loss was finite
   c.prefetch_batches = 4
   c.restore_step = 0                        # 0: resume from the newest readable checkpoint; N: from step N
+  # Initialise (part of) the trainable params from pretrained weights at the first start (a resume reads its own
+  # checkpoint): source = a workdir (its checkpoint `step`, 0 = newest, subtree `params_path`) or a weight file the
+  # task imports (e.g. a GGUF name); target = where it lands in the params ('' = all of them, 'backbone', ...).
+  c.init_from = dict(source='', step=0, params_path='params', target='')
   for name, value in fields.items():
     if name not in c:
       raise ValueError(f'loop() has no field {name!r}; known: {sorted(c)}')

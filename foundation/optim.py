@@ -5,6 +5,7 @@ in the config is matched against them with `re.search`. A rule that matches no p
 misspelled freeze pattern silently training everything is the worst kind of ablation bug.
 """
 
+import math
 import re
 from typing import Any, Sequence
 
@@ -25,6 +26,10 @@ def _matching(patterns: Sequence[str], params: Any, field: str) -> Any:
   names = param_names(params)
   flat = jax.tree.leaves(names)
   for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f'config.optim.{field} pattern {pattern!r} is not a regular expression ({e}).') from None
     if not any(re.search(pattern, n) for n in flat):
       raise ValueError(f'config.optim.{field} pattern {pattern!r} matches no parameter; names look like '
                        f'{flat[:4]}.')
@@ -44,8 +49,25 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
+def _check_numbers(cfg: Any) -> None:
+  """Values that would only show up as a NaN many steps later are refused up front."""
+  ranges = {'lr': (0, None), 'weight_decay': (0, None), 'grad_clip': (0, None), 'end_lr_fraction': (0, 1),
+            'b1': (0, 1), 'b2': (0, 1), 'warmup_steps': (0, None)}
+  for name, (low, high) in ranges.items():
+    value = cfg.get(name)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
+        high is not None and value > high) or (name in ('b1', 'b2') and value >= 1):
+      bound = f'in [{low}, {high}{")" if name in ("b1", "b2") else "]"}' if high is not None else f'>= {low}'
+      raise ValueError(f'config.optim.{name}={value!r} must be a finite number {bound}.')
+  if 'eps' in cfg and (not isinstance(cfg.eps, (int, float)) or not 0 < cfg.eps < 1):
+    raise ValueError(f'config.optim.eps={cfg.eps!r} must be a small positive number (e.g. 1e-8).')
+
+
 def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, schedule). `params` may be abstract (ShapeDtypeStructs): only names and structure are used."""
+  _check_numbers(cfg)
   schedule = learning_rate_schedule(cfg, total_steps)
   decay_mask = jax.tree.map(lambda excluded: not excluded,
                             _matching(cfg.weight_decay_exclude, params, 'weight_decay_exclude'))

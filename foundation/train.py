@@ -136,9 +136,9 @@ class Prepared:
   schedule: Any
   shardings: Any
   frozen: Any
+  init_params: tuple[str, Any] | None   # config.init_from: (target subtree, host arrays), on a first start only
   record: dict            # the config.json to write: the resolved config plus RECORD_FIELDS
   changes: dict           # field -> [old, new] accepted through allow_config_change
-  resume: bool            # the workdir holds this run already
 
 
 def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False) -> Prepared:
@@ -155,6 +155,10 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False) 
     error = e
   except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, NotADirectoryError) as e:
     error = ConfigError(str(e).strip().replace('\n', ' '))
+    error.__cause__ = e
+  except MemoryError as e:  # a size so large that building one batch or table of it fails
+    error = ConfigError(f'the config asks for more host memory than there is ({e}); look for a size with an extra '
+                        'digit.')
     error.__cause__ = e
   if jax.process_count() > 1:
     refused = multihost_utils.process_allgather(np.int32(error is not None))
@@ -200,6 +204,9 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   _check_memory(abstract_state, shardings)
   sources = checkpoint.Sources(previous.get('frozen_sources') if previous else None, dry=dry)
   frozen = task.frozen(sources) if task.frozen else {}
+  resuming = any(d.isdigit() for d in os.listdir(os.path.join(workdir, 'checkpoints'))) if os.path.isdir(
+      os.path.join(workdir, 'checkpoints')) else False
+  init_params = None if resuming else _init_from(config, task, abstract_params, sources)
   try:
     batch = task.train_batches(jax.process_index(), jax.process_count())[0]  # checks shards against the batch
   except MemoryError as e:
@@ -224,10 +231,51 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
                         f'resume it, pick a new --workdir, or accept the change with '
                         f'--allow_config_change={",".join(sorted({k.split(".")[0] for k in refused}))}.')
     changes = {k: [old.get(k), new.get(k)] for k in changed}
-  record = {**resolved, 'frozen_sources': sources.recorded,
+  record = {**resolved, 'frozen_sources': {**(previous or {}).get('frozen_sources', {}), **sources.recorded},
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
-                  record=record, changes=changes, resume=previous is not None)
+                  init_params=init_params, record=record, changes=changes)
+
+
+def _subtree(tree: Any, target: str, what: str) -> Any:
+  for key in [k for k in target.split('/') if k]:
+    if not isinstance(tree, dict) or key not in tree:
+      raise ValueError(f'{what}: the params have no {key!r} (at this level: '
+                       f'{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}).')
+    tree = tree[key]
+  return tree
+
+
+def _with_subtree(tree: dict, target: str, value: Any) -> dict:
+  keys = [k for k in target.split('/') if k]
+  if not keys:
+    return value
+  return {**tree, keys[0]: _with_subtree(tree[keys[0]], '/'.join(keys[1:]), value)}
+
+
+def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.Sources) -> tuple[str, Any] | None:
+  """config.init_from read and shape-checked against the params it replaces: (target, host arrays) or None."""
+  spec = config.get('init_from') or {}
+  source = spec.get('source', '')
+  if not source:
+    return None
+  target = spec.get('target', '')
+  want = _subtree(nn.unbox(abstract_params), target, f'config.init_from.target={target!r}')
+  if os.path.isdir(source):
+    if not os.path.isdir(os.path.join(source, 'checkpoints')):
+      raise ValueError(f'config.init_from.source={source!r} is a directory without checkpoints/: name a workdir '
+                       'of a run that saved a checkpoint.')
+    tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=spec.get('step') or None)
+  elif task.import_params is None:
+    raise ValueError(f'config.init_from.source={source!r} is not a workdir, and task {config.task!r} imports no '
+                     'weight files.')
+  else:
+    tree = task.import_params(source, sources)
+  differences = checkpoint.tree_differences(tree, want)
+  if differences:
+    raise ValueError(f'config.init_from.source={source!r} does not fit config.init_from.target={target!r}: '
+                     f'{differences}.')
+  return target, tree
 
 
 def _check_memory(abstract_state, shardings) -> None:
@@ -447,6 +495,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   if restored is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
     start = 0
+    if prepared.init_params:  # pretrained weights replace the initialised ones, placed as those were
+      target, tree = prepared.init_params
+      placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, s.dtype), s.sharding), tree,
+                            _subtree(state['params'], target, 'init_from'))
+      state['params'] = _with_subtree(state['params'], target, placed)
   else:
     start, state, record = restored
     data_iter.set_state(record['data'])

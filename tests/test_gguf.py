@@ -300,7 +300,7 @@ def test_export_of_scanned_byte_model_through_the_cli(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'config.json').write_text(json.dumps({'model': model_cfg, 'data': {'tokenizer': 'byte'}}))
-  saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), max_to_keep=1, async_save=False)
+  saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
   saver.save(3, {'step': np.int32(3), 'params': params}, {})
   saver.close()
   out_dir = str(tmp_path / 'hf')

@@ -246,6 +246,6 @@ def test_a_failing_run_is_reported_and_the_sweep_exits_nonzero(tmp_path, tfds_di
                      '--set=eval.max_batches=1',
                      env=sweep_env())
   assert result.returncode == 1
-  assert f'1 run(s) failed:\n  {root}/grad_accum_steps=3/seed_0: exit status 1' in result.stderr, result.stderr
+  assert f'1 run(s) failed:\n  {root}/grad_accum_steps=3/seed_0: exit status 2' in result.stderr, result.stderr
   assert not (root / 'grad_accum_steps=3' / 'seed_0' / sweep.DONE_MARKER).exists()
   assert read_csv(root / 'table.csv')['grad_accum_steps=3']['n'] == '0'

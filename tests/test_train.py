@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -30,9 +31,10 @@ from absl import app
 from foundation import checkpoint, main
 save = checkpoint.Checkpointer.save
 def save_then_die(self, step, *args):
-  save(self, step, *args)
+  saved = save(self, step, *args)
   if step == int(os.environ['KILL_AT_STEP']):
     os.kill(os.getpid(), signal.SIGKILL)
+  return saved
 checkpoint.Checkpointer.save = save_then_die
 sys.argv[0] = 'foundation.main'
 app.run(main.main, flags_parser=main.parse_flags)
@@ -348,3 +350,56 @@ def test_a_workdir_of_another_checkpoint_format_is_refused_with_the_versions(tmp
   with pytest.raises(train.ConfigError, match='written by foundation abc1234 with checkpoint format 1'):
     train.prepare(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['config.json']
+
+
+def _smoke_config(tfds_dir, **fields):
+  from test_configs import load
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.data.data_dir = tfds_dir
+  config.update(fields)
+  return config
+
+
+def test_init_from_a_workdir_pins_it_and_a_resume_does_not_read_it_again(tmp_path, tfds_dir):
+  from foundation import train
+  source = tmp_path / 'source'
+  train.train_and_evaluate(_smoke_config(tfds_dir), str(source))
+  # Step 0 of the new run evaluates exactly the source's final params: the same eval loss.
+  config = _smoke_config(tfds_dir, eval_at_start=True)
+  config.init_from.source = str(source)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  np.testing.assert_allclose(logged(tmp_path / 'run')[0]['eval/loss'], logged(source)[6]['eval/loss'], rtol=1e-6)
+  pin = json.loads((tmp_path / 'run' / 'config.json').read_text())['frozen_sources']['init_from']
+  assert pin['step'] == 6 and pin['path'] == 'params'
+  # The source is gone; the run goes on from its own checkpoint and keeps the record of what it started from.
+  os.rename(source, tmp_path / 'elsewhere')
+  config.num_train_steps = 8
+  train.train_and_evaluate(config, str(tmp_path / 'run'), allow_config_change=('num_train_steps',))
+  assert 8 in logged(tmp_path / 'run')
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['frozen_sources']['init_from'] == pin
+  # A subtree that does not fit where it is put is refused, naming the leaves, before anything is written.
+  config = _smoke_config(tfds_dir)
+  config.init_from.update(source=str(tmp_path / 'run'), params_path='params/layers_0', target='layers_1/mlp')
+  with pytest.raises(train.ConfigError, match="does not fit"):
+    train.prepare(config, str(tmp_path / 'refused'))
+  assert not (tmp_path / 'refused').exists()
+
+
+def test_init_from_a_gguf_file_and_another_architecture_is_refused(tmp_path, tfds_dir):
+  from foundation import train
+  from foundation.models.gguf import load_gguf
+  from test_gguf import TINY, TOKENS, write_tiny_gguf
+  path = write_tiny_gguf(str(tmp_path / 'tiny.gguf'))
+  config = _smoke_config(tfds_dir)
+  config.data.tokenizer = f'gguf:{path}'
+  config.model.update(vocab_size=len(TOKENS), num_layers=TINY['layers'], embed_dim=TINY['embed'],
+                      num_heads=TINY['heads'], num_kv_heads=TINY['kv_heads'], mlp_dim=TINY['mlp'],
+                      rope_base=TINY['rope_base'], norm_eps=TINY['eps'])
+  config.init_from.source = path
+  target, tree = train.prepare(config, str(tmp_path / 'run')).init_params
+  assert target == ''
+  jax.tree.map(np.testing.assert_array_equal, tree, load_gguf(path)[1])
+  config.model.mlp_dim = 64
+  with pytest.raises(train.ConfigError, match=f'--config.model.mlp_dim={TINY["mlp"]}'):
+    train.prepare(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

@@ -47,6 +47,17 @@ def class_names(name: str, data_dir: str, label_key: str = 'label') -> list[str]
   return list(feature.names)
 
 
+def check_image_shape(name: str, data_dir: str, image_shape, image_key: str = 'image') -> tuple[int, int, int]:
+  """config.data.image_shape against the dataset's own (height, width, channels): a model built for another shape
+  would fail only when the first batch reaches it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  shape = tuple(tfds.builder(name, data_dir=data_dir).info.features[image_key].shape)
+  if tuple(image_shape) != shape:
+    raise ValueError(f'config.data.image_shape={tuple(image_shape)!r} but {name} holds images of shape {shape}; '
+                     f'set --config.data.image_shape="{shape}".')
+  return shape
+
+
 def _num_classes(name: str, data_dir: str, label_key: str) -> int | None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   feature = tfds.builder(name, data_dir=data_dir).info.features[label_key]
@@ -178,6 +189,8 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
     caption_table = tokenize_captions(captions, tokenizer, text_len)
   if len(source) < 1:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples.')
+  if global_batch > len(source):
+    raise ValueError(f'global_batch={global_batch} is larger than {name}/{split} ({len(source)} examples); lower it.')
   rows = global_batch // process_count
   return grain.MapDataset.range(2**40).map(_TrainBatch(
       source, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,

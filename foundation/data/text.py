@@ -164,6 +164,10 @@ def train_batches(*, name: str, data_dir: str, split: str, text_key: str, tokeni
           f'Shard {k} of {num_shards} of {name}/{split} (records [{start}, {stop}) of {num_records}) has '
           f'{len(shard.tokens)} tokens: too short for one training window, which needs 2 * seq_len = {2 * seq_len} '
           f'tokens (seq_len + 1 plus a random start offset of up to seq_len - 1). Reduce num_shards or seq_len.')
+    if global_batch // num_shards > shard.windows_per_epoch:
+      raise ValueError(f'global_batch={global_batch} asks each of the {num_shards} shards for '
+                       f'{global_batch // num_shards} windows a step, more than shard {k} of {name}/{split} holds '
+                       f'({shard.windows_per_epoch}); lower the batch or seq_len.')
     shards.append(shard)
   return grain.MapDataset.range(2**40).map(_TrainBatch(shards, global_batch // num_shards))
 

@@ -180,3 +180,12 @@ def load_gguf(path_or_name: str) -> tuple[dict[str, Any], dict[str, Any], BPETok
                      f'is {declared}, the tokenizer has {tokenizer.vocab_size} tokens.')
   cfg = config_from_metadata(metadata, vocab_size=vocab_size, tie_embeddings='output.weight' not in tensors)
   return cfg, params_from_tensors(tensors, cfg), tokenizer
+
+
+def load_tokenizer(path_or_name: str) -> BPETokenizer:
+  """The tokenizer of a GGUF file alone (its metadata; no tensor is dequantised)."""
+  import gguf
+  path = resolve_gguf(path_or_name)
+  reader = gguf.GGUFReader(path)
+  metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith('tokenizer.')}
+  return BPETokenizer.from_gguf_metadata(metadata)

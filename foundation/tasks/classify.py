@@ -26,7 +26,7 @@ def build(config) -> Task:
   model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
                           LinearClassifier(num_classes))
   aug = augment.check_options(config.augment)
-  image_shape = tuple(data.image_shape)
+  image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']

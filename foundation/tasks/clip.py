@@ -40,7 +40,7 @@ def build(config) -> Task:
   if lock:
     _check_locked_encoder(lock.workdir, model_cfg)
   aug = augment.check_options(config.augment)
-  image_shape = tuple(data.image_shape)
+  image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
   text_len = config.text.max_len
 
   def init_all(rng):

@@ -16,13 +16,33 @@ from foundation import losses, sharding
 from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate.generate import generate
+from foundation.models import gguf
 from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
 from foundation.tasks import EvalContext, Task
 
 
+def tokenizer_for(name: str):
+  """'byte', a tokenizer.json path, or 'gguf:NAME' (the tokenizer of a GGUF file or known name, e.g.
+  'gguf:smollm2-135m-instruct', for training on with that model's weights through config.init_from)."""
+  return gguf.load_tokenizer(name[len('gguf:'):]) if name.startswith('gguf:') else get_tokenizer(name)
+
+
+def import_gguf(model_cfg: TransformerConfig):
+  """Task.import_params for GGUF files: the file's architecture must be this config's, field by field."""
+  def import_params(source, sources):
+    cfg, params, _ = sources.load_file('init_from', gguf.resolve_gguf(source), gguf.load_gguf)
+    # max_len only sizes the KV cache: no parameter depends on it.
+    differing = {k: v for k, v in cfg.items() if k != 'max_len' and getattr(model_cfg, k) != v}
+    if differing:
+      raise ValueError(f'{source} holds another architecture than config.model; set '
+                       + ' '.join(f'--config.model.{k}={v}' for k, v in sorted(differing.items())))
+    return params
+  return import_params
+
+
 def build(config) -> Task:
   data = config.data
-  tokenizer = get_tokenizer(data.tokenizer)
+  tokenizer = tokenizer_for(data.tokenizer)
   model_cfg = TransformerConfig.from_dict(config.model)
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(f'config.model.vocab_size={model_cfg.vocab_size} is smaller than the {data.tokenizer!r} '
@@ -77,7 +97,7 @@ def build(config) -> Task:
     return results
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
-              flops_per_example=flops_per_token(model_cfg, data.seq_len) * data.seq_len,
+              import_params=import_gguf(model_cfg), flops_per_example=flops_per_token(model_cfg, data.seq_len) * data.seq_len,
               tokens_per_example=data.seq_len)
 
 

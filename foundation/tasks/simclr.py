@@ -20,11 +20,14 @@ from foundation.tasks import Task
 def build(config) -> Task:
   data, model_cfg = config.data, config.model
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])  # validates the fields before anything runs
+  for name in ('head_hidden', 'head_out'):
+    if not isinstance(model_cfg[name], int) or model_cfg[name] < 1:
+      raise ValueError(f'config.model.{name}={model_cfg[name]!r} must be a whole number of at least 1.')
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
   model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
                           ProjectionHead(model_cfg.head_hidden, model_cfg.head_out))
   aug = augment.check_options(config.augment)
-  image_shape = tuple(config.data.image_shape)
+  image_shape = images.check_image_shape(config.data.name, config.data.data_dir, config.data.image_shape)
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
