@@ -3,10 +3,12 @@
 import contextlib
 import copy
 import glob
+import math
 import os
 import random
 import warnings
 
+import jax
 import ml_collections
 import pytest
 
@@ -74,7 +76,7 @@ def offline_or_mocked_data(monkeypatch):
     if name.split(':')[0] in prepare.FOUNDATION_BUILDERS:
       yield
       return
-    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+    with tfds.testing.mock_data(num_examples=1024, policy=tfds.testing.MockPolicy.USE_CODE):
       monkeypatch.setattr(images, 'check_prepared', lambda *a, **k: None)
       monkeypatch.setattr(text, 'check_prepared', lambda *a, **k: None)
       # The mock source's batched read takes other arguments than a real one; its records in a list serve.
@@ -91,6 +93,9 @@ def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_
   for arg in (variant, f'{variant},smoke'):
     config = load(path).get_config(arg)
     config.data.data_dir = tfds_dir
+    replicas = math.gcd(config.global_batch_size, jax.device_count())
+    if replicas < jax.device_count():  # e.g. :baby's batch of 12 on these 8 devices: the rest goes to tensor
+      config.mesh.update(data=replicas, fsdp=1, tensor=jax.device_count() // replicas)
     if config.get('lock_image_tower'):  # LiT checks the locked run's encoder config: give it a matching one
       source = tmp_path / 'locked'
       source.mkdir(exist_ok=True)
