@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         max_len=4096, init_std=0.02),
   )
   c.prompt = dict(
-      # Chosen on validation (NOTES in the README's results): 0.79 on its first 200 sentences, against 0.74 for
+      # Chosen on validation (README, Results): 0.79 on its first 200 sentences, against 0.74 for
       # 'Review: {text}\nSentiment:' and 0.50 for '{text} It was' with (' terrible', ' great').
       template='Movie review: {text}\nThe sentiment of this review is',
       label_words=(' negative', ' positive'),  # one per class, in class order
