@@ -188,6 +188,37 @@ def test_kv_cache_matches_full_forward(scan):
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_padding_mask_on_either_side_with_and_without_cache(scan):
+  """Rows of different lengths share a batch, padded left or right: with `mask`, the real positions get the logits
+  each row gets alone, in one forward and through the cache (where the mask is kept for the chunks after it)."""
+  params, tokens = make()
+  cfg = dataclasses.replace(TINY, scan_layers=scan)
+  if scan:
+    params = stack_layers(params, cfg.num_layers)
+  lengths = [7, 10]
+  alone = [forward(cfg, params, tokens[row:row + 1, :n])[0] for row, n in enumerate(lengths)]
+  for left in (True, False):
+    shift = [LENGTH - n if left else 0 for n in lengths]
+    mask = np.stack([np.roll(np.arange(LENGTH) < n, s) for n, s in zip(lengths, shift)])
+    padded = np.stack([np.roll(np.where(np.arange(LENGTH) < n, np.asarray(tokens[row]), 5), s)  # pad id: any
+                       for row, (n, s) in enumerate(zip(lengths, shift))])
+    logits = forward(cfg, params, jnp.asarray(padded), mask=jnp.asarray(mask))
+    model = Transformer(cfg)
+    step = jax.jit(lambda cache, chunk, m: model.apply({'params': params, 'cache': cache}, chunk, mask=m, decode=True,
+                                                       mutable=['cache']))
+    cache, pieces = init_cache(model, BATCH), []
+    for start, stop in [(0, 6), (6, 11), (11, 12)]:
+      piece, mutated = step(cache, jnp.asarray(padded[:, start:stop]), jnp.asarray(mask[:, start:stop]))
+      cache = mutated['cache']
+      pieces.append(piece)
+    cached = jnp.concatenate(pieces, axis=1)
+    for row in range(BATCH):
+      for result in (logits, cached):
+        np.testing.assert_allclose(result[row][mask[row]], alone[row], rtol=1e-5, atol=1e-5)
+        assert np.all(np.isfinite(result[row]))  # padding positions too: NaN there would leak into later layers
+
+
 def test_init_with_decode_returns_empty_cache():
   _, tokens = make()
   cache = Transformer(TINY).init(jax.random.key(0), tokens, decode=True)['cache']

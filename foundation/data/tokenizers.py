@@ -170,13 +170,18 @@ class BPETokenizer:
     As the instruct model's template does, a system turn comes first: `system`, else the template's default one
     (SmolLM2-Instruct: "You are a helpful AI assistant named SmolLM, ..."), else none.
     """
+    head, tail = self.chat_parts(system)
+    return self.encode(head + text + tail)
+
+  def chat_parts(self, system: str | None = None) -> tuple[str, str]:
+    """The text `chat` puts before and after the user's text: (system turn + start of the user turn, end of the
+    user turn + start of the assistant turn). For prompts whose first part is shared and encoded once (in-context
+    demonstrations before a query)."""
     if self.tokenizer.token_to_id('<|im_start|>') is None:
       raise ValueError('this tokenizer has no <|im_start|> token: its model does not use ChatML turns.')
     system = self.default_system if system is None else system
-    turns = [('system', system)] if system else []
-    turns.append(('user', text))
-    prompt = ''.join(f'<|im_start|>{role}\n{content}<|im_end|>\n' for role, content in turns)
-    return self.encode(prompt + '<|im_start|>assistant\n')
+    head = f'<|im_start|>system\n{system}<|im_end|>\n' if system else ''
+    return head + '<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n'
 
   def to_tokenizers(self):
     return self.tokenizer

@@ -79,21 +79,29 @@ def generate(model: Transformer, params, prompt_tokens: Array, *, max_new_tokens
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'greedy'))
 def _generate(model, params, prompt_tokens, rng, *, max_new_tokens, temperature, top_k, top_p, greedy):
-  batch = prompt_tokens.shape[0]
+  logits, mutated = model.apply({'params': params, 'cache': init_cache(model, prompt_tokens.shape[0])},
+                                prompt_tokens, decode=True, mutable=['cache'])
+  return continue_from_cache(model, params, mutated['cache'], logits[:, -1], max_new_tokens=max_new_tokens,
+                             rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+
+
+def continue_from_cache(model: Transformer, params, cache: dict, last_logits: Array, *, max_new_tokens: int,
+                        rng: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        greedy: bool = False) -> Array:
+  """The sampling loop after a prefill: `cache` holds the prompts (padded ones with their mask) and `last_logits`
+  [batch, vocab] is the prediction at their last position. Returns int [batch, max_new_tokens]; for use inside a
+  jitted function, by callers that prefill themselves (e.g. reusing a scoring pass). The cache needs
+  max_new_tokens - 1 free slots."""
+  batch = last_logits.shape[0]
   rngs = jax.random.split(rng, max_new_tokens)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-
-  def step(tokens, cache):
-    logits, mutated = model.apply({'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
-    return logits[:, -1], mutated['cache']
-
-  last_logits, cache = step(prompt_tokens, init_cache(model, batch))
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(sample(last_logits, rngs[0]))
 
   def body(i, carry):
     out, cache = carry
-    logits, cache = step(jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache)
-    return out.at[:, i].set(sample(logits, rngs[i])), cache
+    previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+    logits, mutated = model.apply({'params': params, 'cache': cache}, previous, decode=True, mutable=['cache'])
+    return out.at[:, i].set(sample(logits[:, -1], rngs[i])), mutated['cache']
 
   out, _ = jax.lax.fori_loop(1, max_new_tokens, body, (out, cache))
   return out

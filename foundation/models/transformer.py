@@ -122,7 +122,7 @@ class Attention(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, cache_index: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, cache_index: Array, key_mask: Array | None = None) -> Array:
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -155,6 +155,11 @@ class Attention(nn.Module):
     visible = key_slot[None, :] < cache_index + length  # excludes cache slots not yet written
     if cfg.causal:
       visible &= key_slot[None, :] <= query_slot[:, None]
+    if key_mask is not None:
+      # Padding is seen by no query but itself: a padding query that saw nothing would turn NaN, and NaN values
+      # leak through zero attention weights (0 * NaN) into the real tokens of the next layer.
+      visible = visible & (key_mask[:, None, :] | (key_slot[None, :] == query_slot[:, None]))
+      visible = visible[:, None, None]  # [batch, 1, 1, length, keys] against scores [batch, kv, group, ...]
 
     # Query head j reads k/v head j // group (Llama's repeat_kv); a grouped einsum avoids copying k/v per head.
     group = h // kv
@@ -187,31 +192,36 @@ class Block(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, cache_index: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, positions: Array, cache_index: Array,
+               key_mask: Array | None = None) -> tuple[Array, None]:
     # Returns (carry, output) so that nn.scan can stack it; the unscanned path ignores the None.
     x = x + Attention(self.config, self.decode, name='attention')(
-        RMSNorm(self.config, name='attention_norm')(x), positions, cache_index)
+        RMSNorm(self.config, name='attention_norm')(x), positions, cache_index, key_mask)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
     x = x + MLP(self.config, name='mlp')(RMSNorm(self.config, name='mlp_norm')(x))
     return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), None
 
 
 def run_blocks(cfg: TransformerConfig, x: Array, positions: Array, cache_index: Array, *,
-               decode: bool = False) -> Array:
+               decode: bool = False, key_mask: Array | None = None) -> Array:
   """The stack of blocks, unrolled ('layers_0', 'layers_1', ...) or scanned (one 'layers' tree), optionally
-  rematerialised. Called from inside a compact module: the decoder here, the ViT in vit.py."""
+  rematerialised. Called from inside a compact module: the decoder here, the ViT in vit.py.
+
+  key_mask: bool [batch, keys] (keys: this call's tokens, or the whole cache when decoding), False for padding that
+  no other position may attend to; None when every position is real.
+  """
   block = Block
   if cfg.remat != 'none':
     # Inside a scan, XLA cannot CSE across iterations anyway, and prevent_cse would block optimisations.
     block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index)
+    x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index, key_mask)
   else:
     for i in range(cfg.num_layers):
-      x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index)
+      x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index, key_mask)
   return x
 
 
@@ -220,16 +230,21 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None, decode: bool = False,
-               prefix_embeddings: Array | None = None, return_hidden: bool = False) -> Array:
+               prefix_embeddings: Array | None = None, return_hidden: bool = False,
+               mask: Array | None = None) -> Array:
     """tokens int [batch, length] -> float32 logits [batch, prefix + length, vocab].
 
-    positions: int [batch, prefix + length] for rotary embeddings; default 0, 1, ... counted from the cache index
-      when decoding. The attention mask follows the order of the sequence (and the cache), not `positions`.
+    positions: int [batch, prefix + length] for rotary embeddings; default: each real token's count of real tokens
+      before it (in the cache too when decoding), i.e. 0, 1, ... when nothing is padded. The attention mask follows
+      the order of the sequence (and the cache), not `positions`.
     decode: read and extend the KV cache (the 'cache' collection, pass mutable=['cache']); one call may add a whole
       prompt, later calls one token each. Start from an empty cache: `generate.init_cache`, or the cache of
       `init(..., decode=True)`, which holds no tokens.
     prefix_embeddings: float [batch, prefix, embed_dim] placed before the token embeddings (soft prompts).
     return_hidden: return the final-normed hidden states (float32) [batch, prefix + length, embed_dim] instead.
+    mask: bool [batch, length], False for padding tokens: no other position attends to them, now or (decoding,
+      where the mask is kept in the cache) in later calls, so rows of different lengths can share a batch, padded
+      on either side. None: every token is real.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -241,16 +256,25 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
     batch, length = x.shape[:2]
 
+    real = jnp.ones((batch, length), bool)
+    if mask is not None:
+      real = real.at[:, length - tokens.shape[1]:].set(mask.astype(bool))  # soft-prompt positions are real
     cache_index = jnp.zeros((), jnp.int32)
+    real_before = jnp.zeros((batch,), jnp.int32)
+    key_mask = None if mask is None else real
     if decode:
       index = self.variable('cache', 'index', jnp.zeros, (), jnp.int32)
+      cached_mask = self.variable('cache', 'mask', jnp.zeros, (batch, cfg.max_len), bool)
       cache_index = index.value
+      real_before = jnp.sum(cached_mask.value & (jnp.arange(cfg.max_len) < cache_index), axis=1, dtype=jnp.int32)
+      cached_mask.value = jax.lax.dynamic_update_slice(cached_mask.value, real, (0, cache_index))
+      key_mask = cached_mask.value
       if not self.is_initializing():  # the cache that init returns is empty, ready for a prefill
         index.value = cache_index + length
     if positions is None:
-      positions = jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+      positions = real_before[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
 
-    x = run_blocks(cfg, x, positions, cache_index, decode=decode)
+    x = run_blocks(cfg, x, positions, cache_index, decode=decode, key_mask=key_mask)
     x = RMSNorm(cfg, name='final_norm')(x)
     if return_hidden:
       return x.astype(jnp.float32)

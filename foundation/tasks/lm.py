@@ -24,7 +24,7 @@ from foundation.tasks import EvalContext, Task
 def tokenizer_for(name: str):
   """'byte', a tokenizer.json path, or 'gguf:NAME' (the tokenizer of a GGUF file or known name, e.g.
   'gguf:smollm2-135m-instruct', for training on with that model's weights through config.init_from)."""
-  return gguf.load_tokenizer(name[len('gguf:'):]) if name.startswith('gguf:') else get_tokenizer(name)
+  return gguf.gguf_header(name[len('gguf:'):])[1] if name.startswith('gguf:') else get_tokenizer(name)
 
 
 def import_gguf(model_cfg: TransformerConfig):
