@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from foundation.evaluate.generate import init_cache
+from foundation.models.transformer import init_cache
 from foundation.models.transformer import (Transformer, TransformerConfig, apply_rope, flops_per_token,
                                            param_count)
 

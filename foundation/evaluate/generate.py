@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from foundation.models.transformer import Transformer
+from foundation.models.transformer import Transformer, init_cache
 
 Array = jax.Array
 
@@ -45,13 +45,6 @@ def sample_logits(logits: Array, rng: Array, *, temperature: float = 1.0, top_k:
   if top_p < 1.0:
     logits = top_p_mask(logits, top_p)
   return jax.random.categorical(rng, logits, axis=-1)
-
-
-def init_cache(model: Transformer, batch_size: int) -> dict:
-  """An empty KV cache (zeros, index 0) for `batch_size` sequences, built without running the model."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32),
-                                             decode=True)['cache'])
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def generate(model: Transformer, params, prompt_tokens: Array, *, max_new_tokens: int, rng: Array,

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation.evaluate.generate import continue_from_cache, init_cache
-from foundation.models.transformer import Transformer
+from foundation.evaluate.generate import continue_from_cache
+from foundation.models.transformer import Transformer, init_cache
 
 Array = jax.Array
 
@@ -123,11 +123,12 @@ def vocab_log_probs(model: Transformer, params, hidden: Array) -> Array:
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def prefill(model: Transformer, params, tokens: Array, mask: Array) -> dict:
-  """The KV cache of a shared prefix: tokens and mask [1, model.config.max_len] (right-padded: the cache keeps the
-  mask, so its padding is never attended to)."""
-  _, mutated = model.apply({'params': params, 'cache': init_cache(model, tokens.shape[0])}, tokens, mask=mask,
-                           decode=True, return_hidden=True, mutable=['cache'])
+def prefill(model: Transformer, params, tokens: Array, mask: Array, start: dict | None = None) -> dict:
+  """The KV cache of a shared prefix: tokens and mask [1, length] (right-padded: the cache keeps the mask, so its
+  padding is never attended to), after `start` when given (a one-row cache of fewer slots: a learned soft prompt or
+  prefix). `model.config.max_len` holds start's slots + length."""
+  _, mutated = model.apply({'params': params, 'cache': extend_cache(start, model, tokens.shape[0])}, tokens,
+                           mask=mask, decode=True, return_hidden=True, mutable=['cache'])
   return mutated['cache']
 
 
@@ -148,6 +149,24 @@ def extend_cache(prefix_cache: dict | None, model: Transformer, batch: int) -> d
   return jax.tree.map(place, target, prefix_cache)
 
 
+def read_bodies(model: Transformer, params, prefix_cache: dict | None, tokens: Array,
+                mask: Array) -> tuple[Array, dict]:
+  """The final hidden states [batch, length, embed] of the bodies (tokens, mask LEFT-padded) after the prefix
+  cache, and the cache after them. `model.config.max_len` holds the prefix's slots + length (+ what follows)."""
+  hidden, mutated = model.apply({'params': params, 'cache': extend_cache(prefix_cache, model, tokens.shape[0])},
+                                tokens, mask=mask, decode=True, return_hidden=True, mutable=['cache'])
+  return hidden, mutated['cache']
+
+
+def pool(hidden: Array, mask: Array, how: str) -> Array:
+  """Features of left-padded bodies [batch, embed]: the last token's hidden state ('last'; it has read the whole
+  body) or the mean over the body's real tokens ('mean')."""
+  if how == 'last':
+    return hidden[:, -1]
+  weights = mask.astype(hidden.dtype)[..., None]
+  return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
 def class_scores(model: Transformer, params, prefix_cache: dict | None, tokens: Array, mask: Array,
                  label_tokens: Array, label_mask: Array) -> tuple[Array, Array, dict]:
   """Log-likelihood of every class's label tokens after prefix + body.
@@ -161,10 +180,7 @@ def class_scores(model: Transformer, params, prefix_cache: dict | None, tokens: 
   several tokens adds a pass of label_len - 1 tokens per class that reads the bodies from the cache.
   """
   batch = tokens.shape[0]
-  cache = extend_cache(prefix_cache, model, batch)
-  hidden, mutated = model.apply({'params': params, 'cache': cache}, tokens, mask=mask, decode=True,
-                                return_hidden=True, mutable=['cache'])
-  cache = mutated['cache']
+  hidden, cache = read_bodies(model, params, prefix_cache, tokens, mask)
   first = vocab_log_probs(model, params, hidden[:, -1])
   scores = first[:, label_tokens[:, 0]]
   if label_tokens.shape[1] > 1:

@@ -286,3 +286,10 @@ class Transformer(nn.Module):
     # bf16 inputs, float32 accumulation and output: the softmax over a large vocabulary needs the precision.
     logits = jnp.einsum('ble,ev->blv', x, head.astype(dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
+
+
+def init_cache(model: Transformer, batch_size: int) -> dict:
+  """An empty KV cache (zeros, index 0) for `batch_size` sequences, built without running the model."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32),
+                                             decode=True)['cache'])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
