@@ -36,6 +36,7 @@ DEFAULT_RULES = (
     ('conv_out', None),
     ('projection', None),  # the output of an embedding/projection head (contrastive embedding dimension)
     ('classes', None),  # the output of a classifier head
+    ('lora_rank', None),  # the low-rank inner dimension of LoRA factors
     # activations
     ('act_batch', BATCH_AXES),
     ('act_length', None),

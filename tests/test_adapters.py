@@ -1,10 +1,11 @@
-"""Soft prompts and prefixes against a numpy decoder that inserts them by hand.
+"""Soft prompts, prefixes and LoRA against a numpy decoder that inserts them by hand.
 
 The numpy reference runs one example at a time with no cache and no padding: a soft prompt is P input vectors in
 front of the token embeddings (positions 0..P-1, the text after them); a prefix is P extra keys and values in front
 of every layer's own (not rotated), the text at positions P, P+1, ... The code under test holds either as a one-row
 KV cache that left-padded batches of several lengths attend to (`foundation/models/adapters.py`), under
-grouped-query attention and rotary positions, scanned and unscanned.
+grouped-query attention and rotary positions, scanned and unscanned. LoRA is checked against the numpy decoder run
+with W + alpha/rank * A B written into its weights.
 """
 
 import dataclasses
@@ -17,7 +18,8 @@ import pytest
 
 from foundation.evaluate import lm_classify as lmc
 from foundation.models import adapters
-from foundation.models.transformer import Transformer, TransformerConfig
+from foundation.models.transformer import (Transformer, TransformerConfig, is_lora_param, lora_target_names,
+                                           merge_lora)
 from test_transformer import np_rms_norm, np_rope, stack_layers
 
 TINY = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -157,3 +159,94 @@ def test_init_tokens():
                                 adapters.init_token_ids('vocab', 5, 1000, labels, 3))
   with pytest.raises(ValueError, match='choose one of'):
     adapters.init_token_ids('zeros', 5, 100, labels, 0)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+
+LORA = dataclasses.replace(TINY, lora_rank=3, lora_alpha=6.0, lora_targets='attention/(query|out)|layers_1/mlp/down')
+
+
+def lora_params(base, cfg, seed=6):
+  """base's weights plus LoRA factors of cfg, with B drawn at random (it starts at zero) so the update is visible."""
+  init = nn.unbox(Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))['params'])
+  flat = {'/'.join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(init)}
+  rng = np.random.default_rng(seed)
+  out = jax.tree.map(np.asarray, base)
+  for name, value in flat.items():
+    if is_lora_param(name):
+      *where, leaf = name.split('/')
+      node = out
+      for part in where:
+        node = node[part]
+      node[leaf] = np.asarray(value) if leaf.endswith('_a') else rng.normal(size=value.shape).astype(np.float32)
+  return out
+
+
+def np_merged(params, cfg):
+  """numpy: every targeted weight W [*in, *out] becomes W + alpha/rank * (A [*in, r] contracted with B [r, *out])."""
+  merged = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  for path in lora_target_names(cfg):
+    layer, module, name = path.split('/')
+    node = merged[layer][module]
+    a, b = node.pop(f'{name}_lora_a'), node.pop(f'{name}_lora_b')
+    node[name] = node[name] + cfg.lora_alpha / cfg.lora_rank * np.tensordot(a, b, axes=1)
+  return merged
+
+
+def np_body_log_probs(params, cfg, body):
+  return np_log_probs(params, cfg, np.asarray(params['embedding'], np.float64)[body])
+
+
+def test_lora_targets_only_the_named_projections():
+  assert lora_target_names(LORA) == ['layers_0/attention/query', 'layers_0/attention/out',
+                                     'layers_1/attention/query', 'layers_1/attention/out', 'layers_1/mlp/down']
+  params = nn.unbox(Transformer(LORA).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
+  names = ['/'.join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  assert sorted(n.rsplit('_lora_', 1)[0] for n in names if is_lora_param(n)) == sorted(
+      [t for t in lora_target_names(LORA) for _ in 'ab'])
+  shapes = {n: v.shape for n, v in zip(names, jax.tree.leaves(params))}
+  assert shapes['layers_0/attention/out_lora_a'] == (TINY.num_heads, TINY.head_dim, 3)
+  assert shapes['layers_0/attention/out_lora_b'] == (3, TINY.embed_dim)
+  assert not np.any(params['layers_1']['mlp']['down_lora_b'])  # B starts at zero
+  with pytest.raises(ValueError, match="matches no projection; paths look like 'layers_0/attention/query'"):
+    dataclasses.replace(TINY, lora_rank=2, lora_targets='attn/q')
+
+
+def test_lora_with_zero_b_is_the_base_model(base):
+  params = lora_params(base, LORA)
+  for layer in ('layers_0', 'layers_1'):
+    for module in params[layer].values():
+      for name in list(module):
+        if name.endswith('_lora_b'):
+          module[name] = np.zeros_like(module[name])
+  tokens = jnp.asarray(BODIES[2][None])
+  np.testing.assert_array_equal(Transformer(LORA).apply({'params': params}, tokens),
+                                Transformer(TINY).apply({'params': base}, tokens))
+
+
+@pytest.mark.parametrize('scan', [False, True], ids=['unscanned', 'scanned'])
+def test_lora_unmerged_and_merged_equal_the_numpy_decoder_with_updated_weights(base, scan):
+  # A scanned stack has one set of weights for every layer, so its targets name no single layer.
+  lora = dataclasses.replace(LORA, lora_targets='attention/(query|out)|mlp/down') if scan else LORA
+  params = lora_params(base, lora)
+  expected = np_body_log_probs(np_merged(params, lora), TINY, BODIES[2])
+  cfg = dataclasses.replace(lora, scan_layers=scan)
+  layout = stack_layers(params, TINY.num_layers) if scan else params
+  tokens = jnp.asarray(BODIES[2][None])
+  unmerged = jax.nn.log_softmax(Transformer(cfg).apply({'params': layout}, tokens)[0])
+  np.testing.assert_allclose(unmerged, expected, rtol=1e-4, atol=1e-4)
+  merged, plain_cfg = merge_lora(layout, cfg)
+  assert plain_cfg.lora_rank == 0 and not any(is_lora_param('/'.join(k.key for k in path))
+                                              for path, _ in jax.tree_util.tree_leaves_with_path(merged))
+  np.testing.assert_allclose(jax.nn.log_softmax(Transformer(plain_cfg).apply({'params': merged}, tokens)[0]),
+                             unmerged, rtol=1e-5, atol=1e-5)
+  assert np.abs(unmerged - np_body_log_probs(base, TINY, BODIES[2])).max() > 1e-2  # the factors change the model
+
+
+def test_lora_gradients_reach_b_first():
+  """With B = 0, the loss's gradient with respect to A is zero and with respect to B is not (Hu et al. 2021)."""
+  params = nn.unbox(Transformer(LORA).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
+  tokens = jnp.asarray(BODIES[2][None])
+  grads = jax.grad(lambda p: jnp.mean(Transformer(LORA).apply({'params': p}, tokens) ** 2))(params)
+  attention = grads['layers_0']['attention']
+  assert not np.any(attention['query_lora_a']) and np.any(attention['query_lora_b'])

@@ -1,13 +1,15 @@
 """A Llama-style decoder: RMSNorm pre-norm blocks, rotary positions, grouped-query attention, SwiGLU, no biases.
 
 One module serves pretraining (full sequences), generation (`decode=True` keeps a fixed-size KV cache in the
-'cache' collection), soft prompts (`prefix_embeddings`), and encoders or probes (`causal=False`,
+'cache' collection), soft prompts (`prefix_embeddings`), LoRA (`lora_rank` > 0 adds low-rank factors beside the
+projections that `lora_targets` names; `merge_lora` folds them in), and encoders or probes (`causal=False`,
 `return_hidden=True`). Parameters and activations carry logical axis names; `foundation/sharding.py` maps them
 onto the mesh, and without rules they are plain arrays.
 """
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -41,6 +43,11 @@ class TransformerConfig:
   scan_layers: bool = False  # one compiled block scanned over layers: compile time independent of depth
   remat: str = 'none'  # 'none' | 'full' | 'dots' (save only matmul outputs for the backward pass)
   init_std: float = 0.02
+  # LoRA (Hu et al. 2021): W x + (alpha / rank) B A x on every projection whose path ('layers_3/attention/query',
+  # 'layers_0/mlp/down'; 'layers/...' when scanned) the regex `lora_targets` finds; B starts at zero. 0: no LoRA.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = 'attention/(query|value)'
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -56,6 +63,8 @@ class TransformerConfig:
       raise ValueError(f'remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}.')
     for name in ('dtype', 'param_dtype'):
       jnp.dtype(getattr(self, name))  # fails early on a misspelt dtype
+    if self.lora_rank:
+      lora_target_names(self)  # a regex that matches no projection fails here, not after training
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'TransformerConfig':
@@ -83,6 +92,85 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   matmul_params = cfg.num_layers * (attention + 3 * cfg.embed_dim * cfg.mlp_dim) + cfg.embed_dim * cfg.vocab_size
   attention_flops = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
   return 3.0 * (2 * matmul_params + attention_flops)
+
+
+# The projections LoRA can target, by path inside a block.
+PROJECTIONS = ('attention/query', 'attention/key', 'attention/value', 'attention/out', 'mlp/gate', 'mlp/up',
+               'mlp/down')
+
+
+def lora_target_names(cfg: TransformerConfig) -> list[str]:
+  """The projection paths that `cfg.lora_targets` selects; an error when it selects none."""
+  try:
+    pattern = re.compile(cfg.lora_targets)
+  except re.error as e:
+    raise ValueError(f'lora_targets={cfg.lora_targets!r} is not a valid regex: {e}') from None
+  layers = ['layers'] if cfg.scan_layers else [f'layers_{i}' for i in range(cfg.num_layers)]
+  names = [f'{layer}/{p}' for layer in layers for p in PROJECTIONS if pattern.search(f'{layer}/{p}')]
+  if not names:
+    raise ValueError(f'lora_targets={cfg.lora_targets!r} matches no projection; paths look like '
+                     f"'{layers[0]}/attention/query' or '{layers[-1]}/mlp/down' ({', '.join(PROJECTIONS)}).")
+  return names
+
+
+def is_lora_param(name: str) -> bool:
+  """Whether a parameter (its name, or a '/'-joined path) is a LoRA factor."""
+  return name.endswith(('_lora_a', '_lora_b'))
+
+
+def merge_lora(params: dict, cfg: TransformerConfig) -> tuple[dict, TransformerConfig]:
+  """(params with every LoRA pair folded into its weight, W + alpha/rank * A B, and the config without LoRA).
+
+  params: unboxed, unrolled or scanned (the factors then carry the same leading layer axis as the weight).
+  """
+  scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+
+  def merge(tree):
+    out = {}
+    for key, value in tree.items():
+      if is_lora_param(key):
+        continue
+      if isinstance(value, dict):
+        out[key] = merge(value)
+      elif f'{key}_lora_a' in tree:
+        a, b = tree[f'{key}_lora_a'], tree[f'{key}_lora_b']
+        lead = a.ndim + b.ndim - value.ndim - 2  # a stacked layer axis when scanned
+        a2 = jnp.reshape(a, a.shape[:lead] + (-1, a.shape[-1])).astype(jnp.float32)
+        b2 = jnp.reshape(b, b.shape[:lead + 1] + (-1,)).astype(jnp.float32)
+        out[key] = (value.astype(jnp.float32) + scale * jnp.reshape(a2 @ b2, value.shape)).astype(value.dtype)
+      else:
+        out[key] = value
+    return out
+
+  return merge(params), dataclasses.replace(cfg, lora_rank=0)
+
+
+def _lora(module: nn.Module, name: str, x: Array, weight_shape: tuple, axes: tuple, num_in: int) -> Array | None:
+  """The LoRA term (alpha / rank) (x A) B of projection `name` (weight [*in, *out], contracting x's last num_in
+  axes), or None when LoRA is off or does not target it. Called inside the module that owns the weight."""
+  cfg = module.config
+  if not cfg.lora_rank:
+    return None
+  path = module.scope.path
+  inside = [i for i, part in enumerate(path) if part == 'layers' or part.startswith('layers_')]
+  where = '/'.join(path[inside[-1]:] if inside else path) + '/' + name
+  if not re.search(cfg.lora_targets, where):
+    return None
+  dtype, pdtype, rank = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), cfg.lora_rank
+  fan_in = math.prod(weight_shape[:num_in])
+  a = module.param(f'{name}_lora_a', _weight(1.0 / math.sqrt(fan_in), axes[:num_in] + ('lora_rank',)),
+                   weight_shape[:num_in] + (rank,), pdtype)
+  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(nn.initializers.zeros, ('lora_rank',) + axes[num_in:]),
+                   (rank,) + weight_shape[num_in:], pdtype)
+  low = jnp.tensordot(x, a.astype(dtype), axes=num_in)
+  return (cfg.lora_alpha / rank) * jnp.tensordot(low, b.astype(dtype), axes=1)
+
+
+def _project(module: nn.Module, name: str, x: Array, weight: Array, axes: tuple, num_in: int) -> Array:
+  """x @ weight over x's last num_in axes, plus the LoRA term where one is configured."""
+  out = jnp.tensordot(x, weight.astype(module.config.dtype), axes=num_in)
+  delta = _lora(module, name, x, weight.shape, axes, num_in)
+  return out if delta is None else out + delta.astype(out.dtype)
 
 
 def _weight(std: float, names: tuple[str, ...]):
@@ -127,14 +215,16 @@ class Attention(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual branches add up over depth (GPT-2)
-    wq = self.param('query', _weight(cfg.init_std, ('embed', 'heads', 'head_dim')), (e, h, d), pdtype)
-    wk = self.param('key', _weight(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), (e, kv, d), pdtype)
-    wv = self.param('value', _weight(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), (e, kv, d), pdtype)
-    wo = self.param('out', _weight(out_std, ('heads', 'head_dim', 'embed')), (h, d, e), pdtype)
+    q_axes, kv_axes, out_axes = ('embed', 'heads', 'head_dim'), ('embed', 'kv_heads', 'head_dim'), \
+        ('heads', 'head_dim', 'embed')
+    wq = self.param('query', _weight(cfg.init_std, q_axes), (e, h, d), pdtype)
+    wk = self.param('key', _weight(cfg.init_std, kv_axes), (e, kv, d), pdtype)
+    wv = self.param('value', _weight(cfg.init_std, kv_axes), (e, kv, d), pdtype)
+    wo = self.param('out', _weight(out_std, out_axes), (h, d, e), pdtype)
 
-    q = jnp.einsum('ble,ehd->blhd', x, wq.astype(dtype))
-    k = jnp.einsum('ble,ekd->blkd', x, wk.astype(dtype))
-    v = jnp.einsum('ble,ekd->blkd', x, wv.astype(dtype))
+    q = _project(self, 'query', x, wq, q_axes, 1)
+    k = _project(self, 'key', x, wk, kv_axes, 1)
+    v = _project(self, 'value', x, wv, kv_axes, 1)
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
     k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
@@ -168,7 +258,7 @@ class Attention(nn.Module):
     scores = jnp.where(visible, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(batch, length, h, d)
-    return jnp.einsum('blhd,hde->ble', out, wo.astype(dtype))
+    return _project(self, 'out', out, wo, out_axes, 2)
 
 
 class MLP(nn.Module):
@@ -177,14 +267,15 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    pdtype = jnp.dtype(cfg.param_dtype)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    w_gate = self.param('gate', _weight(cfg.init_std, ('embed', 'mlp')), (cfg.embed_dim, cfg.mlp_dim), pdtype)
-    w_up = self.param('up', _weight(cfg.init_std, ('embed', 'mlp')), (cfg.embed_dim, cfg.mlp_dim), pdtype)
-    w_down = self.param('down', _weight(out_std, ('mlp', 'embed')), (cfg.mlp_dim, cfg.embed_dim), pdtype)
-    hidden = nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
+    up_axes, down_axes = ('embed', 'mlp'), ('mlp', 'embed')
+    w_gate = self.param('gate', _weight(cfg.init_std, up_axes), (cfg.embed_dim, cfg.mlp_dim), pdtype)
+    w_up = self.param('up', _weight(cfg.init_std, up_axes), (cfg.embed_dim, cfg.mlp_dim), pdtype)
+    w_down = self.param('down', _weight(out_std, down_axes), (cfg.mlp_dim, cfg.embed_dim), pdtype)
+    hidden = nn.silu(_project(self, 'gate', x, w_gate, up_axes, 1)) * _project(self, 'up', x, w_up, up_axes, 1)
     hidden = nn.with_logical_constraint(hidden, ('act_batch', 'act_length', 'act_mlp'))
-    return hidden @ w_down.astype(dtype)
+    return _project(self, 'down', hidden, w_down, down_axes, 1)
 
 
 class Block(nn.Module):
