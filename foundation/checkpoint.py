@@ -14,7 +14,7 @@ removes the newest checkpoint that the loop has confirmed good.
 import hashlib
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -104,11 +104,12 @@ class Checkpointer:
     self._manager.reload()
     return self.directory.rstrip('/') + f'_{reason}'
 
-  def prune(self, keep: int, protect: int | None) -> None:
-    """Deletes all but the newest `keep` finished checkpoints, and never `protect` (the newest confirmed good)."""
+  def prune(self, keep: int, protect: Collection[int | None]) -> None:
+    """Deletes all but the newest `keep` finished checkpoints, and never those in `protect` (the newest confirmed
+    good, the best step of early stopping)."""
     steps = self.steps()
     for step in steps[:max(len(steps) - keep, 0)]:
-      if step != protect:
+      if step not in protect:
         self._manager.delete(step)
 
   def wait(self) -> None:

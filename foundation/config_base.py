@@ -33,6 +33,10 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   # checkpoint): source = a workdir (its checkpoint `step`, 0 = newest, subtree `params_path`) or a weight file the
   # task imports (e.g. a GGUF name); target = where it lands in the params ('' = all of them, 'backbone', ...).
   c.init_from = dict(source='', step=0, params_path='params', target='')
+  # Select the step to report by a validation metric ('' = the last step): every evaluation that improves `metric`
+  # (`mode` max or min) is checkpointed and kept; after `patience` evaluations without improvement the run stops
+  # (0 = never). At the end the selected step is restored and evaluated once more as the result: best/<metric>.
+  c.early_stopping = dict(metric='', mode='max', patience=0)
   for name, value in fields.items():
     if name not in c:
       raise ValueError(f'loop() has no field {name!r}; known: {sorted(c)}')

@@ -81,9 +81,19 @@ def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.Gradi
   tx = optax.chain(*parts, core)
   if cfg.freeze:
     # Frozen parameters get zero updates and no optimizer state (set_to_zero keeps none).
-    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', _matching(cfg.freeze, params, 'freeze'))
+    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen_mask(cfg, params))
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def frozen_mask(cfg: Any, params: Any) -> Any:
+  """A bool tree: which parameters `cfg.freeze` keeps fixed. Freezing every one of them is an error."""
+  frozen = _matching(cfg.freeze, params, 'freeze') if cfg.freeze else jax.tree.map(lambda _: False, params)
+  leaves = jax.tree.leaves(frozen)
+  if leaves and all(leaves):
+    raise ValueError(f'config.optim.freeze={tuple(cfg.freeze)!r} leaves nothing trainable: every parameter matches. '
+                     'Narrow the patterns.')
+  return frozen
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -88,6 +88,17 @@ def validate(config, num_devices: int) -> None:
   lr = config.optim.get('lr')
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
     raise ValueError(f'config.optim.lr={lr!r} must be a finite number of at least 0.')
+  early = config.get('early_stopping') or {}
+  if early.get('metric'):
+    if not str(early['metric']).startswith('eval/'):
+      raise ValueError(f'config.early_stopping.metric={early["metric"]!r} must name an evaluation metric, such as '
+                       "'eval/validation/accuracy' (one the task's evaluation writes).")
+    if early.get('mode') not in ('max', 'min'):
+      raise ValueError(f'config.early_stopping.mode={early.get("mode")!r}; choose max (accuracy) or min (loss).')
+    patience = early.get('patience')
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
+      raise ValueError(f'config.early_stopping.patience={patience!r} must be a whole number of evaluations, at '
+                       'least 0 (0: never stop early, only keep the best step).')
 
 
 # How a run executes, or where it reads from, not what it computes: a resumed run may change these (move to another
@@ -95,6 +106,8 @@ def validate(config, num_devices: int) -> None:
 RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir')
 # Written into config.json beside the config, never compared as config fields.
 RECORD_FIELDS = ('frozen_sources', 'foundation_version')
+# Written at the end of a run with config.early_stopping: {step, metric, value} of the selected step.
+BEST_FILE = 'best.json'
 
 # The loop dispatches steps ahead of the device and fetches their metrics once per log interval; it waits for a
 # step once this many newer ones are queued behind it. Enough to hide dispatch on any accelerator, and a bound is
@@ -135,7 +148,8 @@ class Prepared:
   tx: optax.GradientTransformation
   schedule: Any
   shardings: Any
-  frozen: Any
+  frozen: Any             # host arrays (abstract when dry)
+  frozen_shardings: Any   # laid out by the same rules as trained params where the task boxed them with axis names
   init_params: tuple[str, Any] | None   # config.init_from: (target subtree, host arrays), on a first start only
   record: dict            # the config.json to write: the resolved config plus RECORD_FIELDS
   changes: dict           # field -> [old, new] accepted through allow_config_change
@@ -180,6 +194,9 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   if config.parallelism == 'pmap':
     rules = tuple((name, None) for name, _ in rules)  # pmap replicates everything
   task = tasks.build(config)  # checks that its data is prepared
+  if (config.get('early_stopping') or {}).get('metric') and task.evaluate is None:
+    raise ConfigError(f'config.early_stopping.metric is set, but task {config.task!r} has no evaluation to select '
+                      "a step by; set --config.early_stopping.metric=''.")
   if task.batch_coupled_loss and (config.parallelism == 'pmap' or config.grad_accum_steps > 1):
     raise ConfigError(f'config.task={config.task!r} contrasts every example with the whole global batch, but '
                       f'parallelism={config.parallelism!r} with grad_accum_steps={config.grad_accum_steps} would '
@@ -204,6 +221,8 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   _check_memory(abstract_state, shardings)
   sources = checkpoint.Sources(previous.get('frozen_sources') if previous else None, dry=dry)
   frozen = task.frozen(sources) if task.frozen else {}
+  frozen_shardings = sharding.param_shardings(frozen, mesh, rules)
+  frozen = nn.unbox(frozen)
   resuming = any(d.isdigit() for d in os.listdir(os.path.join(workdir, 'checkpoints'))) if os.path.isdir(
       os.path.join(workdir, 'checkpoints')) else False
   init_params = None if resuming else _init_from(config, task, abstract_params, sources)
@@ -234,7 +253,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   record = {**resolved, 'frozen_sources': {**(previous or {}).get('frozen_sources', {}), **sources.recorded},
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
-                  init_params=init_params, record=record, changes=changes)
+                  frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes)
 
 
 def _subtree(tree: Any, target: str, what: str) -> Any:
@@ -265,7 +284,9 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
     if not os.path.isdir(os.path.join(source, 'checkpoints')):
       raise ValueError(f'config.init_from.source={source!r} is a directory without checkpoints/: name a workdir '
                        'of a run that saved a checkpoint.')
-    tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=spec.get('step') or None)
+    _check_same_frozen(source, sources)
+    step = spec.get('step') or _best_step(source)  # a run that kept a best step is read at that step
+    tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=step)
   elif task.import_params is None:
     raise ValueError(f'config.init_from.source={source!r} is not a workdir, and task {config.task!r} imports no '
                      'weight files.')
@@ -276,6 +297,31 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
     raise ValueError(f'config.init_from.source={source!r} does not fit config.init_from.target={target!r}: '
                      f'{differences}.')
   return target, tree
+
+
+def _best_step(workdir: str) -> int | None:
+  """The step a run selected by config.early_stopping (its best.json), or None."""
+  try:
+    with open(os.path.join(workdir, BEST_FILE)) as f:
+      return int(json.load(f)['step'])
+  except FileNotFoundError:
+    return None
+
+
+def _check_same_frozen(source: str, sources: checkpoint.Sources) -> None:
+  """Params trained on top of frozen ones (an adapter on its base model) only mean something on the same frozen
+  params: a source run whose frozen source of the same name had other contents is refused."""
+  try:
+    with open(os.path.join(source, 'config.json')) as f:
+      theirs = json.load(f).get('frozen_sources', {})
+  except FileNotFoundError:
+    return
+  for name, ours in sources.recorded.items():
+    if name in theirs and theirs[name].get('hash') != ours.get('hash'):
+      where = lambda r: r.get('file') or f'{r.get("workdir")} step {r.get("step")}'
+      raise ValueError(f'config.init_from.source={source!r} was trained with frozen {name!r} = {where(theirs[name])} '
+                       f'(hash {theirs[name].get("hash")}), but this run\'s is {where(ours)} (hash '
+                       f'{ours.get("hash")}): its params belong to that base. Use the same base, or start fresh.')
 
 
 def _check_memory(abstract_state, shardings) -> None:
@@ -377,10 +423,25 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
 
 
 def _state_shardings(abstract_params, tx, mesh: jax.sharding.Mesh, rules) -> Any:
+  """Optimizer-state leaves that mirror a parameter (Adam's moments) are sharded like it; the rest (counts) are
+  replicated. A leaf mirrors the parameter whose dict-key path ends its own path with the same shape: this holds
+  where optax.masked puts MaskedNode in place of the frozen parameters (config.optim.freeze), which optax's own
+  tree_map_params cannot follow."""
   params = sharding.param_shardings(abstract_params, mesh, rules)
   unboxed = nn.unbox(abstract_params)
-  opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, unboxed), params,
-                              transform_non_params=lambda _: sharding.replicated(mesh))
+  by_path = {tuple(k.key for k in path): (x.shape, s) for (path, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(unboxed)[0], jax.tree.leaves(params))}
+
+  def leaf_sharding(path, leaf):
+    keys = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.insert(0, entry.key)
+    shape, param_sharding = by_path.get(tuple(keys), (None, None))
+    return param_sharding if shape == leaf.shape else sharding.replicated(mesh)
+
+  opt = jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, unboxed))
   return {'step': sharding.replicated(mesh), 'params': params, 'opt_state': opt,
           'skipped_updates': sharding.replicated(mesh)}
 
@@ -469,6 +530,37 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+class _Best:
+  """config.early_stopping: which evaluated step is best so far by a named validation metric, and whether the run
+  has gone `patience` evaluations without a strict improvement. Its state travels in the checkpoint record, so a
+  resumed run selects the same step."""
+
+  def __init__(self, cfg, record: dict):
+    self.metric, self.mode, self.patience = cfg['metric'], cfg['mode'], cfg['patience']
+    saved = record.get('best') or {}
+    self.step, self.value = saved.get('step'), saved.get('value')
+    self.stopped = bool(record.get('stopped_early'))
+
+  def update(self, step: int, results: dict) -> bool:
+    """Records the evaluation of `step`; True when it is a strict improvement (the new best)."""
+    if self.metric not in results:
+      raise ConfigError(f'config.early_stopping.metric={self.metric!r} is not among the evaluation\'s metrics '
+                        f'({", ".join(sorted(results))}); name one of them.')
+    value = float(results[self.metric])
+    if not math.isfinite(value):
+      return False
+    better = self.value is None or (value > self.value if self.mode == 'max' else value < self.value)
+    if better:
+      self.step, self.value = step, value
+    return better
+
+  def exhausted(self, step: int, eval_every: int) -> bool:
+    return bool(self.patience) and self.step is not None and step - self.step >= self.patience * eval_every
+
+  def record(self) -> dict:
+    return {'best': {'step': self.step, 'value': self.value}, 'stopped_early': self.stopped}
+
+
 _params_finite = jax.jit(checkpoint.all_finite)
 
 
@@ -492,6 +584,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   abstract_state = checkpoint.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
   restored = ckpt.restore_newest_readable(abstract_state, step=config.restore_step, warn=say)
   interval = []  # metrics of the steps since the last log line (restored when a stop cut an interval short)
+  record = {}
   if restored is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
     start = 0
@@ -507,8 +600,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     later = [s for s in ckpt.steps() if s > start]
     if later:  # an explicit restore_step: the checkpoints after it are kept aside, not overwritten
       say(f'Checkpoints {later} are newer than restore_step={start}; moved to {ckpt.quarantine(later, "superseded")}.')
+  best = _Best(config.early_stopping, record) if config.early_stopping.get('metric') else None
   _write_config(prepared, workdir, start if restored else None)
-  frozen = jax.device_put(prepared.frozen, sharding.replicated(mesh)) if prepared.frozen else {}
+  frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}
   if is_writer:
     sharding.warn_replicated(state['params'], mesh)
 
@@ -516,6 +610,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   progress = metrics.Progress(config.num_train_steps, enabled=is_writer)
   if start:
     progress.message(f'Resuming from the checkpoint at step {start} in {workdir}.')
+  else:
+    writer.write(0, _param_counts(config, state['params'], prepared.frozen))
   peak = metrics.peak_flops(jax.devices())
 
   if config.parallelism == 'pmap':
@@ -564,31 +660,52 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     if not bool(jax.device_get(_params_finite(runner.first(state['params'])))):
       stop_nonfinite(f'the params are not finite before {why}', step, step)
 
-  def evaluate(step) -> dict:
+  def evaluate(step, *, final: bool) -> dict:
+    """`final`: the evaluation whose numbers are the run's result (tasks then read their held-out test splits)."""
     if task.evaluate is None:
       return {}
     check_params(step, 'evaluation')
     with runner.context():
-      results = task.evaluate(runner.to_global(state['params']), frozen, step, eval_ctx)
+      results = task.evaluate(runner.to_global(state['params']), frozen, step,
+                              dataclasses.replace(eval_ctx, final=final))
     writer.write(step, results)
     progress.message(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
     return results
 
   def save(step, pending_interval):
-    if not ckpt.save(step, runner.to_global(state), {'data': data_iter.get_state(), 'interval': pending_interval}):
+    record = {'data': data_iter.get_state(), 'interval': pending_interval, **(best.record() if best else {})}
+    if not ckpt.save(step, runner.to_global(state), record):
       stop_nonfinite('the params or optimizer state are not finite at a checkpoint', step, step)
-    ckpt.prune(config.max_checkpoints, good)
+    ckpt.prune(config.max_checkpoints, {good, best.step if best else None})
+
+  def evaluate_best(at: int) -> dict:
+    """The params of the selected step, restored from its checkpoint and evaluated as the run's result: written at
+    step `at` (where the run ended) as best/<metric> and best/step, and into best.json."""
+    ckpt.wait()
+    best_state, _ = ckpt.restore(best.step, abstract_state)
+    with runner.context():
+      results = task.evaluate(best_state['params'], frozen, best.step, dataclasses.replace(eval_ctx, final=True))
+    out = {f'best/{k}': v for k, v in results.items()} | {'best/step': best.step}
+    writer.write(at, out)
+    progress.message(f'best step {best.step} by {best.metric} ({best.value:.4f}): '
+                     + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
+    if is_writer:
+      metrics.write_atomically(os.path.join(workdir, BEST_FILE), json.dumps(
+          {'step': best.step, 'metric': best.metric, 'value': best.value}) + '\n')
+    return out
 
   stop = _StopRequest()
   last = {}
   try:
     if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
-      last.update(evaluate(0))
+      last.update(evaluate(0, final=config.num_train_steps == 0))
+    end = start if best and best.stopped else config.num_train_steps  # a run that stopped early is finished
+    reached, interrupted = start, False
     pending: list[tuple[int, Any, bool]] = list(interval)  # (step, metrics, already on the host)
     timed = False
     interval_start, interval_steps = time.perf_counter(), 0
     with runner.context():
-      for step in range(start + 1, config.num_train_steps + 1):  # `step` counts completed steps
+      for step in range(start + 1, end + 1):  # `step` counts completed steps
         state, step_metrics = runner.step(state, frozen, runner.place(next(data_iter)))
         pending.append((step, step_metrics, False))
         if len(pending) > MAX_STEPS_IN_FLIGHT:
@@ -610,11 +727,16 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
           last.update(logged)
           pending.clear()
           interval_start, interval_steps = time.perf_counter(), 0
+        reached, improved = step, False
         if step % config.eval_every == 0 or is_last:
-          last.update(evaluate(step))
+          results = evaluate(step, final=is_last and best is None)
+          last.update(results)
+          improved = best is not None and best.update(step, results)  # the best step always gets a checkpoint
           interval_start, interval_steps = time.perf_counter(), 0
         stopping = stop(step) and not is_last  # called every step: processes agree on the step through it
-        if step % config.checkpoint_every == 0 or is_last or stopping:
+        if best and not is_last and best.exhausted(step, config.eval_every):
+          best.stopped = True
+        if step % config.checkpoint_every == 0 or is_last or stopping or improved or (best and best.stopped):
           # Metrics of an interval cut short travel with the checkpoint, so the resumed run logs what this one would.
           fetched = check(pending) if pending else []
           save(step, [(s, {k: float(v) for k, v in m.items()}) for (s, _, _), m in zip(pending, fetched)])
@@ -623,12 +745,29 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
           ckpt.wait()
           progress.message(f'Stopped by {stop.signal_name} after step {step}; saved its checkpoint in {workdir}. '
                            'Rerun the same command to resume.')
+          interrupted = True
           break
+        if best and best.stopped:
+          progress.message(f'Early stopping after step {step}: {best.metric} has not improved on step {best.step} '
+                           f'({best.value:.4f}) in {best.patience} evaluations.')
+          break
+    if best and best.step is not None and not interrupted:
+      state = None  # the trained state is saved; the selected one takes its memory
+      last.update(evaluate_best(reached))
   finally:  # an error must not leave an async save half-written
     stop.close()
     ckpt.close()
     writer.close()
   return last
+
+
+def _param_counts(config, params, frozen) -> dict[str, int]:
+  """params/trainable: the parameters the optimizer updates; params/total: those plus the ones config.optim.freeze
+  keeps fixed and the task's frozen ones (a base model under an adapter, a teacher)."""
+  fixed = jax.tree.leaves(optim.frozen_mask(config.optim, params))
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  trainable = sum(size for size, f in zip(sizes, fixed) if not f)
+  return {'params/trainable': trainable, 'params/total': sum(sizes) + sum(x.size for x in jax.tree.leaves(frozen))}
 
 
 def _throughput(step_time: float, task: tasks.Task, config, peak: float | None) -> dict[str, float]:

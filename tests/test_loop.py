@@ -166,7 +166,7 @@ def test_restore_step_and_pruning_keep_what_they_must(tmp_path):
   for step in (1, 2, 3, 4):
     ckpt.save(step, _state(step), {'data': {}})
   ckpt.wait()
-  ckpt.prune(keep=1, protect=2)  # 2 is the newest confirmed good: kept, and so is the newest; older ones go
+  ckpt.prune(keep=1, protect={2})  # 2 is the newest confirmed good: kept, and so is the newest; older ones go
   assert ckpt.steps() == [2, 4]
   step, state, _ = ckpt.restore_newest_readable(_abstract(), step=2, warn=print)
   assert step == 2 and int(state['step']) == 2
@@ -214,3 +214,115 @@ def test_metrics_drop_a_truncated_last_line_only(tmp_path):
   path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
   with pytest.raises(ValueError, match='line 2 is not JSON'):
     metrics.read_metrics(str(path))
+
+
+def descending_task(calls: list) -> tasks.Task:
+  """SGD (lr 0.1, no momentum) on (w - 1)^2 from w = 0: w_t = 1 - 0.8^t in closed form. Its validation score
+  -(w - 0.5)^2 peaks at step 3 (w = 0.488) and falls after; the test score is another target, read only as a
+  result. Each evaluation is logged in `calls` as (step, final, w)."""
+  import grain
+
+  def evaluate(params, frozen, step, ctx):
+    w = float(np.asarray(params['w'])[0])
+    calls.append((step, ctx.final, w))
+    return {'eval/validation/score': -(w - 0.5)**2, 'eval/test/score': -(w - 0.45)**2}
+
+  return tasks.Task(init=lambda rng: {'w': jnp.zeros((1,))},
+                    loss=lambda params, frozen, batch, rng: (jnp.mean((params['w'] - 1.0 + batch['x'])**2), {}),
+                    train_batches=lambda index, count: grain.MapDataset.range(10**6).map(
+                        lambda i: {'x': np.zeros((8, 1), np.float32)}),
+                    evaluate=evaluate)
+
+
+def descending_config(**fields):
+  from foundation import config_base
+  c = config_base.loop('descending', num_train_steps=20, global_batch_size=8, log_every=1, eval_every=1,
+                       checkpoint_every=100, max_checkpoints=1, prefetch_batches=0)
+  c.optim = config_base.optimizer(name='sgd', lr=0.1, schedule='constant', warmup_steps=0, b1=0.0, weight_decay=0.0,
+                                      weight_decay_exclude=())
+  c.early_stopping = dict(metric='eval/validation/score', mode='max', patience=3)
+  c.update_from_flattened_dict(fields)
+  return c
+
+
+def closed_form(step):
+  return 1 - 0.8**step
+
+
+@pytest.fixture
+def descending(monkeypatch):
+  calls = []
+  monkeypatch.setattr(tasks, 'build', lambda config: descending_task(calls))
+  return calls
+
+
+def scores(w):
+  return {'eval/validation/score': -(w - 0.5)**2, 'eval/test/score': -(w - 0.45)**2}
+
+
+def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_further(descending, tmp_path):
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(descending_config(), workdir)
+  # Steps 4, 5, 6 do not improve on 3: patience 3 stops the run after step 6; step 3 is restored and evaluated.
+  assert [(s, f) for s, f, _ in descending] == [(s, False) for s in range(1, 7)] + [(3, True)]
+  np.testing.assert_allclose([w for _, _, w in descending], [closed_form(s) for s in range(1, 7)] + [closed_form(3)],
+                             rtol=1e-6)
+  expected = {f'best/{k}': v for k, v in scores(closed_form(3)).items()}
+  assert {k: results[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+  assert results['best/step'] == 3
+  with open(os.path.join(workdir, train.BEST_FILE)) as f:
+    best = json.load(f)
+  assert best['step'] == 3 and best['value'] == pytest.approx(scores(closed_form(3))['eval/validation/score'])
+  last = metrics.read_metrics(os.path.join(workdir, 'metrics.jsonl'))[-1]
+  assert last['step'] == 6 and last['best/step'] == 3
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert 3 in ckpt.steps() and max(ckpt.steps()) == 6  # max_checkpoints=1 prunes the others, never the best
+  ckpt.close()
+
+  descending.clear()  # the same command again: the run is finished, it only reports the best step again
+  again = train.train_and_evaluate(descending_config(), workdir)
+  assert [(s, f) for s, f, _ in descending] == [(3, True)]
+  assert {k: again[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+
+  descending.clear()  # a run initialised from this workdir reads the best step, not the newest
+  train.train_and_evaluate(descending_config(num_train_steps=0, **{'init_from.source': workdir}),
+                           str(tmp_path / 'eval'))
+  assert len(descending) == 1 and descending[0][:2] == (0, True)
+  assert descending[0][2] == pytest.approx(closed_form(3), rel=1e-6)
+
+
+def test_a_run_stopped_before_the_best_is_known_resumes_to_the_same_selection(descending, tmp_path, monkeypatch):
+  whole = train.train_and_evaluate(descending_config(), str(tmp_path / 'whole'))
+  asked = train._StopRequest.__call__
+  monkeypatch.setattr(train._StopRequest, '__call__', lambda self, step: step == 4 or asked(self, step))
+  workdir = str(tmp_path / 'cut')
+  train.train_and_evaluate(descending_config(), workdir)  # a preemption after step 4: best so far is 3
+  monkeypatch.setattr(train._StopRequest, '__call__', asked)
+  descending.clear()
+  resumed = train.train_and_evaluate(descending_config(), workdir)
+  assert [(s, f) for s, f, _ in descending] == [(5, False), (6, False), (3, True)]
+  assert {k: v for k, v in resumed.items() if k.startswith('best/')} == {
+      k: v for k, v in whole.items() if k.startswith('best/')}
+
+
+def test_without_early_stopping_the_last_evaluation_is_the_final_one(descending, tmp_path):
+  train.train_and_evaluate(descending_config(num_train_steps=3, **{'early_stopping.metric': ''}),
+                           str(tmp_path / 'run'))
+  assert [(s, f) for s, f, _ in descending] == [(1, False), (2, False), (3, True)]
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'early_stopping.metric': 'validation/score'}, "must name an evaluation metric, such as 'eval/"),
+    ({'early_stopping.mode': 'best'}, 'choose max'),
+    ({'early_stopping.patience': -1}, 'must be a whole number of evaluations'),
+])
+def test_bad_early_stopping_is_one_line_before_anything_is_written(descending, tmp_path, fields, message):
+  with pytest.raises(train.ConfigError, match=message) as error:
+    train.train_and_evaluate(descending_config(**fields), str(tmp_path / 'run'))
+  assert '\n' not in str(error.value) and not (tmp_path / 'run').exists()
+
+
+def test_an_early_stopping_metric_the_evaluation_does_not_write_is_named(descending, tmp_path):
+  with pytest.raises(train.ConfigError, match="'eval/validation/acc' is not among .* eval/validation/score"):
+    train.train_and_evaluate(descending_config(**{'early_stopping.metric': 'eval/validation/acc'}),
+                             str(tmp_path / 'run'))

@@ -18,6 +18,7 @@ class EvalContext:
   mesh: Mesh | None        # None on the pmap path
   workdir: str
   is_writer: bool          # process 0: the one that writes files and prints
+  final: bool = False      # the evaluation whose numbers are the run's result
 
 
 class Task(NamedTuple):
