@@ -12,11 +12,23 @@ Another prompt, chat-wrapped (the label word follows the assistant's turn start)
     --config.prompt.chat=True --config.prompt.template='Is the sentiment of this review positive or negative? {text}' \
     --config.prompt.label_words="('negative','positive')" \
     --config.eval.splits="('validation','test','ood_tweets','ood_amazon')"
+Tuned (the template and label words kept; the label word's likelihood is the classifier, trained by cross-entropy
+over the classes), with early stopping on validation accuracy; 16 examples per class with shots_per_class=16:
+  python -m foundation.main --config=configs/adapt/movie_sentiment.py:prompt --workdir=workdirs/movie_prompt
+  python -m foundation.main --config=configs/adapt/movie_sentiment.py:lora --workdir=workdirs/movie_lora_16 \
+    --config.data.shots_per_class=16 --config.seed=1
 Variants:
-  :zero_shot  num_train_steps=0, no demonstrations
-  :icl        icl.shots=16, icl.draws=5
-  :smoke      seconds, for tests: a tiny random model on bytes, 16 examples per split
-Variants combine with commas (:icl,smoke). Label words are in class order: (negative, positive).
+  :zero_shot     num_train_steps=0, no demonstrations
+  :icl           icl.shots=16, icl.draws=5
+  :prompt        soft-prompt tuning, 20 vectors initialised from the label words and sampled vocabulary
+  :prefix        prefix tuning: 10 learned keys and values per layer and KV head
+  :lora          LoRA rank 8 on the attention's query and value projections
+  :finetune      every weight of the LM trains (small learning rate)
+  :finetune_top  only the top 2 of SmolLM2's 30 blocks and the final norm train
+  :head          standard fine-tuning: a linear head on the last token's hidden state, with the whole LM
+  :probe         a ridge linear probe (and k-NN) on the frozen LM's last-token features; nothing trains
+  :smoke         seconds, for tests: a tiny random model on bytes, 16 examples per split
+Variants combine with commas (:prompt,smoke). Label words are in class order: (negative, positive).
 """
 
 import os
@@ -35,6 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train_split='train',  # demonstrations are drawn from it, and `loss` trains on it
       text_key='text',
       label_key='label',
+      shots_per_class=0,  # >0: train on this many examples per class (drawn by config.seed); 0: all of them
+      sort_window=16,     # batches per window sorted by length before batching (little padding); 0: no sorting
   )
   c.lm = dict(
       source='smollm2-135m-instruct',  # a KNOWN_GGUF name, a GGUF path, or 'random' (random_model, byte tokenizer)
@@ -54,8 +68,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Greedy answer after the prompt, its first label word parsed; 0: no generation metrics. The instruct model answers
   # a chat prompt in a sentence ('The sentiment of this movie review is positive, ...'): 10 tokens reach the word.
   c.generate = dict(max_new_tokens=10)
-  c.eval = dict(splits=('validation', 'test'), max_examples=0, batch_size=32)  # max_examples 0: all (>0: smoke)
-  # Nothing is trainable yet; the optimizer is the loop's, for the methods that will tune through `loss`.
+  # How the classifier adapts. method: none (zero-shot / in-context), prompt, prefix, lora, finetune, head, probe.
+  c.tune = dict(
+      method='none',
+      length=20,        # soft prompt / prefix: P vectors
+      init='labels',    # soft prompt / prefix start: 'labels' (label words, then vocabulary), 'vocab', 'uniform'
+      prefix_hidden=0,  # >0: Li & Liang's MLP reparameterisation of the prefix, this wide
+      lora_rank=8,
+      lora_alpha=16.0,
+      lora_targets='attention/(query|value)',  # regex on projection paths, e.g. 'layers_3/mlp/down'
+      pooling='last',   # head / probe features: 'last' token or 'mean' over the text
+  )
+  # The run's result reads `splits`; evaluations during training read only `selection_splits` (model selection:
+  # early stopping picks the step on them, so test is never looked at before the end), their first
+  # selection_max_examples (on a CPU a full validation pass costs minutes). max_examples 0: all.
+  c.eval = dict(splits=('validation', 'test'), selection_splits=('validation',), selection_max_examples=0,
+                max_examples=0, batch_size=32)
   c.optim = config_base.optimizer(lr=1e-3, warmup_steps=0, weight_decay=0.0, weight_decay_exclude=())
   return config_base.apply_variants(c, arg, VARIANTS, __file__)
 
@@ -74,9 +102,70 @@ def smoke(c):
   # Two steps through `loss` (nothing trainable changes) so the smoke run exercises the loop's path too.
   config_base.smoke_loop(c, steps=2, batch=8)
   c.lm.source = 'random'
+  c.init_from.source = ''  # the random model starts from its own init
+  c.tune.length = min(c.tune.length, 4)
+  if c.optim.freeze:  # the random model has 2 blocks: the top one trains
+    c.optim.freeze = ('^lm/(embedding|layers_0/)',)
+  if c.tune.method != 'none':  # 8 training sentences: every batch holds them all, so one compiled step
+    c.update(num_train_steps=4, eval_every=2, checkpoint_every=2, log_every=2)
+    c.data.shots_per_class = c.data.shots_per_class or 4
   c.eval.update(max_examples=16, batch_size=16)
   c.icl.draws = min(c.icl.draws, 2)
-  c.generate.max_new_tokens = 3
+  c.generate.max_new_tokens = min(c.generate.max_new_tokens, 3)
 
 
-VARIANTS = {'zero_shot': zero_shot, 'icl': icl, 'smoke': smoke}
+def _tuning(c, method: str, lr: float, steps: int = 300):
+  """Training through the loop: accuracy on 200 validation sentences every 50 steps picks the step whose test
+  number is reported."""
+  c.tune.method = method
+  c.update(num_train_steps=steps, global_batch_size=16, log_every=10, eval_every=50, checkpoint_every=50)
+  c.early_stopping.update(metric='eval/validation/accuracy', mode='max')
+  c.eval.selection_max_examples = 200  # ~1 minute per evaluation on a CPU; the result reads every example
+  c.generate.max_new_tokens = 0  # generation is a zero-shot question; tuned models are scored by their classifier
+  c.optim.update(lr=lr, warmup_steps=20, schedule='cosine', weight_decay=0.0)
+
+
+def _pretrained_lm(c):
+  """The LM's weights train: they start from the same GGUF, through the loop's init_from."""
+  c.init_from.update(source=c.lm.source, target='lm')
+
+
+def prompt(c):
+  _tuning(c, 'prompt', lr=3e-2)
+  c.tune.update(length=20, init='labels')
+
+
+def prefix(c):
+  _tuning(c, 'prefix', lr=1e-2)
+  c.tune.update(length=10, init='vocab')
+
+
+def lora(c):
+  _tuning(c, 'lora', lr=1e-3)
+
+
+def finetune(c):
+  _tuning(c, 'finetune', lr=1e-5)
+  _pretrained_lm(c)
+
+
+def finetune_top(c):
+  finetune(c)
+  c.optim.lr = 1e-4
+  # SmolLM2-135M has 30 blocks: everything below layers_28 is frozen, and the tied embedding (also the output).
+  c.optim.freeze = ('^lm/(embedding|layers_([0-9]|1[0-9]|2[0-7])/)',)
+
+
+def head(c):
+  _tuning(c, 'head', lr=2e-5)
+  _pretrained_lm(c)
+
+
+def probe(c):
+  c.num_train_steps = 0
+  c.tune.method = 'probe'
+  c.generate.max_new_tokens = 0
+
+
+VARIANTS = {'zero_shot': zero_shot, 'icl': icl, 'prompt': prompt, 'prefix': prefix, 'lora': lora,
+            'finetune': finetune, 'finetune_top': finetune_top, 'head': head, 'probe': probe, 'smoke': smoke}

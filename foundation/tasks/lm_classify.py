@@ -1,4 +1,4 @@
-"""Text classification with a pretrained language model: zero-shot and in-context (few-shot) rank classification.
+"""Text classification with a pretrained language model: zero-shot, in-context, and tuned.
 
 The model scores each class by the log-likelihood of the class's label word after a prompt (the template filled
 with the text, chat-wrapped or not, after k demonstrations from the training split); the best-scoring class is the
@@ -7,10 +7,20 @@ on content-free inputs and divided out) and the start of a greedy generation, wh
 generated answer. The scoring functions are in foundation/evaluate/lm_classify.py; this file brings the data, the
 config and the metrics.
 
-The language model is frozen (`Task.frozen`: a GGUF file, pinned by its sha256 in config.json, or a small random
-model for tests); the trainable params are empty, and `loss` is the cross-entropy of the rank classification over a
-training batch, for methods that will tune something through it (soft prompts, adapters). With
-`num_train_steps=0` the run only evaluates.
+`config.tune.method` says what adapts, trained by the loop through `loss` (the cross-entropy of the rank
+classification over the classes, the template and label words kept, as in LM-BFF):
+  none      nothing: zero-shot or in-context (num_train_steps=0)
+  prompt    P soft-prompt vectors before the prompt (Lester et al. 2021); init from label words, vocabulary, uniform
+  prefix    P keys and values per layer and KV head (Li & Liang 2021), optionally through an MLP folded away after
+  lora      low-rank factors beside the projections `tune.lora_targets` names, merged into the weights to evaluate
+  finetune  the LM's own weights (all, or the ones `optim.freeze` leaves), loaded through config.init_from
+  head      standard fine-tuning: a linear head on the pooled hidden state instead of the label words
+  probe     the probe suite (ridge linear probe, k-NN) on the frozen LM's pooled features; nothing trains
+The soft prompt and the prefix are a one-row KV cache in front of the prompt, in training and evaluation alike
+(foundation/models/adapters.py). For prompt, prefix and lora the LM is `Task.frozen` (a GGUF file, pinned by its
+sha256 in config.json, or a small random model for tests): sharded like trained weights, without optimizer state,
+never in the run's checkpoints, so an adapter's checkpoint holds the adapter alone and records its base.
+`data.shots_per_class` trains on that many examples per class, drawn by config.seed.
 
 Evaluation, per split of `eval.splits` (metric names: test has no split segment, `validation/`, `ood/tweets/`, ...):
   eval/accuracy, eval/calibrated/accuracy, eval/generate/accuracy, eval/generate/unparseable (the share of answers
@@ -19,12 +29,15 @@ Evaluation, per split of `eval.splits` (metric names: test has no split segment,
   content-free inputs, which calibration divides out. With
   in-context demonstrations every metric is the mean over `icl.draws` draws of demonstrations, and the accuracies
   have an `_std` over draws as well. Choose templates and label words on validation: test is reported beside it
-  and never used to select anything.
+  and never used to select anything. Evaluations during training read only `eval.selection_splits` (the first
+  `eval.selection_max_examples` of each, 0: all); the run's result (the last step's, or with early stopping the
+  best step's, under best/) reads every split whole.
 
 Every process reads and scores every example (the splits are small); the batches are split over the mesh's data
 axes. Efficiency on a CPU: examples are sorted by length into a few padded lengths (few compiled shapes); the
 shared prefix (chat turn start, demonstrations) runs once per draw into a KV cache that every batch attends to; the
-projection onto the vocabulary is computed only where a label token is predicted.
+projection onto the vocabulary is computed only where a label token is predicted. Training batches are sorted by
+length within windows of `data.sort_window` batches, so they pad little.
 """
 
 import dataclasses
@@ -42,22 +55,31 @@ from foundation import sharding
 from foundation.data import text as text_data
 from foundation.data.tokenizers import ByteTokenizer
 from foundation.evaluate import lm_classify as lmc
+from foundation.evaluate import probes
+from foundation.models import adapters
 from foundation.models.gguf import gguf_header, load_gguf, resolve_gguf
-from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token, param_count
+from foundation.models.transformer import (Transformer, TransformerConfig, flops_per_token, is_lora_param,
+                                           lora_target_names, merge_lora, param_count)
 from foundation.tasks import EvalContext, Task
+from foundation.tasks.lm import import_gguf
 
 RANDOM_SOURCE = 'random'  # lm.source for a small random Transformer on bytes (tests, smoke runs)
 PREFIX_MULTIPLE = 32      # prefix caches are padded to a multiple of this: one compiled shape for all draws
+# config.tune.method: how the classifier adapts (see the module docstring).
+METHODS = ('none', 'prompt', 'prefix', 'lora', 'finetune', 'head', 'probe')
+LM_TRAINED = ('finetune', 'head')  # the LM's own weights train (config.init_from loads them)
+TRAIN_SUBSET_DRAW = 2**31 - 1  # the seed stream of the few-shot training subset, apart from demonstration draws
 
 
 def build(config) -> Task:
-  data, prompt, icl, ev = config.data, config.prompt, config.icl, config.eval
+  data, prompt, icl, ev, tune = config.data, config.prompt, config.icl, config.eval, config.tune
   _check_fields(config)
   text_data.check_prepared(data.name, data.data_dir, [data.train_split, *ev.splits])
   class_names = _class_names(data)
   label_words = tuple(prompt.label_words)
   lmc.check_prompt(prompt.template, label_words, class_names)
   model_cfg, tokenizer = _language_model(config.lm)
+  method = _check_method(config, model_cfg)
   if prompt.chat and not hasattr(tokenizer, 'chat_parts'):
     raise ValueError(f'config.prompt.chat: lm.source={config.lm.source!r} has a byte tokenizer, without chat turns.')
   head, tail = tokenizer.chat_parts() if prompt.chat else ('', '')
@@ -68,7 +90,7 @@ def build(config) -> Task:
   if not all(len(ids) for ids in label_ids):
     raise ValueError(f'config.prompt.label_words={label_words!r}: a word encodes to no tokens.')
   label_tokens, label_mask = lmc.pad(label_ids, max(map(len, label_ids)), tokenizer.pad_id, left=False)
-  new_tokens = config.generate.max_new_tokens
+  new_tokens = config.generate.max_new_tokens if method not in ('head', 'probe') else 0
 
   train_texts, train_labels = read_split(data, data.train_split, 0)
   eval_rows, eval_labels, splits = [], {}, {}
@@ -82,112 +104,307 @@ def build(config) -> Task:
   content_free = slice(len(eval_rows), len(eval_rows) + len(config.calibration.content_free))
   eval_rows += [body(t) for t in config.calibration.content_free]
 
+  # The learned start of every prompt (soft prompt or prefix), before the chat turn and the demonstrations.
+  adapter_len = tune.length if method in ('prompt', 'prefix') else 0
+  init_ids = jnp.asarray(adapters.init_token_ids(tune.init, adapter_len, model_cfg.vocab_size,
+                                                  [ids.tolist() for ids in label_ids], config.seed))
   prefix_texts = demonstration_prefixes(config, train_texts, train_labels, head)
   prefixes = [encode(p) for p in prefix_texts]
   first_body = lmc.fill(prompt.template, eval_texts[0]) + tail
   head_ids = encode(head)
   _check_context(prefixes, len(head_ids), max(map(len, eval_rows)), label_tokens.shape[1], new_tokens,
-                 model_cfg.max_len, icl.shots)
+                 model_cfg.max_len - adapter_len, icl.shots)
   prefix_slots = lmc.round_up(max(map(len, prefixes)), PREFIX_MULTIPLE) if max(map(len, prefixes)) else 0
-  eval_batches = [(rows, *lmc.pad([eval_rows[i] for i in rows], length, tokenizer.pad_id, left=True))
-                  for rows, length in lmc.length_batches([len(r) for r in eval_rows], ev.batch_size)]
 
-  # Training rows for `loss`: the zero-shot prompt (no demonstrations) of every training text.
-  train_bodies = [body(t) for t in train_texts]
+  def batches_of(ids: np.ndarray) -> list:
+    return [(ids[rows], *lmc.pad([eval_rows[ids[i]] for i in rows], length, tokenizer.pad_id, left=True))
+            for rows, length in lmc.length_batches([len(eval_rows[i]) for i in ids], ev.batch_size)]
+
+  # The result's evaluation reads every split; one during training only the model-selection splits (their first
+  # eval.selection_max_examples, where that is set).
+  chosen = lambda split: min(ev.selection_max_examples or len(eval_labels[split]), len(eval_labels[split]))
+  selection = {split: slice(splits[split].start, splits[split].start + chosen(split)) for split in ev.selection_splits}
+  selection_labels = {split: eval_labels[split][:chosen(split)] for split in ev.selection_splits}
+  eval_batches = {True: batches_of(np.arange(len(eval_rows))),
+                  False: batches_of(np.concatenate([np.arange(len(eval_rows))[r] for r in
+                                                    [*selection.values(), content_free]]))}
+
+  # Training rows: the zero-shot prompt (no demonstrations) of every training text, or of shots_per_class of each.
+  train_picks = (lmc.demonstration_indices(train_labels, data.shots_per_class * len(class_names), len(class_names),
+                                           seed=config.seed, draw=TRAIN_SUBSET_DRAW)
+                 if data.shots_per_class else np.arange(len(train_labels)))
+  train_bodies = [body(train_texts[i]) for i in train_picks]
   train_length = lmc.bucket_length(max(map(len, train_bodies)))
-  if len(head_ids) + train_length + label_tokens.shape[1] > model_cfg.max_len:
-    raise ValueError(f'the longest training prompt ({len(head_ids) + train_length} tokens padded) does not fit the '
-                     f'model\'s context of {model_cfg.max_len} tokens.')
-  train_tokens, train_mask = lmc.pad(train_bodies, train_length, tokenizer.pad_id, left=True)
+  if adapter_len + len(head_ids) + train_length + label_tokens.shape[1] > model_cfg.max_len:
+    raise ValueError(f'the longest training prompt ({adapter_len + len(head_ids) + train_length} tokens padded, with '
+                     f'{adapter_len} of config.tune.length) does not fit the model\'s context of {model_cfg.max_len} '
+                     'tokens.')
+  # int32 tokens, a bool mask, row ids, label and index per example; refused here rather than met by the OOM killer.
+  batch_bytes = config.global_batch_size * (5 * train_length + 24)
+  host_bytes = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  if batch_bytes > host_bytes / 4:
+    raise ValueError(f'one batch of config.global_batch_size={config.global_batch_size} needs '
+                     f'{batch_bytes / 2**30:.1f} GiB of host memory (of {host_bytes / 2**30:.0f} GiB here); lower it.')
+  lora_cfg = (dataclasses.replace(model_cfg, lora_rank=tune.lora_rank, lora_alpha=tune.lora_alpha,
+                                  lora_targets=tune.lora_targets) if method == 'lora' else model_cfg)
 
   @functools.lru_cache(maxsize=None)
-  def resized(slots):
+  def resized(slots, lora=False):
     """The model with a KV cache of `slots` (max_len only sizes the cache; the context was checked above)."""
-    return Transformer(dataclasses.replace(model_cfg, max_len=max(slots, 1)))
+    return Transformer(dataclasses.replace(lora_cfg if lora else model_cfg, max_len=max(slots, 1)))
 
-  train_model = resized(len(head_ids) + train_length + label_tokens.shape[1] - 1)
-  head_model = resized(len(head_ids))
+  def boxed_lm_init(rng):
+    return resized(model_cfg.max_len, method == 'lora').init(rng, jnp.zeros((1, 1), jnp.int32))['params']
 
   def frozen(sources):
+    if method in LM_TRAINED:
+      return {}  # the LM's weights are trainable: config.init_from loads them
+    abstract = jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     if config.lm.source == RANDOM_SOURCE:
-      model = Transformer(model_cfg)
-      return nn.unbox(jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, 1), jnp.int32))['params'])
-    return sources.load_file('lm', resolve_gguf(config.lm.source), lambda path: load_gguf(path)[1])
+      values = nn.unbox(jax.jit(Transformer(model_cfg).init)(jax.random.key(config.seed),
+                                                             jnp.zeros((1, 1), jnp.int32))['params'])
+    else:
+      values = sources.load_file('lm', resolve_gguf(config.lm.source), lambda path: load_gguf(path)[1])
+    # Boxed with the model's logical axis names, so the loop shards the frozen model as it would a trained one.
+    return {'lm': jax.tree.map(lambda box, x: box.replace_boxed(x), abstract['params'], values,
+                               is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
+
+  soft_prompt = adapters.SoftPrompt(tune.length, model_cfg.embed_dim)
+  prefix_module = adapters.Prefix(tune.length, model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
+                                  model_cfg.embed_dim, hidden=tune.prefix_hidden)
+  initial = lambda lm: None if tune.init == 'uniform' else (
+      jnp.take(lm['embedding'], init_ids, axis=0) if method == 'prompt'
+      else adapters.token_kv(resized(adapter_len), lm, init_ids))
+  num_classes = len(class_names)
 
   def init(rng):
-    del rng
-    return {}  # the language model is frozen; tuning methods add their params here
+    if method in LM_TRAINED:
+      params = {'lm': boxed_lm_init(rng)}
+      if method == 'head':
+        params['head'] = nn.Dense(num_classes, kernel_init=nn.initializers.zeros).init(
+            rng, jnp.zeros((1, model_cfg.embed_dim)))['params']
+      return params
+    if method == 'lora':  # only the low-rank factors train; the base weights come from the frozen model
+      return {'lora': _lora_leaves(boxed_lm_init(rng))}
+    shapes = jax.ShapeDtypeStruct((adapter_len, model_cfg.embed_dim), jnp.float32) if method == 'prompt' else (
+        jax.ShapeDtypeStruct((model_cfg.num_layers, adapter_len, model_cfg.num_kv_heads, model_cfg.head_dim),
+                             jnp.float32),) * 2
+    no_initial = None if tune.init == 'uniform' else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if method == 'prompt':
+      return {'prompt': soft_prompt.init(rng, no_initial)['params']}
+    if method == 'prefix':
+      return {'prefix': prefix_module.init(rng, None if tune.prefix_hidden else no_initial)['params']}
+    return {}  # zero-shot, in-context, probe: nothing trains
 
-  def loss(params, lm_params, batch, rng):
-    del params, rng
-    cache = None
+  def language_model(params, frozen_params, *, merged: bool):
+    """(the LM's params, whether they carry unmerged LoRA factors). Evaluation merges LoRA into the base weights."""
+    if method in LM_TRAINED:
+      return params['lm'], False
+    lm = frozen_params['lm']
+    if method != 'lora':
+      return lm, False
+    with_lora = _merge_trees(lm, params['lora'])
+    return (merge_lora(with_lora, lora_cfg)[0], False) if merged else (with_lora, True)
+
+  def learned_start(params, lm):
+    """The one-row cache of the soft prompt or prefix (adapter_len slots), or None."""
+    if method == 'prompt':
+      return adapters.prompt_cache(resized(adapter_len), lm, soft_prompt.apply({'params': params['prompt']},
+                                                                                initial(lm)))
+    if method == 'prefix':
+      kv = prefix_module.apply({'params': params['prefix']}, None if tune.prefix_hidden else initial(lm))
+      return adapters.prefix_cache(resized(adapter_len), *kv)
+    return None
+
+  def head_scores(params, hidden, mask):
+    return nn.Dense(num_classes).apply({'params': params['head']}, lmc.pool(hidden, mask, tune.pooling))
+
+  def loss(params, frozen_params, batch, rng):
+    del rng
+    lm, lora = language_model(params, frozen_params, merged=False)
+    cache = learned_start(params, lm)
     if len(head_ids):
       with nn.logical_axis_rules(()):  # one row: nothing to split over the data axes
-        cache = lmc.prefill(head_model, lm_params, jnp.asarray(head_ids[None]), jnp.ones((1, len(head_ids)), bool))
-    scores, _, _ = lmc.class_scores(train_model, lm_params, cache, batch['tokens'], batch['mask'],
-                                    jnp.asarray(label_tokens), jnp.asarray(label_mask))
+        cache = lmc.prefill(resized(adapter_len + len(head_ids), lora), lm, jnp.asarray(head_ids[None]),
+                            jnp.ones((1, len(head_ids)), bool), cache)
+    tokens, mask = batch['tokens'], batch['mask']
+    model = resized(adapter_len + len(head_ids) + tokens.shape[1] + label_tokens.shape[1] - 1, lora)
+    if method == 'head':
+      scores = head_scores(params, lmc.read_bodies(model, lm, cache, tokens, mask)[0], mask)
+    else:
+      scores, _, _ = lmc.class_scores(model, lm, cache, tokens, mask, jnp.asarray(label_tokens),
+                                      jnp.asarray(label_mask))
     mean_loss, accuracy = lmc.rank_classification_loss(scores, batch['label'])
     return mean_loss, {'accuracy': accuracy}
 
   def train_batches(process_index, process_count):
     return grain.MapDataset.range(2**40).map(_TrainRows(
-        train_tokens, train_mask, train_labels, seed=config.seed, global_batch=config.global_batch_size,
-        process_index=process_index, process_count=process_count))
+        train_bodies, train_labels[train_picks], tokenizer.pad_id, seed=config.seed,
+        global_batch=config.global_batch_size, sort_window=data.sort_window, process_index=process_index,
+        process_count=process_count))
 
   compiled = {}
 
-  def evaluate(params, lm_params, step, ctx: EvalContext):
-    del params, step
+  def evaluate(params, frozen_params, step, ctx: EvalContext):
+    del step
     if ctx.is_writer and not compiled:  # once per run
       _write_prompts(os.path.join(ctx.workdir, 'prompts.txt'), prefix_texts, first_body, label_words)
     if ctx.mesh not in compiled:
       out = sharding.replicated(ctx.mesh) if ctx.mesh is not None else None
       compiled[ctx.mesh] = (jax.jit(lmc.prefill, static_argnums=0),
                             jax.jit(lmc.score_and_generate, static_argnames=('model', 'max_new_tokens'),
-                                    out_shardings=out))
-    prefill, score = compiled[ctx.mesh]
+                                    out_shardings=out),
+                            jax.jit(lambda model, lm, cache, tokens, mask: lmc.read_bodies(model, lm, cache, tokens,
+                                                                                           mask)[0],
+                                    static_argnums=0, out_shardings=out),
+                            jax.jit(learned_start))
+    prefill, score, read, start_of = compiled[ctx.mesh]
+    lm, _ = language_model(params, frozen_params, merged=True)
+    batches = eval_batches[ctx.final]
+    reported, labels = (splits, eval_labels) if ctx.final else (selection, selection_labels)
     start = time.perf_counter()
     per_draw = []
     with nn.logical_axis_rules(()):  # the batch's sharding is set on the inputs; XLA propagates it
-      for prefix in prefixes:
-        cache = None
+      learned = start_of(params, lm)
+      if method == 'probe':
+        features = lambda bodies: _features(read, resized, lm, learned, bodies, tokenizer.pad_id, ev.batch_size,
+                                            tune.pooling, ctx.mesh)
+        results = _probe_metrics(features(train_bodies), train_labels[train_picks], features(eval_rows), splits,
+                                 eval_labels, num_classes)
+        per_draw = None
+      for prefix in prefixes if per_draw is not None else ():
+        cache = learned
         if prefix_slots:
           tokens, mask = lmc.pad([prefix], prefix_slots, tokenizer.pad_id, left=False)
-          cache = prefill(resized(prefix_slots), lm_params, jnp.asarray(tokens), jnp.asarray(mask))
-        scores = np.zeros((len(eval_rows), len(class_names)), np.float64)
+          cache = prefill(resized(adapter_len + prefix_slots), lm, jnp.asarray(tokens), jnp.asarray(mask), learned)
+        scores = np.zeros((len(eval_rows), num_classes), np.float64)
         answers = np.full(len(eval_rows), -1)
-        for rows, tokens, mask in eval_batches:
+        for rows, tokens, mask in batches:
           n = len(rows)
           tokens, mask = _fill_batch(tokens, mask, ev.batch_size, tokenizer.pad_id)
-          model = resized(lmc.slots_needed(prefix_slots, tokens.shape[1], label_tokens.shape[1], new_tokens))
-          s, generated = score(model, lm_params, cache, _place(tokens, ctx.mesh), _place(mask, ctx.mesh),
-                               label_tokens, label_mask, max_new_tokens=new_tokens)
+          model = resized(lmc.slots_needed(adapter_len + prefix_slots, tokens.shape[1], label_tokens.shape[1],
+                                           new_tokens))
+          if method == 'head':
+            hidden = read(model, lm, cache, _place(tokens, ctx.mesh), _place(mask, ctx.mesh))
+            s, generated = head_scores(params, hidden, jnp.asarray(mask)), None
+          else:
+            s, generated = score(model, lm, cache, _place(tokens, ctx.mesh), _place(mask, ctx.mesh),
+                                 label_tokens, label_mask, max_new_tokens=new_tokens)
           scores[rows] = np.asarray(s)[:n]
           if generated is not None:
             answers[rows] = [lmc.parse_label(_until_eos(g, tokenizer), label_words) for g in np.asarray(generated)[:n]]
-        per_draw.append(_draw_metrics(scores, answers, splits, eval_labels, content_free, label_words,
+        per_draw.append(_draw_metrics(scores, answers, reported, labels, content_free, label_words,
                                       class_names, generate=bool(new_tokens)))
     seconds = time.perf_counter() - start
-    results = _over_draws(per_draw, with_std=len(prefixes) > 1)  # a std needs two draws
+    if per_draw is not None:
+      results = _over_draws(per_draw, with_std=len(prefixes) > 1)  # a std needs two draws
     results['perf/eval_seconds'] = seconds
-    results['perf/eval_examples_per_sec'] = len(eval_rows) * len(prefixes) / seconds
+    evaluated = len(eval_rows) if method == 'probe' else sum(len(rows) for rows, _, _ in batches)
+    results['perf/eval_examples_per_sec'] = evaluated * len(prefixes) / seconds
     return results
 
-  forward_flops = flops_per_token(model_cfg, train_length) / 3 * train_length  # frozen: forward only, no backward
+  # Model FLOPs of a training example at the mean length it is padded to: a forward pass, plus for training the
+  # backward pass through the activations (x2) and, where the LM's weights train, their gradients (x3 in all).
+  mean_length = float(np.mean([lmc.bucket_length(len(b)) for b in train_bodies])) + adapter_len + len(head_ids)
+  passes = 1 if method in ('none', 'probe') else 3 if method in LM_TRAINED else 2
+  forward_flops = flops_per_token(model_cfg, int(mean_length)) / 3 * mean_length
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, frozen=frozen,
-              flops_per_example=forward_flops, tokens_per_example=train_length)
+              import_params=import_gguf(model_cfg) if method in LM_TRAINED else None,
+              flops_per_example=passes * forward_flops, tokens_per_example=int(round(mean_length)))
+
+
+def _lora_leaves(params: dict) -> dict:
+  """The LoRA factors of a params tree, in the same nesting (the rest dropped)."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      inner = _lora_leaves(value)
+      if inner:
+        out[key] = inner
+    elif is_lora_param(key):
+      out[key] = value
+  return out
+
+
+def _merge_trees(base: dict, extra: dict) -> dict:
+  """`base` with the leaves of `extra` added at the same paths."""
+  out = dict(base)
+  for key, value in extra.items():
+    out[key] = _merge_trees(base.get(key, {}), value) if isinstance(value, dict) else value
+  return out
+
+
+def _features(read, resized, lm, learned, bodies, pad_id: int, batch_size: int, pooling: str, mesh) -> np.ndarray:
+  """Pooled final hidden states [n, embed] of the bodies, batched by length."""
+  adapter_slots = 0 if learned is None else int(learned['index'])
+  out = None
+  for rows, length in lmc.length_batches([len(b) for b in bodies], batch_size):
+    tokens, mask = _fill_batch(*lmc.pad([bodies[i] for i in rows], length, pad_id, left=True), batch_size, pad_id)
+    hidden = read(resized(adapter_slots + length), lm, learned, _place(tokens, mesh), _place(mask, mesh))
+    pooled = np.asarray(lmc.pool(hidden, jnp.asarray(mask), pooling))[:len(rows)]
+    out = np.zeros((len(bodies), pooled.shape[1]), np.float32) if out is None else out
+    out[rows] = pooled
+  return out
+
+
+def _probe_metrics(train_x, train_y, eval_x, splits, labels, num_classes: int) -> dict:
+  """The probe suite (foundation/evaluate/probes.py) of the training features, measured on each split; the ridge
+  linear probe (its l2 chosen by leave-one-out on the training features) is the split's accuracy."""
+  results = {}
+  for split, rows in splits.items():
+    suite = probes.probe_suite(train_x, train_y, eval_x[rows], labels[split], num_classes=num_classes,
+                               shots=(), seeds=(0, 1, 2))  # few-shot: data.shots_per_class
+    at = _split_prefix(split)
+    results[f'eval/{at}accuracy'] = suite['linear_probe/accuracy']
+    results.update({f'eval/{at}probe/{k}': v for k, v in suite.items()})
+  return results
+
+
+def _check_method(config, model_cfg) -> str:
+  """config.tune against config.icl and config.init_from; returns the method."""
+  tune = config.tune
+  if tune.method not in METHODS:
+    raise ValueError(f'config.tune.method={tune.method!r}; choose one of {METHODS}.')
+  if tune.method in ('prompt', 'prefix') and (not isinstance(tune.length, int) or tune.length < 1):
+    raise ValueError(f'config.tune.length={tune.length!r} must be a whole number of at least 1 for '
+                     f'method {tune.method!r}.')
+  if tune.method in ('head', 'probe') and config.icl.shots:
+    raise ValueError(f'config.tune.method={tune.method!r} classifies features, not label words: set '
+                     '--config.icl.shots=0.')
+  if tune.pooling not in ('last', 'mean'):
+    raise ValueError(f'config.tune.pooling={tune.pooling!r}; choose last or mean.')
+  if tune.method == 'lora' and (not isinstance(tune.lora_rank, int) or tune.lora_rank < 1):
+    raise ValueError(f'config.tune.lora_rank={tune.lora_rank!r} must be a whole number of at least 1.')
+  if tune.method == 'lora':
+    lora_target_names(dataclasses.replace(model_cfg, lora_rank=tune.lora_rank, lora_alpha=tune.lora_alpha,
+                                          lora_targets=tune.lora_targets))  # a regex matching nothing fails here
+  shots = config.data.shots_per_class
+  if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+    raise ValueError(f'config.data.shots_per_class={shots!r} must be a whole number (0: every training example).')
+  trained_lm = tune.method in LM_TRAINED and config.lm.source != RANDOM_SOURCE
+  if trained_lm and (config.init_from.source != config.lm.source or config.init_from.target != 'lm'):
+    raise ValueError(f'config.tune.method={tune.method!r} trains the LM\'s weights, which start from '
+                     f'config.init_from: set --config.init_from.source={config.lm.source} '
+                     '--config.init_from.target=lm.')
+  return tune.method
 
 
 def _check_fields(config) -> None:
   icl, ev = config.icl, config.eval
   whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least
   checks = [('icl.shots', icl.shots, 0), ('icl.draws', icl.draws, 1), ('eval.max_examples', ev.max_examples, 0),
-            ('generate.max_new_tokens', config.generate.max_new_tokens, 0)]
+            ('generate.max_new_tokens', config.generate.max_new_tokens, 0), ('eval.batch_size', ev.batch_size, 1),
+            ('data.sort_window', config.data.sort_window, 0),
+            ('eval.selection_max_examples', ev.selection_max_examples, 0),
+            ('tune.prefix_hidden', config.tune.prefix_hidden, 0)]
   for name, value, least in checks:
     if not whole(value, least):
       raise ValueError(f'config.{name}={value!r} must be a whole number of at least {least}.')
   if not ev.splits or len(set(ev.splits)) != len(ev.splits):
     raise ValueError(f'config.eval.splits={tuple(ev.splits)!r} must name at least one split, each once.')
+  if not set(ev.selection_splits) <= set(ev.splits):
+    raise ValueError(f'config.eval.selection_splits={tuple(ev.selection_splits)!r} must be among config.eval.splits='
+                     f'{tuple(ev.splits)!r}.')
   if not all(isinstance(t, str) for t in config.calibration.content_free) or not config.calibration.content_free:
     raise ValueError(f'config.calibration.content_free={config.calibration.content_free!r} must be one or more texts.')
 
@@ -264,25 +481,55 @@ def _check_context(prefixes, head_length: int, longest: int, label_length: int, 
 
 class _TrainRows:
   """Global step -> this process's rows of global batch `step`: a fresh permutation of the training rows every
-  epoch, drawn from (seed, epoch); the global batch is the same for any number of processes."""
+  epoch, drawn from (seed, epoch); the global batch is the same for any number of processes.
 
-  def __init__(self, tokens, mask, labels, *, seed: int, global_batch: int, process_index: int, process_count: int):
+  Rows are padded per batch to `lmc.bucket_length` of the batch's longest row. With `sort_window` > 0, each
+  window of that many consecutive batches of the permutation is sorted by length before it is cut into batches
+  (whose order within the window is shuffled again), so a batch holds rows of similar lengths and pads little; a
+  handful of padded lengths means a handful of compiled steps. A training set smaller than four windows is not
+  sorted: its batches would be the same groups of rows every epoch.
+  """
+
+  def __init__(self, bodies, labels, pad_id: int, *, seed: int, global_batch: int, sort_window: int,
+               process_index: int, process_count: int):
     if global_batch % process_count:
       raise ValueError(f'global_batch_size={global_batch} is not divisible by the {process_count} processes.')
-    self.tokens, self.mask, self.labels, self.seed = tokens, mask, labels, seed
+    self.bodies, self.labels, self.pad_id = bodies, labels, pad_id
     self.global_batch, self.rows = global_batch, global_batch // process_count
     self.first = process_index * self.rows
-    self._order = functools.lru_cache(maxsize=2)(lambda epoch: np.random.default_rng([seed, epoch]).permutation(
-        len(labels)))
+    window = sort_window * global_batch if len(labels) >= 4 * sort_window * global_batch else 0
+    lengths = np.asarray([len(b) for b in bodies])
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    positions = step * self.global_batch + self.first + np.arange(self.rows, dtype=np.int64)
+    def order(epoch):
+      rng = np.random.default_rng([seed, epoch])
+      permutation = rng.permutation(len(labels))
+      if not window:
+        return permutation
+      out = []
+      for start in range(0, len(permutation), window):
+        chunk = permutation[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind='stable')]
+        batches = [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
+        out += [batches[i] for i in rng.permutation(len(batches))]
+      return np.concatenate(out)
+
+    self._order = functools.lru_cache(maxsize=2)(order)
+
+  def _global_rows(self, step: int) -> np.ndarray:
+    positions = step * self.global_batch + np.arange(self.global_batch, dtype=np.int64)
     epochs, within = np.divmod(positions, len(self.labels))
-    rows = np.empty(self.rows, np.int64)
+    rows = np.empty(self.global_batch, np.int64)
     for epoch in np.unique(epochs):  # a batch spans at most a few epochs
       rows[epochs == epoch] = self._order(int(epoch))[within[epochs == epoch]]
-    return {'tokens': self.tokens[rows], 'mask': self.mask[rows], 'label': self.labels[rows],
-            'index': positions.astype(np.int32)}
+    return rows
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    everyone = self._global_rows(step)  # every process pads to the same length: the global batch's longest row
+    length = lmc.bucket_length(max(len(self.bodies[i]) for i in everyone))
+    rows = everyone[self.first:self.first + self.rows]
+    tokens, mask = lmc.pad([self.bodies[i] for i in rows], length, self.pad_id, left=True)
+    positions = step * self.global_batch + self.first + np.arange(self.rows, dtype=np.int64)
+    return {'tokens': tokens, 'mask': mask, 'label': self.labels[rows], 'index': positions.astype(np.int32)}
 
 
 def _write_prompts(path: str, prefixes: list[str], body: str, label_words) -> None:

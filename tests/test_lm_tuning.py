@@ -1,0 +1,219 @@
+"""Tuning a pretrained LM through the loop (configs/adapt/movie_sentiment.py): what trains, what is saved, what an
+adapter loads onto, and the classifiers' numbers against references computed one example at a time with plain
+full forwards. The numerics of the adapters themselves are in test_adapters.py (soft prompt, prefix) and
+test_transformer.py (LoRA)."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from foundation import checkpoint, tasks, train
+from foundation.evaluate import lm_classify as lmc
+from foundation.evaluate import probes
+from foundation.models.gguf import load_gguf
+from foundation.models.transformer import Transformer, TransformerConfig
+from foundation.tasks import lm_classify as task_module
+import test_gguf
+from test_lm_classify import BYTES, movie_dir, smoke_config  # noqa: F401  (movie_dir is a fixture)
+from test_train import logged, run
+
+
+def saved_params(config, workdir):
+  """The trainable params of the run's newest checkpoint, as the task's init shapes them."""
+  task = tasks.build(config)
+  abstract = nn.unbox(jax.eval_shape(task.init, jax.random.key(0)))
+  return checkpoint.restore_params(workdir, 'params', abstract)[0]
+
+
+def saved_scalars(workdir):
+  """How many numbers the newest checkpoint's state holds (from its metadata)."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                                                 'record': ocp.JsonCheckpointHandler()})
+  try:
+    metadata = manager.item_metadata(manager.latest_step()).state
+  finally:
+    manager.close()
+  return sum(int(np.prod(m.shape)) for m in jax.tree.leaves(metadata))
+
+
+def eval_metrics(results):
+  return {k: v for k, v in results.items() if k.startswith('eval/')}
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+  monkeypatch.setitem(test_gguf.TINY, 'context', 1024)
+  return lambda name, seed=0: test_gguf.write_tiny_gguf(str(tmp_path / name), seed=seed)
+
+
+def gguf_config(movie_dir, method, path, **overrides):
+  return smoke_config(movie_dir, f'{method},smoke', **{'lm.source': path, 'prompt.label_words': ('bad', 'good'),
+                                                       'eval.max_examples': 4, 'eval.selection_max_examples': 2,
+                                                       **overrides})
+
+
+@pytest.mark.parametrize('method, trained', [('prompt', {'prompt'}), ('prefix', {'prefix'}), ('lora', {'lora'})])
+def test_an_adapter_saves_only_itself_and_loads_onto_its_base_only(movie_dir, tiny_gguf, tmp_path, method, trained):
+  path = tiny_gguf('base.gguf')
+  config = gguf_config(movie_dir, method, path)
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+
+  params = saved_params(config, workdir)
+  assert set(params) == trained
+  adapter_size = sum(x.size for x in jax.tree.leaves(params))
+  base_size = sum(x.size for x in jax.tree.leaves(load_gguf(path)[1]))
+  assert 0 < adapter_size < base_size / 10
+  # Params, and Adam's two moments of them, and a few counters: nothing of the frozen base.
+  assert 3 * adapter_size <= saved_scalars(workdir) <= 3 * adapter_size + 8
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['frozen_sources']['lm']['hash'] == checkpoint.file_hash(path)
+  steps = logged(workdir)
+  # Evaluations during training read the first 2 validation sentences only; test is read for the result alone.
+  assert steps[2]['eval/validation/accuracy'] in (0.0, 0.5, 1.0) and 'eval/accuracy' not in steps[2]
+  assert 'best/eval/accuracy' in results and 'best/eval/validation/accuracy' in results
+  assert steps[min(steps)]['params/trainable'] == adapter_size
+  assert steps[min(steps)]['params/total'] == adapter_size + base_size
+
+  # Evaluation only, from the adapter's workdir onto the same base: it reads the step early stopping selected and
+  # gives the numbers the run reported for it.
+  again = gguf_config(movie_dir, method, path, num_train_steps=0, **{'init_from.source': workdir})
+  reloaded = train.train_and_evaluate(again, str(tmp_path / 'eval'))
+  final = {k[len('best/'):]: v for k, v in results.items() if k.startswith('best/eval/')}
+  assert final and eval_metrics(reloaded) == pytest.approx(final, rel=1e-6, abs=1e-6)
+
+  other = gguf_config(movie_dir, method, tiny_gguf('other.gguf', seed=1), num_train_steps=0,
+                      **{'init_from.source': workdir})
+  with pytest.raises(train.ConfigError, match='its params belong to that base'):
+    train.prepare(other, str(tmp_path / 'elsewhere'))
+  assert not (tmp_path / 'elsewhere').exists()
+
+
+def reference_hidden(model, params, tokens):
+  """The final hidden state of the last token, one unpadded full forward."""
+  return np.asarray(jax.jit(lambda p, t: model.apply({'params': p}, t, return_hidden=True))(params, tokens[None]))[0, -1]
+
+
+def test_head_classifies_the_last_tokens_hidden_state(movie_dir, tmp_path):
+  """Standard fine-tuning: the LM and a linear head train; its validation accuracy at the end equals the head
+  applied to hidden states of unpadded full forwards with the saved params."""
+  config = smoke_config(movie_dir, 'head,smoke', **{'eval.max_examples': 8})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  params = saved_params(config, workdir)
+  model = Transformer(TransformerConfig.from_dict(config.lm.random_model))
+  texts, labels = task_module.read_split(config.data, 'validation', 8)
+  features = np.stack([reference_hidden(model, params['lm'], np.asarray(BYTES.encode(lmc.fill(
+      config.prompt.template, t)), np.int32)) for t in texts])
+  predicted = (features @ params['head']['kernel'] + params['head']['bias']).argmax(1)
+  last = logged(workdir)[config.num_train_steps]
+  assert last['eval/validation/accuracy'] == pytest.approx(np.mean(predicted == labels))
+  init = nn.unbox(jax.jit(tasks.build(config).init)(jax.random.key(config.seed)))
+  assert not np.array_equal(init['lm']['layers_0']['mlp']['up'], params['lm']['layers_0']['mlp']['up'])
+
+
+def test_top_blocks_fine_tuning_leaves_the_frozen_blocks_bitwise(movie_dir, tmp_path):
+  config = smoke_config(movie_dir, 'finetune_top,smoke')
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  params = saved_params(config, workdir)
+  init = nn.unbox(jax.jit(tasks.build(config).init)(jax.random.key(config.seed)))
+  for name in ('embedding', 'layers_0'):
+    jax.tree.map(np.testing.assert_array_equal, params['lm'][name], init['lm'][name])
+  assert not np.array_equal(params['lm']['layers_1']['mlp']['down'], init['lm']['layers_1']['mlp']['down'])
+  steps = logged(workdir)
+  trained = sum(x.size for x in jax.tree.leaves((params['lm']['layers_1'], params['lm']['final_norm'])))
+  assert steps[min(steps)]['params/trainable'] == trained
+
+
+def test_probe_is_the_probe_suite_on_last_token_features(movie_dir, tmp_path):
+  config = smoke_config(movie_dir, 'probe,smoke', **{'data.shots_per_class': 6, 'eval.max_examples': 12})
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  task = tasks.build(config)
+  lm = nn.unbox(task.frozen(checkpoint.Sources()))['lm']
+  model = Transformer(TransformerConfig.from_dict(config.lm.random_model))
+  feature = lambda text: reference_hidden(model, lm, np.asarray(BYTES.encode(lmc.fill(config.prompt.template, text)),
+                                                                np.int32))
+  texts, labels = task_module.read_split(config.data, 'train', 0)
+  picks = lmc.demonstration_indices(labels, 12, 2, seed=config.seed, draw=task_module.TRAIN_SUBSET_DRAW)
+  train_x = np.stack([feature(texts[i]) for i in picks])
+  for split, at in (('validation', 'validation/'), ('test', '')):
+    split_texts, split_labels = task_module.read_split(config.data, split, 12)
+    expected = probes.ridge_probe(train_x, labels[picks], np.stack([feature(t) for t in split_texts]), split_labels,
+                                  num_classes=2)
+    assert results[f'eval/{at}accuracy'] == pytest.approx(expected), split
+
+
+def test_few_shot_training_rows_are_balanced_and_drawn_per_seed(movie_dir):
+  seen = {}
+  for seed in (0, 1):
+    config = smoke_config(movie_dir, 'prompt,smoke', **{'data.shots_per_class': 4, 'global_batch_size': 8,
+                                                        'seed': seed})
+    batch = tasks.build(config).train_batches(0, 1)[3]  # one epoch of the 8 rows
+    assert sorted(batch['label'].tolist()) == [0] * 4 + [1] * 4
+    seen[seed] = sorted(BYTES.decode(t[m]) for t, m in zip(batch['tokens'], batch['mask']))
+  assert seen[0] != seen[1]
+
+
+def test_length_sorted_batches_cover_every_row_once_per_epoch_and_pad_less(movie_dir):
+  config = smoke_config(movie_dir, 'prompt,smoke', **{'global_batch_size': 16, 'data.shots_per_class': 0})
+  texts, _ = task_module.read_split(config.data, 'train', 0)
+  bodies = {lmc.fill(config.prompt.template, t) for t in texts}
+  padding = {}
+  for window in (16, 0):
+    config.data.sort_window = window
+    rows = tasks.build(config).train_batches(0, 1)
+    epoch = [rows[s] for s in range(len(texts) // 16)]
+    seen = [BYTES.decode(t[m]) for b in epoch for t, m in zip(b['tokens'], b['mask'])]
+    assert len(set(seen)) == len(seen) and set(seen) <= bodies
+    for b in epoch:
+      assert b['tokens'].shape[1] == lmc.bucket_length(b['mask'].sum(1).max())
+    padding[window] = np.mean([1 - b['mask'].mean() for b in epoch])
+  assert padding[16] < padding[0] / 2
+
+
+@pytest.mark.parametrize('variant, overrides, message', [
+    ('lora', {'tune.lora_targets': 'attention/qkv'}, 'matches no projection'),
+    ('prompt', {'tune.length': 5000}, "exceeds the model's context"),
+    ('finetune_top', {'optim.freeze': ('.*',)}, 'leaves nothing trainable'),
+    ('head', {'icl.shots': 4}, 'set --config.icl.shots=0'),
+])
+def test_bad_tuning_input_is_one_line_before_anything_is_written(movie_dir, tmp_path, variant, overrides, message):
+  config = smoke_config(movie_dir, f'{variant},smoke', **overrides)
+  with pytest.raises(train.ConfigError, match=message) as error:
+    train.prepare(config, str(tmp_path / 'run'))
+  assert '\n' not in str(error.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_fine_tuning_a_gguf_needs_init_from_the_same_file(movie_dir, tiny_gguf, tmp_path):
+  config = gguf_config(movie_dir, 'finetune', tiny_gguf('base.gguf'), **{'init_from.source': ''})
+  with pytest.raises(train.ConfigError, match='--config.init_from.target=lm'):
+    train.prepare(config, str(tmp_path / 'run'))
+
+
+PROMPT_SMOKE = ('configs/adapt/movie_sentiment.py:prompt,smoke', '--config.num_train_steps=4',
+                '--config.log_every=1', '--config.checkpoint_every=4', '--config.eval_every=4',
+                '--config.eval.max_examples=4', '--config.early_stopping.metric=')
+
+
+def test_prompt_tuning_on_a_sharded_base_and_on_pmap_equals_one_device(movie_dir, tmp_path):
+  """The frozen base sharded over a 2x2x2 mesh (fsdp and tensor split its weights), and the pmap path, log the
+  losses of one device."""
+  one = str(tmp_path / 'one')
+  run(one, movie_dir, *PROMPT_SMOKE[1:], config=PROMPT_SMOKE[0], devices=1)
+  for name, flags in (('sharded', ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
+                      ('pmap', ('--config.parallelism=pmap',))):
+    other = str(tmp_path / name)
+    run(other, movie_dir, *PROMPT_SMOKE[1:], *flags, config=PROMPT_SMOKE[0])
+    a, b = logged(one), logged(other)
+    for step in range(1, 5):
+      np.testing.assert_allclose(b[step]['train/loss'], a[step]['train/loss'], rtol=2e-5, err_msg=f'{name} {step}')
