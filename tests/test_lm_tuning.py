@@ -99,7 +99,8 @@ def test_an_adapter_saves_only_itself_and_loads_onto_its_base_only(movie_dir, ti
 
 def reference_hidden(model, params, tokens):
   """The final hidden state of the last token, one unpadded full forward."""
-  return np.asarray(jax.jit(lambda p, t: model.apply({'params': p}, t, return_hidden=True))(params, tokens[None]))[0, -1]
+  forward = jax.jit(lambda p, t: model.apply({'params': p}, t, return_hidden=True))
+  return np.asarray(forward(params, tokens[None]))[0, -1]
 
 
 def test_head_classifies_the_last_tokens_hidden_state(movie_dir, tmp_path):
@@ -217,3 +218,12 @@ def test_prompt_tuning_on_a_sharded_base_and_on_pmap_equals_one_device(movie_dir
     a, b = logged(one), logged(other)
     for step in range(1, 5):
       np.testing.assert_allclose(b[step]['train/loss'], a[step]['train/loss'], rtol=2e-5, err_msg=f'{name} {step}')
+
+
+def test_selection_reads_validation_only_and_the_result_reads_its_own_splits(movie_dir, tmp_path):
+  config = smoke_config(movie_dir, 'prompt,smoke', **{'eval.splits': ('test',), 'eval.max_examples': 4})
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  during = {k for step, m in logged(workdir).items() for k in m if k.startswith('eval/') and 'content_free' not in k}
+  assert during and all(k.startswith('eval/validation/') for k in during)
+  assert 'best/eval/accuracy' in results and not any(k.startswith('best/eval/validation/') for k in results)

@@ -80,8 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pooling='last',   # head / probe features: 'last' token or 'mean' over the text
   )
   # The run's result reads `splits`; evaluations during training read only `selection_splits` (model selection:
-  # early stopping picks the step on them, so test is never looked at before the end), their first
-  # selection_max_examples (on a CPU a full validation pass costs minutes). max_examples 0: all.
+  # early stopping picks the step on them, so test is never looked at before the end; they need not be among
+  # `splits`), their first selection_max_examples (on a CPU a full validation pass costs minutes). max_examples 0: all.
   c.eval = dict(splits=('validation', 'test'), selection_splits=('validation',), selection_max_examples=0,
                 max_examples=0, batch_size=32)
   c.optim = config_base.optimizer(lr=1e-3, warmup_steps=0, weight_decay=0.0, weight_decay_exclude=())

@@ -74,7 +74,8 @@ TRAIN_SUBSET_DRAW = 2**31 - 1  # the seed stream of the few-shot training subset
 def build(config) -> Task:
   data, prompt, icl, ev, tune = config.data, config.prompt, config.icl, config.eval, config.tune
   _check_fields(config)
-  text_data.check_prepared(data.name, data.data_dir, [data.train_split, *ev.splits])
+  read_splits = list(dict.fromkeys([*ev.splits, *ev.selection_splits]))
+  text_data.check_prepared(data.name, data.data_dir, [data.train_split, *read_splits])
   class_names = _class_names(data)
   label_words = tuple(prompt.label_words)
   lmc.check_prompt(prompt.template, label_words, class_names)
@@ -95,7 +96,7 @@ def build(config) -> Task:
   train_texts, train_labels = read_split(data, data.train_split, 0)
   eval_rows, eval_labels, splits = [], {}, {}
   eval_texts = []
-  for split in ev.splits:
+  for split in read_splits:
     texts, labels = read_split(data, split, ev.max_examples)
     eval_texts += texts
     splits[split] = slice(len(eval_rows), len(eval_rows) + len(texts))
@@ -120,14 +121,14 @@ def build(config) -> Task:
     return [(ids[rows], *lmc.pad([eval_rows[ids[i]] for i in rows], length, tokenizer.pad_id, left=True))
             for rows, length in lmc.length_batches([len(eval_rows[i]) for i in ids], ev.batch_size)]
 
-  # The result's evaluation reads every split; one during training only the model-selection splits (their first
+  # The result's evaluation reads `eval.splits`; one during training only the model-selection splits (their first
   # eval.selection_max_examples, where that is set).
+  result = {split: splits[split] for split in ev.splits}
   chosen = lambda split: min(ev.selection_max_examples or len(eval_labels[split]), len(eval_labels[split]))
   selection = {split: slice(splits[split].start, splits[split].start + chosen(split)) for split in ev.selection_splits}
   selection_labels = {split: eval_labels[split][:chosen(split)] for split in ev.selection_splits}
-  eval_batches = {True: batches_of(np.arange(len(eval_rows))),
-                  False: batches_of(np.concatenate([np.arange(len(eval_rows))[r] for r in
-                                                    [*selection.values(), content_free]]))}
+  rows_of = lambda slices: np.concatenate([np.arange(len(eval_rows))[r] for r in [*slices, content_free]])
+  eval_batches = {True: batches_of(rows_of(result.values())), False: batches_of(rows_of(selection.values()))}
 
   # Training rows: the zero-shot prompt (no demonstrations) of every training text, or of shots_per_class of each.
   train_picks = (lmc.demonstration_indices(train_labels, data.shots_per_class * len(class_names), len(class_names),
@@ -261,7 +262,7 @@ def build(config) -> Task:
     prefill, score, read, start_of = compiled[ctx.mesh]
     lm, _ = language_model(params, frozen_params, merged=True)
     batches = eval_batches[ctx.final]
-    reported, labels = (splits, eval_labels) if ctx.final else (selection, selection_labels)
+    reported, labels = (result, eval_labels) if ctx.final else (selection, selection_labels)
     start = time.perf_counter()
     per_draw = []
     with nn.logical_axis_rules(()):  # the batch's sharding is set on the inputs; XLA propagates it
@@ -269,7 +270,7 @@ def build(config) -> Task:
       if method == 'probe':
         features = lambda bodies: _features(read, resized, lm, learned, bodies, tokenizer.pad_id, ev.batch_size,
                                             tune.pooling, ctx.mesh)
-        results = _probe_metrics(features(train_bodies), train_labels[train_picks], features(eval_rows), splits,
+        results = _probe_metrics(features(train_bodies), train_labels[train_picks], features(eval_rows), result,
                                  eval_labels, num_classes)
         per_draw = None
       for prefix in prefixes if per_draw is not None else ():
@@ -402,9 +403,8 @@ def _check_fields(config) -> None:
       raise ValueError(f'config.{name}={value!r} must be a whole number of at least {least}.')
   if not ev.splits or len(set(ev.splits)) != len(ev.splits):
     raise ValueError(f'config.eval.splits={tuple(ev.splits)!r} must name at least one split, each once.')
-  if not set(ev.selection_splits) <= set(ev.splits):
-    raise ValueError(f'config.eval.selection_splits={tuple(ev.selection_splits)!r} must be among config.eval.splits='
-                     f'{tuple(ev.splits)!r}.')
+  if len(set(ev.selection_splits)) != len(ev.selection_splits):
+    raise ValueError(f'config.eval.selection_splits={tuple(ev.selection_splits)!r} must name each split once.')
   if not all(isinstance(t, str) for t in config.calibration.content_free) or not config.calibration.content_free:
     raise ValueError(f'config.calibration.content_free={config.calibration.content_free!r} must be one or more texts.')
 
