@@ -326,3 +326,37 @@ def test_an_early_stopping_metric_the_evaluation_does_not_write_is_named(descend
   with pytest.raises(train.ConfigError, match="'eval/validation/acc' is not among .* eval/validation/score"):
     train.train_and_evaluate(descending_config(**{'early_stopping.metric': 'eval/validation/acc'}),
                              str(tmp_path / 'run'))
+
+
+def test_under_freeze_adam_moments_are_sharded_like_their_params_and_frozen_leaves_have_none():
+  """On a 2x2x2 mesh, with the bottom block frozen: each moment of a trained leaf has the sharding the rules give
+  its param (compared with sharding.param_shardings, not with the code under test), frozen leaves get no moments,
+  and the counters are replicated."""
+  import flax.linen as nn
+  from foundation import config_base, optim, sharding
+  from foundation.models.transformer import Transformer, TransformerConfig
+  model = Transformer(TransformerConfig(vocab_size=64, num_layers=2, embed_dim=16, num_heads=4, num_kv_heads=2,
+                                        mlp_dim=32, max_len=16))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  rules = sharding.logical_rules()
+  cfg = ml_collections.ConfigDict(config_base.optimizer(freeze=('^layers_0/',), weight_decay_exclude=('norm',)))
+  tx, _ = optim.make_optimizer(cfg, nn.unbox(abstract), 10)
+  shardings = train._state_shardings(abstract, tx, mesh, rules)
+  expected = {'/'.join(str(k.key) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(
+      sharding.param_shardings(abstract, mesh, rules))[0]}
+  assert any(not s.is_fully_replicated for s in expected.values())  # the rules do split something here
+  moments = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(shardings['opt_state'])[0]:
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    name = '/'.join(keys[next((i for i, k in enumerate(keys) if k in ('layers_0', 'layers_1', 'embedding',
+                                                                     'final_norm')), len(keys)):])
+    if name:
+      moments.setdefault(name, []).append(s)
+    else:
+      assert s.is_fully_replicated  # counts
+  assert not any(name.startswith('layers_0/') for name in moments)
+  trained = {name for name in expected if not name.startswith('layers_0/')}
+  assert set(moments) == trained
+  for name in trained:
+    assert moments[name] == [expected[name]] * 2, name  # Adam's mu and nu
