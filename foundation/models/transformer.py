@@ -160,8 +160,8 @@ def _lora(module: nn.Module, name: str, x: Array, weight_shape: tuple, axes: tup
   fan_in = math.prod(weight_shape[:num_in])
   a = module.param(f'{name}_lora_a', _weight(1.0 / math.sqrt(fan_in), axes[:num_in] + ('lora_rank',)),
                    weight_shape[:num_in] + (rank,), pdtype)
-  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(nn.initializers.zeros, ('lora_rank',) + axes[num_in:]),
-                   (rank,) + weight_shape[num_in:], pdtype)
+  zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('lora_rank',) + axes[num_in:])
+  b = module.param(f'{name}_lora_b', zeros, (rank,) + weight_shape[num_in:], pdtype)
   low = jnp.tensordot(x, a.astype(dtype), axes=num_in)
   return (cfg.lora_alpha / rank) * jnp.tensordot(low, b.astype(dtype), axes=1)
 

@@ -379,9 +379,6 @@ def _check_method(config, model_cfg) -> str:
   if tune.method == 'lora':
     lora_target_names(dataclasses.replace(model_cfg, lora_rank=tune.lora_rank, lora_alpha=tune.lora_alpha,
                                           lora_targets=tune.lora_targets))  # a regex matching nothing fails here
-  shots = config.data.shots_per_class
-  if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-    raise ValueError(f'config.data.shots_per_class={shots!r} must be a whole number (0: every training example).')
   trained_lm = tune.method in LM_TRAINED and config.lm.source != RANDOM_SOURCE
   if trained_lm and (config.init_from.source != config.lm.source or config.init_from.target != 'lm'):
     raise ValueError(f'config.tune.method={tune.method!r} trains the LM\'s weights, which start from '
@@ -394,8 +391,8 @@ def _check_fields(config) -> None:
   icl, ev = config.icl, config.eval
   whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least
   checks = [('icl.shots', icl.shots, 0), ('icl.draws', icl.draws, 1), ('eval.max_examples', ev.max_examples, 0),
-            ('generate.max_new_tokens', config.generate.max_new_tokens, 0), ('eval.batch_size', ev.batch_size, 1),
-            ('data.sort_window', config.data.sort_window, 0),
+            ('generate.max_new_tokens', config.generate.max_new_tokens, 0),
+            ('data.shots_per_class', config.data.shots_per_class, 0), ('data.sort_window', config.data.sort_window, 0),
             ('eval.selection_max_examples', ev.selection_max_examples, 0),
             ('tune.prefix_hidden', config.tune.prefix_hidden, 0)]
   for name, value, least in checks:
