@@ -71,3 +71,39 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arra
   n = logits.shape[0]
   labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
   return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+
+
+# ---- distillation ------------------------------------------------------------------------------------------------
+
+
+def teacher_probs(teacher_logits: jax.Array, temperature: float) -> jax.Array:
+  """[num_teachers, B, C] logits -> [B, C]: each teacher's softmax at `temperature`, averaged in probability space
+  (an ensemble is one teacher whose soft targets are its members' mean; one teacher is an ensemble of one)."""
+  return jnp.mean(jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1), axis=0)
+
+
+def soft_target_loss(student_logits: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:
+  """Hinton et al.'s soft-target term T^2 * KL(targets || softmax(student / T)), the mean over the batch.
+
+  `targets` [B, C] are probabilities already softened at T (`teacher_probs`). The T^2 keeps the gradient's size
+  independent of T, so the term mixes with the hard-label cross-entropy at a fixed ratio (their section 2); as T
+  grows, the gradient with respect to student logits z (teacher logits v) approaches ((z - mean z) - (v - mean v))
+  / (C * batch), logit matching (section 2.1).
+  """
+  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  plogp = jnp.where(targets > 0, targets * jnp.log(jnp.where(targets > 0, targets, 1.0)), 0.0)
+  return temperature ** 2 * jnp.mean(jnp.sum(plogp - targets * log_q, axis=-1))
+
+
+def distillation_loss(student_logits: jax.Array, targets: jax.Array, labels: jax.Array, temperature: float,
+                      alpha: float) -> jax.Array:
+  """alpha * T^2 * KL(targets || student_T) + (1 - alpha) * cross-entropy(student at T=1, labels), batch means."""
+  hard = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(student_logits.astype(jnp.float32), labels))
+  return alpha * soft_target_loss(student_logits, targets, temperature) + (1 - alpha) * hard
+
+
+def crd_loss(student_emb: jax.Array, teacher_emb: jax.Array, temperature: float) -> jax.Array:
+  """Contrastive representation distillation with in-batch negatives (Tian et al. 2020, the InfoNCE form of their
+  bound): the student embedding of example i must pick the teacher embedding of i among the global batch's, and
+  the other way round. Embeddings [N, D] are L2-normalised here; logits are cosines / temperature."""
+  return clip_loss(_l2_normalize(student_emb), _l2_normalize(teacher_emb), -jnp.log(temperature))

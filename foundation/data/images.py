@@ -127,11 +127,13 @@ class _TrainBatch:
   """Global step -> this process's rows of global batch `step`."""
 
   def __init__(self, source, *, seed: int, global_batch: int, first_row: int, rows: int, image_key: str,
-               label_key: str, captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
+               label_key: str, captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+               subset: np.ndarray | None):
     self.source, self.seed, self.global_batch, self.first_row, self.rows = source, seed, global_batch, first_row, rows
     self.image_key, self.label_key = image_key, label_key
     self.captions = captions
-    self.num_records = len(source)
+    self.subset = subset
+    self.num_records = len(source) if subset is None else len(subset)
     self._order = functools.lru_cache(maxsize=2)(self._order_uncached)
 
   def _order_uncached(self, epoch: int) -> np.ndarray:
@@ -144,7 +146,7 @@ class _TrainBatch:
     for epoch in np.unique(epochs):
       at = epochs == epoch
       ids[at] = self._order(int(epoch))[offsets[at]]
-    return ids
+    return ids if self.subset is None else self.subset[ids]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     positions = step * self.global_batch + self.first_row + np.arange(self.rows, dtype=np.int64)
@@ -165,13 +167,14 @@ class _TrainBatch:
 def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'image', label_key: str = 'label',
                   global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
                   captions: Sequence[Sequence[str]] | None = None, tokenizer: Tokenizer | None = None,
-                  text_len: int = 0) -> grain.MapDataset:
+                  text_len: int = 0, subset: np.ndarray | None = None) -> grain.MapDataset:
   """Item s is this process's rows of global batch s (see module docstring), lb = global_batch // process_count:
   {'image': uint8 [lb, H, W, C], 'label': int32 [lb], 'index': int32 [lb] (global example positions)} and, when
   `captions` (one list of strings per class) is given, 'text': int32 [lb, text_len] (tokenizer ids of one caption of
   the example's class: truncated to text_len, eos appended when it fits, then pad_id) and 'text_mask': float32
   [lb, text_len] (1 on ids and eos, 0 on padding).
 
+  With `subset` (record ids, e.g. from `class_balanced_subset`), the epochs run over those records only.
   Records are read when an item is asked for; the returned dataset is endless (2**40 steps).
   """
   if global_batch < 1 or global_batch % process_count:
@@ -189,9 +192,29 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
     caption_table = tokenize_captions(captions, tokenizer, text_len)
   if len(source) < 1:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples.')
-  if global_batch > len(source):
-    raise ValueError(f'global_batch={global_batch} is larger than {name}/{split} ({len(source)} examples); lower it.')
+  available = len(source) if subset is None else len(subset)
+  if global_batch > available:
+    raise ValueError(f'global_batch={global_batch} is larger than the {available} training examples of '
+                     f'{name}/{split}; lower it.')
   rows = global_batch // process_count
   return grain.MapDataset.range(2**40).map(_TrainBatch(
       source, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,
-      label_key=label_key, captions=caption_table))
+      label_key=label_key, captions=caption_table, subset=None if subset is None else np.asarray(subset, np.int64)))
+
+
+def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Sorted record ids of a class-balanced `fraction` of a split whose labels are `labels`: round(fraction * N)
+  // num_classes records of every class, drawn without replacement by `seed` alone (so every run that names the same
+  fraction and seed trains on the same examples, whatever its own seed)."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f'train_fraction={fraction} must be in (0, 1].')
+  if fraction == 1:
+    return np.arange(len(labels))
+  classes = np.unique(labels)
+  per_class = int(round(fraction * len(labels))) // len(classes)
+  counts = np.bincount(labels)[classes]
+  if per_class < 1 or per_class > counts.min():
+    raise ValueError(f'train_fraction={fraction} gives {per_class} examples per class, but the rarest class has '
+                     f'{counts.min()} and every class needs at least 1; choose another fraction.')
+  rng = np.random.default_rng(seed)
+  return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))

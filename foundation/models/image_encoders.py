@@ -5,6 +5,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 
 from foundation.models.cnn import CNN, CNNConfig
+from foundation.models.heads import LinearClassifier
 from foundation.models.vit import ViT, ViTConfig
 
 IMAGE_ENCODERS = {'vit': (ViT, ViTConfig), 'cnn': (CNN, CNNConfig)}
@@ -36,3 +37,8 @@ class EncoderWithHead(nn.Module):
 
   def __call__(self, x):
     return self.head(self.backbone(x))
+
+
+def classifier(kind: str, fields: Mapping[str, Any], num_classes: int) -> EncoderWithHead:
+  """An image classifier: encoder `kind` with config `fields`, then a linear head (params 'backbone', 'head')."""
+  return EncoderWithHead(kind, tuple(sorted(dict(fields).items())), LinearClassifier(num_classes))

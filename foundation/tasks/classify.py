@@ -13,8 +13,7 @@ import optax
 from foundation import metrics
 from foundation.data import augment, images
 from foundation.evaluate.representation import RepresentationEval, encoder_features
-from foundation.models.heads import LinearClassifier
-from foundation.models.image_encoders import EncoderWithHead, encoder_config
+from foundation.models.image_encoders import classifier, encoder_config
 from foundation.tasks import Task
 
 
@@ -23,8 +22,7 @@ def build(config) -> Task:
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
   num_classes = len(images.class_names(data.name, data.data_dir))
-  model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
-                          LinearClassifier(num_classes))
+  model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], num_classes)
   aug = augment.check_options(config.augment)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
 

@@ -1,0 +1,223 @@
+"""Image classification with frozen teachers: soft targets (Hinton et al. 2015), ensembles, contrastive
+representation distillation (CRD, Tian et al. 2020) and feature hints (FitNets), on the one loop.
+
+The student is an encoder with a linear head (the `classify` model, so any trained student can itself be a teacher
+or an `init_from` source). Teachers are other runs' workdirs (`config.teachers`, comma-separated), each an image
+classifier of this codebase whose architecture is read from its own config.json. They are restored once through the
+loop's frozen sources: never optimized, not in the student's checkpoints, pinned in config.json by step and content
+hash, so a resumed run reads exactly the teachers it started with. With no teachers this task trains the student on
+the labels alone (the `:teacher` and `:student` variants), evaluated like every distilled run.
+
+The loss, with the weights of `config.distill`:
+  alpha * T^2 * KL(teachers_T || student_T) + (1 - alpha) * CE(student, labels)        (soft targets, alpha > 0)
+  + crd_weight * InfoNCE(proj_s(student features), proj_t(teacher features)) over the global batch
+  + feature_weight * mean squared error of hint(student features) against the teacher's features
+The teachers run inside the jitted step on the student's augmented batch ("consistent teaching", Beyer et al. 2022)
+or, with `teacher_augment='independent'`, on another augmentation of the same images. An ensemble's soft targets
+are its members' probabilities at T averaged; its features (for CRD and hints) the first teacher's.
+
+Data: a fixed split for training, one for validation (selection: T, alpha, the step) and the test split, read only
+by the final evaluation. `data.train_fraction` < 1 trains on a class-balanced subset drawn by `data.subset_seed`
+alone, so every run with the same fraction sees the same examples.
+"""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from foundation import losses, metrics
+from foundation.data import augment, images
+from foundation.evaluate.representation import encoder_features
+from foundation.models.image_encoders import EncoderWithHead, classifier, encoder_config
+from foundation.tasks import EvalContext, Task
+
+TEACHER_AUGMENT = ('same', 'independent')
+
+
+def build(config) -> Task:
+  data, model_cfg, cfg = config.data, config.model, config.distill
+  encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
+  images.check_prepared(data.name, data.data_dir, [data.train_split, data.validation_split, data.eval_split])
+  class_names = images.class_names(data.name, data.data_dir)
+  image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
+  aug = augment.check_options(config.augment)
+  teacher_dirs = [d.strip() for d in config.teachers.split(',') if d.strip()]
+  _check_weights(cfg, teacher_dirs)
+  teachers = [_teacher_model(d, data.name, data.data_dir, class_names) for d in teacher_dirs]
+  student = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], len(class_names))
+  # Record ids of the training examples (a class-balanced subset when train_fraction < 1), drawn once.
+  train_images, train_labels = images.load_split(name=data.name, data_dir=data.data_dir, split=data.train_split)
+  subset = images.class_balanced_subset(train_labels, data.train_fraction, data.subset_seed)
+  one_image = jnp.zeros((1, *image_shape), jnp.float32)
+  student_dim = student.apply(student.init(jax.random.key(0), one_image), one_image, method='features').shape[-1]
+  teacher_dim = (teachers[0].apply(teachers[0].init(jax.random.key(0), one_image), one_image, method='features')
+                 .shape[-1] if teachers else 0)
+
+  def init(rng):
+    keys = jax.random.split(rng, 4)
+    params = dict(student.init(keys[0], one_image)['params'])
+    if cfg.crd_weight:
+      params['crd'] = {'student': _projection(cfg.crd_dim).init(keys[1], jnp.zeros((1, student_dim)))['params'],
+                       'teacher': _projection(cfg.crd_dim).init(keys[2], jnp.zeros((1, teacher_dim)))['params']}
+    if cfg.feature_weight:
+      params['hint'] = _projection(teacher_dim).init(keys[3], jnp.zeros((1, student_dim)))['params']
+    return params
+
+  def frozen(sources):
+    out = []
+    for i, (workdir, model) in enumerate(zip(teacher_dirs, teachers)):
+      abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), one_image))['params']
+      values = sources.load(f'teacher_{i}', workdir, 'params', abstract)
+      # Boxed with the model's logical axis names, so the loop lays teachers out on the mesh like trained params.
+      boxes = jax.eval_shape(model.init, jax.random.key(0), one_image)['params']
+      out.append(jax.tree.map(lambda box, x: box.replace_boxed(x), boxes, values,
+                              is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+    return {'teachers': out}
+
+  def student_params(params):
+    return {k: v for k, v in params.items() if k not in ('crd', 'hint')}
+
+  def forward(model, params, x):
+    """(features, logits) of one image batch."""
+    return model.apply({'params': params}, x, method=lambda m, x: (lambda f: (f, m.head(f)))(m.features(x)))
+
+  def teacher_forward(frozen_params, x):
+    """(first teacher's features, [num_teachers, B, C] logits)."""
+    outs = [forward(m, p, x) for m, p in zip(teachers, frozen_params['teachers'])]
+    return jax.lax.stop_gradient(outs[0][0]), jax.lax.stop_gradient(jnp.stack([o[1] for o in outs]))
+
+  def loss(params, frozen_params, batch, rng):
+    x = augment.augment(batch['image'], augment.example_keys(rng, batch['index']), **aug)
+    features, logits = forward(student, student_params(params), x)
+    labels = batch['label']
+    aux = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+    if not teachers:
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), aux
+    if cfg.teacher_augment == 'independent':
+      tx = augment.augment(batch['image'], augment.example_keys(jax.random.fold_in(rng, 1), batch['index']), **aug)
+    else:
+      tx = x
+    t_features, t_logits = teacher_forward(frozen_params, tx)
+    total = losses.distillation_loss(logits, losses.teacher_probs(t_logits, cfg.temperature), labels,
+                                     cfg.temperature, cfg.alpha)
+    aux['agreement'] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(jnp.mean(jax.nn.softmax(t_logits), 0), -1))
+    if cfg.crd_weight:
+      project = lambda side, f: _projection(cfg.crd_dim).apply({'params': params['crd'][side]}, f)
+      crd = losses.crd_loss(project('student', features), project('teacher', t_features), cfg.crd_temperature)
+      total, aux['crd'] = total + cfg.crd_weight * crd, crd
+    if cfg.feature_weight:
+      hint = _projection(teacher_dim).apply({'params': params['hint']}, features)
+      l2 = jnp.mean(jnp.square(hint - t_features))
+      total, aux['hint_l2'] = total + cfg.feature_weight * l2, l2
+    return total, aux
+
+  def train_batches(process_index, process_count):
+    return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
+                                global_batch=config.global_batch_size, seed=config.seed, subset=subset,
+                                process_index=process_index, process_count=process_count)
+
+  student_logits = jax.jit(lambda params, x: forward(student, student_params(params), augment.to_float(x))[1])
+  all_teacher_logits = jax.jit(lambda frozen_params, x: teacher_forward(frozen_params, augment.to_float(x))[1])
+  splits = {}
+
+  def split(name):
+    """(images, labels) of 'train' (the examples trained on, at most eval.max_train_examples), 'validation', 'test'."""
+    if name not in splits:
+      if name == 'train':
+        ids = subset[:config.eval.max_train_examples or None]
+        splits[name] = train_images[ids], train_labels[ids]
+      else:
+        splits[name] = images.load_split(name=data.name, data_dir=data.data_dir,
+                                         split=data.validation_split if name == 'validation' else data.eval_split)
+    return splits[name]
+
+  def logits_of(fn, params, x, ctx):
+    return encoder_features(fn, params, x, ctx.mesh, config.eval.batch_size)
+
+  teacher_cache = {}
+
+  def evaluate(params, frozen_params, step, ctx: EvalContext):
+    results = {}
+    for name, key in (('train', 'eval/train_accuracy'), ('validation', 'eval/validation/accuracy'),
+                      ('test', 'eval/accuracy')):
+      if name == 'test' and not ctx.final:
+        continue  # selection reads validation only; test is read by the final evaluation
+      x, y = split(name)
+      s_logits = logits_of(student_logits, params, x, ctx)
+      results[key] = float(np.mean(np.argmax(s_logits, -1) == y))
+      if name != 'test' or not teachers:
+        continue
+      if 'logits' not in teacher_cache:  # [num_teachers, N, C]; the teachers never change
+        flat = logits_of(lambda fp, x: jnp.moveaxis(all_teacher_logits(fp, x), 0, 1), frozen_params, x, ctx)
+        teacher_cache['logits'] = np.moveaxis(flat, 1, 0)
+      t_logits = teacher_cache['logits']
+      t_probs = np.mean(np.asarray(jax.nn.softmax(t_logits, -1)), 0)
+      results['eval/teacher/accuracy'] = float(np.mean(np.argmax(t_probs, -1) == y))
+      if len(teachers) > 1:
+        for i, member in enumerate(t_logits):
+          results[f'eval/teacher/{i}/accuracy'] = float(np.mean(np.argmax(member, -1) == y))
+      results['eval/agreement'] = float(np.mean(np.argmax(s_logits, -1) == np.argmax(t_probs, -1)))
+      log_q = np.asarray(jax.nn.log_softmax(s_logits, -1))
+      results['eval/kl'] = float(np.mean(np.sum(t_probs * (np.log(np.maximum(t_probs, 1e-30)) - log_q), -1)))
+    return results
+
+  abstract_student = nn.unbox(jax.eval_shape(student.init, jax.random.key(0), one_image))['params']
+  one = jax.ShapeDtypeStruct(one_image.shape, jnp.float32)
+  flops = 3 * metrics.forward_flops(lambda p, x: student.apply({'params': p}, x), abstract_student, one)
+  for model in teachers:  # a teacher's forward runs in every step (no backward)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), one_image))['params']
+    flops += metrics.forward_flops(lambda p, x, m=model: m.apply({'params': p}, x), abstract, one)
+  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
+              frozen=frozen if teachers else None, flops_per_example=flops,
+              batch_coupled_loss=bool(cfg.crd_weight))
+
+
+def _projection(dim: int) -> nn.Dense:
+  return nn.Dense(dim, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('embed', 'mlp')),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)))
+
+
+def _check_weights(cfg, teacher_dirs: list[str]) -> None:
+  if cfg.temperature <= 0:
+    raise ValueError(f'config.distill.temperature={cfg.temperature} must be positive.')
+  if not 0 <= cfg.alpha <= 1:
+    raise ValueError(f'config.distill.alpha={cfg.alpha} must be in [0, 1] (the soft targets\' share of the loss).')
+  if cfg.crd_weight < 0 or cfg.feature_weight < 0:
+    raise ValueError('config.distill.crd_weight and feature_weight must be >= 0.')
+  if cfg.crd_weight and not 0.01 <= cfg.crd_temperature:
+    raise ValueError(f'config.distill.crd_temperature={cfg.crd_temperature} must be >= 0.01 (logits are clamped '
+                     'at 100).')
+  if cfg.teacher_augment not in TEACHER_AUGMENT:
+    raise ValueError(f'config.distill.teacher_augment={cfg.teacher_augment!r}; choose one of {TEACHER_AUGMENT}.')
+  uses_teachers = cfg.alpha > 0 or cfg.crd_weight > 0 or cfg.feature_weight > 0
+  if teacher_dirs and not uses_teachers:
+    raise ValueError('config.teachers is set but nothing uses them: set config.distill.alpha, crd_weight or '
+                     'feature_weight above 0, or drop --config.teachers.')
+  if uses_teachers and not teacher_dirs:
+    raise ValueError('this variant distils from teachers: name their workdirs with --config.teachers=DIR[,DIR...] '
+                     '(runs of configs/distill/fashion_mnist.py:teacher or configs/classify/fashion_mnist.py).')
+
+
+def _teacher_model(workdir: str, data_name: str, data_dir: str, class_names: list[str]) -> EncoderWithHead:
+  """The classifier a teacher workdir trained, from its config.json; its classes must be the student's."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'teacher {workdir!r} has no config.json; name the workdir of a finished image '
+                            'classifier run (configs/distill/fashion_mnist.py:teacher).')
+  with open(path) as f:
+    saved = json.load(f)
+  model, data = saved.get('model', {}), saved.get('data', {})
+  kind = model.get('encoder')
+  if saved.get('task') not in ('classify', 'distill') or kind not in model:
+    raise ValueError(f'teacher {workdir!r} is a {saved.get("task")!r} run; a teacher must be an image classifier '
+                     '(task classify or distill).')
+  theirs = images.class_names(data.get('name', ''), data_dir) if data.get('name') != data_name else class_names
+  if theirs != class_names:
+    raise ValueError(f'teacher {workdir!r} classifies {data.get("name")!r} ({len(theirs)} classes), not the '
+                     f'{len(class_names)} classes of {data_name!r}; distil from a teacher of the same classes.')
+  return classifier(kind, model[kind], len(class_names))

@@ -1,0 +1,170 @@
+"""Distillation: the losses against numpy, the fixed training subset, and runs with frozen teachers end to end
+(teachers pinned and never trained; sharded, pmap and kill -9 runs log the losses of one device)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from foundation import checkpoint, losses, train
+from foundation.data import images
+from test_configs import load
+from test_tasks_vision import _latest_state
+from test_train import logged, run
+
+CONFIG = 'configs/distill/fashion_mnist.py'
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_soft_target_loss_matches_numpy_with_temperature_and_mixing():
+  rng = np.random.default_rng(0)
+  student, teachers = rng.normal(size=(5, 7)) * 3, rng.normal(size=(3, 5, 7)) * 3
+  labels = rng.integers(0, 7, size=5)
+  for temperature, alpha in ((1.0, 0.5), (4.0, 0.9), (0.5, 0.0), (8.0, 1.0)):
+    p = np.mean([_softmax(t / temperature) for t in teachers], 0)  # the ensemble: mean of probabilities
+    q = _softmax(student / temperature)
+    kl = np.mean([sum(p[i, c] * np.log(p[i, c] / q[i, c]) for c in range(7)) for i in range(5)])
+    hard = np.mean([-np.log(_softmax(student)[i, labels[i]]) for i in range(5)])
+    want = alpha * temperature ** 2 * kl + (1 - alpha) * hard
+    targets = losses.teacher_probs(jnp.asarray(teachers), temperature)
+    np.testing.assert_allclose(targets, p, rtol=1e-5)
+    got = losses.distillation_loss(jnp.asarray(student), targets, jnp.asarray(labels), temperature, alpha)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_at_high_temperature_the_gradient_is_logit_matching():
+  """Hinton et al. section 2.1: d/dz of T^2 KL -> ((z - mean z) - (v - mean v)) / (C * batch) as T grows."""
+  rng = np.random.default_rng(1)
+  z, v = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+  matching = ((z - z.mean(-1, keepdims=True)) - (v - v.mean(-1, keepdims=True))) / (6 * 4)
+  errors = []
+  for temperature in (10.0, 100.0, 1000.0):
+    grad = jax.grad(lambda s: losses.soft_target_loss(
+        s, losses.teacher_probs(jnp.asarray(v)[None], temperature), temperature))(jnp.asarray(z))
+    errors.append(np.abs(np.asarray(grad) - matching).max())
+  # The difference shrinks as 1/T (the next term of the expansion): tenfold per decade of T.
+  assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5 and errors[2] < 1e-3 * np.abs(matching).max(), errors
+
+
+def test_crd_loss_is_infonce_between_student_and_teacher_embeddings():
+  rng = np.random.default_rng(2)
+  s, t, temperature = rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), 0.2
+  s_n = s / np.linalg.norm(s, axis=1, keepdims=True)
+  t_n = t / np.linalg.norm(t, axis=1, keepdims=True)
+  total = 0.0
+  for i in range(6):  # each student row picks its own teacher row among all, and each teacher row its student row
+    row = [s_n[i] @ t_n[j] / temperature for j in range(6)]
+    col = [s_n[j] @ t_n[i] / temperature for j in range(6)]
+    total += -row[i] + np.log(np.sum(np.exp(row))) - col[i] + np.log(np.sum(np.exp(col)))
+  np.testing.assert_allclose(losses.crd_loss(jnp.asarray(s), jnp.asarray(t), temperature), total / 12, rtol=1e-5)
+
+
+def test_class_balanced_subset_is_fixed_by_its_seed_alone():
+  labels = np.repeat(np.arange(10), 100)[np.random.default_rng(3).permutation(1000)]
+  a = images.class_balanced_subset(labels, 0.03, seed=0)
+  assert len(a) == 30 and np.all(np.bincount(labels[a], minlength=10) == 3)
+  np.testing.assert_array_equal(a, images.class_balanced_subset(labels, 0.03, seed=0))
+  assert not np.array_equal(a, images.class_balanced_subset(labels, 0.03, seed=1))
+  np.testing.assert_array_equal(images.class_balanced_subset(labels, 1.0, seed=0), np.arange(1000))
+  with pytest.raises(ValueError, match='choose another fraction'):
+    images.class_balanced_subset(labels, 0.001, seed=0)
+
+
+def _config(tfds_dir, variant, **overrides):
+  config = load(CONFIG).get_config(variant)
+  config.data.data_dir = tfds_dir
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def teacher(tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  train.train_and_evaluate(_config(tfds_dir, 'teacher,smoke'), workdir)
+  return workdir
+
+
+def test_teachers_are_pinned_frozen_and_not_saved_with_the_student(tfds_dir, teacher, tmp_path):
+  workdir = str(tmp_path / 'kd')
+  config = _config(tfds_dir, 'kd,smoke', teachers=f'{teacher},{teacher}')
+  config.data.train_fraction = 0.03
+  train.train_and_evaluate(config, workdir)
+  state = _latest_state(tmp_path / 'kd')
+  assert sorted(state['params']) == ['backbone', 'head']  # no teacher among the trained (and saved) params
+  student_size = sum(x.size for x in jax.tree.leaves(state['params']))
+  # Adam's two moments of the student only: the teachers have no optimizer state.
+  assert sum(x.size for x in jax.tree.leaves(state['opt_state'])) <= 2 * student_size + 8
+  teacher_params = _latest_state(__import__('pathlib').Path(teacher))['params']
+  pins = json.loads((tmp_path / 'kd' / 'config.json').read_text())['frozen_sources']
+  assert sorted(pins) == ['teacher_0', 'teacher_1']
+  assert pins['teacher_0']['step'] == 4 and pins['teacher_0']['hash'] == checkpoint.content_hash(teacher_params)
+  # Two copies of one teacher are that teacher: the ensemble's accuracy is the member's, computed on test.
+  evals = logged(workdir)
+  final = evals[max(evals)]
+  assert final['best/eval/teacher/accuracy'] == final['best/eval/teacher/0/accuracy']
+  assert 0 <= final['best/eval/agreement'] <= 1 and final['best/eval/kl'] >= 0
+  assert 'eval/accuracy' not in evals[4]  # selection evaluations read validation, not test
+
+
+@pytest.fixture(scope='module')
+def kd_one_device(tfds_dir, teacher, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('kd_one'))
+  run(workdir, tfds_dir, f'--config.teachers={teacher}', '--config.log_every=1', devices=1,
+      config=f'{CONFIG}:kd,smoke')
+  return logged(workdir)
+
+
+@pytest.mark.parametrize('name,flags', [
+    ('sharded', ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
+    ('pmap', ('--config.parallelism=pmap',))])
+def test_distillation_sharded_and_on_pmap_logs_the_losses_of_one_device(tfds_dir, teacher, kd_one_device, tmp_path,
+                                                                         name, flags):
+  workdir = str(tmp_path / name)
+  run(workdir, tfds_dir, f'--config.teachers={teacher}', '--config.log_every=1', *flags, config=f'{CONFIG}:kd,smoke')
+  other = logged(workdir)
+  for step in range(1, 5):
+    np.testing.assert_allclose(other[step]['train/loss'], kd_one_device[step]['train/loss'], rtol=2e-5,
+                               err_msg=f'{name} step {step}')
+
+
+def test_kill_9_of_a_distillation_run_resumes_to_the_uninterrupted_numbers(tfds_dir, teacher, kd_one_device,
+                                                                           tmp_path):
+  args = (f'--config.teachers={teacher}', '--config.log_every=1')
+  killed = run(str(tmp_path), tfds_dir, *args, kill_at_step=2, check=False, config=f'{CONFIG}:kd,smoke')
+  assert killed.returncode != 0
+  run(str(tmp_path), tfds_dir, *args, config=f'{CONFIG}:kd,smoke')
+  resumed = logged(str(tmp_path))
+  for step in range(1, 5):
+    np.testing.assert_allclose(resumed[step]['train/loss'], kd_one_device[step]['train/loss'], rtol=2e-5)
+  np.testing.assert_allclose(resumed[4]['best/eval/accuracy'], kd_one_device[4]['best/eval/accuracy'])
+
+
+@pytest.mark.parametrize('variant,overrides,message', [
+    ('kd,smoke', dict(teachers='/nonexistent/run'), 'has no config.json'),
+    ('kd,smoke', dict(teachers=''), r'--config.teachers=DIR\[,DIR...\]'),
+    ('student,smoke', dict(teachers='TEACHER'), 'nothing uses them'),
+    ('kd,smoke', {'teachers': 'TEACHER', 'distill.temperature': 0.0}, 'temperature=0.0 must be positive'),
+    ('kd,smoke', {'teachers': 'TEACHER', 'distill.alpha': 1.5}, r'alpha=1.5 must be in \[0, 1\]'),
+    ('kd,smoke', {'teachers': 'OTHER_CLASSES'}, r"classifies 'movie_sentiment' \(2 classes\), not the 10"),
+    ('crd,smoke', {'teachers': 'TEACHER', 'parallelism': 'pmap'}, '--config.parallelism=jit'),
+])
+def test_bad_distillation_input_is_one_line_before_anything_is_written(tfds_dir, teacher, tmp_path, variant,
+                                                                       overrides, message):
+  other = tmp_path / 'other_classes'
+  other.mkdir()
+  saved = json.loads(open(f'{teacher}/config.json').read())
+  saved['data']['name'] = 'movie_sentiment'
+  (other / 'config.json').write_text(json.dumps(saved))
+  where = {'TEACHER': teacher, 'OTHER_CLASSES': str(other)}
+  config = _config(tfds_dir, variant)
+  for key, value in overrides.items():
+    config.update_from_flattened_dict({key: where.get(value, value)} if isinstance(value, str) else {key: value})
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
