@@ -20,7 +20,7 @@ import ml_collections
 from foundation import config_base
 
 TEACHER_CNN = dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
-STUDENT_CNN = dict(widths=(8, 16), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=1)
+STUDENT_CNN = dict(widths=(16, 32), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=1)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def teacher(c):
   c.model.cnn = dict(TEACHER_CNN)
-  c.num_train_steps = 1500
+  c.update(num_train_steps=3000, eval_every=500, checkpoint_every=500)
 
 
 def student(c):

@@ -203,21 +203,29 @@ def _check_weights(cfg, teacher_dirs: list[str]) -> None:
                      '(runs of configs/distill/fashion_mnist.py:teacher or configs/classify/fashion_mnist.py).')
 
 
-def _teacher_model(workdir: str, data_name: str, data_dir: str, class_names: list[str]) -> EncoderWithHead:
-  """The classifier a teacher workdir trained, from its config.json; its classes must be the student's."""
+def saved_classifier(workdir: str, data_dir: str | None = None) -> tuple[dict, EncoderWithHead]:
+  """(config.json of an image classifier run, its model), for restoring its params; data_dir defaults to the one
+  the run was trained with (it names the classes)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'teacher {workdir!r} has no config.json; name the workdir of a finished image '
-                            'classifier run (configs/distill/fashion_mnist.py:teacher).')
+    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of a finished image classifier run '
+                            '(configs/distill/fashion_mnist.py:teacher).')
   with open(path) as f:
     saved = json.load(f)
   model, data = saved.get('model', {}), saved.get('data', {})
   kind = model.get('encoder')
   if saved.get('task') not in ('classify', 'distill') or kind not in model:
-    raise ValueError(f'teacher {workdir!r} is a {saved.get("task")!r} run; a teacher must be an image classifier '
-                     '(task classify or distill).')
-  theirs = images.class_names(data.get('name', ''), data_dir) if data.get('name') != data_name else class_names
+    raise ValueError(f'{workdir!r} is a {saved.get("task")!r} run, not an image classifier (task classify or '
+                     'distill).')
+  num_classes = len(images.class_names(data['name'], data_dir or data['data_dir']))
+  return saved, classifier(kind, model[kind], num_classes)
+
+
+def _teacher_model(workdir: str, data_name: str, data_dir: str, class_names: list[str]) -> EncoderWithHead:
+  """The classifier a teacher workdir trained; its classes must be the student's."""
+  saved, model = saved_classifier(workdir, data_dir)
+  theirs = images.class_names(saved['data']['name'], data_dir)
   if theirs != class_names:
-    raise ValueError(f'teacher {workdir!r} classifies {data.get("name")!r} ({len(theirs)} classes), not the '
+    raise ValueError(f'teacher {workdir!r} classifies {saved["data"]["name"]!r} ({len(theirs)} classes), not the '
                      f'{len(class_names)} classes of {data_name!r}; distil from a teacher of the same classes.')
-  return classifier(kind, model[kind], len(class_names))
+  return model

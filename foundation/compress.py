@@ -1,0 +1,232 @@
+r"""One-shot pruning of a trained image classifier by Optimal Brain Surgeon, or by magnitude for comparison.
+
+  python -m foundation.compress --workdir=RUN --method=obs --sparsity=0.5 [--pattern=2:4] --out=PRUNED
+
+Every convolution and dense kernel of RUN's newest checkpoint is pruned layer by layer from calibration data (the
+first --calibration_examples images of RUN's training split, unaugmented): X holds the layer's inputs (a conv's
+im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean of H's diagonal, and each output
+row w of the kernel loses its weights one at a time by the OBS rule of Hassibi & Stork: remove the q that minimises
+w_q^2 / [H^-1]_qq, move the remaining weights of the row by -w_q / [H^-1]_qq * H^-1[:, q], and take q out of H^-1.
+So every row keeps the same share of its weights (`sparsity` of them are zero), and with --pattern=2:4 every four
+consecutive input weights of a row keep two. Magnitude pruning zeroes the smallest |w| of each row under the same
+constraints, without updating the rest. Under N:M, a layer whose input size is not a multiple of M (the first
+conv of a grayscale image: 9 inputs) stays dense, as N:M hardware kernels leave it; compress.json says so.
+
+PRUNED is a workdir holding RUN's config.json, one checkpoint of the pruned params (at RUN's step) and
+compress.json (what was done, the sparsity and the relative output error ||WX - W'X||^2 / ||WX||^2 of every
+layer). Evaluate it, or fine-tune or distil from it, through `--config.init_from.source=PRUNED` (with
+`--config.num_train_steps=0`: evaluation only), or name it as a teacher.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from foundation import checkpoint
+from foundation.data import augment, images
+from foundation.tasks import distill
+
+METHODS = ('obs', 'magnitude')
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+  """'' -> None (unstructured); 'N:M' -> (N, M): at most N of every M consecutive input weights stay non-zero."""
+  if not pattern:
+    return None
+  try:
+    keep, group = (int(p) for p in pattern.split(':'))
+  except ValueError:
+    raise ValueError(f'--pattern={pattern!r}; write it as N:M, e.g. 2:4.') from None
+  if not 0 < keep < group:
+    raise ValueError(f'--pattern={pattern!r} must keep 0 < N < M weights of every M.')
+  return keep, group
+
+
+def _removable(pruned: np.ndarray, pattern: tuple[int, int] | None) -> np.ndarray:
+  """[rows, d] bool: weights that may still be removed (not yet removed; their group not full under N:M)."""
+  if pattern is None:
+    return ~pruned
+  keep, group = pattern
+  rows, d = pruned.shape
+  full = pruned.reshape(rows, d // group, group).sum(-1) >= group - keep
+  return ~pruned & ~np.repeat(full, group, axis=1)
+
+
+def _num_removed(d: int, sparsity: float, pattern: tuple[int, int] | None) -> int:
+  if pattern is None:
+    return int(round(sparsity * d))
+  keep, group = pattern
+  if d % group:
+    raise ValueError(f'a layer with {d} inputs cannot be pruned {keep}:{group}; its input size is not a multiple '
+                     f'of {group}.')
+  return d // group * (group - keep)
+
+
+def obs_prune(w: np.ndarray, hessian: np.ndarray, sparsity: float, pattern: tuple[int, int] | None = None,
+              damp: float = 0.01, rows_at_once: int = 32) -> np.ndarray:
+  """w [d, out] (a flax kernel flattened to inputs x outputs), hessian [d, d] = 2 X X^T / n: the row-wise OBS
+  pruning of every output column of w (module docstring). Rows are pruned `rows_at_once` at a time, each with its
+  own copy of H^-1 (they remove different weights), which bounds the memory to rows_at_once * d^2 floats."""
+  d = w.shape[0]
+  h_inv = np.linalg.inv(hessian.astype(np.float64) + damp * np.mean(np.diag(hessian)) * np.eye(d))
+  count = _num_removed(d, sparsity, pattern)
+  rows = w.T.astype(np.float64)
+  out = np.concatenate([_obs_rows(rows[i:i + rows_at_once], h_inv, count, pattern)
+                        for i in range(0, len(rows), rows_at_once)])
+  return out.T.astype(w.dtype)
+
+
+def _obs_rows(rows: np.ndarray, h_inv: np.ndarray, count: int, pattern: tuple[int, int] | None) -> np.ndarray:
+  rows = rows.copy()
+  inverse = np.repeat(h_inv[None], len(rows), 0)
+  pruned = np.zeros(rows.shape, bool)
+  at = np.arange(len(rows))
+  for _ in range(count):
+    diagonal = np.diagonal(inverse, axis1=1, axis2=2)  # 0 at removed weights, which are masked out
+    with np.errstate(divide='ignore', invalid='ignore'):
+      saliency = np.where(_removable(pruned, pattern), rows ** 2 / diagonal, np.inf)
+    q = np.argmin(saliency, axis=1)
+    column, pivot = inverse[at, :, q], diagonal[at, q]  # H^-1[:, q] of each row, H^-1[q, q]
+    rows -= (rows[at, q] / pivot)[:, None] * column
+    pruned[at, q] = True
+    rows[pruned] = 0.0  # exactly zero (the update leaves rounding residue on removed weights)
+    inverse -= column[:, :, None] * (column / pivot[:, None])[:, None, :]
+  return rows
+
+
+def magnitude_prune(w: np.ndarray, sparsity: float, pattern: tuple[int, int] | None = None) -> np.ndarray:
+  """The same per-row budget (and N:M groups) as obs_prune, removing the smallest |w| and moving nothing else."""
+  rows = w.T.copy()
+  d = rows.shape[1]
+  if pattern is None:
+    order = np.argsort(np.abs(rows), axis=1, kind='stable')[:, :_num_removed(d, sparsity, pattern)]
+    np.put_along_axis(rows, order, 0, axis=1)
+  else:
+    keep, group = pattern
+    _num_removed(d, sparsity, pattern)
+    grouped = rows.reshape(rows.shape[0], d // group, group)
+    order = np.argsort(np.abs(grouped), axis=2, kind='stable')[..., :group - keep]
+    np.put_along_axis(grouped, order, 0, axis=2)
+    rows = grouped.reshape(rows.shape)
+  return rows.T
+
+
+def layer_inputs(model: nn.Module, params, x: jax.Array) -> dict[tuple[str, ...], np.ndarray]:
+  """{params path of a Conv or Dense kernel: its inputs [n, d] on images x}, d in the order of the kernel flattened
+  to [d, out] (a conv's im2col patches: kernel row, kernel column, input channel)."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+      inputs = args[0]
+      if isinstance(module, nn.Conv):
+        inputs = _patches(module, inputs)
+      found[module.path] = np.asarray(inputs.reshape(-1, inputs.shape[-1]), np.float32)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({'params': params}, x)
+  return found
+
+
+def _patches(conv: nn.Conv, x: jax.Array) -> jax.Array:
+  """[N, H', W', kh * kw * C]: the windows the conv multiplies by its kernel, in the kernel's (kh, kw, C) order."""
+  if (conv.feature_group_count != 1 or conv.input_dilation not in (None, 1)
+          or conv.kernel_dilation not in (None, 1) or isinstance(conv.padding, str) and conv.padding != 'SAME'):
+    raise ValueError(f'{"/".join(conv.path)}: only plain (ungrouped, undilated, SAME-padded) convolutions are pruned.')
+  kernel = tuple(conv.kernel_size)
+  strides = conv.strides if isinstance(conv.strides, (tuple, list)) else (conv.strides or 1,) * len(kernel)
+  patches = jax.lax.conv_general_dilated_patches(
+      x.astype(jnp.float32), kernel, tuple(strides), 'SAME', dimension_numbers=('NHWC', 'OIHW', 'NHWC'))
+  c = x.shape[-1]
+  # conv_general_dilated_patches orders the patch features (C, kh, kw): reorder to the kernel's (kh, kw, C).
+  return patches.reshape(*patches.shape[:-1], c, -1).swapaxes(-1, -2).reshape(*patches.shape[:-1], -1)
+
+
+def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: str, sparsity: float,
+                pattern: tuple[int, int] | None, damp: float) -> tuple[dict, dict]:
+  """(pruned params, {layer: {'sparsity', 'relative_error'}}); every layer's inputs come from the unpruned model."""
+  inputs = layer_inputs(model, params, jnp.asarray(calibration))
+  pruned = jax.tree.map(np.array, params)
+  report = {}
+  for path, x in inputs.items():
+    node = pruned
+    for key in path:
+      node = node[key]
+    kernel = node['kernel']
+    w = kernel.reshape(-1, kernel.shape[-1])
+    if pattern and len(w) % pattern[1]:
+      # The first conv of a grayscale image has 9 inputs: N:M kernels leave such layers dense, and so does this.
+      report['/'.join(path)] = {'sparsity': float(np.mean(w == 0)), 'relative_error': 0.0,
+                                'skipped': f'{len(w)} inputs are not a multiple of {pattern[1]}'}
+      continue
+    if method == 'obs':
+      new = obs_prune(w, 2 * (x.T.astype(np.float64) @ x) / len(x), sparsity, pattern, damp)
+    else:
+      new = magnitude_prune(w, sparsity, pattern)
+    node['kernel'] = new.reshape(kernel.shape)
+    before, after = x @ w, x @ new
+    report['/'.join(path)] = {'sparsity': float(np.mean(new == 0)),
+                              'relative_error': float(np.sum((before - after) ** 2) / np.sum(before ** 2))}
+  return pruned, report
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True, help='a trained image classifier run')
+  parser.add_argument('--method', choices=METHODS, default='obs')
+  parser.add_argument('--sparsity', type=float, default=0.5, help='share of each row\'s weights set to zero')
+  parser.add_argument('--pattern', default='', help='N:M structured sparsity, e.g. 2:4 (overrides --sparsity)')
+  parser.add_argument('--out', required=True, help='new workdir for the pruned checkpoint')
+  parser.add_argument('--calibration_examples', type=int, default=1024)
+  parser.add_argument('--damp', type=float, default=0.01, help='lambda as a share of the mean of diag(H)')
+  parser.add_argument('--data_dir', default='', help='TFDS data dir (default: the one RUN was trained with)')
+  args = parser.parse_args(argv)
+  try:
+    pattern = parse_pattern(args.pattern)
+    if not 0 <= args.sparsity < 1:
+      raise ValueError(f'--sparsity={args.sparsity} must be in [0, 1).')
+    if args.calibration_examples < 1 or args.damp < 0:
+      raise ValueError('--calibration_examples must be positive and --damp >= 0.')
+    if os.path.exists(args.out):
+      raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
+    saved, model = distill.saved_classifier(args.workdir, args.data_dir or None)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'foundation.compress: {e}', file=sys.stderr)
+    return 2
+  data = saved['data']
+  data_dir = args.data_dir or data['data_dir']
+  shape = tuple(data['image_shape'])
+  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape))))['params']
+  params, step = checkpoint.restore_params(args.workdir, 'params', abstract)
+  x, _ = images.load_split(name=data['name'], data_dir=data_dir, split=data['train_split'],
+                           max_examples=args.calibration_examples)
+  pruned, report = prune_model(model, params, np.asarray(augment.to_float(x)), method=args.method,
+                               sparsity=args.sparsity, pattern=pattern, damp=args.damp)
+  os.makedirs(args.out)
+  with open(os.path.join(args.out, 'config.json'), 'w') as f:
+    json.dump(saved, f, indent=2)
+  ckpt = checkpoint.Checkpointer(os.path.join(args.out, 'checkpoints'), async_save=False)
+  ckpt.save(step, {'params': pruned}, {'pruned_from': os.path.abspath(args.workdir)})
+  ckpt.close()
+  nonzero = sum(int(np.count_nonzero(v)) for v in jax.tree.leaves(pruned))
+  summary = dict(source=os.path.abspath(args.workdir), step=step, method=args.method, sparsity=args.sparsity,
+                 pattern=args.pattern, calibration_examples=len(x), damp=args.damp, nonzero_params=nonzero,
+                 total_params=sum(int(v.size) for v in jax.tree.leaves(pruned)), layers=report)
+  with open(os.path.join(args.out, 'compress.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  for name, layer in report.items():
+    print(f'{name}: sparsity {layer["sparsity"]:.3f}, relative output error {layer["relative_error"]:.4f}')
+  print(f'{nonzero:,} of {summary["total_params"]:,} params non-zero; wrote {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

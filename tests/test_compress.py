@@ -1,0 +1,110 @@
+"""Pruning by Optimal Brain Surgeon: the rule against brute force, against magnitude pruning, N:M patterns, the
+im2col inputs of a conv, and the command end to end (a pruned workdir that init_from evaluates)."""
+
+import itertools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from foundation import compress, train
+from test_configs import load
+
+
+def _optimal(w, h, removed):
+  """argmin over w' with w'[removed] = 0 of (w' - w)^T H (w' - w), by a direct solve over the free weights."""
+  free = [i for i in range(len(w)) if i not in removed]
+  out = np.zeros_like(w)
+  if free:
+    r = sorted(removed)
+    # Stationarity on the free coordinates: H_ff (w'_f - w_f) = H_fr w_r.
+    out[free] = w[free] + np.linalg.solve(h[np.ix_(free, free)], h[np.ix_(free, r)] @ w[r])
+  return out, (out - w) @ h @ (out - w)
+
+
+def test_obs_removes_the_weights_brute_force_picks_and_compensates_exactly():
+  rng = np.random.default_rng(0)
+  d, out = 6, 3
+  x = rng.normal(size=(40, d)) @ rng.normal(size=(d, d))  # correlated inputs
+  w = rng.normal(size=(d, out))
+  hessian = 2 * x.T @ x / len(x)
+  damped = hessian + 0.01 * np.mean(np.diag(hessian)) * np.eye(d)
+  got = compress.obs_prune(w, hessian, sparsity=0.5, rows_at_once=2)
+  for row in range(out):
+    removed = set()
+    for _ in range(3):  # greedy: each step removes the weight whose optimally compensated removal costs least
+      costs = {q: _optimal(w[:, row], damped, removed | {q})[1] for q in set(range(d)) - removed}
+      removed.add(min(costs, key=costs.get))
+    want, _ = _optimal(w[:, row], damped, removed)
+    assert set(np.flatnonzero(got[:, row] == 0)) == removed
+    np.testing.assert_allclose(got[:, row], want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize('pattern', [None, (2, 4)])
+def test_obs_output_error_is_below_magnitude_pruning_and_patterns_hold(pattern):
+  rng = np.random.default_rng(1)
+  d, out = 32, 16
+  x = rng.normal(size=(256, d)) @ rng.normal(size=(d, d)) * rng.uniform(0.1, 3, size=d)
+  w = rng.normal(size=(d, out))
+  hessian = 2 * x.T @ x / len(x)
+  error = lambda new: np.sum((x @ w - x @ new) ** 2)
+  obs = compress.obs_prune(w, hessian, 0.5, pattern)
+  magnitude = compress.magnitude_prune(w, 0.5, pattern)
+  for new in (obs, magnitude):
+    assert np.all(np.sum(new == 0, axis=0) == d // 2)  # every row (output) keeps half its weights
+    if pattern:
+      assert np.all(np.sum(new.reshape(d // 4, 4, out) == 0, axis=1) == 2)  # two of every four inputs
+  assert error(obs) < 0.5 * error(magnitude), (error(obs), error(magnitude))
+  # Magnitude pruning keeps the largest weights untouched.
+  kept = magnitude != 0
+  np.testing.assert_array_equal(magnitude[kept], w[kept])
+
+
+def test_layer_inputs_are_what_each_kernel_multiplies():
+  """im2col patches of a strided conv times its flattened kernel give the conv's output (before the bias)."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = nn.Conv(5, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, name='conv')(x)
+      return nn.Dense(4, use_bias=False, name='dense')(y.reshape(len(x), -1))
+
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
+  params = Net().init(jax.random.key(1), x)['params']
+  inputs = compress.layer_inputs(Net(), params, x)
+  conv_out = nn.Conv(5, (3, 3), strides=(2, 2), padding='SAME', use_bias=False).apply(
+      {'params': params['conv']}, x)
+  np.testing.assert_allclose(inputs[('conv',)] @ np.asarray(params['conv']['kernel']).reshape(27, 5),
+                             np.asarray(conv_out).reshape(-1, 5), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(inputs[('dense',)], np.asarray(conv_out).reshape(2, -1), rtol=1e-6)
+
+
+def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp_path, capsys):
+  config = load('configs/distill/fashion_mnist.py').get_config('teacher,smoke')
+  config.data.data_dir = tfds_dir
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  out = tmp_path / 'pruned'
+  assert compress.main([f'--workdir={tmp_path / "run"}', '--method=obs', '--pattern=2:4', f'--out={out}',
+                        '--calibration_examples=64']) == 0
+  summary = json.loads((out / 'compress.json').read_text())
+  # Every conv and dense kernel is 2:4 sparse (half of it zero), but the stem conv with its 9 inputs.
+  layers = summary['layers']
+  assert sorted(name for name, layer in layers.items() if 'skipped' in layer) == ['backbone/stem']
+  assert len(layers) > 5 and all(abs(layer['sparsity'] - 0.5) < 1e-9 for name, layer in layers.items()
+                                 if name != 'backbone/stem')
+  evaluation = load('configs/distill/fashion_mnist.py').get_config('teacher,smoke')
+  evaluation.data.data_dir = tfds_dir
+  evaluation.update(num_train_steps=0)
+  evaluation.early_stopping.metric = ''
+  evaluation.init_from.source = str(out)
+  train.train_and_evaluate(evaluation, str(tmp_path / 'eval'))
+  logged = [json.loads(line) for line in (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines()]
+  assert any('eval/accuracy' in record for record in logged)
+  # Refused before anything is written: the output exists, a sparsity outside [0, 1), a bad pattern.
+  for args, message in (([f'--out={out}'], 'exists'), (['--sparsity=1.0', f'--out={tmp_path / "x"}'], '[0, 1)'),
+                        (['--pattern=4:2', f'--out={tmp_path / "x"}'], '0 < N < M')):
+    assert compress.main([f'--workdir={tmp_path / "run"}', *args]) == 2
+    assert message in capsys.readouterr().err
+  assert not (tmp_path / 'x').exists()
