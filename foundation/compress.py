@@ -8,7 +8,8 @@ im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean 
 row w of the kernel loses its weights one at a time by the OBS rule of Hassibi & Stork: remove the q that minimises
 w_q^2 / [H^-1]_qq, move the remaining weights of the row by -w_q / [H^-1]_qq * H^-1[:, q], and take q out of H^-1.
 So every row keeps the same share of its weights (`sparsity` of them are zero), and with --pattern=2:4 every four
-consecutive input weights of a row keep two. Magnitude pruning zeroes the smallest |w| of each row under the same
+consecutive input weights of a row keep two. --rounds > 1 removes a row's weights in that many batches (see
+obs_prune). Magnitude pruning zeroes the smallest |w| of each row under the same
 constraints, without updating the rest. Under N:M, a layer whose input size is not a multiple of M (the first
 conv of a grayscale image: 9 inputs) stays dense, as N:M hardware kernels leave it; compress.json says so.
 
@@ -69,34 +70,52 @@ def _num_removed(d: int, sparsity: float, pattern: tuple[int, int] | None) -> in
 
 
 def obs_prune(w: np.ndarray, hessian: np.ndarray, sparsity: float, pattern: tuple[int, int] | None = None,
-              damp: float = 0.01, rows_at_once: int = 32) -> np.ndarray:
+              damp: float = 0.01, rounds: int = 32, rows_at_once: int = 32) -> np.ndarray:
   """w [d, out] (a flax kernel flattened to inputs x outputs), hessian [d, d] = 2 X X^T / n: the row-wise OBS
-  pruning of every output column of w (module docstring). Rows are pruned `rows_at_once` at a time, each with its
-  own copy of H^-1 (they remove different weights), which bounds the memory to rows_at_once * d^2 floats."""
+  pruning of every output column of w (module docstring).
+
+  Each row removes its budget in `rounds` rounds; a round removes the row's lowest-saliency weights at once (at
+  most one per N:M group) with the exact OBS update for a set S: w -= H^-1[:, S] H^-1[S, S]^-1 w_S, and the same
+  downdate of H^-1. With as many rounds as weights to remove this is the one-at-a-time rule of Hassibi & Stork; a
+  few dozen rounds make it matrix products (a conv with 1,152 inputs takes seconds instead of minutes) and choose
+  nearly the same weights. Rows go `rows_at_once` at a time, each with its own copy of H^-1 (they remove different
+  weights), which bounds the memory to rows_at_once * d^2 doubles.
+  """
   d = w.shape[0]
   h_inv = np.linalg.inv(hessian.astype(np.float64) + damp * np.mean(np.diag(hessian)) * np.eye(d))
   count = _num_removed(d, sparsity, pattern)
   rows = w.T.astype(np.float64)
-  out = np.concatenate([_obs_rows(rows[i:i + rows_at_once], h_inv, count, pattern)
+  out = np.concatenate([_obs_rows(rows[i:i + rows_at_once], h_inv, count, pattern, max(1, rounds))
                         for i in range(0, len(rows), rows_at_once)])
   return out.T.astype(w.dtype)
 
 
-def _obs_rows(rows: np.ndarray, h_inv: np.ndarray, count: int, pattern: tuple[int, int] | None) -> np.ndarray:
+def _obs_rows(rows: np.ndarray, h_inv: np.ndarray, count: int, pattern: tuple[int, int] | None,
+              rounds: int) -> np.ndarray:
   rows = rows.copy()
-  inverse = np.repeat(h_inv[None], len(rows), 0)
+  n, d = rows.shape
+  group = pattern[1] if pattern else 1  # unstructured: every weight is its own group
+  inverse = np.repeat(h_inv[None], n, 0)
   pruned = np.zeros(rows.shape, bool)
-  at = np.arange(len(rows))
-  for _ in range(count):
+  per_round = -(-count // rounds)
+  removed = 0
+  while removed < count:
     diagonal = np.diagonal(inverse, axis1=1, axis2=2)  # 0 at removed weights, which are masked out
     with np.errstate(divide='ignore', invalid='ignore'):
-      saliency = np.where(_removable(pruned, pattern), rows ** 2 / diagonal, np.inf)
-    q = np.argmin(saliency, axis=1)
-    column, pivot = inverse[at, :, q], diagonal[at, q]  # H^-1[:, q] of each row, H^-1[q, q]
-    rows -= (rows[at, q] / pivot)[:, None] * column
-    pruned[at, q] = True
+      saliency = np.where(_removable(pruned, pattern), rows ** 2 / diagonal, np.inf).reshape(n, d // group, group)
+    within, best = np.argmin(saliency, -1), np.min(saliency, -1)           # each group's cheapest weight
+    m = min(per_round, count - removed, int(np.isfinite(best).sum(1).min()))
+    groups = np.argsort(best, axis=1, kind='stable')[:, :m]                # [n, m] the cheapest groups
+    chosen = groups * group + np.take_along_axis(within, groups, 1)       # [n, m] weight indices
+    columns = np.take_along_axis(inverse, chosen[:, None, :], 2)           # [n, d, m] H^-1[:, S]
+    pivot = np.take_along_axis(columns, chosen[:, :, None], 1)             # [n, m, m] H^-1[S, S]
+    solved = np.linalg.solve(pivot, np.concatenate(
+        [np.take_along_axis(rows, chosen, 1)[:, :, None], columns.swapaxes(1, 2)], 2))  # [n, m, 1 + d]
+    rows -= np.einsum('ndm,nm->nd', columns, solved[:, :, 0])
+    inverse -= columns @ solved[:, :, 1:]
+    np.put_along_axis(pruned, chosen, True, 1)
     rows[pruned] = 0.0  # exactly zero (the update leaves rounding residue on removed weights)
-    inverse -= column[:, :, None] * (column / pivot[:, None])[:, None, :]
+    removed += m
   return rows
 
 
@@ -151,7 +170,7 @@ def _patches(conv: nn.Conv, x: jax.Array) -> jax.Array:
 
 
 def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: str, sparsity: float,
-                pattern: tuple[int, int] | None, damp: float) -> tuple[dict, dict]:
+                pattern: tuple[int, int] | None, damp: float, rounds: int) -> tuple[dict, dict]:
   """(pruned params, {layer: {'sparsity', 'relative_error'}}); every layer's inputs come from the unpruned model."""
   inputs = layer_inputs(model, params, jnp.asarray(calibration))
   pruned = jax.tree.map(np.array, params)
@@ -168,7 +187,7 @@ def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: st
                                 'skipped': f'{len(w)} inputs are not a multiple of {pattern[1]}'}
       continue
     if method == 'obs':
-      new = obs_prune(w, 2 * (x.T.astype(np.float64) @ x) / len(x), sparsity, pattern, damp)
+      new = obs_prune(w, 2 * (x.T.astype(np.float64) @ x) / len(x), sparsity, pattern, damp, rounds)
     else:
       new = magnitude_prune(w, sparsity, pattern)
     node['kernel'] = new.reshape(kernel.shape)
@@ -187,14 +206,15 @@ def main(argv=None) -> int:
   parser.add_argument('--out', required=True, help='new workdir for the pruned checkpoint')
   parser.add_argument('--calibration_examples', type=int, default=1024)
   parser.add_argument('--damp', type=float, default=0.01, help='lambda as a share of the mean of diag(H)')
+  parser.add_argument('--rounds', type=int, default=32, help='OBS removes each row\'s weights in this many batches')
   parser.add_argument('--data_dir', default='', help='TFDS data dir (default: the one RUN was trained with)')
   args = parser.parse_args(argv)
   try:
     pattern = parse_pattern(args.pattern)
     if not 0 <= args.sparsity < 1:
       raise ValueError(f'--sparsity={args.sparsity} must be in [0, 1).')
-    if args.calibration_examples < 1 or args.damp < 0:
-      raise ValueError('--calibration_examples must be positive and --damp >= 0.')
+    if args.calibration_examples < 1 or args.damp < 0 or args.rounds < 1:
+      raise ValueError('--calibration_examples and --rounds must be positive, and --damp >= 0.')
     if os.path.exists(args.out):
       raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
     saved, model = distill.saved_classifier(args.workdir, args.data_dir or None)
@@ -209,7 +229,7 @@ def main(argv=None) -> int:
   x, _ = images.load_split(name=data['name'], data_dir=data_dir, split=data['train_split'],
                            max_examples=args.calibration_examples)
   pruned, report = prune_model(model, params, np.asarray(augment.to_float(x)), method=args.method,
-                               sparsity=args.sparsity, pattern=pattern, damp=args.damp)
+                               sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)
   os.makedirs(args.out)
   with open(os.path.join(args.out, 'config.json'), 'w') as f:
     json.dump(saved, f, indent=2)
@@ -218,7 +238,7 @@ def main(argv=None) -> int:
   ckpt.close()
   nonzero = sum(int(np.count_nonzero(v)) for v in jax.tree.leaves(pruned))
   summary = dict(source=os.path.abspath(args.workdir), step=step, method=args.method, sparsity=args.sparsity,
-                 pattern=args.pattern, calibration_examples=len(x), damp=args.damp, nonzero_params=nonzero,
+                 pattern=args.pattern, calibration_examples=len(x), damp=args.damp, rounds=args.rounds, nonzero_params=nonzero,
                  total_params=sum(int(v.size) for v in jax.tree.leaves(pruned)), layers=report)
   with open(os.path.join(args.out, 'compress.json'), 'w') as f:
     json.dump(summary, f, indent=2)

@@ -32,7 +32,7 @@ def test_obs_removes_the_weights_brute_force_picks_and_compensates_exactly():
   w = rng.normal(size=(d, out))
   hessian = 2 * x.T @ x / len(x)
   damped = hessian + 0.01 * np.mean(np.diag(hessian)) * np.eye(d)
-  got = compress.obs_prune(w, hessian, sparsity=0.5, rows_at_once=2)
+  got = compress.obs_prune(w, hessian, sparsity=0.5, rounds=3, rows_at_once=2)  # one weight per round
   for row in range(out):
     removed = set()
     for _ in range(3):  # greedy: each step removes the weight whose optimally compensated removal costs least
@@ -41,6 +41,12 @@ def test_obs_removes_the_weights_brute_force_picks_and_compensates_exactly():
     want, _ = _optimal(w[:, row], damped, removed)
     assert set(np.flatnonzero(got[:, row] == 0)) == removed
     np.testing.assert_allclose(got[:, row], want, rtol=1e-6, atol=1e-8)
+  # Removing two at once per round uses the exact update for a set: the compensation is still the optimum for the
+  # weights it removed.
+  batched = compress.obs_prune(w, hessian, sparsity=0.5, rounds=2)
+  for row in range(out):
+    want, _ = _optimal(w[:, row], damped, set(np.flatnonzero(batched[:, row] == 0)))
+    np.testing.assert_allclose(batched[:, row], want, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize('pattern', [None, (2, 4)])
