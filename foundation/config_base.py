@@ -65,6 +65,9 @@ def optimizer(**fields) -> dict:
       weight_decay_exclude=('norm', 'bias', 'scale'),  # regexes on parameter names
       grad_clip=0.0,                                   # 0: no clipping by global norm
       freeze=(),                                       # regexes: matching parameters get no updates
+      # regexes: entries of matching parameters that are exactly zero get no updates, so fine-tuning a pruned
+      # checkpoint (foundation.compress) keeps its sparsity pattern; e.g. ('kernel',).
+      keep_zeros=(),
       # How many updates with a non-finite loss or gradient may be skipped (the params and optimizer state stay as
       # they were) before the run stops; 0 stops at the first. Skips are counted in `train/skipped_updates`.
       skip_nonfinite=0,

@@ -1,4 +1,5 @@
-"""The optimizer, built from `config.optim`: schedule, AdamW with a weight-decay mask, clipping, freezing by regex.
+"""The optimizer, built from `config.optim`: schedule, AdamW with a weight-decay mask, clipping, freezing by regex,
+and sparsity kept by regex.
 
 Parameter names are the '/'-joined key paths of the trainable tree (e.g. `layers/attn/q/kernel`); every regex rule
 in the config is matched against them with `re.search`. A rule that matches no parameter is an error, because a
@@ -78,12 +79,27 @@ def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.Gradi
   else:
     raise ValueError(f'config.optim.name={cfg.name!r}; choose adamw or sgd.')
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-  tx = optax.chain(*parts, core)
+  if cfg.get('keep_zeros'):
+    parts_after = [_keep_zeros(_matching(cfg.keep_zeros, params, 'keep_zeros'))]
+  else:
+    parts_after = []
+  tx = optax.chain(*parts, core, *parts_after)
   if cfg.freeze:
     # Frozen parameters get zero updates and no optimizer state (set_to_zero keeps none).
     labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen_mask(cfg, params))
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def _keep_zeros(mask: Any) -> optax.GradientTransformation:
+  """Zero updates at the entries that are exactly zero in the parameters `mask` selects (a pruned weight stays
+  pruned: the decoupled weight decay of a zero is zero too). Stateless."""
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError('config.optim.keep_zeros needs the parameters in the optimizer update.')
+    kept = jax.tree.map(lambda u, p, m: jnp.where(p == 0, jnp.zeros_like(u), u) if m else u, updates, params, mask)
+    return kept, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def frozen_mask(cfg: Any, params: Any) -> Any:

@@ -63,7 +63,23 @@ def test_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(float(optim.global_norm(updates)), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize('field', ['freeze', 'weight_decay_exclude'])
+def test_keep_zeros_leaves_the_zero_entries_of_matching_params_at_zero():
+  cfg = optim_config(schedule='constant', warmup_steps=0, keep_zeros=('kernel',))
+  p = params()
+  p['layer']['kernel'] = jnp.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+  p['head'] = jnp.array([0.0, 1.0])  # a zero outside the pattern trains as usual
+  tx, _ = optim.make_optimizer(cfg, p, total_steps=10)
+  state = tx.init(p)
+  for _ in range(3):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+    p = jax.tree.map(jnp.add, p, updates)
+  kernel = np.asarray(p['layer']['kernel'])
+  np.testing.assert_array_equal(kernel == 0, [[True, False], [False, True], [True, False]])
+  assert np.all(kernel[kernel != 0] < [1.0, 2.0, 3.0])  # the others moved against the gradient
+  assert p['head'][0] < 0
+
+
+@pytest.mark.parametrize('field', ['freeze', 'weight_decay_exclude', 'keep_zeros'])
 def test_a_pattern_that_matches_nothing_is_an_error(field):
   with pytest.raises(ValueError, match='matches no parameter'):
     optim.make_optimizer(optim_config(**{field: ('lyaer',)}), params(), total_steps=10)
