@@ -48,6 +48,11 @@ def build(config) -> Task:
   aug = augment.check_options(config.augment)
   teacher_dirs = [d.strip() for d in config.teachers.split(',') if d.strip()]
   _check_weights(cfg, teacher_dirs)
+  if config.eval.batch_size < 1 or config.eval.batch_size % jax.process_count():
+    raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must be a positive multiple of the '
+                     f'{jax.process_count()} processes.')
+  if config.eval.max_train_examples < 0 or data.subset_seed < 0:
+    raise ValueError('config.eval.max_train_examples (0 = all) and config.data.subset_seed must be >= 0.')
   teachers = [_teacher_model(d, data.name, data.data_dir, class_names) for d in teacher_dirs]
   student = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], len(class_names))
   # Record ids of the training examples (a class-balanced subset when train_fraction < 1), drawn once.
@@ -189,6 +194,8 @@ def _check_weights(cfg, teacher_dirs: list[str]) -> None:
     raise ValueError(f'config.distill.alpha={cfg.alpha} must be in [0, 1] (the soft targets\' share of the loss).')
   if cfg.crd_weight < 0 or cfg.feature_weight < 0:
     raise ValueError('config.distill.crd_weight and feature_weight must be >= 0.')
+  if cfg.crd_weight and cfg.crd_dim < 1:
+    raise ValueError(f'config.distill.crd_dim={cfg.crd_dim} must be positive.')
   if cfg.crd_weight and not 0.01 <= cfg.crd_temperature:
     raise ValueError(f'config.distill.crd_temperature={cfg.crd_temperature} must be >= 0.01 (logits are clamped '
                      'at 100).')
