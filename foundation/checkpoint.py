@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Any, Callable, Collection
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -233,9 +234,11 @@ class Sources:
     self._dry = dry
 
   def load(self, name: str, workdir: str, path: str, abstract: Any, step: int | None = None) -> Any:
-    """The subtree `path` of checkpoint `step` (default the newest) of another run, pinned."""
+    """The subtree `path` of checkpoint `step` (default the newest) of another run, pinned. Where `abstract` is
+    boxed with logical axis names (an init's eval_shape), so is the result: the loop then shards it by them."""
     if self._dry:
       return abstract
+    boxes, abstract = abstract, nn.unbox(abstract)
     pin = self.pinned.get(name)
     tree, step = restore_params(workdir, path, abstract, step=pin['step'] if pin else step)
     digest = content_hash(tree)
@@ -244,7 +247,7 @@ class Sources:
                        f'(content hash {digest}, recorded {pin["hash"]}); it was overwritten. Restore that run, or '
                        'start this one in a new --workdir.')
     self.recorded[name] = dict(workdir=os.path.abspath(workdir), path=path, step=int(step), hash=digest)
-    return tree
+    return rebox(boxes, tree)
 
   def load_file(self, name: str, path: str, read: Callable[[str], Any]) -> Any:
     """`read(path)` of a file source (an imported model such as a GGUF), pinned by the file's sha256."""
@@ -255,6 +258,12 @@ class Sources:
                        f'{pin["hash"]}). Put that file back, or start this run in a new --workdir.')
     self.recorded[name] = dict(file=os.path.abspath(path), hash=digest)
     return read(path)
+
+
+def rebox(boxes: Any, values: Any) -> Any:
+  """`values` put into the nn.LogicallyPartitioned boxes of `boxes` (same structure; unboxed leaves stay as they are)."""
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  return jax.tree.map(lambda box, x: box.replace_boxed(x) if is_box(box) else x, boxes, values, is_leaf=is_box)
 
 
 def file_hash(path: str) -> str:

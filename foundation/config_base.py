@@ -6,10 +6,23 @@ A config file builds its ConfigDict from `loop(...)` and `optimizer(...)`, adds 
 config in place. Tests enumerate VARIANTS, so every variant of every config is built and checked.
 """
 
+import importlib.util
 import os
 from typing import Callable, Mapping
 
 import ml_collections
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of another config file (`path` relative to the repository root): a config that extends
+  another (a distillation of the LM config) starts from its definition instead of a copy."""
+  spec = importlib.util.spec_from_file_location(path.replace('/', '.')[:-3], os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def loop(task: str, **fields) -> ml_collections.ConfigDict:

@@ -76,30 +76,45 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arra
 # ---- distillation ------------------------------------------------------------------------------------------------
 
 
-def teacher_probs(teacher_logits: jax.Array, temperature: float) -> jax.Array:
-  """[num_teachers, B, C] logits -> [B, C]: each teacher's softmax at `temperature`, averaged in probability space
-  (an ensemble is one teacher whose soft targets are its members' mean; one teacher is an ensemble of one)."""
-  return jnp.mean(jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1), axis=0)
+def teacher_probs(teacher_logits: jax.Array, temperature: float, top_k: int = 0) -> jax.Array:
+  """[num_teachers, ..., C] logits -> [..., C]: each teacher's softmax at `temperature`, averaged in probability
+  space (an ensemble is one teacher whose soft targets are its members' mean; one teacher is an ensemble of one).
+  top_k > 0 keeps each teacher's k largest logits only (the others get probability 0), as when only a teacher's
+  top-k logits were stored."""
+  logits = teacher_logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
 
 
-def soft_target_loss(student_logits: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:
-  """Hinton et al.'s soft-target term T^2 * KL(targets || softmax(student / T)), the mean over the batch.
+def soft_target_loss(student_logits: jax.Array, targets: jax.Array, temperature: float,
+                     weights: jax.Array | None = None) -> jax.Array:
+  """Hinton et al.'s soft-target term T^2 * KL(targets || softmax(student / T)), the (weighted) mean over items.
 
-  `targets` [B, C] are probabilities already softened at T (`teacher_probs`). The T^2 keeps the gradient's size
-  independent of T, so the term mixes with the hard-label cross-entropy at a fixed ratio (their section 2); as T
-  grows, the gradient with respect to student logits z (teacher logits v) approaches ((z - mean z) - (v - mean v))
-  / (C * batch), logit matching (section 2.1).
+  `targets` [..., C] are probabilities already softened at T (`teacher_probs`); `weights` [...] (e.g. 0 on padded
+  tokens) default to 1. The T^2 keeps the gradient's size independent of T, so the term mixes with the hard-label
+  cross-entropy at a fixed ratio (their section 2); as T grows, the gradient with respect to student logits z
+  (teacher logits v) approaches ((z - mean z) - (v - mean v)) / (C * batch), logit matching (section 2.1).
   """
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
   plogp = jnp.where(targets > 0, targets * jnp.log(jnp.where(targets > 0, targets, 1.0)), 0.0)
-  return temperature ** 2 * jnp.mean(jnp.sum(plogp - targets * log_q, axis=-1))
+  return temperature ** 2 * _mean(jnp.sum(plogp - targets * log_q, axis=-1), weights)
 
 
 def distillation_loss(student_logits: jax.Array, targets: jax.Array, labels: jax.Array, temperature: float,
-                      alpha: float) -> jax.Array:
-  """alpha * T^2 * KL(targets || student_T) + (1 - alpha) * cross-entropy(student at T=1, labels), batch means."""
-  hard = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(student_logits.astype(jnp.float32), labels))
-  return alpha * soft_target_loss(student_logits, targets, temperature) + (1 - alpha) * hard
+                      alpha: float, weights: jax.Array | None = None) -> jax.Array:
+  """alpha * T^2 * KL(targets || student_T) + (1 - alpha) * cross-entropy(student at T=1, labels), (weighted) means
+  over items (examples, or tokens with `weights` 0 on padding)."""
+  hard = optax.softmax_cross_entropy_with_integer_labels(student_logits.astype(jnp.float32), labels)
+  return alpha * soft_target_loss(student_logits, targets, temperature, weights) + (1 - alpha) * _mean(hard, weights)
+
+
+def _mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  if weights is None:
+    return jnp.mean(values)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def crd_loss(student_emb: jax.Array, teacher_emb: jax.Array, temperature: float) -> jax.Array:

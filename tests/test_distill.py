@@ -168,3 +168,49 @@ def test_bad_distillation_input_is_one_line_before_anything_is_written(tfds_dir,
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_weighted_and_top_k_soft_targets_match_numpy():
+  rng = np.random.default_rng(4)
+  student, teacher = rng.normal(size=(2, 5, 9)), rng.normal(size=(1, 2, 5, 9))
+  labels, weights = rng.integers(0, 9, size=(2, 5)), (rng.uniform(size=(2, 5)) > 0.4).astype(np.float32)
+  temperature, alpha, k = 2.0, 0.7, 3
+  kth = np.sort(teacher[0] / temperature, -1)[..., -k][..., None]
+  p = np.where(teacher[0] / temperature >= kth, np.exp(teacher[0] / temperature), 0.0)
+  p /= p.sum(-1, keepdims=True)  # the teacher's top 3 only, renormalised
+  log_q = np.log(_softmax(student / temperature))
+  kl = np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - log_q), 0), -1)
+  hard = -np.log(np.take_along_axis(_softmax(student), labels[..., None], -1)[..., 0])
+  mean = lambda v: np.sum(v * weights) / np.sum(weights)  # padded tokens (weight 0) do not count
+  want = alpha * temperature ** 2 * mean(kl) + (1 - alpha) * mean(hard)
+  targets = losses.teacher_probs(jnp.asarray(teacher), temperature, top_k=k)
+  np.testing.assert_allclose(targets, p, rtol=1e-5, atol=1e-7)
+  got = losses.distillation_loss(jnp.asarray(student), targets, jnp.asarray(labels), temperature, alpha,
+                                 jnp.asarray(weights))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+LM_CONFIG = 'configs/distill/shakespeare.py'
+
+
+def test_lm_student_initialised_as_its_teacher_has_zero_token_kl(tfds_dir, tmp_path):
+  teacher = load(LM_CONFIG).get_config('teacher,smoke')
+  teacher.data.data_dir = tfds_dir
+  train.train_and_evaluate(teacher, str(tmp_path / 'teacher'))
+  # The teacher's own architecture and weights as the student, soft targets only: KL(teacher || student) = 0 at the
+  # first step, on every real token; a second teacher of another tokenizer is refused before anything is written.
+  config = load(LM_CONFIG).get_config('teacher,kd,smoke')
+  config.data.data_dir = tfds_dir
+  config.update(teachers=str(tmp_path / 'teacher'), log_every=1, num_train_steps=2)
+  config.distill.alpha = 1.0
+  config.init_from.source = str(tmp_path / 'teacher')
+  config.sample.num_samples = 0
+  train.train_and_evaluate(config, str(tmp_path / 'self'))
+  assert abs(logged(str(tmp_path / 'self'))[1]['train/loss']) < 1e-5
+  other = load(LM_CONFIG).get_config('kd,smoke')
+  other.data.data_dir = tfds_dir
+  other.data.tokenizer, other.model.vocab_size = 'gguf:smollm2-135m-instruct', 49152
+  other.teachers = str(tmp_path / 'teacher')
+  with pytest.raises(ValueError, match='token-level distillation needs one vocabulary'):
+    train.train_and_evaluate(other, str(tmp_path / 'other'))
+  assert not (tmp_path / 'other').exists()

@@ -20,7 +20,7 @@ import ml_collections
 from foundation import config_base
 
 TEACHER_CNN = dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
-STUDENT_CNN = dict(widths=(16, 32), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=1)
+STUDENT_CNN = dict(widths=(32, 64), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -74,15 +74,10 @@ def build(config) -> Task:
     return params
 
   def frozen(sources):
-    out = []
-    for i, (workdir, model) in enumerate(zip(teacher_dirs, teachers)):
-      abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), one_image))['params']
-      values = sources.load(f'teacher_{i}', workdir, 'params', abstract)
-      # Boxed with the model's logical axis names, so the loop lays teachers out on the mesh like trained params.
-      boxes = jax.eval_shape(model.init, jax.random.key(0), one_image)['params']
-      out.append(jax.tree.map(lambda box, x: box.replace_boxed(x), boxes, values,
-                              is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
-    return {'teachers': out}
+    # Boxed with the model's logical axis names, so the loop lays teachers out on the mesh like trained params.
+    return {'teachers': [sources.load(f'teacher_{i}', workdir, 'params',
+                                      jax.eval_shape(model.init, jax.random.key(0), one_image)['params'])
+                         for i, (workdir, model) in enumerate(zip(teacher_dirs, teachers))]}
 
   def student_params(params):
     return {k: v for k, v in params.items() if k not in ('crd', 'hint')}

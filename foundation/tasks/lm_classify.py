@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import grain
 import numpy as np
 
-from foundation import sharding
+from foundation import checkpoint, sharding
 from foundation.data import text as text_data
 from foundation.data.tokenizers import ByteTokenizer
 from foundation.evaluate import lm_classify as lmc
@@ -167,8 +167,7 @@ def build(config) -> Task:
     else:
       values = sources.load_file('lm', resolve_gguf(config.lm.source), lambda path: load_gguf(path)[1])
     # Boxed with the model's logical axis names, so the loop shards the frozen model as it would a trained one.
-    return {'lm': jax.tree.map(lambda box, x: box.replace_boxed(x), abstract['params'], values,
-                               is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}
+    return {'lm': checkpoint.rebox(abstract['params'], values)}
 
   soft_prompt = adapters.SoftPrompt(tune.length, model_cfg.embed_dim)
   prefix_module = adapters.Prefix(tune.length, model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,

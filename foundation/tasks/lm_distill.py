@@ -1,0 +1,81 @@
+"""Token-level distillation of a language model: a student decoder learns every next-token distribution of frozen
+teacher LMs (other runs of this codebase), on the LM task's data and evaluation.
+
+loss = alpha * T^2 * KL(teachers_T || student_T) + (1 - alpha) * cross-entropy on the next tokens, both means over
+the real (non-padded) tokens; teachers average in probability space; `distill.top_k` > 0 keeps each teacher's k
+largest logits only. Teachers are pinned frozen sources as in `distill` (never optimized, not saved, sharded by
+their logical axis names). Token-level targets need one vocabulary: a teacher with another tokenizer is refused.
+The student's data, evaluation (eval/loss in nats per token, per byte with the byte tokenizer) and samples are the
+`lm` task's.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from foundation import losses
+from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
+from foundation.tasks import Task, lm
+
+
+def build(config) -> Task:
+  cfg, data = config.distill, config.data
+  base = lm.build(config)
+  if cfg.temperature <= 0:
+    raise ValueError(f'config.distill.temperature={cfg.temperature} must be positive.')
+  if not 0 <= cfg.alpha <= 1:
+    raise ValueError(f'config.distill.alpha={cfg.alpha} must be in [0, 1] (the soft targets\' share of the loss).')
+  if cfg.top_k < 0:
+    raise ValueError(f'config.distill.top_k={cfg.top_k} must be >= 0 (0: the full distribution).')
+  teacher_dirs = [d.strip() for d in config.teachers.split(',') if d.strip()]
+  if not cfg.alpha:
+    if teacher_dirs:
+      raise ValueError('config.teachers is set but config.distill.alpha=0 does not use them; set alpha > 0 or drop '
+                       '--config.teachers.')
+    return base  # the student alone: the LM task itself
+  if not teacher_dirs:
+    raise ValueError('this variant distils from teachers: name their workdirs with --config.teachers=DIR[,DIR...] '
+                     '(runs of configs/distill/shakespeare.py:teacher or configs/lm/shakespeare.py).')
+  student_cfg = TransformerConfig.from_dict(config.model)
+  teacher_cfgs = [_teacher_config(d, data.tokenizer, student_cfg.vocab_size) for d in teacher_dirs]
+  student = Transformer(student_cfg)
+  teachers = [Transformer(c) for c in teacher_cfgs]
+  tokens = jnp.zeros((1, data.seq_len), jnp.int32)
+
+  def frozen(sources):
+    return {'teachers': [sources.load(f'teacher_{i}', workdir, 'params',
+                                      jax.eval_shape(model.init, jax.random.key(0), tokens)['params'])
+                         for i, (workdir, model) in enumerate(zip(teacher_dirs, teachers))]}
+
+  def loss(params, frozen_params, batch, rng):
+    del rng
+    logits = student.apply({'params': params}, batch['inputs'])
+    t_logits = jax.lax.stop_gradient(jnp.stack([
+        model.apply({'params': p}, batch['inputs']) for model, p in zip(teachers, frozen_params['teachers'])]))
+    targets = losses.teacher_probs(t_logits, cfg.temperature, cfg.top_k)
+    weights = batch['weights']
+    total = losses.distillation_loss(logits, targets, batch['targets'], cfg.temperature, cfg.alpha, weights)
+    return total, {'weight': jnp.sum(weights.astype(jnp.float32))}
+
+  teacher_flops = sum(flops_per_token(c, data.seq_len) / 3 * data.seq_len for c in teacher_cfgs)  # forward only
+  return base._replace(loss=loss, frozen=frozen, flops_per_example=base.flops_per_example + teacher_flops)
+
+
+def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> TransformerConfig:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'teacher {workdir!r} has no config.json; name the workdir of a finished LM run '
+                            '(configs/distill/shakespeare.py:teacher).')
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get('task') not in ('lm', 'lm_distill'):
+    raise ValueError(f'teacher {workdir!r} is a {saved.get("task")!r} run, not a language model (task lm).')
+  theirs = saved['data']['tokenizer']
+  if theirs != tokenizer or saved['model']['vocab_size'] != vocab_size:
+    raise ValueError(f'teacher {workdir!r} uses tokenizer {theirs!r} (vocab {saved["model"]["vocab_size"]}), the '
+                     f'student {tokenizer!r} (vocab {vocab_size}): token-level distillation needs one vocabulary. '
+                     'Train the student with the teacher\'s tokenizer, or distil at the sequence level by training '
+                     'it on text sampled from the teacher.')
+  return TransformerConfig.from_dict(saved['model'])
