@@ -102,8 +102,8 @@ def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_
       locked = load('configs/contrastive/simclr_fashion_mnist.py').get_config('smoke' if 'smoke' in arg else None)
       (source / 'config.json').write_text(locked.to_json_best_effort())
       config.lock_image_tower.workdir = str(source)
-    if config.get('distill') and not config.teachers and (
-        config.distill.alpha or config.distill.crd_weight or config.distill.feature_weight):
+    if config.get('distill') and not config.teachers and any(
+        config.distill.get(weight) for weight in ('alpha', 'crd_weight', 'feature_weight')):
       # A distilling variant reads its teacher's config.json (dry: not its checkpoint): give it the teacher's.
       source = tmp_path / 'teacher'
       source.mkdir(exist_ok=True)
