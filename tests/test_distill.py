@@ -214,3 +214,20 @@ def test_lm_student_initialised_as_its_teacher_has_zero_token_kl(tfds_dir, tmp_p
   with pytest.raises(ValueError, match='token-level distillation needs one vocabulary'):
     train.train_and_evaluate(other, str(tmp_path / 'other'))
   assert not (tmp_path / 'other').exists()
+
+
+def test_cross_modal_student_sees_block_averages_and_no_labels(tfds_dir, teacher):
+  from foundation.tasks import distill
+  config = _config(tfds_dir, 'cross_modal,smoke', teachers=teacher)
+  task = distill.build(config)
+  params = task.init(jax.random.key(0))
+  frozen = task.frozen(checkpoint.Sources())
+  batch = next(iter(task.train_batches(0, 1)))
+  shuffled = dict(batch, label=np.roll(batch['label'], 1))
+  rng = jax.random.key(1)
+  # alpha = 1: the loss (and so every gradient) is the same whatever the labels of the student's modality.
+  assert float(task.loss(params, frozen, batch, rng)[0]) == float(task.loss(params, frozen, shuffled, rng)[0])
+  x = np.random.default_rng(5).normal(size=(2, 28, 28, 1)).astype(np.float32)
+  want = np.array([[[[x[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4, 0].mean()] for j in range(7)] for i in range(7)]
+                   for b in range(2)])
+  np.testing.assert_allclose(distill._student_view('pool4', jnp.asarray(x)), want, rtol=1e-5)

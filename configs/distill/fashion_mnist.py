@@ -10,7 +10,8 @@ test split is read once, by the final evaluation of the selected step.
       --config.data.train_fraction=0.03 --config.teachers=workdirs/distill/teacher
 Variants: :teacher (the big CNN on the labels), :student (the small CNN on the labels), :kd (soft targets),
 :ensemble (soft targets of several teachers: --config.teachers=A,B,C), :crd, :crd_kd, :feature (hints),
-:smoke (seconds, for tests; combine with any other, e.g. :kd,smoke).
+:cross_modal (the student sees 7x7 block averages, learns from the teacher only), :smoke (seconds, for tests;
+combine with any other, e.g. :kd,smoke).
 """
 
 import os
@@ -41,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       alpha=0.0,                 # share of the soft-target term (1 - alpha: cross-entropy on the labels)
       teacher_augment='same',    # 'same': teachers see the student's augmented batch; 'independent': their own
       crd_weight=0.0, crd_dim=64, crd_temperature=0.1,
-      feature_weight=0.0)
+      feature_weight=0.0,
+      student_view='image')      # 'pool4': the student sees 7x7 block averages (cross-modal distillation)
   c.eval = dict(batch_size=1000, max_train_examples=10000)
   # The reported step is the one with the best validation accuracy (no early stop: every run trains its budget).
   c.early_stopping = dict(metric='eval/validation/accuracy', mode='max', patience=0)
@@ -77,6 +79,12 @@ def feature(c):
   c.distill.update(alpha=0.0, feature_weight=1.0)
 
 
+def cross_modal(c):
+  """The student sees 7x7 block averages of the images the teacher sees, and learns from the teacher alone (no
+  labels); its supervised counterpart is :student --config.distill.student_view=pool4."""
+  c.distill.update(alpha=1.0, temperature=4.0, student_view='pool4')
+
+
 def smoke(c):
   config_base.smoke_loop(c, steps=4, batch=16)
   c.model.cnn.widths = (8, 16) if c.model.cnn.widths != tuple(STUDENT_CNN['widths']) else (4, 8)
@@ -86,4 +94,4 @@ def smoke(c):
 
 
 VARIANTS = {'teacher': teacher, 'student': student, 'kd': kd, 'ensemble': ensemble, 'crd': crd, 'crd_kd': crd_kd,
-            'feature': feature, 'smoke': smoke}
+            'feature': feature, 'cross_modal': cross_modal, 'smoke': smoke}

@@ -14,7 +14,10 @@ The loss, with the weights of `config.distill`:
   + feature_weight * mean squared error of hint(student features) against the teacher's features
 The teachers run inside the jitted step on the student's augmented batch ("consistent teaching", Beyer et al. 2022)
 or, with `teacher_augment='independent'`, on another augmentation of the same images. An ensemble's soft targets
-are its members' probabilities at T averaged; its features (for CRD and hints) the first teacher's.
+are its members' probabilities at T averaged; its features (for CRD and hints) the first teacher's. With
+`student_view='pool4'` the student sees another modality made from the same image (4x4-block averages, 7x7
+pixels) while the teachers see the image: cross-modal distillation, with alpha = 1 using no label of the student's
+modality.
 
 Data: a fixed split for training, one for validation (selection: T, alpha, the step) and the test split, read only
 by the final evaluation. `data.train_fraction` < 1 trains on a class-balanced subset drawn by `data.subset_seed`
@@ -39,6 +42,18 @@ from foundation.tasks import EvalContext, Task
 TEACHER_AUGMENT = ('same', 'independent')
 
 
+def _student_view(kind: str, x: jax.Array) -> jax.Array:
+  """What the student sees of a (float) image batch: the image itself, or, for cross-modal distillation (Gupta,
+  Hoffman & Malik 2015), a second 'sensor' made from it: 'pool4' averages 4x4 blocks (28x28 -> 7x7)."""
+  if kind == 'image':
+    return x
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 4, 4, w // 4, 4, c).mean((2, 4))
+
+
+STUDENT_VIEWS = ('image', 'pool4')
+
+
 def build(config) -> Task:
   data, model_cfg, cfg = config.data, config.model, config.distill
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
@@ -55,17 +70,23 @@ def build(config) -> Task:
     raise ValueError('config.eval.max_train_examples (0 = all) and config.data.subset_seed must be >= 0.')
   teachers = [_teacher_model(d, data.name, data.data_dir, class_names) for d in teacher_dirs]
   student = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], len(class_names))
+  if cfg.student_view not in STUDENT_VIEWS:
+    raise ValueError(f'config.distill.student_view={cfg.student_view!r}; choose one of {STUDENT_VIEWS}.')
+  if cfg.student_view == 'pool4' and (image_shape[0] % 4 or image_shape[1] % 4):
+    raise ValueError(f'config.distill.student_view=pool4 needs image sides divisible by 4, not {image_shape[:2]}.')
+  view = lambda x: _student_view(cfg.student_view, x)
   # Record ids of the training examples (a class-balanced subset when train_fraction < 1), drawn once.
   train_images, train_labels = images.load_split(name=data.name, data_dir=data.data_dir, split=data.train_split)
   subset = images.class_balanced_subset(train_labels, data.train_fraction, data.subset_seed)
   one_image = jnp.zeros((1, *image_shape), jnp.float32)
-  student_dim = student.apply(student.init(jax.random.key(0), one_image), one_image, method='features').shape[-1]
+  one_view = view(one_image)
+  student_dim = student.apply(student.init(jax.random.key(0), one_view), one_view, method='features').shape[-1]
   teacher_dim = (teachers[0].apply(teachers[0].init(jax.random.key(0), one_image), one_image, method='features')
                  .shape[-1] if teachers else 0)
 
   def init(rng):
     keys = jax.random.split(rng, 4)
-    params = dict(student.init(keys[0], one_image)['params'])
+    params = dict(student.init(keys[0], one_view)['params'])
     if cfg.crd_weight:
       params['crd'] = {'student': _projection(cfg.crd_dim).init(keys[1], jnp.zeros((1, student_dim)))['params'],
                        'teacher': _projection(cfg.crd_dim).init(keys[2], jnp.zeros((1, teacher_dim)))['params']}
@@ -93,7 +114,7 @@ def build(config) -> Task:
 
   def loss(params, frozen_params, batch, rng):
     x = augment.augment(batch['image'], augment.example_keys(rng, batch['index']), **aug)
-    features, logits = forward(student, student_params(params), x)
+    features, logits = forward(student, student_params(params), view(x))
     labels = batch['label']
     aux = {'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
     if not teachers:
@@ -121,7 +142,8 @@ def build(config) -> Task:
                                 global_batch=config.global_batch_size, seed=config.seed, subset=subset,
                                 process_index=process_index, process_count=process_count)
 
-  student_logits = jax.jit(lambda params, x: forward(student, student_params(params), augment.to_float(x))[1])
+  student_logits = jax.jit(lambda params, x: forward(student, student_params(params),
+                                                    view(augment.to_float(x)))[1])
   all_teacher_logits = jax.jit(lambda frozen_params, x: teacher_forward(frozen_params, augment.to_float(x))[1])
   splits = {}
 
@@ -166,9 +188,9 @@ def build(config) -> Task:
       results['eval/kl'] = float(np.mean(np.sum(t_probs * (np.log(np.maximum(t_probs, 1e-30)) - log_q), -1)))
     return results
 
-  abstract_student = nn.unbox(jax.eval_shape(student.init, jax.random.key(0), one_image))['params']
+  abstract_student = nn.unbox(jax.eval_shape(student.init, jax.random.key(0), one_view))['params']
   one = jax.ShapeDtypeStruct(one_image.shape, jnp.float32)
-  flops = 3 * metrics.forward_flops(lambda p, x: student.apply({'params': p}, x), abstract_student, one)
+  flops = 3 * metrics.forward_flops(lambda p, x: student.apply({'params': p}, view(x)), abstract_student, one)
   for model in teachers:  # a teacher's forward runs in every step (no backward)
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), one_image))['params']
     flops += metrics.forward_flops(lambda p, x, m=model: m.apply({'params': p}, x), abstract, one)
