@@ -80,9 +80,10 @@ def build(config) -> Task:
   subset = images.class_balanced_subset(train_labels, data.train_fraction, data.subset_seed)
   one_image = jnp.zeros((1, *image_shape), jnp.float32)
   one_view = view(one_image)
-  student_dim = student.apply(student.init(jax.random.key(0), one_view), one_view, method='features').shape[-1]
-  teacher_dim = (teachers[0].apply(teachers[0].init(jax.random.key(0), one_image), one_image, method='features')
-                 .shape[-1] if teachers else 0)
+  feature_dim = lambda model, x: jax.eval_shape(
+      lambda: model.apply(model.init(jax.random.key(0), x), x, method='features')).shape[-1]
+  student_dim = feature_dim(student, one_view)
+  teacher_dim = feature_dim(teachers[0], one_image) if teachers else 0
 
   def init(rng):
     keys = jax.random.split(rng, 4)
