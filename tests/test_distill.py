@@ -72,7 +72,7 @@ def test_class_balanced_subset_is_fixed_by_its_seed_alone():
   np.testing.assert_array_equal(a, images.class_balanced_subset(labels, 0.03, seed=0))
   assert not np.array_equal(a, images.class_balanced_subset(labels, 0.03, seed=1))
   np.testing.assert_array_equal(images.class_balanced_subset(labels, 1.0, seed=0), np.arange(1000))
-  with pytest.raises(ValueError, match='choose another fraction'):
+  with pytest.raises(ValueError, match='choose a larger fraction'):
     images.class_balanced_subset(labels, 0.001, seed=0)
 
 

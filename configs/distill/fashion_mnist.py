@@ -89,6 +89,7 @@ def smoke(c):
   config_base.smoke_loop(c, steps=4, batch=16)
   c.model.cnn.widths = (8, 16) if c.model.cnn.widths != tuple(STUDENT_CNN['widths']) else (4, 8)
   c.eval.update(batch_size=200, max_train_examples=200)
+  c.data.train_split = 'train[:2000]'
   c.data.validation_split = 'train[50000:50400]'
   c.data.eval_split = 'test[:400]'
 

@@ -37,6 +37,10 @@ def _data_source(name: str, data_dir: str, split: str):
   return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
+def num_examples(name: str, data_dir: str, split: str) -> int:
+  return len(_data_source(name, data_dir, split))
+
+
 def class_names(name: str, data_dir: str, label_key: str = 'label') -> list[str]:
   """The names of the ClassLabel feature `label_key` of prepared dataset `name`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -206,8 +210,7 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
   """Sorted record ids of a class-balanced `fraction` of a split whose labels are `labels`: round(fraction * N)
   // num_classes records of every class, drawn without replacement by `seed` alone (so every run that names the same
   fraction and seed trains on the same examples, whatever its own seed)."""
-  if not 0 < fraction <= 1:
-    raise ValueError(f'train_fraction={fraction} must be in (0, 1].')
+  check_fraction(fraction, len(labels), len(np.unique(labels)))
   if fraction == 1:
     return np.arange(len(labels))
   classes = np.unique(labels)
@@ -218,3 +221,12 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
                      f'{counts.min()} and every class needs at least 1; choose another fraction.')
   rng = np.random.default_rng(seed)
   return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))
+
+
+def check_fraction(fraction: float, num_records: int, num_classes: int) -> None:
+  """A train_fraction that leaves every class at least one example (checked before the labels are read)."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f'train_fraction={fraction} must be in (0, 1].')
+  if fraction < 1 and int(round(fraction * num_records)) // num_classes < 1:
+    raise ValueError(f'train_fraction={fraction} of {num_records} examples leaves no example of some of the '
+                     f'{num_classes} classes; choose a larger fraction.')

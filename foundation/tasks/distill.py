@@ -24,6 +24,7 @@ by the final evaluation. `data.train_fraction` < 1 trains on a class-balanced su
 alone, so every run with the same fraction sees the same examples.
 """
 
+import functools
 import json
 import os
 
@@ -75,9 +76,14 @@ def build(config) -> Task:
   if cfg.student_view == 'pool4' and (image_shape[0] % 4 or image_shape[1] % 4):
     raise ValueError(f'config.distill.student_view=pool4 needs image sides divisible by 4, not {image_shape[:2]}.')
   view = lambda x: _student_view(cfg.student_view, x)
-  # Record ids of the training examples (a class-balanced subset when train_fraction < 1), drawn once.
-  train_images, train_labels = images.load_split(name=data.name, data_dir=data.data_dir, split=data.train_split)
-  subset = images.class_balanced_subset(train_labels, data.train_fraction, data.subset_seed)
+  images.check_fraction(data.train_fraction, images.num_examples(data.name, data.data_dir, data.train_split),
+                        len(class_names))
+
+  @functools.cache
+  def training_set():
+    """(images, labels, record ids trained on): a class-balanced subset when train_fraction < 1, drawn once."""
+    x, y = images.load_split(name=data.name, data_dir=data.data_dir, split=data.train_split)
+    return x, y, images.class_balanced_subset(y, data.train_fraction, data.subset_seed)
   one_image = jnp.zeros((1, *image_shape), jnp.float32)
   one_view = view(one_image)
   feature_dim = lambda model, x: jax.eval_shape(
@@ -140,7 +146,7 @@ def build(config) -> Task:
 
   def train_batches(process_index, process_count):
     return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
-                                global_batch=config.global_batch_size, seed=config.seed, subset=subset,
+                                global_batch=config.global_batch_size, seed=config.seed, subset=training_set()[2],
                                 process_index=process_index, process_count=process_count)
 
   student_logits = jax.jit(lambda params, x: forward(student, student_params(params),
@@ -152,8 +158,9 @@ def build(config) -> Task:
     """(images, labels) of 'train' (the examples trained on, at most eval.max_train_examples), 'validation', 'test'."""
     if name not in splits:
       if name == 'train':
-        ids = subset[:config.eval.max_train_examples or None]
-        splits[name] = train_images[ids], train_labels[ids]
+        x, y, ids = training_set()
+        ids = ids[:config.eval.max_train_examples or None]
+        splits[name] = x[ids], y[ids]
       else:
         splits[name] = images.load_split(name=data.name, data_dir=data.data_dir,
                                          split=data.validation_split if name == 'validation' else data.eval_split)
