@@ -1,10 +1,11 @@
-r"""One-shot pruning of a trained image classifier by Optimal Brain Surgeon, or by magnitude for comparison.
+r"""One-shot pruning of a trained image classifier or decoder LM by Optimal Brain Surgeon, or by magnitude.
 
   python -m foundation.compress --workdir=RUN --method=obs --sparsity=0.5 [--pattern=2:4] --out=PRUNED
 
-Every convolution and dense kernel of RUN's newest checkpoint is pruned layer by layer from calibration data (the
-first --calibration_examples images of RUN's training split, unaugmented): X holds the layer's inputs (a conv's
-im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean of H's diagonal, and each output
+Every weight matrix of RUN's newest checkpoint (convolution and dense kernels of an image classifier; the query,
+key, value, out, gate, up and down projections of every decoder layer, not the embedding) is pruned layer by
+layer from calibration data (the first --calibration_examples images or token sequences of RUN's training split,
+unaugmented): X holds the layer's inputs (a conv's im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean of H's diagonal, and each output
 row w of the kernel loses its weights one at a time by the OBS rule of Hassibi & Stork: remove the q that minimises
 w_q^2 / [H^-1]_qq, move the remaining weights of the row by -w_q / [H^-1]_qq * H^-1[:, q], and take q out of H^-1.
 So every row keeps the same share of its weights (`sparsity` of them are zero), and with --pattern=2:4 every four
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from foundation import checkpoint
-from foundation.data import augment, images
-from foundation.tasks import distill
+from foundation.data import augment, images, text
+from foundation.models.transformer import Transformer
+from foundation.tasks import distill, lm, lm_distill
 
 METHODS = ('obs', 'magnitude')
 
@@ -137,8 +139,9 @@ def magnitude_prune(w: np.ndarray, sparsity: float, pattern: tuple[int, int] | N
 
 
 def layer_inputs(model: nn.Module, params, x: jax.Array) -> dict[tuple[str, ...], np.ndarray]:
-  """{params path of a Conv or Dense kernel: its inputs [n, d] on images x}, d in the order of the kernel flattened
-  to [d, out] (a conv's im2col patches: kernel row, kernel column, input channel)."""
+  """{params path of a weight matrix: its inputs [n, d] on input x}, d in the order of the weight flattened to
+  [d, out]: Conv and Dense kernels (a conv's inputs are its im2col patches: kernel row, kernel column, input
+  channel) and the decoder's projections (query, key, value, out, gate, up, down of every layer)."""
   found = {}
 
   def record(next_fun, args, kwargs, context):
@@ -147,11 +150,14 @@ def layer_inputs(model: nn.Module, params, x: jax.Array) -> dict[tuple[str, ...]
       inputs = args[0]
       if isinstance(module, nn.Conv):
         inputs = _patches(module, inputs)
-      found[module.path] = np.asarray(inputs.reshape(-1, inputs.shape[-1]), np.float32)
+      found[(*module.path, 'kernel')] = np.asarray(inputs.reshape(-1, inputs.shape[-1]), np.float32)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    model.apply({'params': params}, x)
+    _, sown = model.apply({'params': params}, x, mutable=['projection_inputs'])
+  for path, value in jax.tree_util.tree_flatten_with_path(sown.get('projection_inputs', {}))[0]:
+    keys = tuple(k.key for k in path if hasattr(k, 'key'))  # module path and weight name; drop sow's tuple index
+    found[keys] = np.asarray(value, np.float32)
   return found
 
 
@@ -177,10 +183,10 @@ def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: st
   report = {}
   for path, x in inputs.items():
     node = pruned
-    for key in path:
+    for key in path[:-1]:
       node = node[key]
-    kernel = node['kernel']
-    w = kernel.reshape(-1, kernel.shape[-1])
+    kernel = node[path[-1]]
+    w = kernel.reshape(x.shape[1], -1)
     if pattern and len(w) % pattern[1]:
       # The first conv of a grayscale image has 9 inputs: N:M kernels leave such layers dense, and so does this.
       report['/'.join(path)] = {'sparsity': float(np.mean(w == 0)), 'relative_error': 0.0,
@@ -190,11 +196,39 @@ def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: st
       new = obs_prune(w, 2 * (x.T.astype(np.float64) @ x) / len(x), sparsity, pattern, damp, rounds)
     else:
       new = magnitude_prune(w, sparsity, pattern)
-    node['kernel'] = new.reshape(kernel.shape)
+    node[path[-1]] = new.reshape(kernel.shape)
     before, after = x @ w, x @ new
     report['/'.join(path)] = {'sparsity': float(np.mean(new == 0)),
                               'relative_error': float(np.sum((before - after) ** 2) / np.sum(before ** 2))}
   return pruned, report
+
+
+def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, jax.Array]:
+  """(config.json, model, one example input) of an image classifier or decoder LM run."""
+  path = os.path.join(workdir, 'config.json')
+  task = json.load(open(path)).get('task') if os.path.exists(path) else None
+  if task in lm_distill.LM_TASKS:
+    saved, model_cfg = lm_distill.saved_lm(workdir)
+    if model_cfg.scan_layers:
+      raise ValueError(f'{workdir} scans its layers (one stacked tree); pruning reads each layer\'s inputs from '
+                       'the unrolled model: retrain with --config.model.scan_layers=False.')
+    return saved, Transformer(model_cfg), jnp.zeros((1, saved['data']['seq_len']), jnp.int32)
+  saved, model = distill.saved_classifier(workdir, data_dir)
+  return saved, model, jnp.zeros((1, *saved['data']['image_shape']), jnp.float32)
+
+
+def _calibration(saved: dict, data_dir: str, n: int) -> jax.Array:
+  """The first n training examples of the run, unaugmented: images as floats, or token sequences."""
+  data = saved['data']
+  if saved['task'] in lm_distill.LM_TASKS:
+    rows = -(-n // data['num_shards']) * data['num_shards']  # the text pipeline fills whole shard groups
+    batch = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
+                               text_key=data['text_key'], tokenizer=lm.tokenizer_for(data['tokenizer']),
+                               seq_len=data['seq_len'], global_batch=rows, num_shards=data['num_shards'],
+                               seed=saved['seed'])[0]
+    return jnp.asarray(batch['inputs'][:n])
+  x, _ = images.load_split(name=data['name'], data_dir=data_dir, split=data['train_split'], max_examples=n)
+  return augment.to_float(jnp.asarray(x))
 
 
 def main(argv=None) -> int:
@@ -204,7 +238,7 @@ def main(argv=None) -> int:
   parser.add_argument('--sparsity', type=float, default=0.5, help='share of each row\'s weights set to zero')
   parser.add_argument('--pattern', default='', help='N:M structured sparsity, e.g. 2:4 (overrides --sparsity)')
   parser.add_argument('--out', required=True, help='new workdir for the pruned checkpoint')
-  parser.add_argument('--calibration_examples', type=int, default=1024)
+  parser.add_argument('--calibration_examples', type=int, default=1024, help='images, or token sequences')
   parser.add_argument('--damp', type=float, default=0.01, help='lambda as a share of the mean of diag(H)')
   parser.add_argument('--rounds', type=int, default=32, help='OBS removes each row\'s weights in this many batches')
   parser.add_argument('--data_dir', default='', help='TFDS data dir (default: the one RUN was trained with)')
@@ -217,18 +251,14 @@ def main(argv=None) -> int:
       raise ValueError('--calibration_examples and --rounds must be positive, and --damp >= 0.')
     if os.path.exists(args.out):
       raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
-    saved, model = distill.saved_classifier(args.workdir, args.data_dir or None)
+    saved, model, example = _saved_model(args.workdir, args.data_dir or None)
   except (ValueError, FileNotFoundError) as e:
     print(f'foundation.compress: {e}', file=sys.stderr)
     return 2
-  data = saved['data']
-  data_dir = args.data_dir or data['data_dir']
-  shape = tuple(data['image_shape'])
-  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape))))['params']
+  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), example))['params']
   params, step = checkpoint.restore_params(args.workdir, 'params', abstract)
-  x, _ = images.load_split(name=data['name'], data_dir=data_dir, split=data['train_split'],
-                           max_examples=args.calibration_examples)
-  pruned, report = prune_model(model, params, np.asarray(augment.to_float(x)), method=args.method,
+  x = _calibration(saved, args.data_dir or saved['data']['data_dir'], args.calibration_examples)
+  pruned, report = prune_model(model, params, x, method=args.method,
                                sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)
   os.makedirs(args.out)
   with open(os.path.join(args.out, 'config.json'), 'w') as f:

@@ -82,9 +82,9 @@ def test_layer_inputs_are_what_each_kernel_multiplies():
   inputs = compress.layer_inputs(Net(), params, x)
   conv_out = nn.Conv(5, (3, 3), strides=(2, 2), padding='SAME', use_bias=False).apply(
       {'params': params['conv']}, x)
-  np.testing.assert_allclose(inputs[('conv',)] @ np.asarray(params['conv']['kernel']).reshape(27, 5),
+  np.testing.assert_allclose(inputs[('conv', 'kernel')] @ np.asarray(params['conv']['kernel']).reshape(27, 5),
                              np.asarray(conv_out).reshape(-1, 5), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(inputs[('dense',)], np.asarray(conv_out).reshape(2, -1), rtol=1e-6)
+  np.testing.assert_allclose(inputs[('dense', 'kernel')], np.asarray(conv_out).reshape(2, -1), rtol=1e-6)
 
 
 def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp_path, capsys):
@@ -97,9 +97,9 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   summary = json.loads((out / 'compress.json').read_text())
   # Every conv and dense kernel is 2:4 sparse (half of it zero), but the stem conv with its 9 inputs.
   layers = summary['layers']
-  assert sorted(name for name, layer in layers.items() if 'skipped' in layer) == ['backbone/stem']
+  assert sorted(name for name, layer in layers.items() if 'skipped' in layer) == ['backbone/stem/kernel']
   assert len(layers) > 5 and all(abs(layer['sparsity'] - 0.5) < 1e-9 for name, layer in layers.items()
-                                 if name != 'backbone/stem')
+                                 if name != 'backbone/stem/kernel')
   evaluation = load('configs/distill/fashion_mnist.py').get_config('teacher,smoke')
   evaluation.data.data_dir = tfds_dir
   evaluation.update(num_train_steps=0)
@@ -114,3 +114,35 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
     assert compress.main([f'--workdir={tmp_path / "run"}', *args]) == 2
     assert message in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
+
+
+def test_decoder_projections_are_pruned_from_their_own_inputs(tfds_dir, tmp_path):
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.data.data_dir = tfds_dir
+  train.train_and_evaluate(config, str(tmp_path / 'lm'))
+  from foundation.models.transformer import Transformer, TransformerConfig
+  model_cfg = TransformerConfig.from_dict(config.model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, size=(2, 16)), jnp.int32)
+  params = nn.unbox(Transformer(model_cfg).init(jax.random.key(0), tokens)['params'])
+  inputs = compress.layer_inputs(Transformer(model_cfg), params, tokens)
+  names = {'/'.join(k) for k in inputs}
+  for i in range(model_cfg.num_layers):
+    assert {f'layers_{i}/attention/{n}' for n in ('query', 'key', 'value', 'out')} <= names
+    assert {f'layers_{i}/mlp/{n}' for n in ('gate', 'up', 'down')} <= names
+  # Layer 0's query reads the RMS-normalised embeddings of the tokens (numpy).
+  x = np.asarray(params['embedding'])[np.asarray(tokens)].reshape(-1, model_cfg.embed_dim)
+  normed = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + model_cfg.norm_eps)
+  normed = normed * np.asarray(params['layers_0']['attention_norm']['scale'])
+  np.testing.assert_allclose(inputs[('layers_0', 'attention', 'query')], normed, rtol=1e-4, atol=1e-5)
+
+  out = tmp_path / 'pruned'
+  assert compress.main([f'--workdir={tmp_path / "lm"}', '--sparsity=0.5', f'--out={out}',
+                        '--calibration_examples=16']) == 0
+  layers = json.loads((out / 'compress.json').read_text())['layers']
+  assert len(layers) == 7 * model_cfg.num_layers and all(v['sparsity'] == 0.5 for v in layers.values())
+  evaluation = load('configs/lm/shakespeare.py').get_config('smoke')
+  evaluation.data.data_dir = tfds_dir
+  evaluation.update(num_train_steps=0)
+  evaluation.init_from.source = str(out)
+  results = train.train_and_evaluate(evaluation, str(tmp_path / 'eval'))
+  assert np.isfinite(results['eval/loss'])

@@ -167,7 +167,10 @@ def _lora(module: nn.Module, name: str, x: Array, weight_shape: tuple, axes: tup
 
 
 def _project(module: nn.Module, name: str, x: Array, weight: Array, axes: tuple, num_in: int) -> Array:
-  """x @ weight over x's last num_in axes, plus the LoRA term where one is configured."""
+  """x @ weight over x's last num_in axes, plus the LoRA term where one is configured. When the collection
+  'projection_inputs' is mutable, x is kept there as [tokens, inputs] (what foundation.compress prunes from)."""
+  if module.is_mutable_collection('projection_inputs'):
+    module.sow('projection_inputs', name, x.reshape(-1, math.prod(weight.shape[:num_in])))
   out = jnp.tensordot(x, weight.astype(module.config.dtype), axes=num_in)
   delta = _lora(module, name, x, weight.shape, axes, num_in)
   return out if delta is None else out + delta.astype(out.dtype)

@@ -63,19 +63,28 @@ def build(config) -> Task:
   return base._replace(loss=loss, frozen=frozen, flops_per_example=base.flops_per_example + teacher_flops)
 
 
-def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> TransformerConfig:
+LM_TASKS = ('lm', 'lm_distill')
+
+
+def saved_lm(workdir: str) -> tuple[dict, TransformerConfig]:
+  """(config.json, decoder config) of a language-model run."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'teacher {workdir!r} has no config.json; name the workdir of a finished LM run '
+    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of a finished LM run '
                             '(configs/distill/shakespeare.py:teacher).')
   with open(path) as f:
     saved = json.load(f)
-  if saved.get('task') not in ('lm', 'lm_distill'):
-    raise ValueError(f'teacher {workdir!r} is a {saved.get("task")!r} run, not a language model (task lm).')
+  if saved.get('task') not in LM_TASKS:
+    raise ValueError(f'{workdir!r} is a {saved.get("task")!r} run, not a language model (task lm).')
+  return saved, TransformerConfig.from_dict(saved['model'])
+
+
+def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> TransformerConfig:
+  saved, model_cfg = saved_lm(workdir)
   theirs = saved['data']['tokenizer']
-  if theirs != tokenizer or saved['model']['vocab_size'] != vocab_size:
-    raise ValueError(f'teacher {workdir!r} uses tokenizer {theirs!r} (vocab {saved["model"]["vocab_size"]}), the '
+  if theirs != tokenizer or model_cfg.vocab_size != vocab_size:
+    raise ValueError(f'teacher {workdir!r} uses tokenizer {theirs!r} (vocab {model_cfg.vocab_size}), the '
                      f'student {tokenizer!r} (vocab {vocab_size}): token-level distillation needs one vocabulary. '
                      'Train the student with the teacher\'s tokenizer, or distil at the sequence level by training '
                      'it on text sampled from the teacher.')
-  return TransformerConfig.from_dict(saved['model'])
+  return model_cfg
