@@ -12,6 +12,7 @@ removes the newest checkpoint that the loop has confirmed good.
 """
 
 import hashlib
+import json
 import os
 import shutil
 from typing import Any, Callable, Collection
@@ -258,6 +259,19 @@ class Sources:
                        f'{pin["hash"]}). Put that file back, or start this run in a new --workdir.')
     self.recorded[name] = dict(file=os.path.abspath(path), hash=digest)
     return read(path)
+
+
+def run_config(workdir: str, tasks: Collection[str], what: str) -> dict:
+  """The config.json of another run (a teacher, a run to prune), whose task must be one of `tasks`; `what` says
+  in errors which runs fit, e.g. 'an image classifier run (configs/distill/fashion_mnist.py:teacher)'."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of {what}.')
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get('task') not in tasks:
+    raise ValueError(f'{workdir!r} is a {saved.get("task")!r} run; name the workdir of {what}.')
+  return saved
 
 
 def rebox(boxes: Any, values: Any) -> Any:

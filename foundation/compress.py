@@ -205,8 +205,8 @@ def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: st
 
 def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, jax.Array]:
   """(config.json, model, one example input) of an image classifier or decoder LM run."""
-  path = os.path.join(workdir, 'config.json')
-  task = json.load(open(path)).get('task') if os.path.exists(path) else None
+  task = checkpoint.run_config(workdir, (*lm_distill.LM_TASKS, 'classify', 'distill'),
+                               'an image classifier or language-model run')['task']
   if task in lm_distill.LM_TASKS:
     saved, model_cfg = lm_distill.saved_lm(workdir)
     if model_cfg.scan_layers:

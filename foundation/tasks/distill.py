@@ -25,8 +25,6 @@ alone, so every run with the same fraction sees the same examples.
 """
 
 import functools
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation import losses, metrics
+from foundation import checkpoint, losses, metrics
 from foundation.data import augment, images
 from foundation.evaluate.representation import encoder_features
 from foundation.models.image_encoders import EncoderWithHead, classifier, encoder_config
@@ -238,17 +236,10 @@ def _check_weights(cfg, teacher_dirs: list[str]) -> None:
 def saved_classifier(workdir: str, data_dir: str | None = None) -> tuple[dict, EncoderWithHead]:
   """(config.json of an image classifier run, its model), for restoring its params; data_dir defaults to the one
   the run was trained with (it names the classes)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of a finished image classifier run '
-                            '(configs/distill/fashion_mnist.py:teacher).')
-  with open(path) as f:
-    saved = json.load(f)
-  model, data = saved.get('model', {}), saved.get('data', {})
-  kind = model.get('encoder')
-  if saved.get('task') not in ('classify', 'distill') or kind not in model:
-    raise ValueError(f'{workdir!r} is a {saved.get("task")!r} run, not an image classifier (task classify or '
-                     'distill).')
+  saved = checkpoint.run_config(workdir, ('classify', 'distill'),
+                                'an image classifier run (configs/distill/fashion_mnist.py:teacher)')
+  model, data = saved['model'], saved['data']
+  kind = model['encoder']
   num_classes = len(images.class_names(data['name'], data_dir or data['data_dir']))
   return saved, classifier(kind, model[kind], num_classes)
 

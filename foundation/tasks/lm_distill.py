@@ -9,13 +9,10 @@ The student's data, evaluation (eval/loss in nats per token, per byte with the b
 `lm` task's.
 """
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 
-from foundation import losses
+from foundation import checkpoint, losses
 from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
 from foundation.tasks import Task, lm
 
@@ -68,14 +65,7 @@ LM_TASKS = ('lm', 'lm_distill')
 
 def saved_lm(workdir: str) -> tuple[dict, TransformerConfig]:
   """(config.json, decoder config) of a language-model run."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of a finished LM run '
-                            '(configs/distill/shakespeare.py:teacher).')
-  with open(path) as f:
-    saved = json.load(f)
-  if saved.get('task') not in LM_TASKS:
-    raise ValueError(f'{workdir!r} is a {saved.get("task")!r} run, not a language model (task lm).')
+  saved = checkpoint.run_config(workdir, LM_TASKS, 'a language-model run (configs/distill/shakespeare.py:teacher)')
   return saved, TransformerConfig.from_dict(saved['model'])
 
 
