@@ -275,7 +275,8 @@ def run_config(workdir: str, tasks: Collection[str], what: str) -> dict:
 
 
 def rebox(boxes: Any, values: Any) -> Any:
-  """`values` put into the nn.LogicallyPartitioned boxes of `boxes` (same structure; unboxed leaves stay as they are)."""
+  """`values` put into the nn.LogicallyPartitioned boxes of `boxes` (same structure; other leaves stay as they
+  are)."""
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
   return jax.tree.map(lambda box, x: box.replace_boxed(x) if is_box(box) else x, boxes, values, is_leaf=is_box)
 

@@ -2,16 +2,17 @@ r"""One-shot pruning of a trained image classifier or decoder LM by Optimal Brai
 
   python -m foundation.compress --workdir=RUN --method=obs --sparsity=0.5 [--pattern=2:4] --out=PRUNED
 
-Every weight matrix of RUN's newest checkpoint (convolution and dense kernels of an image classifier; the query,
-key, value, out, gate, up and down projections of every decoder layer, not the embedding) is pruned layer by
-layer from calibration data (the first --calibration_examples images or token sequences of RUN's training split,
-unaugmented): X holds the layer's inputs (a conv's im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean of H's diagonal, and each output
-row w of the kernel loses its weights one at a time by the OBS rule of Hassibi & Stork: remove the q that minimises
+Every weight matrix of RUN's reported checkpoint (the step early stopping selected, else the newest) is pruned
+layer by layer: the convolution and dense kernels of an image classifier, or the query, key, value, out, gate, up
+and down projections of every decoder layer (not the embedding). The calibration data are the first
+--calibration_examples images or token sequences of RUN's training split, unaugmented: X holds a layer's inputs
+(a conv's im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean of H's diagonal, and each
+output row w of the kernel loses its weights by the OBS rule of Hassibi & Stork: remove the q that minimises
 w_q^2 / [H^-1]_qq, move the remaining weights of the row by -w_q / [H^-1]_qq * H^-1[:, q], and take q out of H^-1.
 So every row keeps the same share of its weights (`sparsity` of them are zero), and with --pattern=2:4 every four
 consecutive input weights of a row keep two. --rounds > 1 removes a row's weights in that many batches (see
-obs_prune). Magnitude pruning zeroes the smallest |w| of each row under the same
-constraints, without updating the rest. Under N:M, a layer whose input size is not a multiple of M (the first
+obs_prune). Magnitude pruning zeroes the smallest |w| of each row under the same constraints, without updating the
+rest. Under N:M, a layer whose input size is not a multiple of M (the first
 conv of a grayscale image: 9 inputs) stays dense, as N:M hardware kernels leave it; compress.json says so.
 
 PRUNED is a workdir holding RUN's config.json, one checkpoint of the pruned params (at RUN's step) and
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint
+from foundation import checkpoint, train
 from foundation.data import augment, images, text
 from foundation.models.transformer import Transformer
 from foundation.tasks import distill, lm, lm_distill
@@ -233,7 +234,7 @@ def _calibration(saved: dict, data_dir: str, n: int) -> jax.Array:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='a trained image classifier run')
+  parser.add_argument('--workdir', required=True, help='a trained image classifier or decoder LM run')
   parser.add_argument('--method', choices=METHODS, default='obs')
   parser.add_argument('--sparsity', type=float, default=0.5, help='share of each row\'s weights set to zero')
   parser.add_argument('--pattern', default='', help='N:M structured sparsity, e.g. 2:4 (overrides --sparsity)')
@@ -256,7 +257,9 @@ def main(argv=None) -> int:
     print(f'foundation.compress: {e}', file=sys.stderr)
     return 2
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), example))['params']
-  params, step = checkpoint.restore_params(args.workdir, 'params', abstract)
+  # The step the run reports: the one early stopping selected, else the newest.
+  params, step = checkpoint.restore_params(args.workdir, 'params', abstract,
+                                           step=train.selected_step(args.workdir))
   x = _calibration(saved, args.data_dir or saved['data']['data_dir'], args.calibration_examples)
   pruned, report = prune_model(model, params, x, method=args.method,
                                sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)
@@ -268,8 +271,9 @@ def main(argv=None) -> int:
   ckpt.close()
   nonzero = sum(int(np.count_nonzero(v)) for v in jax.tree.leaves(pruned))
   summary = dict(source=os.path.abspath(args.workdir), step=step, method=args.method, sparsity=args.sparsity,
-                 pattern=args.pattern, calibration_examples=len(x), damp=args.damp, rounds=args.rounds, nonzero_params=nonzero,
-                 total_params=sum(int(v.size) for v in jax.tree.leaves(pruned)), layers=report)
+                 pattern=args.pattern, calibration_examples=len(x), damp=args.damp, rounds=args.rounds,
+                 nonzero_params=nonzero, total_params=sum(int(v.size) for v in jax.tree.leaves(pruned)),
+                 layers=report)
   with open(os.path.join(args.out, 'compress.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   for name, layer in report.items():

@@ -285,7 +285,7 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
       raise ValueError(f'config.init_from.source={source!r} is a directory without checkpoints/: name a workdir '
                        'of a run that saved a checkpoint.')
     _check_same_frozen(source, sources)
-    step = spec.get('step') or _best_step(source)  # a run that kept a best step is read at that step
+    step = spec.get('step') or selected_step(source)  # a run that kept a best step is read at that step
     tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=step)
   elif task.import_params is None:
     raise ValueError(f'config.init_from.source={source!r} is not a workdir, and task {config.task!r} imports no '
@@ -299,7 +299,7 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
   return target, tree
 
 
-def _best_step(workdir: str) -> int | None:
+def selected_step(workdir: str) -> int | None:
   """The step a run selected by config.early_stopping (its best.json), or None."""
   try:
     with open(os.path.join(workdir, BEST_FILE)) as f:
