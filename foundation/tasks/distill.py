@@ -60,8 +60,11 @@ def build(config) -> Task:
   class_names = images.class_names(data.name, data.data_dir)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
   aug = augment.check_options(config.augment)
-  teacher_dirs = [d.strip() for d in config.teachers.split(',') if d.strip()]
-  _check_weights(cfg, teacher_dirs)
+  _check_weights(cfg)
+  teacher_dirs = teacher_workdirs(
+      config, uses_teachers=cfg.alpha > 0 or cfg.crd_weight > 0 or cfg.feature_weight > 0,
+      unused_hint='set config.distill.alpha, crd_weight or feature_weight above 0',
+      example='configs/distill/fashion_mnist.py:teacher or configs/classify/fashion_mnist.py')
   if config.eval.batch_size < 1 or config.eval.batch_size % jax.process_count():
     raise ValueError(f'config.eval.batch_size={config.eval.batch_size} must be a positive multiple of the '
                      f'{jax.process_count()} processes.')
@@ -210,11 +213,24 @@ def _projection(dim: int) -> nn.Dense:
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)))
 
 
-def _check_weights(cfg, teacher_dirs: list[str]) -> None:
+def teacher_workdirs(config, *, uses_teachers: bool, unused_hint: str, example: str) -> list[str]:
+  """config.teachers as a list, after checking the soft-target fields and that teachers are named exactly when the
+  loss uses them (`unused_hint` says how to use them, `example` which runs can be teachers)."""
+  cfg = config.distill
   if cfg.temperature <= 0:
     raise ValueError(f'config.distill.temperature={cfg.temperature} must be positive.')
   if not 0 <= cfg.alpha <= 1:
     raise ValueError(f'config.distill.alpha={cfg.alpha} must be in [0, 1] (the soft targets\' share of the loss).')
+  workdirs = [d.strip() for d in config.teachers.split(',') if d.strip()]
+  if workdirs and not uses_teachers:
+    raise ValueError(f'config.teachers is set but nothing uses them: {unused_hint}, or drop --config.teachers.')
+  if uses_teachers and not workdirs:
+    raise ValueError('this variant distils from teachers: name their workdirs with --config.teachers=DIR[,DIR...] '
+                     f'(runs of {example}).')
+  return workdirs
+
+
+def _check_weights(cfg) -> None:
   if cfg.crd_weight < 0 or cfg.feature_weight < 0:
     raise ValueError('config.distill.crd_weight and feature_weight must be >= 0.')
   if cfg.crd_weight and cfg.crd_dim < 1:
@@ -224,13 +240,6 @@ def _check_weights(cfg, teacher_dirs: list[str]) -> None:
                      'at 100).')
   if cfg.teacher_augment not in TEACHER_AUGMENT:
     raise ValueError(f'config.distill.teacher_augment={cfg.teacher_augment!r}; choose one of {TEACHER_AUGMENT}.')
-  uses_teachers = cfg.alpha > 0 or cfg.crd_weight > 0 or cfg.feature_weight > 0
-  if teacher_dirs and not uses_teachers:
-    raise ValueError('config.teachers is set but nothing uses them: set config.distill.alpha, crd_weight or '
-                     'feature_weight above 0, or drop --config.teachers.')
-  if uses_teachers and not teacher_dirs:
-    raise ValueError('this variant distils from teachers: name their workdirs with --config.teachers=DIR[,DIR...] '
-                     '(runs of configs/distill/fashion_mnist.py:teacher or configs/classify/fashion_mnist.py).')
 
 
 def saved_classifier(workdir: str, data_dir: str | None = None) -> tuple[dict, EncoderWithHead]:

@@ -14,27 +14,19 @@ import jax.numpy as jnp
 
 from foundation import checkpoint, losses
 from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
-from foundation.tasks import Task, lm
+from foundation.tasks import Task, distill, lm
 
 
 def build(config) -> Task:
   cfg, data = config.distill, config.data
   base = lm.build(config)
-  if cfg.temperature <= 0:
-    raise ValueError(f'config.distill.temperature={cfg.temperature} must be positive.')
-  if not 0 <= cfg.alpha <= 1:
-    raise ValueError(f'config.distill.alpha={cfg.alpha} must be in [0, 1] (the soft targets\' share of the loss).')
   if cfg.top_k < 0:
     raise ValueError(f'config.distill.top_k={cfg.top_k} must be >= 0 (0: the full distribution).')
-  teacher_dirs = [d.strip() for d in config.teachers.split(',') if d.strip()]
-  if not cfg.alpha:
-    if teacher_dirs:
-      raise ValueError('config.teachers is set but config.distill.alpha=0 does not use them; set alpha > 0 or drop '
-                       '--config.teachers.')
-    return base  # the student alone: the LM task itself
+  teacher_dirs = distill.teacher_workdirs(
+      config, uses_teachers=cfg.alpha > 0, unused_hint='set config.distill.alpha above 0',
+      example='configs/distill/shakespeare.py:teacher or configs/lm/shakespeare.py')
   if not teacher_dirs:
-    raise ValueError('this variant distils from teachers: name their workdirs with --config.teachers=DIR[,DIR...] '
-                     '(runs of configs/distill/shakespeare.py:teacher or configs/lm/shakespeare.py).')
+    return base  # the student alone: the LM task itself
   student_cfg = TransformerConfig.from_dict(config.model)
   teacher_cfgs = [_teacher_config(d, data.tokenizer, student_cfg.vocab_size) for d in teacher_dirs]
   student = Transformer(student_cfg)
