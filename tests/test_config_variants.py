@@ -2,6 +2,7 @@
 writing anything. (A file of its own, so that the test runner can run it beside test_configs.py.)"""
 
 import contextlib
+import json
 import math
 
 import jax
@@ -32,7 +33,7 @@ def offline_or_mocked_data(monkeypatch):
 
   @contextlib.contextmanager
   def context(name):
-    if name.split(':')[0] in prepare.FOUNDATION_BUILDERS:
+    if name.split(':')[0] in (*prepare.FOUNDATION_BUILDERS, 'teacher_samples'):  # built by the test
       yield
       return
     with tfds.testing.mock_data(num_examples=1024, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -43,6 +44,19 @@ def offline_or_mocked_data(monkeypatch):
       monkeypatch.setattr(images, '_data_source', lambda *a, **k: _Records(mocked(*a, **k)))
       yield
   return context
+
+
+def _teacher_samples(tfds_dir, tmp_path) -> str:
+  from foundation.data import teacher_samples, text
+  out = tmp_path / 'teacher_samples'
+  if not out.exists():
+    (out / teacher_samples.SAMPLES_DIR).mkdir(parents=True)
+    for split in ('train', 'validation'):
+      texts = text.read_texts('shakespeare_plays', tfds_dir, split, 'text')
+      with open(out / teacher_samples.SAMPLES_DIR / f'{split}.jsonl', 'w') as f:
+        f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
+    teacher_samples.build(str(out))
+  return str(out)
 
 
 @pytest.mark.parametrize('path, variant', _variants())
@@ -69,6 +83,8 @@ def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_
       teacher = load(path).get_config('teacher,smoke' if 'smoke' in arg else 'teacher')
       (source / 'config.json').write_text(teacher.to_json_best_effort())
       config.teachers = str(source)
+    if config.data.name == 'teacher_samples':  # sequence-level KD's corpus: the real plays stand in for samples
+      config.data.data_dir = _teacher_samples(tfds_dir, tmp_path)
     with offline_or_mocked_data(config.data.name):
       train.prepare(config, str(tmp_path / 'run'), dry=True)
     assert not (tmp_path / 'run').exists()

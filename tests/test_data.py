@@ -81,6 +81,7 @@ def test_byte_tokenizer_round_trips_unicode():
   assert TOKENIZER.decode(specials) == s
   assert TOKENIZER.decode(ids[:-5]).endswith('\ufffd')  # cut inside a 3-byte character
   assert (TOKENIZER.pad_id, TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.vocab_size) == (256, 257, 258, 259)
+  np.testing.assert_array_equal(TOKENIZER.byte_lengths()[specials], [0, 1, 1, 1, 0, *[1] * (len(ids) - 3), 1])
 
 
 def test_get_tokenizer():

@@ -193,27 +193,84 @@ def test_weighted_and_top_k_soft_targets_match_numpy():
 LM_CONFIG = 'configs/distill/shakespeare.py'
 
 
-def test_lm_student_initialised_as_its_teacher_has_zero_token_kl(tfds_dir, tmp_path):
-  teacher = load(LM_CONFIG).get_config('teacher,smoke')
-  teacher.data.data_dir = tfds_dir
-  train.train_and_evaluate(teacher, str(tmp_path / 'teacher'))
+@pytest.fixture(scope='module')
+def lm_teacher(tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('lm_teacher'))
+  config = load(LM_CONFIG).get_config('teacher,smoke')
+  config.data.data_dir = tfds_dir
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_lm_student_initialised_as_its_teacher_has_zero_token_kl(tfds_dir, lm_teacher, tmp_path):
   # The teacher's own architecture and weights as the student, soft targets only: KL(teacher || student) = 0 at the
   # first step, on every real token; a second teacher of another tokenizer is refused before anything is written.
   config = load(LM_CONFIG).get_config('teacher,kd,smoke')
   config.data.data_dir = tfds_dir
-  config.update(teachers=str(tmp_path / 'teacher'), log_every=1, num_train_steps=2)
+  config.update(teachers=lm_teacher, log_every=1, num_train_steps=2)
   config.distill.alpha = 1.0
-  config.init_from.source = str(tmp_path / 'teacher')
+  config.init_from.source = lm_teacher
   config.sample.num_samples = 0
   train.train_and_evaluate(config, str(tmp_path / 'self'))
   assert abs(logged(str(tmp_path / 'self'))[1]['train/loss']) < 1e-5
-  other = load(LM_CONFIG).get_config('kd,smoke')
+  other = load(LM_CONFIG).get_config('kd,bpe,smoke')
   other.data.data_dir = tfds_dir
-  other.data.tokenizer, other.model.vocab_size = 'gguf:smollm2-135m-instruct', 49152
-  other.teachers = str(tmp_path / 'teacher')
-  with pytest.raises(ValueError, match='token-level distillation needs one vocabulary'):
+  other.teachers = lm_teacher
+  with pytest.raises(ValueError, match='token-level distillation needs one vocabulary.*foundation.sample_corpus'):
     train.train_and_evaluate(other, str(tmp_path / 'other'))
   assert not (tmp_path / 'other').exists()
+
+
+def test_teacher_samples_continue_each_chunk_from_the_trained_context(lm_teacher):
+  """Greedy samples (top_k=1) against the teacher's plain causal forward: chunk i's token j is the argmax after the
+  `context` tokens before chunk i and its first j tokens, and nothing older."""
+  import flax.linen as nn
+  from foundation.models.transformer import Transformer
+  from foundation.sample_corpus import sample_rows
+  from foundation.tasks.lm_distill import saved_lm
+  _, cfg = saved_lm(lm_teacher)
+  model = Transformer(cfg)
+  context, chunk, rows, length = 12, 8, 3, 20  # 3 chunks, the last one cut to 4 tokens
+  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32), jnp.int32)))['params']
+  params, _ = checkpoint.restore_params(lm_teacher, 'params', abstract)
+  prompts = np.random.default_rng(0).integers(0, 256, size=(rows, context))
+  with nn.logical_axis_rules(()):
+    got = sample_rows(model, params, prompts, tokens_per_row=length, chunk=chunk, rng=jax.random.key(1),
+                      temperature=1.0, top_k=1, top_p=1.0)
+    assert got.shape == (rows, length)
+    full = np.concatenate([prompts, got], axis=1)
+    for i in range(0, length, chunk):
+      window = full[:, i:context + i + chunk - 1]  # the chunk's context, then its tokens but the last
+      logits = np.asarray(model.apply({'params': params}, jnp.asarray(window)))[:, context - 1:]
+      want = logits.argmax(-1)[:, :min(chunk, length - i)]
+      np.testing.assert_array_equal(got[:, i:i + chunk], want)
+
+
+def test_sequence_level_distillation_trains_another_tokenizer_on_the_teachers_text(tfds_dir, lm_teacher, tmp_path):
+  from foundation import sample_corpus
+  from foundation.data import text
+  from foundation.data.tokenizers import ByteTokenizer
+  tok = ByteTokenizer()
+  row = np.concatenate([tok.encode('ab'), [tok.eos_id, tok.eos_id], tok.encode('c'), [tok.pad_id, tok.eos_id]])
+  assert sample_corpus.documents(row[None], tok) == ['ab', 'c']  # cut at eos, empty pieces dropped
+  out = str(tmp_path / 'text')
+  args = [f'--teacher={lm_teacher}', f'--out={out}', '--tokens=600', '--tokens_per_row=40', '--batch=8',
+          f'--data_dir={tfds_dir}']
+  assert sample_corpus.main(args) == 0
+  summary = json.loads(open(f'{out}/teacher_samples.json').read())
+  assert (summary['tokens'], summary['step'], summary['chunk']) == (2 * 8 * 40, 6, 16)  # 2 rounds of 8 rows
+  samples = text.read_texts('teacher_samples', out, 'train', 'text')
+  assert len(samples) == summary['documents'] and sum(len(s.encode()) for s in samples) == summary['bytes']
+  assert text.read_texts('teacher_samples', out, 'validation', 'text') == text.read_texts(
+      'shakespeare_plays', tfds_dir, 'validation', 'text')  # the student is evaluated on the real text
+  assert sample_corpus.main(args) == 2  # --out exists: refused, nothing overwritten
+  config = load(LM_CONFIG).get_config('seqkd,bpe,smoke')
+  with pytest.raises(ValueError, match='data_dir is empty.*foundation.sample_corpus'):
+    train.train_and_evaluate(config, str(tmp_path / 'no_data'))
+  config.data.data_dir, config.data.num_shards = out, 2  # a few hundred bytes of samples: two shards hold a window
+  train.train_and_evaluate(config, str(tmp_path / 'student'))
+  final = logged(str(tmp_path / 'student'))[config.num_train_steps]
+  assert np.isfinite(final['eval/nats_per_byte']) and final['eval/nats_per_byte'] < final['eval/loss']
 
 
 def test_cross_modal_student_sees_block_averages_and_no_labels(tfds_dir, teacher):

@@ -228,6 +228,9 @@ def test_tiny_gguf_tokenizer(tmp_path):
   text = 'naïve  the\tthe 12 ü€'
   assert tokenizer.decode(tokenizer.encode(text)) == text
   assert tokenizer.decode([im_start, byte('x'), im_end]) == 'x'  # control tokens are not text
+  lengths = tokenizer.byte_lengths()  # what a loss per byte divides by: the UTF-8 bytes each id stands for
+  assert lengths[tokenizer.encode(text)].sum() == len(text.encode('utf-8'))
+  assert (lengths[im_start], lengths[the], lengths[tokenizer.eos_id]) == (0, 4, 1)  # eos: the document break
   chat = tokenizer.chat('hi')
   assert tokenizer.tokenizer.decode(chat.tolist(), skip_special_tokens=False) == (
       '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')

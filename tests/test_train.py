@@ -126,6 +126,8 @@ def test_reference_run_learns_and_writes_its_outputs(reference, tmp_path_factory
   assert len(losses) == 12
   assert losses[-1] < losses[0] - 0.5  # byte LM from ln(320)=5.77 nats: the first steps drop it fast
   assert np.isclose(reference[12]['eval/perplexity'], np.exp(reference[12]['eval/loss']), rtol=1e-5)
+  # Every byte-tokenizer target but padding (weight 0) is one byte or the document break, counted as one.
+  assert np.isclose(reference[12]['eval/nats_per_byte'], reference[12]['eval/loss'], rtol=1e-6)
 
 
 def test_sharded_mesh_equals_one_device(reference, tmp_path, tfds_dir):

@@ -40,6 +40,8 @@ class Tokenizer(Protocol):
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
+  if name == 'teacher_samples':  # written from a trained LM, not by a builder alone (see data/teacher_samples.py)
+    return f'python -m foundation.sample_corpus --teacher=RUN --out={data_dir}'
   return f'python -m foundation.data.prepare {name} --data_dir={data_dir}'
 
 
@@ -73,16 +75,23 @@ def _data_source(name: str, data_dir: str, split: str):
   return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
+def read_texts(name: str, data_dir: str, split: str, text_key: str) -> list[str]:
+  """Every record's text of a split, in order."""
+  source = _data_source(name, data_dir, split)
+  return [_text(record[text_key]) for record in source.__getitems__(list(range(len(source))))]
+
+
+def _text(value: str | bytes) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else value
+
+
 def _token_stream(source, start: int, stop: int, text_key: str, tokenizer: Tokenizer) -> np.ndarray:
   """Records [start, stop) tokenized and concatenated, `eos_id` after each document."""
   eos = np.array([tokenizer.eos_id], np.int32)
   pieces = []
   for chunk_start in range(start, stop, _READ_CHUNK):
     for record in source.__getitems__(list(range(chunk_start, min(stop, chunk_start + _READ_CHUNK)))):
-      text = record[text_key]
-      if isinstance(text, bytes):
-        text = text.decode('utf-8')
-      pieces += [np.asarray(tokenizer.encode(text), np.int32), eos]
+      pieces += [np.asarray(tokenizer.encode(_text(record[text_key])), np.int32), eos]
   return np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
 
 

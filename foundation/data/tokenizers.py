@@ -1,7 +1,9 @@
 """Tokenizers: text <-> int32 ids.
 
-Every tokenizer has `encode(str) -> np.ndarray[int32]`, `decode(ids) -> str`, `vocab_size`, and the special ids
-`pad_id`, `bos_id`, `eos_id` that the input pipelines use (eos separates documents, pad fills weight-0 positions).
+Every tokenizer has `encode(str) -> np.ndarray[int32]`, `decode(ids) -> str`, `vocab_size`, the special ids
+`pad_id`, `bos_id`, `eos_id` that the input pipelines use (eos separates documents, pad fills weight-0 positions),
+and `byte_lengths()`: how many bytes of text each id stands for, so that a loss per byte compares models whose
+tokenizers differ (eos counts as one byte, the document break, as a newline would; other special ids as none).
 Both kinds also convert to a Hugging Face `tokenizers.Tokenizer` (`to_tokenizers()`), so an exported model ships a
 `tokenizer.json` that other tools read.
 """
@@ -51,6 +53,12 @@ class ByteTokenizer:
     ids = np.asarray(ids).reshape(-1)
     byte_ids = ids[(ids >= 0) & (ids < 256)].astype(np.uint8)
     return byte_ids.tobytes().decode('utf-8', errors='replace')
+
+  def byte_lengths(self) -> np.ndarray:
+    lengths = np.zeros([self.vocab_size], np.int32)
+    lengths[:256] = 1
+    lengths[self.eos_id] = 1
+    return lengths
 
   def to_tokenizers(self):
     """The same ids as a byte-level BPE without merges: each byte's stand-in character is its own token."""
@@ -182,6 +190,18 @@ class BPETokenizer:
     system = self.default_system if system is None else system
     head = f'<|im_start|>system\n{system}<|im_end|>\n' if system else ''
     return head + '<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n'
+
+  def byte_lengths(self) -> np.ndarray:
+    unicode_to_byte = {char: b for b, char in byte_to_unicode().items()}
+    added = self.tokenizer.get_added_tokens_decoder()
+    lengths = np.zeros([self.vocab_size], np.int32)
+    for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items():
+      if i in added:  # matched literally in the text; control tokens stand for no text
+        lengths[i] = 0 if added[i].special else len(token.encode('utf-8'))
+      else:  # spelled in the byte alphabet: one character per byte
+        lengths[i] = len(token) if all(c in unicode_to_byte for c in token) else len(token.encode('utf-8'))
+    lengths[self.eos_id] = 1
+    return lengths
 
   def to_tokenizers(self):
     return self.tokenizer

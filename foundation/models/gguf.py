@@ -13,6 +13,7 @@ Anything this module cannot represent (another architecture, scaled or partial R
 with a ValueError rather than imported approximately.
 """
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -176,9 +177,18 @@ def load_gguf(path_or_name: str) -> tuple[dict[str, Any], dict[str, Any], BPETok
 
 def gguf_header(path_or_name: str) -> tuple[dict[str, Any], BPETokenizer]:
   """(TransformerConfig dict, tokenizer) of a GGUF file without dequantising its weights: what a config check needs
-  (context length, tokenized prompts) at a third of `load_gguf`'s time."""
-  import gguf
+  (context length, tokenized prompts) at a third of `load_gguf`'s time. Parsed once per process and file version
+  (SmolLM2's header takes 5 s, and a run's checks, its task and its evaluation each ask for it)."""
   path = resolve_gguf(path_or_name)
+  stat = os.stat(path)
+  cfg, tokenizer = _header(path, stat.st_mtime_ns, stat.st_size)
+  return dict(cfg), tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _header(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], BPETokenizer]:
+  del mtime_ns, size  # the cache key: a rewritten file is read again
+  import gguf
   reader = gguf.GGUFReader(path)
   metadata = {key: field.contents() for key, field in reader.fields.items()}
   _check_architecture(metadata, path)

@@ -1,7 +1,9 @@
 """Next-token language modelling: a Llama-style decoder on any TFDS text dataset.
 
-Evaluation: validation loss in nats per token (per byte with the byte tokenizer) and perplexity over the whole
-validation split, plus samples from a prompt, written to `workdir/samples/step_<N>.txt` and printed.
+Evaluation: validation loss in nats per token (`eval/loss`; per byte with the byte tokenizer), perplexity, and
+`eval/nats_per_byte` (the same sum of nats over the UTF-8 bytes the predicted tokens stand for: comparable across
+tokenizers) over the whole validation split, plus samples from a prompt, written to
+`workdir/samples/step_<N>.txt` and printed.
 """
 
 import math
@@ -75,10 +77,13 @@ def build(config) -> Task:
                               num_shards=data.num_shards, seed=config.seed, process_index=process_index,
                               process_count=process_count)
 
+  byte_lengths = jnp.asarray(tokenizer.byte_lengths(), jnp.float32)
+
   @jax.jit
   def eval_sums(params, batch):
     logits = model.apply({'params': params}, batch['inputs'])
-    return losses.next_token_xent(logits, batch['targets'], batch['weights'])
+    nats, tokens = losses.next_token_xent(logits, batch['targets'], batch['weights'])
+    return nats, tokens, jnp.sum(batch['weights'] * byte_lengths[batch['targets']])
 
   eval_cache = {}
 
@@ -87,11 +92,12 @@ def build(config) -> Task:
       eval_cache['batches'] = text.eval_batches(
           **source, split=data.eval_split, global_batch=config.eval.batch_size, max_batches=config.eval.max_batches or None,
           process_index=jax.process_index(), process_count=jax.process_count())
-    total = count = 0.0
+    total = count = num_bytes = 0.0
     for batch in eval_cache['batches']:
-      batch_total, batch_count = eval_sums(params, sharding.global_batch(batch, ctx.mesh))
-      total, count = total + float(batch_total), count + float(batch_count)
-    results = {'eval/loss': total / count, 'eval/perplexity': math.exp(total / count)}
+      sums = eval_sums(params, sharding.global_batch(batch, ctx.mesh))
+      total, count, num_bytes = (a + float(b) for a, b in zip((total, count, num_bytes), sums))
+    results = {'eval/loss': total / count, 'eval/perplexity': math.exp(total / count),
+               'eval/nats_per_byte': total / num_bytes}
     if config.sample.num_samples:
       _write_samples(model, params, tokenizer, prompt, config, step, ctx)
     return results

@@ -19,6 +19,9 @@ from foundation.tasks import Task, distill, lm
 
 def build(config) -> Task:
   cfg, data = config.distill, config.data
+  if data.name == 'teacher_samples' and not data.data_dir:
+    raise ValueError('config.data.data_dir is empty: name the --out of python -m foundation.sample_corpus '
+                     '--teacher=RUN --out=DIR, the teacher\'s samples to train on.')
   base = lm.build(config)
   if cfg.top_k < 0:
     raise ValueError(f'config.distill.top_k={cfg.top_k} must be >= 0 (0: the full distribution).')
@@ -67,6 +70,7 @@ def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> Transforme
   if theirs != tokenizer or model_cfg.vocab_size != vocab_size:
     raise ValueError(f'teacher {workdir!r} uses tokenizer {theirs!r} (vocab {model_cfg.vocab_size}), the '
                      f'student {tokenizer!r} (vocab {vocab_size}): token-level distillation needs one vocabulary. '
-                     'Train the student with the teacher\'s tokenizer, or distil at the sequence level by training '
-                     'it on text sampled from the teacher.')
+                     'Train the student with the teacher\'s tokenizer, or distil at the sequence level: write the '
+                     f'teacher\'s samples with python -m foundation.sample_corpus --teacher={workdir} --out=DIR and '
+                     'train on them with configs/distill/shakespeare.py:seqkd --config.data.data_dir=DIR.')
   return model_cfg
