@@ -27,6 +27,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 data_dir=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
-for name in shakespeare_plays fashion_mnist_offline movie_sentiment; do
-  "$VENV/bin/python" -m foundation.data.prepare "$name" --data_dir="$data_dir"
-done
+"$VENV/bin/python" -m foundation.data.prepare shakespeare_plays fashion_mnist_offline movie_sentiment mnist5k \
+  sklearn_digits --data_dir="$data_dir"

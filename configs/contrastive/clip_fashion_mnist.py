@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
-                train_split='train', eval_split='test', image_shape=(28, 28, 1))
+                train_split='train', eval_split='test', image_shape=(28, 28, 1),
+                classes=())  # a class filter, e.g. (0, 1, 2, 3, 4): a source run on those classes only
   c.text = dict(tokenizer='byte', max_len=80)
   c.model = dict(
       image_encoder='cnn',

@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
-                train_split='train', eval_split='test', image_shape=(28, 28, 1))
+                train_split='train', eval_split='test', image_shape=(28, 28, 1),
+                classes=())  # a class filter, e.g. (0, 1, 2, 3, 4): a source run on those classes only
   # pool_grid=2: the features are the final 4x4 map averaged over its four 2x2 quadrants (4 x 128 = 512 values)
   # instead of one global average. Fashion-MNIST's items are centred and aligned, so where a feature fires carries
   # the class; a global pool threw that away, and raw pixels, which keep it, beat the probe at 60 labels per class.

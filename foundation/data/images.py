@@ -41,14 +41,83 @@ def num_examples(name: str, data_dir: str, split: str) -> int:
   return len(_data_source(name, data_dir, split))
 
 
-def class_names(name: str, data_dir: str, label_key: str = 'label') -> list[str]:
-  """The names of the ClassLabel feature `label_key` of prepared dataset `name`."""
+def class_names(name: str, data_dir: str, label_key: str = 'label', classes: Sequence[int] = ()) -> list[str]:
+  """The names of the ClassLabel feature `label_key` of prepared dataset `name`; with `classes` (a class filter,
+  see check_classes), the names of those classes in that order: the new label i is classes[i]."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   check_prepared(name, data_dir, [])
   feature = tfds.builder(name, data_dir=data_dir).info.features[label_key]
   if not isinstance(feature, tfds.features.ClassLabel):
     raise ValueError(f'{name}[{label_key!r}] is a {type(feature).__name__}, not a ClassLabel.')
-  return list(feature.names)
+  names = list(feature.names)
+  return [names[c] for c in check_classes(classes, len(names))] if classes else names
+
+
+def check_classes(classes: Sequence[int], num_classes: int) -> tuple[int, ...]:
+  """A class filter (config.data.classes): distinct class ids of the dataset, at least two; () keeps every class.
+  The filtered data keep only those classes' records, relabelled by position: classes[i] becomes label i."""
+  classes = tuple(classes)
+  if classes and (len(set(classes)) != len(classes) or len(classes) < 2
+                  or not all(isinstance(c, int) and 0 <= c < num_classes for c in classes)):
+    raise ValueError(f'config.data.classes={classes} must be at least two distinct class ids in [0, {num_classes}), '
+                     'e.g. --config.data.classes="(5, 6, 7, 8, 9)"; () keeps every class.')
+  return classes
+
+
+def _label_map(classes: Sequence[int]) -> np.ndarray | None:
+  """old label -> new label (-1 for a class filtered out); None without a filter."""
+  if not classes:
+    return None
+  table = np.full(max(classes) + 1, -1, np.int32)
+  table[list(classes)] = np.arange(len(classes), dtype=np.int32)
+  return table
+
+
+def relabel(labels: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(positions of the records whose label is in `classes`, their new labels); every record without a filter."""
+  table = _label_map(classes)
+  if table is None:
+    return np.arange(len(labels)), labels
+  new = np.where(labels < len(table), table[np.minimum(labels, len(table) - 1)], -1)
+  keep = np.flatnonzero(new >= 0)
+  return keep, new[keep].astype(np.int32)
+
+
+def split_labels(name: str, data_dir: str, split: str, label_key: str = 'label') -> np.ndarray:
+  """int32 [N]: every record's label, in stored order."""
+  source = _data_source(name, data_dir, split)
+  return np.concatenate([_labels(source.__getitems__(list(range(start, min(len(source), start + _READ_CHUNK)))),
+                                 label_key) for start in range(0, len(source), _READ_CHUNK)])
+
+
+def few_shot_subset(labels: np.ndarray, shots_per_class: int, seed: int) -> np.ndarray:
+  """Sorted positions of `shots_per_class` records of every class in `labels` (0: all records). Class c's records
+  are ordered by np.random.default_rng([seed, c]) and the first `shots_per_class` taken, so the draw depends on the
+  seed alone (not on the run), and the subsets of one seed nest: the 1-shot set is inside the 10-shot set."""
+  if shots_per_class < 0:
+    raise ValueError(f'config.data.shots_per_class={shots_per_class} must be >= 0 (0: every training example).')
+  if shots_per_class == 0:
+    return np.arange(len(labels))
+  chosen = []
+  for c in np.unique(labels):
+    ids = np.flatnonzero(labels == c)
+    if len(ids) < shots_per_class:
+      raise ValueError(f'config.data.shots_per_class={shots_per_class}, but class {c} has only {len(ids)} training '
+                       'examples; lower it.')
+    chosen.append(ids[np.random.default_rng([seed, int(c)]).permutation(len(ids))[:shots_per_class]])
+  return np.sort(np.concatenate(chosen))
+
+
+def training_records(*, name: str, data_dir: str, split: str, classes: Sequence[int] = (), shots_per_class: int = 0,
+                     seed: int = 0, label_key: str = 'label') -> np.ndarray | None:
+  """The record ids a run trains on under a class filter and a label budget (None: all of the split): the records
+  of `classes`, then `shots_per_class` of each, drawn by `seed` (few_shot_subset) and keyed by the dataset's own
+  class ids, so a class filter keeps the draw of each of its classes."""
+  if not classes and not shots_per_class:
+    return None
+  labels = split_labels(name, data_dir, split, label_key)
+  keep, _ = relabel(labels, classes)
+  return keep[few_shot_subset(labels[keep], shots_per_class, seed)]  # drawn by the dataset's class ids
 
 
 def check_image_shape(name: str, data_dir: str, image_shape, image_key: str = 'image') -> tuple[int, int, int]:
@@ -80,9 +149,10 @@ def _labels(records: Sequence[dict], label_key: str) -> np.ndarray:
 
 
 def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image', label_key: str = 'label',
-               max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               max_examples: int | None = None, classes: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
   """The first `max_examples` (all by default) records of `split` in stored order: (images uint8 [N, H, W, C],
-  labels int32 [N]). Everything is held in host memory: for probes and evaluation on small sets."""
+  labels int32 [N]); with a class filter, those of them whose class is in `classes`, relabelled (check_classes).
+  Everything is held in host memory: for probes and evaluation on small sets."""
   source = _data_source(name, data_dir, split)
   n = len(source) if max_examples is None else min(max_examples, len(source))
   images, labels = [], []
@@ -92,7 +162,8 @@ def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image'
     labels.append(_labels(records, label_key))
   if not images:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples to load (max_examples={max_examples}).')
-  return np.concatenate(images), np.concatenate(labels)
+  keep, labels = relabel(np.concatenate(labels), classes)
+  return np.concatenate(images)[keep], labels
 
 
 def caption_hash(seed: int, positions: np.ndarray) -> np.ndarray:
@@ -132,11 +203,11 @@ class _TrainBatch:
 
   def __init__(self, source, *, seed: int, global_batch: int, first_row: int, rows: int, image_key: str,
                label_key: str, captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-               subset: np.ndarray | None):
+               subset: np.ndarray | None, label_map: np.ndarray | None):
     self.source, self.seed, self.global_batch, self.first_row, self.rows = source, seed, global_batch, first_row, rows
     self.image_key, self.label_key = image_key, label_key
     self.captions = captions
-    self.subset = subset
+    self.subset, self.label_map = subset, label_map
     self.num_records = len(source) if subset is None else len(subset)
     self._order = functools.lru_cache(maxsize=2)(self._order_uncached)
 
@@ -156,6 +227,8 @@ class _TrainBatch:
     positions = step * self.global_batch + self.first_row + np.arange(self.rows, dtype=np.int64)
     records = self.source.__getitems__(self.records(positions).tolist())
     labels = _labels(records, self.label_key)
+    if self.label_map is not None:
+      labels = self.label_map[labels]
     batch = {'image': _images(records, self.image_key), 'label': labels,
              # int32 wraps after 2**31 examples; it only keys augmentation, so a wrap merely repeats keys.
              'index': positions.astype(np.int32)}
@@ -171,14 +244,17 @@ class _TrainBatch:
 def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'image', label_key: str = 'label',
                   global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
                   captions: Sequence[Sequence[str]] | None = None, tokenizer: Tokenizer | None = None,
-                  text_len: int = 0, subset: np.ndarray | None = None) -> grain.MapDataset:
+                  text_len: int = 0, subset: np.ndarray | None = None, classes: Sequence[int] = ()
+                  ) -> grain.MapDataset:
   """Item s is this process's rows of global batch s (see module docstring), lb = global_batch // process_count:
   {'image': uint8 [lb, H, W, C], 'label': int32 [lb], 'index': int32 [lb] (global example positions)} and, when
   `captions` (one list of strings per class) is given, 'text': int32 [lb, text_len] (tokenizer ids of one caption of
   the example's class: truncated to text_len, eos appended when it fits, then pad_id) and 'text_mask': float32
   [lb, text_len] (1 on ids and eos, 0 on padding).
 
-  With `subset` (record ids, e.g. from `class_balanced_subset`), the epochs run over those records only.
+  With `subset` (record ids, e.g. from `class_balanced_subset` or `training_records`), the epochs run over those
+  records only; with `classes` (a class filter: `subset` must then hold only records of those classes, as
+  `training_records` gives), labels are relabelled, classes[i] -> i.
   Records are read when an item is asked for; the returned dataset is endless (2**40 steps).
   """
   if global_batch < 1 or global_batch % process_count:
@@ -191,11 +267,14 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
     if tokenizer is None:
       raise ValueError('captions need a tokenizer (and text_len).')
     num_classes = _num_classes(name, data_dir, label_key)
+    num_classes = len(classes) if classes else num_classes
     if num_classes is not None and num_classes != len(captions):
       raise ValueError(f'captions cover {len(captions)} classes but {name}[{label_key!r}] has {num_classes}.')
     caption_table = tokenize_captions(captions, tokenizer, text_len)
   if len(source) < 1:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples.')
+  if classes and subset is None:
+    raise ValueError('a class filter needs the records of those classes as `subset` (images.training_records).')
   available = len(source) if subset is None else len(subset)
   if global_batch > available:
     raise ValueError(f'global_batch={global_batch} is larger than the {available} training examples of '
@@ -203,7 +282,8 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
   rows = global_batch // process_count
   return grain.MapDataset.range(2**40).map(_TrainBatch(
       source, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,
-      label_key=label_key, captions=caption_table, subset=None if subset is None else np.asarray(subset, np.int64)))
+      label_key=label_key, captions=caption_table, subset=None if subset is None else np.asarray(subset, np.int64),
+      label_map=_label_map(classes)))
 
 
 def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

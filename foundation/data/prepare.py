@@ -1,6 +1,6 @@
 """Builds a TFDS dataset as array_record into a data dir, so pipelines can read it with `tfds.data_source`.
 
-  python -m foundation.data.prepare shakespeare_plays --data_dir=DIR
+  python -m foundation.data.prepare shakespeare_plays [fashion_mnist_offline ...] --data_dir=DIR
 
 Any TFDS name works (`mnist`, `c4/en:3.0.1`, ...) where its builder can run here; the offline corpora of this
 codebase are registered below. Building an already built dataset only prints its statistics.
@@ -17,6 +17,8 @@ FOUNDATION_BUILDERS = {
     'shakespeare_plays': 'foundation.data.shakespeare',
     'fashion_mnist_offline': 'foundation.data.fashion_mnist',
     'movie_sentiment': 'foundation.data.movie_sentiment',
+    'mnist5k': 'foundation.data.digits',
+    'sklearn_digits': 'foundation.data.digits',
 }
 
 _MAX_EXAMPLES_TO_COUNT_CHARACTERS = 100_000
@@ -57,10 +59,11 @@ def prepare(name: str, data_dir: str) -> dict[str, dict[str, int]]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('name', help='TFDS dataset name, e.g. shakespeare_plays')
+  parser.add_argument('names', nargs='+', help='TFDS dataset names, e.g. shakespeare_plays')
   parser.add_argument('--data_dir', required=True, help='where TFDS datasets live (local dir or gs://...)')
   args = parser.parse_args(argv)
-  prepare(args.name, args.data_dir)
+  for name in args.names:
+    prepare(name, args.data_dir)
 
 
 if __name__ == '__main__':

@@ -68,12 +68,13 @@ class RepresentationEval:
 
   def _load(self):
     d, e = self._data_cfg, self._cfg
+    classes = d.get('classes', ())  # the task's class filter (classify, simclr, clip)
     train_x, train_y = image_data.load_split(name=d.name, data_dir=d.data_dir, split=d.train_split,
-                                             max_examples=e.max_train_examples or None)
+                                             max_examples=e.max_train_examples or None, classes=classes)
     test_x, test_y = image_data.load_split(name=d.name, data_dir=d.data_dir, split=d.eval_split,
-                                           max_examples=e.max_test_examples or None)
+                                           max_examples=e.max_test_examples or None, classes=classes)
     self._data = train_x, train_y, test_x, test_y
-    self._num_classes = len(image_data.class_names(d.name, d.data_dir))
+    self._num_classes = len(image_data.class_names(d.name, d.data_dir, classes=classes))
 
   def _probe(self, train_f, test_f) -> dict[str, float]:
     _, train_y, _, test_y = self._data

@@ -2,6 +2,8 @@
 
 The baseline every learned representation is compared with (its encoder goes through the same probe suite), and
 the task fine-tuning builds on. Evaluation: test accuracy of the trained head, plus the representation probes.
+`data.classes` trains and evaluates on those classes only (relabelled 0..k-1 in that order), `data.shots_per_class`
+on that many training images of each class, drawn by `config.seed` (images.few_shot_subset).
 """
 
 import flax.linen as nn
@@ -21,7 +23,9 @@ def build(config) -> Task:
   data, model_cfg = config.data, config.model
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
-  num_classes = len(images.class_names(data.name, data.data_dir))
+  num_classes = len(images.class_names(data.name, data.data_dir, classes=data.classes))
+  records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
+                                    classes=data.classes, shots_per_class=data.shots_per_class, seed=config.seed)
   model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], num_classes)
   aug = augment.check_options(config.augment)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
@@ -39,7 +43,8 @@ def build(config) -> Task:
   def train_batches(process_index, process_count):
     return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                 global_batch=config.global_batch_size, seed=config.seed,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count, subset=records,
+                                classes=data.classes)
 
   representation = RepresentationEval(config)
   encode = jax.jit(lambda params, x: model.apply({'params': params}, augment.to_float(x), method=model.features))
@@ -49,7 +54,7 @@ def build(config) -> Task:
   def evaluate(params, frozen, step, ctx):
     if not test_cache:
       test_cache['x'], test_cache['y'] = images.load_split(name=data.name, data_dir=data.data_dir,
-                                                           split=data.eval_split)
+                                                           split=data.eval_split, classes=data.classes)
     predictions = encoder_features(predict, params, test_cache['x'], ctx.mesh, config.eval.batch_size)
     return {'eval/accuracy': float(np.mean(predictions == test_cache['y'])),
             **representation(encode, params, step, ctx)}

@@ -30,7 +30,9 @@ def build(config) -> Task:
   data = config.data
   model_cfg = TwoTowerConfig.from_dict(config.model)
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
-  class_names = images.class_names(data.name, data.data_dir)
+  class_names = images.class_names(data.name, data.data_dir, classes=data.classes)
+  records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
+                                    classes=data.classes)
   tokenizer = get_tokenizer(config.text.tokenizer)
   if model_cfg.text.vocab_size < tokenizer.vocab_size:
     raise ValueError(f'config.model.text.vocab_size={model_cfg.text.vocab_size} is below the tokenizer\'s '
@@ -69,7 +71,8 @@ def build(config) -> Task:
     return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                 global_batch=config.global_batch_size, seed=config.seed,
                                 process_index=process_index, process_count=process_count,
-                                captions=captions.class_prompts(class_names), tokenizer=tokenizer, text_len=text_len)
+                                captions=captions.class_prompts(class_names), tokenizer=tokenizer, text_len=text_len,
+                                subset=records, classes=data.classes)
 
   apply = lambda method: jax.jit(lambda params, *args: model.apply({'params': params}, *args, method=method))
   encode_image, encode_text = apply(TwoTower.encode_image), apply(TwoTower.encode_text)
@@ -82,12 +85,15 @@ def build(config) -> Task:
   def evaluate(params, frozen_params, step, ctx):
     params = merged(params, frozen_params)
     if not cache:
-      cache['x'], cache['y'] = images.load_split(name=data.name, data_dir=data.data_dir, split=data.eval_split)
+      cache['x'], cache['y'] = images.load_split(name=data.name, data_dir=data.data_dir, split=data.eval_split,
+                                                 classes=data.classes)
       # One caption per test image, drawn as training draws them, for retrieval.
       n = config.eval.retrieval_examples
-      pairs = next(iter(images.train_batches(name=data.name, data_dir=data.data_dir, split=data.eval_split,
-                                             global_batch=n, seed=config.seed + 1, captions=captions.class_prompts(
-                                                 class_names), tokenizer=tokenizer, text_len=text_len)))
+      pairs = next(iter(images.train_batches(
+          name=data.name, data_dir=data.data_dir, split=data.eval_split, global_batch=n, seed=config.seed + 1,
+          captions=captions.class_prompts(class_names), tokenizer=tokenizer, text_len=text_len,
+          subset=images.training_records(name=data.name, data_dir=data.data_dir, split=data.eval_split,
+                                         classes=data.classes), classes=data.classes)))
       cache['pairs'] = pairs
     # Class embeddings: every prompt of every class through the text tower (one small batch), then ensembled.
     c, p = prompt_tokens.shape[:2]

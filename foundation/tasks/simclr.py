@@ -41,10 +41,15 @@ def build(config) -> Task:
     z1, z2 = jnp.split(z, 2)
     return losses.nt_xent(z1, z2, config.temperature), {}
 
+  records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
+                                    classes=images.check_classes(data.classes, len(images.class_names(
+                                        data.name, data.data_dir))))
+
   def train_batches(process_index, process_count):
     return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                 global_batch=config.global_batch_size, seed=config.seed,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count, subset=records,
+                                classes=data.classes)
 
   representation = RepresentationEval(config)
   encode = jax.jit(lambda params, x: model.apply({'params': params}, augment.to_float(x), method=model.features))
