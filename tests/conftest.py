@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (so every sharding path runs), a persistent compilation cache, this codebase's
 offline datasets built once per session into a temporary TFDS data dir, and the slowest modules scheduled first."""
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -29,13 +30,20 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
-  """A TFDS data dir holding every dataset of foundation/data/prepare.py's table, built from installed packages."""
+  """A TFDS data dir holding every dataset of foundation/data/prepare.py's table, built from installed packages
+  once per test session: the first pytest-xdist worker builds it, under a lock, for all of them."""
   from foundation.data.prepare import FOUNDATION_BUILDERS
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  for name in FOUNDATION_BUILDERS:
-    subprocess.run([sys.executable, '-m', 'foundation.data.prepare', name, f'--data_dir={data_dir}'],
-                   check=True, cwd=REPO, capture_output=True, timeout=300)
-  return data_dir
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # the session's directory, shared by its workers
+  data_dir = root / 'tfds'
+  with open(root / 'tfds.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (data_dir / 'complete').exists():
+      subprocess.run([sys.executable, '-m', 'foundation.data.prepare', *FOUNDATION_BUILDERS,
+                      f'--data_dir={data_dir}'], check=True, cwd=REPO, capture_output=True, timeout=300)
+      (data_dir / 'complete').touch()
+  return str(data_dir)
 
 
 # launch/test.sh runs one pytest-xdist worker per core and hands each worker whole files (module fixtures such as

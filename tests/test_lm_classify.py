@@ -209,12 +209,9 @@ def test_chat_prompt_is_the_tokenizers_chat_turn(tmp_path, monkeypatch):
 # ----- the task ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def movie_dir(tmp_path_factory):
-  """A TFDS dir with only movie_sentiment (the session-wide one builds every dataset)."""
-  data_dir = str(tmp_path_factory.mktemp('tfds_movie'))
-  subprocess.run([sys.executable, '-m', 'foundation.data.prepare', 'movie_sentiment', f'--data_dir={data_dir}'],
-                 check=True, cwd=REPO, capture_output=True, timeout=300)
-  return data_dir
+def movie_dir(tfds_dir):
+  """The session's TFDS dir, which holds movie_sentiment."""
+  return tfds_dir
 
 
 def smoke_config(movie_dir, variants='smoke', **overrides):
