@@ -19,10 +19,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of another config file (`path` relative to the repository root): a config that extends
   another (a distillation of the LM config) starts from its definition instead of a copy."""
+  return load_module(path).get_config(arg)
+
+
+def load_module(path: str):
+  """The module of a config file (`path` relative to the repository root), e.g. for its VARIANTS."""
   spec = importlib.util.spec_from_file_location(path.replace('/', '.')[:-3], os.path.join(REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
 
 
 def loop(task: str, **fields) -> ml_collections.ConfigDict:
@@ -78,6 +83,7 @@ def optimizer(**fields) -> dict:
       weight_decay_exclude=('norm', 'bias', 'scale'),  # regexes on parameter names
       grad_clip=0.0,                                   # 0: no clipping by global norm
       freeze=(),                                       # regexes: matching parameters get no updates
+      lr_scale=(),                                     # 'REGEX=FACTOR' entries: a learning rate times FACTOR
       # regexes: entries of matching parameters that are exactly zero get no updates, so fine-tuning a pruned
       # checkpoint (foundation.compress) keeps its sparsity pattern; e.g. ('kernel',).
       keep_zeros=(),

@@ -83,12 +83,31 @@ def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.Gradi
     parts_after = [_keep_zeros(_matching(cfg.keep_zeros, params, 'keep_zeros'))]
   else:
     parts_after = []
-  tx = optax.chain(*parts, core, *parts_after)
+  tx = optax.chain(*parts, core, *parts_after, *_lr_scales(cfg.get('lr_scale', ()), params))
   if cfg.freeze:
     # Frozen parameters get zero updates and no optimizer state (set_to_zero keeps none).
     labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen_mask(cfg, params))
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def _lr_scales(rules: Sequence[str], params: Any) -> list[optax.GradientTransformation]:
+  """config.optim.lr_scale, e.g. ('backbone=0.1',): the updates of the parameters a regex matches are multiplied by
+  the factor (with AdamW, exactly a learning rate, weight decay included, that many times the schedule's). A
+  parameter matched by several rules gets the product."""
+  scales = []
+  for rule in rules:
+    pattern, _, factor = str(rule).rpartition('=')
+    try:
+      value = float(factor)
+    except ValueError:
+      value = -1.0
+    if not pattern or not value > 0 or value == float('inf'):
+      raise ValueError(f'config.optim.lr_scale entry {rule!r} must read REGEX=FACTOR with a positive factor, e.g. '
+                       '"backbone=0.1".')
+    mask = _matching([pattern], params, 'lr_scale')
+    scales.append(optax.masked(optax.scale(value), mask))
+  return scales
 
 
 def _keep_zeros(mask: Any) -> optax.GradientTransformation:

@@ -83,6 +83,12 @@ def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_
       teacher = load(path).get_config('teacher,smoke' if 'smoke' in arg else 'teacher')
       (source / 'config.json').write_text(teacher.to_json_best_effort())
       config.teachers = str(source)
+    if config.get('eval', {}).get('source_probe_examples') and not config.init_from.source:
+      # A transfer variant from a pretrained encoder: a source run of the same encoder (dry: its config.json).
+      source = tmp_path / 'source'
+      (source / 'checkpoints').mkdir(parents=True, exist_ok=True)
+      (source / 'config.json').write_text(config.to_json_best_effort())
+      config.init_from.source = str(source)
     if config.data.name == 'teacher_samples':  # sequence-level KD's corpus: the real plays stand in for samples
       config.data.data_dir = _teacher_samples(tfds_dir, tmp_path)
     with offline_or_mocked_data(config.data.name):

@@ -79,7 +79,29 @@ def test_keep_zeros_leaves_the_zero_entries_of_matching_params_at_zero():
   assert p['head'][0] < 0
 
 
-@pytest.mark.parametrize('field', ['freeze', 'weight_decay_exclude', 'keep_zeros'])
+def test_lr_scale_is_a_learning_rate_per_parameter_group():
+  """Three AdamW steps with lr_scale 'layer=0.1' equal three steps of a plain AdamW at a tenth of the learning rate
+  on the 'layer' params (weight decay included), and of the plain one elsewhere."""
+  def three_steps(cfg):
+    p = params()
+    tx, _ = optim.make_optimizer(cfg, p, total_steps=10)
+    state = tx.init(p)
+    for i in range(3):
+      grads = jax.tree.map(lambda x: (i + 1.0) * jnp.cos(jnp.arange(x.size).reshape(x.shape) + i), p)
+      updates, state = tx.update(grads, state, p)
+      p = jax.tree.map(jnp.add, p, updates)
+    return p
+  scaled = three_steps(optim_config(lr_scale=('^layer/=0.1',)))
+  slow, plain = three_steps(optim_config(lr=0.01)), three_steps(optim_config())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), scaled['layer'], slow['layer'])
+  np.testing.assert_allclose(scaled['head'], plain['head'], rtol=1e-6)
+  for bad in ('layer', 'layer=0', 'layer=x', '=2'):
+    with pytest.raises(ValueError, match='must read REGEX=FACTOR'):
+      optim.make_optimizer(optim_config(lr_scale=(bad,)), params(), total_steps=10)
+
+
+@pytest.mark.parametrize('field', ['freeze', 'weight_decay_exclude', 'keep_zeros', 'lr_scale'])
 def test_a_pattern_that_matches_nothing_is_an_error(field):
   with pytest.raises(ValueError, match='matches no parameter'):
-    optim.make_optimizer(optim_config(**{field: ('lyaer',)}), params(), total_steps=10)
+    optim.make_optimizer(optim_config(**{field: ('lyaer=0.5' if field == 'lr_scale' else 'lyaer',)}), params(),
+                         total_steps=10)

@@ -80,6 +80,40 @@ def test_classifier_on_a_class_filter_with_a_label_budget(tfds_dir, tmp_path):
   assert results['eval/accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == y[keep] - 5), abs=1e-6)
 
 
+def test_transfer_to_digits_reads_test_once_and_measures_forgetting_on_the_source_task(tfds_dir, tmp_path):
+  """A source classifier on Fashion-MNIST classes 0-4, fine-tuned onto mnist5k: intermediate evaluations read the
+  validation split alone; the final one adds test and the source task's ridge probe with the encoder before (the
+  source's own backbone, recomputed here) and after adaptation."""
+  from foundation.data import images
+  from foundation.evaluate import probes
+  from foundation.models.image_encoders import image_encoder
+  from test_train import logged
+  source = load('configs/classify/fashion_mnist.py').get_config('smoke')
+  source.data.update(data_dir=tfds_dir, classes=(0, 1, 2, 3, 4))
+  source.eval.representation = False
+  train.train_and_evaluate(source, str(tmp_path / 'source'))
+  config = load('configs/transfer/digits.py').get_config('finetune,smoke')
+  config.data.data_dir = tfds_dir
+  config.init_from.source = str(tmp_path / 'source')
+  config.update(num_train_steps=4, eval_every=2)
+  wrong = config.copy_and_resolve_references()
+  wrong.model.cnn.widths = (8, 32)
+  with pytest.raises(train.ConfigError, match=r'another architecture; to restore it, set --config\.model\.cnn\.widths'):
+    train.prepare(wrong, str(tmp_path / 'wrong'))
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  steps = logged(str(tmp_path / 'run'))
+  assert 'eval/validation/accuracy' in steps[2] and 'eval/accuracy' not in steps[2]
+  assert 'best/eval/accuracy' in results and 'best/eval/forgetting/source_probe' in results
+  backbone = _latest_state(tmp_path / 'source')['params']['backbone']
+  encoder = image_encoder('cnn', config.model.cnn)
+  x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='train', max_examples=400,
+                           classes=(0, 1, 2, 3, 4))
+  tx, ty = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test', classes=(0, 1, 2, 3, 4))
+  features = [np.asarray(encoder.apply({'params': backbone}, a.astype(np.float32) / 255)) for a in (x, tx)]
+  before = probes.ridge_probe(features[0], y, features[1], ty, num_classes=5)
+  assert results['best/eval/forgetting/source_probe_before'] == pytest.approx(before, abs=2e-3)
+
+
 def _latest_state(workdir):
   """The latest checkpoint's state read independently of foundation.checkpoint, as numpy."""
   manager = ocp.CheckpointManager(str(workdir / 'checkpoints'), item_names=('state', 'record'))

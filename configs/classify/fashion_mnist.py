@@ -18,6 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
                 train_split='train', eval_split='test', image_shape=(28, 28, 1),
+                validation_split='',  # '': eval/accuracy (test) at every evaluation
                 classes=(), shots_per_class=0)  # a class filter, e.g. (0, 1, 2, 3, 4); 0 shots: every label
   c.model = dict(
       encoder='cnn',
@@ -29,7 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.augment = dict(crop_scale=(0.7, 1.0), flip=True, brightness=0.0, contrast=0.0, blur_prob=0.0, noise_std=0.0)
   c.optim = config_base.optimizer(lr=2e-3)
   c.eval = dict(name='supervised', probe='logistic', shots=(1, 5, 10, 25, 60), fewshot_seeds=3, batch_size=1000,
-                max_train_examples=0, max_test_examples=0, compare={})
+                max_train_examples=0, max_test_examples=0, compare={},
+                representation=True,  # the probe suite on the encoder's features
+                source_probe_examples=0)  # > 0: forgetting of an init_from encoder on its source task
 
   return config_base.apply_variants(c, arg, VARIANTS, __file__)
 

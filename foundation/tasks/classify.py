@@ -1,10 +1,22 @@
 """Supervised image classification: an encoder + linear head trained with cross-entropy on the labels.
 
 The baseline every learned representation is compared with (its encoder goes through the same probe suite), and
-the task fine-tuning builds on. Evaluation: test accuracy of the trained head, plus the representation probes.
-`data.classes` trains and evaluates on those classes only (relabelled 0..k-1 in that order), `data.shots_per_class`
-on that many training images of each class, drawn by `config.seed` (images.few_shot_subset).
+the task transfer builds on (configs/transfer/): `init_from` another image run's encoder ('params/backbone' onto
+'backbone', its architecture checked field by field), freeze or scale the backbone's learning rate through
+`config.optim`, keep the best step by the validation split.
+
+Data: `data.classes` trains and evaluates on those classes only (relabelled 0..k-1 in that order);
+`data.shots_per_class` on that many training images of each class, drawn by `config.seed` (images.few_shot_subset).
+Evaluation: with `data.validation_split`, `eval/validation/accuracy` at every evaluation and the test split's
+`eval/accuracy` at the final one only (selection never reads test); without it, `eval/accuracy` every time.
+`eval.representation` adds the probe suite on the encoder's features. `eval.source_probe_examples` > 0 (with an
+`init_from` workdir) measures forgetting at the final evaluation: a ridge probe on the source run's own task (its
+dataset and classes; that many training images, its whole test split), with the encoder before adaptation
+(`eval/forgetting/source_probe_before`) and after (`eval/forgetting/source_probe`).
 """
+
+import json
+import os
 
 import flax.linen as nn
 import jax
@@ -12,23 +24,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation import metrics
+from foundation import checkpoint, metrics
 from foundation.data import augment, images
+from foundation.evaluate import probes
 from foundation.evaluate.representation import RepresentationEval, encoder_features
-from foundation.models.image_encoders import classifier, encoder_config
+from foundation.models.image_encoders import classifier, encoder_config, image_encoder
 from foundation.tasks import Task
 
 
 def build(config) -> Task:
   data, model_cfg = config.data, config.model
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
-  images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
+  validation = data.validation_split
+  images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split, *[validation] * bool(validation)])
   num_classes = len(images.class_names(data.name, data.data_dir, classes=data.classes))
   records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                     classes=data.classes, shots_per_class=data.shots_per_class, seed=config.seed)
   model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], num_classes)
   aug = augment.check_options(config.augment)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
+  source = config.init_from.source if os.path.isdir(config.init_from.source) else ''
+  if source and config.init_from.target == 'backbone':
+    check_saved_encoder(source, model_cfg.encoder, encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder]),
+                        'config.model.encoder', f'config.model.{model_cfg.encoder}', 'config.init_from.source')
+  source_probe = config.eval.source_probe_examples
+  if source_probe and not (source and config.init_from.target == 'backbone'):
+    raise ValueError('config.eval.source_probe_examples measures forgetting of an encoder restored by '
+                     'config.init_from (a workdir, target backbone); set it to 0 or name the source run.')
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
@@ -46,20 +68,77 @@ def build(config) -> Task:
                                 process_index=process_index, process_count=process_count, subset=records,
                                 classes=data.classes)
 
-  representation = RepresentationEval(config)
+  representation = RepresentationEval(config) if config.eval.representation else None
   encode = jax.jit(lambda params, x: model.apply({'params': params}, augment.to_float(x), method=model.features))
   predict = jax.jit(lambda params, x: jnp.argmax(model.apply({'params': params}, augment.to_float(x)), -1))
-  test_cache = {}
+  splits = {}
+
+  def accuracy(params, split, ctx):
+    if split not in splits:
+      splits[split] = images.load_split(name=data.name, data_dir=data.data_dir, split=split, classes=data.classes)
+    x, y = splits[split]
+    return float(np.mean(encoder_features(predict, params, x, ctx.mesh, config.eval.batch_size) == y))
 
   def evaluate(params, frozen, step, ctx):
-    if not test_cache:
-      test_cache['x'], test_cache['y'] = images.load_split(name=data.name, data_dir=data.data_dir,
-                                                           split=data.eval_split, classes=data.classes)
-    predictions = encoder_features(predict, params, test_cache['x'], ctx.mesh, config.eval.batch_size)
-    return {'eval/accuracy': float(np.mean(predictions == test_cache['y'])),
-            **representation(encode, params, step, ctx)}
+    results = {}
+    if validation:
+      results['eval/validation/accuracy'] = accuracy(params, validation, ctx)
+    if not validation or ctx.final:  # with a validation split, test is read by the final evaluation alone
+      results['eval/accuracy'] = accuracy(params, data.eval_split, ctx)
+    if representation is not None:
+      results.update(representation(encode, params, step, ctx))
+    if source_probe and ctx.final:
+      results.update(_forgetting(params['backbone'], ctx, config, model_cfg, source_probe))
+    return results
 
   abstract_params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
   one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   forward = metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), abstract_params, one_image)
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, flops_per_example=3 * forward)
+
+
+def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:
+  """The source run's task probed (ridge) with the encoder it gave this run, and with the adapted one."""
+  with open(os.path.join(ctx.workdir, 'config.json')) as f:
+    pin = json.load(f)['frozen_sources']['init_from']  # the exact checkpoint this run started from
+  with open(os.path.join(pin['workdir'], 'config.json')) as f:
+    theirs = json.load(f)['data']
+  load = lambda split, n=None: images.load_split(name=theirs['name'], data_dir=config.data.data_dir, split=split,
+                                                 max_examples=n, classes=theirs.get('classes', ()))
+  (train_x, train_y), (test_x, test_y) = load(theirs['train_split'], max_train), load(theirs['eval_split'])
+  encoder = image_encoder(model_cfg.encoder, model_cfg[model_cfg.encoder])
+  encode = jax.jit(lambda p, x: encoder.apply({'params': p}, augment.to_float(x)))
+  before, _ = checkpoint.restore_params(pin['workdir'], pin['path'], jax.tree.map(np.asarray, backbone),
+                                        step=pin['step'])
+  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  results = {}
+  for key, params in (('source_probe_before', before), ('source_probe', backbone)):
+    features = [encoder_features(encode, params, x, ctx.mesh, config.eval.batch_size) for x in (train_x, test_x)]
+    results[f'eval/forgetting/{key}'] = probes.ridge_probe(features[0], train_y, features[1], test_y,
+                                                           num_classes=num_classes)
+  return results
+
+
+def check_saved_encoder(workdir: str, kind: str, cfg, kind_flag: str, fields_flag: str, what: str) -> None:
+  """The image encoder of the run in `workdir` must be `kind` with config `cfg`: an option like a stem stride changes
+  no parameter shape, so a mismatch would restore without complaint and compute other features than the ones that
+  were trained. Refused with the flags that make this config match, for single-encoder runs (SimCLR, classify:
+  model.encoder) and two-tower runs (model.image_encoder)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{what}={workdir!r} has no config.json; name the workdir of a finished SimCLR, '
+                            'supervised or CLIP run.')
+  with open(path) as f:
+    model = json.load(f)['model']
+  theirs = model.get('image_encoder', model.get('encoder'))
+  fields = model['image'] if 'image_encoder' in model else model.get(theirs)
+  if theirs is None or fields is None:
+    raise ValueError(f'The run in {workdir} has no image encoder in its config (model keys {sorted(model)}).')
+  if theirs != kind:
+    raise ValueError(f'The run in {workdir} has a {theirs!r} image encoder; set --{kind_flag}={theirs} and its fields.')
+  saved = encoder_config(theirs, fields)
+  if saved != cfg:
+    flags = ' '.join(f'--{fields_flag}.{name}={str(value).replace(" ", "")}'
+                     for name, value in sorted(vars(saved).items()) if getattr(cfg, name) != value)
+    raise ValueError(f'The image encoder in {workdir} was trained with another architecture; to restore it, set '
+                     f'{flags}')

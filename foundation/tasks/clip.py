@@ -6,8 +6,6 @@ image tower's features through the probe suite. With `lock_image_tower` (LiT), t
 another run's checkpoint, frozen (no optimizer state, not trained), and only the text side learns.
 """
 
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -19,9 +17,9 @@ from foundation.data import augment, captions, images
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate import zero_shot
 from foundation.evaluate.representation import RepresentationEval, encoder_features
-from foundation.models.image_encoders import encoder_config
 from foundation.models.two_tower import TwoTower, TwoTowerConfig
 from foundation.tasks import Task
+from foundation.tasks.classify import check_saved_encoder
 
 LOSSES = {'clip': lambda img, txt, scale, bias: losses.clip_loss(img, txt, scale), 'siglip': losses.siglip_loss}
 
@@ -122,25 +120,6 @@ def build(config) -> Task:
 
 
 def _check_locked_encoder(workdir: str, model_cfg: TwoTowerConfig) -> None:
-  """The locked run's image encoder must be this config's: an option like a stem stride changes no parameter shape,
-  so a mismatch would restore without complaint and compute other features than the ones that were trained."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'config.lock_image_tower.workdir={workdir!r} has no config.json; name the workdir of a '
-                            'finished SimCLR, supervised or CLIP run.')
-  with open(path) as f:
-    model = json.load(f)['model']
-  # Single-encoder runs (SimCLR, classify) name it model.encoder; two-tower runs model.image_encoder.
-  kind = model.get('image_encoder', model.get('encoder'))
-  fields = model['image'] if 'image_encoder' in model else model.get(kind)
-  if kind is None or fields is None:
-    raise ValueError(f'The run in {workdir} has no image encoder in its config (model keys {sorted(model)}).')
-  locked = encoder_config(kind, fields)
-  if kind != model_cfg.image_encoder:
-    raise ValueError(f'The locked run in {workdir} has a {kind!r} image encoder; set '
-                     f'--config.model.image_encoder={kind} and its fields.')
-  if locked != model_cfg.image:
-    flags = ' '.join(f'--config.model.image.{name}={str(value).replace(" ", "")}'
-                     for name, value in sorted(vars(locked).items()) if getattr(model_cfg.image, name) != value)
-    raise ValueError(f'The locked image encoder in {workdir} was trained with another architecture; to restore it, '
-                     f'set {flags}')
+  """The locked run's image encoder must be this config's (check_saved_encoder)."""
+  check_saved_encoder(workdir, model_cfg.image_encoder, model_cfg.image, 'config.model.image_encoder',
+                      'config.model.image', 'config.lock_image_tower.workdir')
