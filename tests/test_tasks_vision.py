@@ -54,44 +54,38 @@ def test_contrastive_tasks_refuse_to_split_the_batch_their_loss_contrasts(tfds_d
   assert not (tmp_path / 'run').exists()
 
 
-def test_classifier_on_a_class_filter_with_a_label_budget(tfds_dir, tmp_path):
-  """A run on classes 5-9 with 2 labels each: a 5-way head, trained on the 10 drawn images, evaluated on
-  those classes' test images relabelled 0-4; bad filters and budgets are one line before anything is written."""
+def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
+  """A source classifier on Fashion-MNIST classes 5-9 with 2 labels each: a 5-way head, evaluated on those classes'
+  test images relabelled 0-4 (against its saved params). Fine-tuned onto mnist5k, intermediate evaluations read the
+  validation split alone; the final one adds test and the source task's ridge probe with the encoder before (the
+  source's own backbone, recomputed here) and after adaptation. Bad filters, budgets and encoders are one line
+  before anything is written."""
   from foundation.data import images
+  from foundation.evaluate import probes
   from foundation.models.image_encoders import classifier
-  config = load('configs/classify/fashion_mnist.py').get_config('smoke')
-  config.data.update(data_dir=tfds_dir, classes=(5, 6, 7, 8, 9), shots_per_class=2)
-  config.update(global_batch_size=8, num_train_steps=2)
+  from test_train import logged
+  classes = (5, 6, 7, 8, 9)
+  source = load('configs/classify/fashion_mnist.py').get_config('smoke')
+  source.data.update(data_dir=tfds_dir, classes=classes, shots_per_class=2)
+  source.eval.representation = False
+  source.update(global_batch_size=8, num_train_steps=2)
   for field, value, message in [('classes', (5, 5), 'at least two distinct class ids'),
                                 ('shots_per_class', 6001, 'class 5 has only 6000'),
                                 ('shots_per_class', 1, 'global_batch=8 is larger than the 5 training examples')]:
-    bad = config.copy_and_resolve_references()
+    bad = source.copy_and_resolve_references()
     bad.data[field] = value
     with pytest.raises(train.ConfigError, match=message):
       train.prepare(bad, str(tmp_path / 'bad'))
     assert not (tmp_path / 'bad').exists()
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  params = _latest_state(tmp_path / 'run')['params']
+  source_results = train.train_and_evaluate(source, str(tmp_path / 'source'))
+  params = _latest_state(tmp_path / 'source')['params']
   assert {leaf.shape[-1] for leaf in jax.tree.leaves(params['head'])} == {5}
-  x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test')
-  keep = np.isin(y, config.data.classes)
-  model = classifier('cnn', config.model.cnn, 5)
-  logits = np.asarray(jax.jit(model.apply)({'params': params}, x[keep].astype(np.float32) / 255))
-  assert results['eval/accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == y[keep] - 5), abs=1e-6)
+  model = classifier('cnn', source.model.cnn, 5)
+  tx, ty = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test')
+  tx, ty = tx[np.isin(ty, classes)], ty[np.isin(ty, classes)] - 5
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, tx.astype(np.float32) / 255))
+  assert source_results['eval/accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == ty), abs=1e-6)
 
-
-def test_transfer_to_digits_reads_test_once_and_measures_forgetting_on_the_source_task(tfds_dir, tmp_path):
-  """A source classifier on Fashion-MNIST classes 0-4, fine-tuned onto mnist5k: intermediate evaluations read the
-  validation split alone; the final one adds test and the source task's ridge probe with the encoder before (the
-  source's own backbone, recomputed here) and after adaptation."""
-  from foundation.data import images
-  from foundation.evaluate import probes
-  from foundation.models.image_encoders import image_encoder
-  from test_train import logged
-  source = load('configs/classify/fashion_mnist.py').get_config('smoke')
-  source.data.update(data_dir=tfds_dir, classes=(0, 1, 2, 3, 4))
-  source.eval.representation = False
-  train.train_and_evaluate(source, str(tmp_path / 'source'))
   config = load('configs/transfer/digits.py').get_config('finetune,smoke')
   config.data.data_dir = tfds_dir
   config.init_from.source = str(tmp_path / 'source')
@@ -104,12 +98,10 @@ def test_transfer_to_digits_reads_test_once_and_measures_forgetting_on_the_sourc
   steps = logged(str(tmp_path / 'run'))
   assert 'eval/validation/accuracy' in steps[2] and 'eval/accuracy' not in steps[2]
   assert 'best/eval/accuracy' in results and 'best/eval/forgetting/source_probe' in results
-  backbone = _latest_state(tmp_path / 'source')['params']['backbone']
-  encoder = image_encoder('cnn', config.model.cnn)
   x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='train', max_examples=400,
-                           classes=(0, 1, 2, 3, 4))
-  tx, ty = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test', classes=(0, 1, 2, 3, 4))
-  features = [np.asarray(encoder.apply({'params': backbone}, a.astype(np.float32) / 255)) for a in (x, tx)]
+                           classes=classes)
+  encode = jax.jit(lambda p, a: model.apply({'params': p}, a.astype(np.float32) / 255, method=model.features))
+  features = [np.asarray(encode(params, a)) for a in (x, tx)]
   before = probes.ridge_probe(features[0], y, features[1], ty, num_classes=5)
   assert results['best/eval/forgetting/source_probe_before'] == pytest.approx(before, abs=2e-3)
 

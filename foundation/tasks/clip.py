@@ -6,7 +6,6 @@ image tower's features through the probe suite. With `lock_image_tower` (LiT), t
 another run's checkpoint, frozen (no optimizer state, not trained), and only the text side learns.
 """
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
