@@ -62,6 +62,20 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   return c
 
 
+# The image encoders of the 28x28 grayscale configs (Fashion-MNIST, digits), defined once: "the same encoder" in a
+# comparison (SimCLR against supervised, a locked tower, a fine-tuned backbone, a distillation teacher) is then true
+# by construction. Each call returns fresh dicts.
+def fashion_cnn(**changes) -> dict:
+  """The residual CNN: three stages (32, 64, 128), stride-2 stem, LayerNorm, 2x2 pooled features (512 values)."""
+  return dict(dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2), **changes)
+
+
+def fashion_vit(**changes) -> dict:
+  """The ViT: 4x4 patches of 28x28x1, 4 layers of width 128, mean pooling."""
+  return dict(dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4,
+                   mlp_dim=256, pool='mean'), **changes)
+
+
 def smoke_loop(c: ml_collections.ConfigDict, *, steps: int, batch: int, checkpoint_every: int = 2) -> None:
   """The loop of a `:smoke` variant: a few steps of a small batch, logged every 2, evaluated at the end."""
   c.update(num_train_steps=steps, global_batch_size=batch, log_every=2, eval_every=steps,

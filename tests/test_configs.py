@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from conftest import REPO
-from foundation import train
+from foundation import config_base, train
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'configs', '**', '*.py'),
                                                              recursive=True))
@@ -116,3 +116,15 @@ def test_fuzzed_overrides_run_or_fail_with_one_clear_line_before_writing(tfds_di
   print(outcomes)
   assert not failures, '\n'.join(failures)
   assert outcomes['refused'] >= 40 and outcomes['accepted'] >= 20, outcomes
+
+
+def test_the_fashion_mnist_configs_share_one_encoder():
+  """SimCLR against supervised, a LiT tower, a fine-tuned backbone, a distillation teacher: one architecture."""
+  want = config_base.fashion_cnn()
+  encoders = [load('configs/classify/fashion_mnist.py').get_config().model.cnn,
+              load('configs/contrastive/simclr_fashion_mnist.py').get_config().model.cnn,
+              load('configs/contrastive/clip_fashion_mnist.py').get_config().model.image,
+              load('configs/distill/fashion_mnist.py').get_config('teacher').model.cnn,
+              load('configs/transfer/fashion.py').get_config().model.cnn]
+  assert all(e.to_dict() == want for e in encoders)
+  assert load('configs/classify/fashion_mnist.py').get_config('vit').model.vit.to_dict() == config_base.fashion_vit()

@@ -22,9 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 classes=(), shots_per_class=0)  # a class filter, e.g. (0, 1, 2, 3, 4); 0 shots: every label
   c.model = dict(
       encoder='cnn',
-      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),
-      vit=dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4, mlp_dim=256,
-               pool='mean'),
+      cnn=config_base.fashion_cnn(),
+      vit=config_base.fashion_vit(),
   )
   # Light augmentation: labels do the teaching here.
   c.augment = dict(crop_scale=(0.7, 1.0), flip=True, brightness=0.0, contrast=0.0, blur_prob=0.0, noise_std=0.0)

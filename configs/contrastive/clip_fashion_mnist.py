@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_encoder='cnn',
       # The SimCLR default's encoder: every method's image features are probed on the same architecture, and
       # :lit can lock a SimCLR run's tower without overrides.
-      image=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),
+      image=config_base.fashion_cnn(),
       # Causal, so right padding never reaches the pooled last token.
       text=dict(vocab_size=320, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=128, max_len=80),
       embed_dim=64,

@@ -33,9 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Same run, 20k-label logistic probe, 500 steps: 60-shot 75.6% -> 78.9%, all labels 83.7% -> 86.4%.
   c.model = dict(
       encoder='cnn',
-      cnn=dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2),
-      vit=dict(image_size=28, patch_size=4, num_channels=1, embed_dim=128, num_layers=4, num_heads=4, mlp_dim=256,
-               pool='mean'),
+      cnn=config_base.fashion_cnn(),
+      vit=config_base.fashion_vit(),
       head_hidden=256,
       head_out=128,
   )

@@ -20,8 +20,8 @@ import ml_collections
 
 from foundation import config_base
 
-TEACHER_CNN = dict(widths=(32, 64, 128), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
-STUDENT_CNN = dict(widths=(32, 64), blocks_per_stage=1, stem_stride=2, norm='layer', pool_grid=2)
+TEACHER_CNN = config_base.fashion_cnn()
+STUDENT_CNN = config_base.fashion_cnn(widths=(32, 64))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
