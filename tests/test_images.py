@@ -192,7 +192,7 @@ def test_training_records_and_batches_of_a_class_filter_with_a_label_budget(tfds
     images.training_records(**kwargs, shots_per_class=301)
   # The same draw in another process.
   code = ('import sys; from foundation.data import images; print(images.training_records(name="mnist5k", '
-          f'data_dir=sys.argv[1], split="train", shots_per_class=10, seed=3).tolist())')
+          'data_dir=sys.argv[1], split="train", shots_per_class=10, seed=3).tolist())')
   there = subprocess.run([sys.executable, '-c', code, tfds_dir], capture_output=True, text=True, check=True)
   assert json.loads(there.stdout) == ten.tolist()
 
