@@ -116,9 +116,11 @@ def training_records(*, name: str, data_dir: str, split: str, classes: Sequence[
                      seed: int = 0, label_key: str = 'label') -> np.ndarray | None:
   """The record ids a run trains on under a class filter and a label budget (None: all of the split): the records
   of `classes`, then `shots_per_class` of each, drawn by `seed` (few_shot_subset) and keyed by the dataset's own
-  class ids, so a class filter keeps the draw of each of its classes."""
+  class ids, so a class filter keeps the draw of each of its classes. The filter is checked (check_classes)."""
   if not classes and not shots_per_class:
     return None
+  if classes:
+    check_classes(classes, len(class_names(name, data_dir, label_key)))
   labels = split_labels(name, data_dir, split, label_key)
   keep, _ = relabel(labels, classes)
   return keep[few_shot_subset(labels[keep], shots_per_class, seed)]  # drawn by the dataset's class ids

@@ -48,7 +48,10 @@ def _prepare_command(name: str, data_dir: str) -> str:
 def check_prepared(name: str, data_dir: str, splits: Sequence[str]) -> None:
   """Raises FileNotFoundError naming the command that prepares `name` if it or one of `splits` is missing."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (keeps importing this module light)
-  command = _prepare_command(name, data_dir)
+  command = _prepare_command(name, data_dir or 'DIR')
+  if not data_dir:
+    raise FileNotFoundError(f'config.data.data_dir is empty: name the TFDS data dir that holds {name!r}. Prepare '
+                            f'one with:\n  {command}')
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()

@@ -19,9 +19,6 @@ from foundation.tasks import Task, distill, lm
 
 def build(config) -> Task:
   cfg, data = config.distill, config.data
-  if data.name == 'teacher_samples' and not data.data_dir:
-    raise ValueError('config.data.data_dir is empty: name the --out of python -m foundation.sample_corpus '
-                     '--teacher=RUN --out=DIR, the teacher\'s samples to train on.')
   base = lm.build(config)
   if cfg.top_k < 0:
     raise ValueError(f'config.distill.top_k={cfg.top_k} must be >= 0 (0: the full distribution).')

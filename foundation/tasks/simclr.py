@@ -42,8 +42,7 @@ def build(config) -> Task:
     return losses.nt_xent(z1, z2, config.temperature), {}
 
   records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
-                                    classes=images.check_classes(data.classes, len(images.class_names(
-                                        data.name, data.data_dir))))
+                                    classes=data.classes)
 
   def train_batches(process_index, process_count):
     return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
