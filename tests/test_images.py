@@ -345,19 +345,29 @@ def test_importing_the_pipeline_does_not_import_tensorflow_or_tfds():
 def test_readable_names_and_templates():
   assert [captions.readable_name(c) for c in ('T-shirt/top', 'Ankle boot', 'aquarium_fish', 'Trouser')] == [
       't-shirt', 'ankle boot', 'aquarium fish', 'trouser']
-  prompts = captions.zero_shot_prompts(fashion_mnist.CLASS_NAMES)
-  assert len(prompts) == 10
-  for name, class_prompts in zip(fashion_mnist.CLASS_NAMES, prompts):
-    assert len(set(class_prompts)) == len(class_prompts) >= 8
-    assert all(captions.readable_name(name) in p for p in class_prompts)
-  assert 'a black and white photo of an ankle boot.' in prompts[9]
-  assert 'a low resolution photo of a sandal.' in prompts[5]
+  for prompts in (captions.zero_shot_prompts(fashion_mnist.CLASS_NAMES),
+                  captions.class_prompts(fashion_mnist.CLASS_NAMES, wordnet_dir='/nonexistent')):
+    assert len(prompts) == 10
+    for name, class_prompts in zip(fashion_mnist.CLASS_NAMES, prompts):
+      assert len(set(class_prompts)) == len(class_prompts) >= 5
+      assert all(captions.readable_name(name) in p for p in class_prompts)
+  assert 'a black and white photo of an ankle boot.' in captions.class_prompts(fashion_mnist.CLASS_NAMES)[9]
+  assert 'a grayscale picture of a sandal.' in captions.zero_shot_prompts(fashion_mnist.CLASS_NAMES)[5]
+
+
+def test_zero_shot_prompts_are_never_training_captions():
+  """Zero-shot classification must not be scored with the captions CLIP trained on, for any class name."""
+  names = list(fashion_mnist.CLASS_NAMES) + ['cat', 'aquarium_fish', 'boot']
+  training = {p for class_prompts in captions.class_prompts(names) for p in class_prompts}
+  held_out = {p for class_prompts in captions.zero_shot_prompts(names) for p in class_prompts}
+  assert len(held_out) == len(names) * len(captions.ZERO_SHOT_TEMPLATES)
+  assert training.isdisjoint(held_out)
 
 
 @pytest.mark.skipif(not WORDNET, reason='apt-get install wordnet-base')
 def test_class_prompts_add_wordnet_glosses():
   prompts = captions.class_prompts(fashion_mnist.CLASS_NAMES)
-  templates = captions.zero_shot_prompts(fashion_mnist.CLASS_NAMES)
+  templates = captions.class_prompts(fashion_mnist.CLASS_NAMES, wordnet_dir='/nonexistent')
   for with_gloss, without in zip(prompts, templates):
     assert with_gloss[:len(without)] == without and len(with_gloss) > len(without)
   assert 'a sandal: a shoe consisting of a sole fastened by straps to the foot.' in prompts[5]
@@ -370,7 +380,8 @@ def test_class_prompts_add_wordnet_glosses():
 
 def test_class_prompts_without_wordnet_are_the_templates(tmp_path):
   names = ['cat', 'Sandal']
-  assert captions.class_prompts(names, wordnet_dir=str(tmp_path)) == captions.zero_shot_prompts(names)
+  assert captions.class_prompts(names, wordnet_dir=str(tmp_path)) == [
+      [t.format(a=captions.with_article(n), name=n) for t in captions.TEMPLATES] for n in ('cat', 'sandal')]
 
 
 # Augmentations.

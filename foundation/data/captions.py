@@ -2,8 +2,10 @@
 
 No package here carries real image-caption pairs, so a class-labelled image is captioned with one of its class's
 captions: templates ("a black and white photo of a sandal.") and, from the Debian package `wordnet-base`, a
-definition ("a sandal: a shoe consisting of a sole fastened by straps to the foot."). Zero-shot evaluation embeds
-the templates only (template ensembling), so a model is never scored on the exact gloss captions it trained on.
+definition ("a sandal: a shoe consisting of a sole fastened by straps to the foot."). Zero-shot classification
+embeds other templates (held out, ensembled), none of them a training caption: with captions made from class names,
+"zero-shot" here means naming a class in a phrasing the text tower never saw paired with an image, not recognising
+a concept never named in training.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Sequence
 WORDNET_DIR = '/usr/share/wordnet'
 
 # `{a}` is the class name with its article ('an ankle boot'), `{name}` the bare name.
-TEMPLATES = (
+TEMPLATES = (  # training captions
     'a photo of {a}.',
     'a black and white photo of {a}.',
     'a low resolution photo of {a}.',
     '{a} on a plain background.',
     'a blurry photo of {a}.',
+)
+ZERO_SHOT_TEMPLATES = (  # classification only, never a training caption
     'a close-up photo of {a}.',
     'a grayscale picture of {a}.',
     'a small photo of the {name}.',
@@ -101,14 +105,14 @@ def _format(template: str, name: str, **fields) -> str:
 
 
 def zero_shot_prompts(class_names: Sequence[str]) -> list[list[str]]:
-  """For each class, the template captions (no glosses): embed and average them for a zero-shot classifier."""
-  return [[_format(t, readable_name(c)) for t in TEMPLATES] for c in class_names]
+  """For each class, the held-out templates: embed and average them for a zero-shot classifier."""
+  return [[_format(t, readable_name(c)) for t in ZERO_SHOT_TEMPLATES] for c in class_names]
 
 
 def class_prompts(class_names: Sequence[str], wordnet_dir: str = WORDNET_DIR) -> list[list[str]]:
-  """For each class, the captions an image of it may get: the templates, then the gloss captions if WordNet knows
-  the class."""
-  prompts = zero_shot_prompts(class_names)
+  """For each class, the captions an image of it may get in training: the templates, then the gloss captions if
+  WordNet knows the class."""
+  prompts = [[_format(t, readable_name(c)) for t in TEMPLATES] for c in class_names]
   for class_prompts_, class_name in zip(prompts, class_names):
     name = readable_name(class_name)
     gloss = wordnet_gloss(WORDNET_WORDS.get(name, name), wordnet_dir)
