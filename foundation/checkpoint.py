@@ -220,6 +220,19 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+# Written at the end of a run with config.early_stopping: {step, metric, value} of the selected step.
+BEST_FILE = 'best.json'
+
+
+def selected_step(workdir: str) -> int | None:
+  """The step a run selected by config.early_stopping (its best.json), or None."""
+  try:
+    with open(os.path.join(workdir, BEST_FILE)) as f:
+      return int(json.load(f)['step'])
+  except FileNotFoundError:
+    return None
+
+
 class Sources:
   """The params a run reads from other runs (a LiT tower, teachers, a pretrained backbone), pinned.
 
@@ -235,13 +248,15 @@ class Sources:
     self._dry = dry
 
   def load(self, name: str, workdir: str, path: str, abstract: Any, step: int | None = None) -> Any:
-    """The subtree `path` of checkpoint `step` (default the newest) of another run, pinned. Where `abstract` is
-    boxed with logical axis names (an init's eval_shape), so is the result: the loop then shards it by them."""
+    """The subtree `path` of checkpoint `step` of another run, pinned; by default the step that run selected by
+    early stopping, else its newest. Where `abstract` is boxed with logical axis names (an init's eval_shape), so is
+    the result: the loop then shards it by them."""
     if self._dry:
       return abstract
     boxes, abstract = abstract, nn.unbox(abstract)
     pin = self.pinned.get(name)
-    tree, step = restore_params(workdir, path, abstract, step=pin['step'] if pin else step)
+    step = pin['step'] if pin else step or selected_step(workdir)
+    tree, step = restore_params(workdir, path, abstract, step=step)
     digest = content_hash(tree)
     if pin and digest != pin['hash']:
       raise ValueError(f'{name}: the checkpoint of step {step} in {workdir} is not the one this run was built from '

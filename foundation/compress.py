@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint, train
+from foundation import checkpoint
 from foundation.data import augment, images, text
 from foundation.models.transformer import Transformer
 from foundation.tasks import distill, lm, lm_distill
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), example))['params']
   # The step the run reports: the one early stopping selected, else the newest.
   params, step = checkpoint.restore_params(args.workdir, 'params', abstract,
-                                           step=train.selected_step(args.workdir))
+                                           step=checkpoint.selected_step(args.workdir))
   x = _calibration(saved, args.data_dir or saved['data']['data_dir'], args.calibration_examples)
   pruned, report = prune_model(model, params, x, method=args.method,
                                sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint, train
+from foundation import checkpoint
 from foundation.data import teacher_samples, text
 from foundation.evaluate.generate import generate
 from foundation.models.transformer import Transformer
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   tokenizer = lm.tokenizer_for(data['tokenizer'])
   model = Transformer(model_cfg)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))['params']
-  params, step = checkpoint.restore_params(args.teacher, 'params', abstract, step=train.selected_step(args.teacher))
+  params, step = checkpoint.restore_params(args.teacher, 'params', abstract, step=checkpoint.selected_step(args.teacher))
   prompts = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
                                text_key=data['text_key'], tokenizer=tokenizer, seq_len=seq_len,
                                global_batch=args.batch, num_shards=data['num_shards'], seed=args.seed)

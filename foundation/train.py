@@ -106,8 +106,6 @@ def validate(config, num_devices: int) -> None:
 RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir')
 # Written into config.json beside the config, never compared as config fields.
 RECORD_FIELDS = ('frozen_sources', 'foundation_version')
-# Written at the end of a run with config.early_stopping: {step, metric, value} of the selected step.
-BEST_FILE = 'best.json'
 
 # The loop dispatches steps ahead of the device and fetches their metrics once per log interval; it waits for a
 # step once this many newer ones are queued behind it. Enough to hide dispatch on any accelerator, and a bound is
@@ -285,8 +283,7 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
       raise ValueError(f'config.init_from.source={source!r} is a directory without checkpoints/: name a workdir '
                        'of a run that saved a checkpoint.')
     _check_same_frozen(source, sources)
-    step = spec.get('step') or selected_step(source)  # a run that kept a best step is read at that step
-    tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=step)
+    tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=spec.get('step') or None)
   elif task.import_params is None:
     raise ValueError(f'config.init_from.source={source!r} is not a workdir, and task {config.task!r} imports no '
                      'weight files.')
@@ -297,15 +294,6 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
     raise ValueError(f'config.init_from.source={source!r} does not fit config.init_from.target={target!r}: '
                      f'{differences}.')
   return target, tree
-
-
-def selected_step(workdir: str) -> int | None:
-  """The step a run selected by config.early_stopping (its best.json), or None."""
-  try:
-    with open(os.path.join(workdir, BEST_FILE)) as f:
-      return int(json.load(f)['step'])
-  except FileNotFoundError:
-    return None
 
 
 def _check_same_frozen(source: str, sources: checkpoint.Sources) -> None:
@@ -690,7 +678,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     progress.message(f'best step {best.step} by {best.metric} ({best.value:.4f}): '
                      + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
     if is_writer:
-      metrics.write_atomically(os.path.join(workdir, BEST_FILE), json.dumps(
+      metrics.write_atomically(os.path.join(workdir, checkpoint.BEST_FILE), json.dumps(
           {'step': best.step, 'metric': best.metric, 'value': best.value}) + '\n')
     return out
 

@@ -89,6 +89,15 @@ def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_
       (source / 'checkpoints').mkdir(parents=True, exist_ok=True)
       (source / 'config.json').write_text(config.to_json_best_effort())
       config.init_from.source = str(source)
+    if config.get('prompt') and not config.prompt.source:
+      # Visual prompts read the frozen run's config.json (dry: not its checkpoint): a ViT run for VPT, CLIP else.
+      source = tmp_path / 'frozen'
+      source.mkdir(exist_ok=True)
+      vpt = config.prompt.method.startswith('vpt')
+      frozen = load('configs/classify/fashion_mnist.py' if vpt else 'configs/contrastive/clip_fashion_mnist.py')
+      frozen = frozen.get_config(','.join(['vit'] * vpt + ['smoke'] * ('smoke' in arg)))
+      (source / 'config.json').write_text(frozen.to_json_best_effort())
+      config.prompt.source = str(source)
     if config.data.name == 'teacher_samples':  # sequence-level KD's corpus: the real plays stand in for samples
       config.data.data_dir = _teacher_samples(tfds_dir, tmp_path)
     with offline_or_mocked_data(config.data.name):

@@ -270,7 +270,7 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
   expected = {f'best/{k}': v for k, v in scores(closed_form(3)).items()}
   assert {k: results[k] for k in expected} == pytest.approx(expected, rel=1e-5)
   assert results['best/step'] == 3
-  with open(os.path.join(workdir, train.BEST_FILE)) as f:
+  with open(os.path.join(workdir, checkpoint.BEST_FILE)) as f:
     best = json.load(f)
   assert best['step'] == 3 and best['value'] == pytest.approx(scores(closed_form(3))['eval/validation/score'])
   last = metrics.read_metrics(os.path.join(workdir, 'metrics.jsonl'))[-1]

@@ -14,6 +14,7 @@ from foundation.models.heads import LinearClassifier, ProjectionHead
 from foundation.models.transformer import Transformer, TransformerConfig
 from foundation.models.two_tower import TwoTower, TwoTowerConfig
 from foundation.models.vit import ViT, ViTConfig, patchify
+from test_transformer import np_rms_norm
 
 # A large init_std makes attention far from uniform, so a wrong mask or order shows up in the outputs.
 VIT = ViTConfig(image_size=8, patch_size=4, num_channels=3, embed_dim=16, num_layers=2, num_heads=2, mlp_dim=32,
@@ -129,6 +130,82 @@ def test_vit_is_permutation_equivariant_without_position_embeddings():
   np.testing.assert_allclose(permuted_tokens, tokens[:, order], rtol=1e-4, atol=1e-5)
   # With the learned positions the model does see the order.
   assert np.abs(np.asarray(permuted_pooled - pooled)).max() > 1e-2
+
+
+def np_vit_tokens(params, cfg, x, prompts=None):
+  """A numpy ViT (float64), written from the parameter names: raster patches, [cls,] prompts, patches; no position
+  embedding on the prompts; bidirectional attention; a deep prompt [layers, P, D] replaces the prompt tokens at the
+  input of each layer. Returns the final-normed tokens with the prompts dropped."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  batch, size = x.shape[0], cfg.patch_size
+  n = cfg.image_hw[0] // size
+  patches = [np.asarray(x, np.float64)[:, size * i:size * (i + 1), size * j:size * (j + 1)].reshape(batch, -1)
+             for i in range(n) for j in range(n)]
+  h = np.stack(patches, 1) @ p['patch_embedding'] + p['patch_bias']
+  start = int(cfg.pool == 'cls')
+  if start:
+    h = np.concatenate([np.broadcast_to(p['cls_token'], (batch, 1, cfg.embed_dim)), h], 1)
+  h = h + p['position_embedding']
+  deep = prompts is not None and prompts.ndim == 3
+  length = 0 if prompts is None else prompts.shape[-2]
+  if prompts is not None:
+    first = np.broadcast_to(np.asarray(prompts[0] if deep else prompts, np.float64), (batch, length, cfg.embed_dim))
+    h = np.concatenate([h[:, :start], first, h[:, start:]], 1)
+  head_dim = cfg.embed_dim // cfg.num_heads
+  for layer in range(cfg.num_layers):
+    if deep and layer:
+      h[:, start:start + length] = np.asarray(prompts[layer], np.float64)
+    lp = p[f'layers_{layer}']
+    a = np_rms_norm(h, lp['attention_norm']['scale'], 1e-5)
+    attn = np.zeros_like(h)
+    for head in range(cfg.num_heads):
+      q, k, v = (a @ lp['attention'][name][:, head] for name in ('query', 'key', 'value'))
+      scores = q @ k.transpose(0, 2, 1) / np.sqrt(head_dim)
+      weights = np.exp(scores - scores.max(-1, keepdims=True))
+      attn += (weights / weights.sum(-1, keepdims=True)) @ v @ lp['attention']['out'][head]
+    h = h + attn
+    m = np_rms_norm(h, lp['mlp_norm']['scale'], 1e-5)
+    gate = m @ lp['mlp']['gate']
+    h = h + (gate / (1 + np.exp(-gate)) * (m @ lp['mlp']['up'])) @ lp['mlp']['down']
+  h = np_rms_norm(h, p['final_norm']['scale'], 1e-5)
+  return np.concatenate([h[:, :start], h[:, start + length:]], 1)
+
+
+@pytest.mark.parametrize('pool', ['cls', 'mean'])
+def test_vit_with_visual_prompts_against_numpy(pool):
+  """VPT shallow and deep: the prompt tokens sit after the class token (first under mean pooling) and before the
+  patches, and leave the pooled features to the class token or the patches' mean."""
+  cfg = dataclasses.replace(VIT, pool=pool)
+  x = images((2, 8, 8, 3))
+  vit = ViT(cfg)
+  rng = np.random.default_rng(1)
+  shallow = rng.normal(size=(3, 16)).astype(np.float32)
+  deep = rng.normal(size=(2, 3, 16)).astype(np.float32)
+
+  @jax.jit
+  def run(x, shallow, deep):
+    params = init(vit, x)
+    outputs = [apply(vit, params, x, prompts=prompts, return_tokens=tokens)
+               for prompts in (None, shallow, deep) for tokens in (True, False)]
+    return params, outputs
+
+  params, outputs = run(x, shallow, deep)
+  for i, prompts in enumerate((None, shallow, deep)):
+    want = np_vit_tokens(params, cfg, x, prompts)
+    np.testing.assert_allclose(outputs[2 * i], want, rtol=2e-4, atol=2e-5)
+    pooled = want[:, 0] if pool == 'cls' else want.mean(1)
+    np.testing.assert_allclose(outputs[2 * i + 1], pooled, rtol=2e-4, atol=2e-5)
+  # The prompts change the features, and deep prompts differ from their first layer's alone.
+  assert np.abs(outputs[3] - outputs[1]).max() > 1e-2 and np.abs(outputs[5] - outputs[3]).max() > 1e-2
+
+
+def test_vit_refuses_prompts_of_the_wrong_shape_and_deep_prompts_when_scanned():
+  x = images((1, 8, 8, 3))
+  with pytest.raises(ValueError, match=r'expected \[P, 16\] \(shallow\) or \[2, P, 16\] \(deep\)'):
+    jax.eval_shape(lambda: ViT(VIT).init(jax.random.key(0), x, prompts=jnp.zeros((3, 3, 16))))
+  with pytest.raises(ValueError, match='scan_layers=False'):
+    jax.eval_shape(lambda: ViT(dataclasses.replace(VIT, scan_layers=True)).init(jax.random.key(0), x,
+                                                                                prompts=jnp.zeros((2, 3, 16))))
 
 
 def test_vit_scanned_layers_match_unscanned():

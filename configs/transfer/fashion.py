@@ -15,6 +15,12 @@ Variants: :scratch (random init), :probe (the pretrained encoder frozen, the hea
 stage and the head train), :finetune (everything; the encoder at a tenth of the head's learning rate), :smoke.
 Runs from a pretrained encoder report forgetting: a ridge probe on the source run's own task with the encoder
 before and after (eval/forgetting/source_probe_before, eval/forgetting/source_probe).
+
+Prompts on a frozen model (foundation/tasks/visual_prompt.py), named by --config.prompt.source=DIR instead of
+init_from (nothing of it trains or is saved): :vpt_shallow and :vpt_deep (10 prompt tokens and a linear head on a
+ViT run, e.g. configs/contrastive/simclr_fashion_mnist.py:vit), :padding (a border 4 pixels wide) and :patch (a 4x4
+square in the top-left corner) on a CLIP run's zero-shot classifier or a supervised run's head; new class i is
+scored as source class i unless --config.prompt.class_map='(...)' says otherwise.
 """
 
 import ml_collections
@@ -58,12 +64,38 @@ def finetune(c):
   c.optim.lr_scale = ('^backbone/=0.1',)
 
 
+def _prompt(c, method: str, lr: float):
+  c.task = 'visual_prompt'
+  del c.model  # the frozen run's architecture is read from its config.json
+  c.init_from.update(source='', params_path='params', target='')
+  c.prompt = dict(method=method, source='', tokens=10, width=4, patch_size=4, patch_at=(0, 0), class_map=())
+  c.optim.update(lr=lr, weight_decay=0.0, weight_decay_exclude=())
+  c.eval_at_start = method in ('padding', 'patch')  # step 0 is the frozen classifier without a prompt
+
+
+def vpt_shallow(c):
+  _prompt(c, 'vpt_shallow', lr=1e-2)
+
+
+def vpt_deep(c):
+  _prompt(c, 'vpt_deep', lr=1e-2)
+
+
+def padding(c):
+  _prompt(c, 'padding', lr=1e-2)
+
+
+def patch(c):
+  _prompt(c, 'patch', lr=1e-2)
+
+
 def smoke(c):
-  classify_smoke = config_base.load(CLASSIFY_CONFIG, 'smoke')
-  c.model = classify_smoke.model
+  if c.task != 'visual_prompt':
+    c.model = config_base.load(CLASSIFY_CONFIG, 'smoke').model
   config_base.smoke_loop(c, steps=4, batch=16)
   c.data.shots_per_class = 2
   c.eval.update(batch_size=400, source_probe_examples=min(c.eval.source_probe_examples, 400))
 
 
-VARIANTS = {'scratch': scratch, 'probe': probe, 'finetune_top': finetune_top, 'finetune': finetune, 'smoke': smoke}
+VARIANTS = {'scratch': scratch, 'probe': probe, 'finetune_top': finetune_top, 'finetune': finetune,
+            'vpt_shallow': vpt_shallow, 'vpt_deep': vpt_deep, 'padding': padding, 'patch': patch, 'smoke': smoke}

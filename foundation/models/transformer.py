@@ -10,7 +10,7 @@ onto the mesh, and without rules they are plain arrays.
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -297,24 +297,31 @@ class Block(nn.Module):
 
 
 def run_blocks(cfg: TransformerConfig, x: Array, positions: Array, cache_index: Array, *,
-               decode: bool = False, key_mask: Array | None = None) -> Array:
+               decode: bool = False, key_mask: Array | None = None,
+               before_layer: Callable[[int, Array], Array] | None = None) -> Array:
   """The stack of blocks, unrolled ('layers_0', 'layers_1', ...) or scanned (one 'layers' tree), optionally
   rematerialised. Called from inside a compact module: the decoder here, the ViT in vit.py.
 
   key_mask: bool [batch, keys] (keys: this call's tokens, or the whole cache when decoding), False for padding that
   no other position may attend to; None when every position is real.
+  before_layer: (layer index, x) -> x, applied to the input of every layer after the first (deep visual prompts
+  replace tokens there); unrolled stacks only.
   """
   block = Block
   if cfg.remat != 'none':
     # Inside a scan, XLA cannot CSE across iterations anyway, and prevent_cse would block optimisations.
     block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
+    if before_layer is not None:
+      raise ValueError('Per-layer inputs (deep prompts) need an unrolled stack: set scan_layers=False.')
     layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index, key_mask)
   else:
     for i in range(cfg.num_layers):
+      if i and before_layer is not None:
+        x = before_layer(i, x)
       x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index, key_mask)
   return x
 

@@ -6,6 +6,12 @@ right), each flattened as (row in patch, column in patch, channel) -- the layout
 tokens; the blocks get position 0 everywhere, and rotary embedding at position 0 is the identity, so RoPE is off
 (1-D rotary positions over a raster scan would be a poor fit for a 2-D grid anyway). The blocks therefore differ from
 the original ViT in using RMSNorm and SwiGLU (Llama's choices) instead of LayerNorm and a GELU MLP.
+
+Visual prompt tuning (Jia et al. 2022) passes `prompts`: P extra tokens placed after the class token (first when
+pool='mean') and before the patches, without position embeddings. Shallow ([P, embed_dim]): inserted at the input
+and carried through every layer like the other tokens. Deep ([num_layers, P, embed_dim]): layer i's input has its P
+prompt tokens replaced by prompts[i], so each layer gets its own. Pooling ignores them: the class token, or the mean
+over the patch tokens.
 """
 
 import dataclasses
@@ -85,11 +91,13 @@ class ViT(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images: Array, *, return_tokens: bool = False) -> Array:
+  def __call__(self, images: Array, *, return_tokens: bool = False, prompts: Array | None = None) -> Array:
     """images float [batch, H, W, C] -> float32 pooled features [batch, embed_dim] after the final norm.
 
     return_tokens: return every final-normed token instead, [batch, num_tokens, embed_dim] (the class token first
-      when pool='cls').
+      when pool='cls'; prompt tokens left out).
+    prompts: visual prompt tokens, [P, embed_dim] (shallow) or [num_layers, P, embed_dim] (deep); see the module
+      docstring.
     """
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -115,11 +123,32 @@ class ViT(nn.Module):
     x = x + position_embedding.astype(dtype)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
 
+    start, before_layer = int(cfg.pool == 'cls'), None
+    if prompts is not None:
+      prompts = _check_prompts(prompts, cfg).astype(dtype)
+      length = prompts.shape[-2]
+      tokens = lambda layer: jnp.broadcast_to(prompts[layer] if prompts.ndim == 3 else prompts,
+                                              (batch, length, cfg.embed_dim))
+      x = jnp.concatenate([x[:, :start], tokens(0), x[:, start:]], axis=1)
+      if prompts.ndim == 3:
+        before_layer = lambda i, h: h.at[:, start:start + length].set(tokens(i))
+
     # Rotary position 0 rotates by angle 0 (the identity): the learned table above carries the positions.
     positions = jnp.zeros(x.shape[:2], jnp.int32)
     block_cfg = cfg.block_config
-    x = run_blocks(block_cfg, x, positions, jnp.zeros((), jnp.int32))
+    x = run_blocks(block_cfg, x, positions, jnp.zeros((), jnp.int32), before_layer=before_layer)
     x = RMSNorm(block_cfg, name='final_norm')(x).astype(jnp.float32)
+    if prompts is not None:
+      x = jnp.concatenate([x[:, :start], x[:, start + prompts.shape[-2]:]], axis=1)
     if return_tokens:
       return x
     return x[:, 0] if cfg.pool == 'cls' else jnp.mean(x, axis=1)
+
+
+def _check_prompts(prompts: Array, cfg: ViTConfig) -> Array:
+  shallow = prompts.ndim == 2 and prompts.shape[1] == cfg.embed_dim
+  deep = prompts.ndim == 3 and prompts.shape[0] == cfg.num_layers and prompts.shape[2] == cfg.embed_dim
+  if not (shallow or deep):
+    raise ValueError(f'prompts of shape {prompts.shape}; expected [P, {cfg.embed_dim}] (shallow) or '
+                     f'[{cfg.num_layers}, P, {cfg.embed_dim}] (deep).')
+  return prompts

@@ -17,6 +17,7 @@ dataset and classes; that many training images, its whole test split), with the 
 
 import json
 import os
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,17 +33,58 @@ from foundation.models.image_encoders import classifier, encoder_config, image_e
 from foundation.tasks import Task
 
 
-def build(config) -> Task:
-  data, model_cfg = config.data, config.model
-  encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
+class LabelledImages(NamedTuple):
+  """config.data as a labelled task, for classify and the other tasks that train a classifier on it (visual
+  prompts): class filter, label budget, and the validation / test protocol."""
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  train_batches: Callable[[int, int], Any]   # Task.train_batches
+  # (predict, params, ctx) -> eval/validation/accuracy every time (with a validation split) and eval/accuracy, the
+  # test split, at the final evaluation only (every time without one); predict: jitted (params, uint8 images) -> ids
+  accuracies: Callable[[Callable, Any, Any], dict]
+
+
+def labelled_images(config) -> LabelledImages:
+  data = config.data
   validation = data.validation_split
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split, *[validation] * bool(validation)])
   num_classes = len(images.class_names(data.name, data.data_dir, classes=data.classes))
   records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                     classes=data.classes, shots_per_class=data.shots_per_class, seed=config.seed)
-  model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], num_classes)
-  aug = augment.check_options(config.augment)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
+
+  def train_batches(process_index, process_count):
+    return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
+                                global_batch=config.global_batch_size, seed=config.seed,
+                                process_index=process_index, process_count=process_count, subset=records,
+                                classes=data.classes)
+
+  splits = {}
+
+  def accuracy(predict, params, split, ctx):
+    if split not in splits:
+      splits[split] = images.load_split(name=data.name, data_dir=data.data_dir, split=split, classes=data.classes)
+    x, y = splits[split]
+    return float(np.mean(encoder_features(predict, params, x, ctx.mesh, config.eval.batch_size) == y))
+
+  def accuracies(predict, params, ctx):
+    results = {}
+    if validation:
+      results['eval/validation/accuracy'] = accuracy(predict, params, validation, ctx)
+    if not validation or ctx.final:  # with a validation split, test is read by the final evaluation alone
+      results['eval/accuracy'] = accuracy(predict, params, data.eval_split, ctx)
+    return results
+
+  return LabelledImages(num_classes, image_shape, train_batches, accuracies)
+
+
+def build(config) -> Task:
+  model_cfg = config.model
+  encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
+  labelled = labelled_images(config)
+  image_shape = labelled.image_shape
+  model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], labelled.num_classes)
+  aug = augment.check_options(config.augment)
   source = config.init_from.source if os.path.isdir(config.init_from.source) else ''
   if source and config.init_from.target == 'backbone':
     check_saved_encoder(source, model_cfg.encoder, encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder]),
@@ -62,29 +104,12 @@ def build(config) -> Task:
     xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     return jnp.mean(xent), {'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
 
-  def train_batches(process_index, process_count):
-    return images.train_batches(name=data.name, data_dir=data.data_dir, split=data.train_split,
-                                global_batch=config.global_batch_size, seed=config.seed,
-                                process_index=process_index, process_count=process_count, subset=records,
-                                classes=data.classes)
-
   representation = RepresentationEval(config) if config.eval.representation else None
   encode = jax.jit(lambda params, x: model.apply({'params': params}, augment.to_float(x), method=model.features))
   predict = jax.jit(lambda params, x: jnp.argmax(model.apply({'params': params}, augment.to_float(x)), -1))
-  splits = {}
-
-  def accuracy(params, split, ctx):
-    if split not in splits:
-      splits[split] = images.load_split(name=data.name, data_dir=data.data_dir, split=split, classes=data.classes)
-    x, y = splits[split]
-    return float(np.mean(encoder_features(predict, params, x, ctx.mesh, config.eval.batch_size) == y))
 
   def evaluate(params, frozen, step, ctx):
-    results = {}
-    if validation:
-      results['eval/validation/accuracy'] = accuracy(params, validation, ctx)
-    if not validation or ctx.final:  # with a validation split, test is read by the final evaluation alone
-      results['eval/accuracy'] = accuracy(params, data.eval_split, ctx)
+    results = labelled.accuracies(predict, params, ctx)
     if representation is not None:
       results.update(representation(encode, params, step, ctx))
     if source_probe and ctx.final:
@@ -94,7 +119,8 @@ def build(config) -> Task:
   abstract_params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
   one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   forward = metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), abstract_params, one_image)
-  return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, flops_per_example=3 * forward)
+  return Task(init=init, loss=loss, train_batches=labelled.train_batches, evaluate=evaluate,
+              flops_per_example=3 * forward)
 
 
 def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:
