@@ -18,6 +18,7 @@ FASHION = 'configs/transfer/fashion.py'
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = config_base.load(FASHION, arg)
   c.data.update(name='mnist5k', train_split='train', validation_split='validation', eval_split='test')
+  c.augment.flip = False  # a mirrored digit is another glyph (or none); crops still shift and scale
   return c
 
 
