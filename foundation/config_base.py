@@ -55,6 +55,7 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   # (`mode` max or min) is checkpointed and kept; after `patience` evaluations without improvement the run stops
   # (0 = never). At the end the selected step is restored and evaluated once more as the result: best/<metric>.
   c.early_stopping = dict(metric='', mode='max', patience=0)
+  c.profile_steps = ()                      # (first, last): a jax.profiler trace of those steps in WORKDIR/profile
   for name, value in fields.items():
     if name not in c:
       raise ValueError(f'loop() has no field {name!r}; known: {sorted(c)}')

@@ -1,6 +1,7 @@
 """Command line: python -m foundation.main --config=configs/lm/shakespeare.py[:variant] --workdir=DIR [--config.x=v]
 
-Rerunning the same command on the same workdir resumes from its latest checkpoint. Multi-host: start one process
+Rerunning the same command on the same workdir resumes from its latest checkpoint; adding --eval_only [--eval_step=N]
+evaluates a saved checkpoint instead, with test splits, and trains nothing. Multi-host: start one process
 per host with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (on a Cloud TPU pod slice no flags
 are needed).
 
@@ -21,6 +22,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 _ALLOW_CHANGE = flags.DEFINE_list(
     'allow_config_change', [], 'Config fields (top-level like optim, or dotted like optim.lr) that a resumed run may '
     'change; the change is recorded in the workdir\'s config_history.jsonl.')
+_EVAL_ONLY = flags.DEFINE_bool(
+    'eval_only', False, 'Evaluate a checkpoint of the run in --workdir (the same --config as its training command) '
+    'as its final evaluation, test splits included, without training; results in WORKDIR/eval_only/step_N.json.')
+_EVAL_STEP = flags.DEFINE_integer('eval_step', 0, 'With --eval_only: the checkpoint step (0: the step the run '
+                                  'selected by early stopping, else its newest).')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the full traceback of a config error.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0, for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-host run.')
@@ -62,6 +68,7 @@ def main(argv):
   from foundation import host
   host.keep_freed_memory()  # CPU only; before jax starts its threads and allocates
   # Imported here so that --help and flag errors do not pay for importing jax.
+  import jax
   from foundation import sharding, train
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -69,7 +76,12 @@ def main(argv):
     _fail(str(e), 2)
   logging.set_verbosity(logging.WARNING)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+    if _EVAL_ONLY.value:
+      results = train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_EVAL_STEP.value)
+      if jax.process_index() == 0:
+        print('\n'.join(f'{k} {v:.6g}' for k, v in sorted(results.items())), flush=True)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
   except train.ConfigError as e:
     if _VERBOSE.value:
       raise

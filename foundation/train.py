@@ -88,6 +88,11 @@ def validate(config, num_devices: int) -> None:
   lr = config.optim.get('lr')
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
     raise ValueError(f'config.optim.lr={lr!r} must be a finite number of at least 0.')
+  profile = tuple(config.get('profile_steps') or ())
+  if profile and not (len(profile) == 2 and all(isinstance(s, int) for s in profile)
+                      and 1 <= profile[0] <= profile[1] <= config.num_train_steps):
+    raise ValueError(f'config.profile_steps={profile!r} must be (first, last) steps with 1 <= first <= last <= '
+                     f'num_train_steps={config.num_train_steps}, e.g. (10, 12); () profiles nothing.')
   early = config.get('early_stopping') or {}
   if early.get('metric'):
     if not str(early['metric']).startswith('eval/'):
@@ -103,7 +108,12 @@ def validate(config, num_devices: int) -> None:
 
 # How a run executes, or where it reads from, not what it computes: a resumed run may change these (move to another
 # mesh, machine or account). Dotted names are fields inside a section.
-RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir')
+RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir', 'profile_steps')
+# Where config.profile_steps writes its jax.profiler trace, inside the workdir (TensorBoard's profile tab reads it).
+PROFILE_DIR = 'profile'
+
+# Where --eval_only writes its results (step_<N>.json), inside the workdir.
+EVAL_ONLY_DIR = 'eval_only'
 # Written into config.json beside the config, never compared as config fields.
 RECORD_FIELDS = ('frozen_sources', 'foundation_version')
 
@@ -454,10 +464,14 @@ class _Jit:
   def first(self, tree):
     return tree
 
-  @contextlib.contextmanager
   def context(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+    return _mesh_context(self.mesh, self.rules)
+
+
+@contextlib.contextmanager
+def _mesh_context(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 class _Pmap:
@@ -684,6 +698,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
 
   stop = _StopRequest()
   last = {}
+  profile, tracing = tuple(config.get('profile_steps') or ()), False
   try:
     if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
       last.update(evaluate(0, final=config.num_train_steps == 0))
@@ -694,7 +709,16 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     interval_start, interval_steps = time.perf_counter(), 0
     with runner.context():
       for step in range(start + 1, end + 1):  # `step` counts completed steps
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, PROFILE_DIR))
+          tracing = True
         state, step_metrics = runner.step(state, frozen, runner.place(next(data_iter)))
+        if tracing and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          tracing = False
+          progress.message(f'Profile of steps {profile[0]}-{profile[1]} in {os.path.join(workdir, PROFILE_DIR)} '
+                           f'(tensorboard --logdir={workdir}, Profile tab).')
         pending.append((step, step_metrics, False))
         if len(pending) > MAX_STEPS_IN_FLIGHT:
           jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
@@ -743,10 +767,44 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       state = None  # the trained state is saved; the selected one takes its memory
       last.update(evaluate_best(reached))
   finally:  # an error must not leave an async save half-written
+    if tracing:
+      jax.profiler.stop_trace()
     stop.close()
     ckpt.close()
     writer.close()
   return last
+
+
+def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, float]:
+  """Evaluates a checkpoint of the run in `workdir` with that run's config, as its final evaluation (test splits
+  included), and trains nothing: checkpoint `step`, by default the step the run selected by early stopping, else
+  its newest. The results go to eval_only/step_<N>.json in the workdir (reports a task's evaluation writes, such as
+  results.md or samples, are rewritten as for that step); nothing else is written."""
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    raise ConfigError(f'{workdir} holds no run (no config.json): --eval_only evaluates a run that saved a checkpoint.')
+  prepared = prepare(config, workdir)
+  task = prepared.task
+  if task.evaluate is None:
+    raise ConfigError(f'task {config.task!r} has no evaluation.')
+  directory = os.path.join(workdir, 'checkpoints')
+  saved = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  step = step or checkpoint.selected_step(workdir) or (saved[-1] if saved else 0)
+  if step not in saved:
+    raise ConfigError(f'{workdir} has no checkpoint of step {step} (it has {saved or "none"}); name one with '
+                      '--eval_step.')
+  abstract = nn.unbox(jax.eval_shape(task.init, jax.random.key(config.seed)))
+  params, _ = checkpoint.restore_params(workdir, 'params', abstract, step=step)
+  params = jax.device_put(params, prepared.shardings['params'])
+  frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}
+  is_writer = jax.process_index() == 0
+  ctx = tasks.EvalContext(mesh=prepared.mesh, workdir=workdir, is_writer=is_writer, final=True)
+  with contextlib.nullcontext() if config.parallelism == 'pmap' else _mesh_context(prepared.mesh, prepared.rules):
+    results = {k: float(v) for k, v in task.evaluate(params, frozen, step, ctx).items()}
+  if is_writer:
+    os.makedirs(os.path.join(workdir, EVAL_ONLY_DIR), exist_ok=True)
+    metrics.write_atomically(os.path.join(workdir, EVAL_ONLY_DIR, f'step_{step}.json'),
+                             json.dumps({'step': step, **results}, indent=1) + '\n')
+  return results
 
 
 def _param_counts(config, params, frozen) -> dict[str, int]:

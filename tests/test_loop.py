@@ -284,6 +284,21 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
   assert [(s, f) for s, f, _ in descending] == [(3, True)]
   assert {k: again[k] for k in expected} == pytest.approx(expected, rel=1e-5)
 
+  descending.clear()  # --eval_only: the selected step by default, or a named one, as a final evaluation
+  files = sorted(os.listdir(workdir))
+  only = train.evaluate_checkpoint(descending_config(), workdir)
+  assert only == {k[len('best/'):]: again[k] for k in expected}  # exactly the run's reported numbers
+  assert train.evaluate_checkpoint(descending_config(), workdir, step=6) == pytest.approx(
+      scores(closed_form(6)), rel=1e-5)
+  assert [(s, f) for s, f, _ in descending] == [(3, True), (6, True)]
+  with open(os.path.join(workdir, train.EVAL_ONLY_DIR, 'step_3.json')) as f:
+    assert json.load(f) == {'step': 3, **only}
+  assert sorted(os.listdir(workdir)) == sorted(files + [train.EVAL_ONLY_DIR])
+  with pytest.raises(train.ConfigError, match=r'no checkpoint of step 5 \(it has \[3, 6\]\)'):
+    train.evaluate_checkpoint(descending_config(), workdir, step=5)
+  with pytest.raises(train.ConfigError, match='different config'):
+    train.evaluate_checkpoint(descending_config(**{'optim.lr': 0.5}), workdir)
+
   descending.clear()  # a run initialised from this workdir reads the best step, not the newest
   train.train_and_evaluate(descending_config(num_train_steps=0, **{'init_from.source': workdir}),
                            str(tmp_path / 'eval'))
@@ -360,3 +375,13 @@ def test_under_freeze_adam_moments_are_sharded_like_their_params_and_frozen_leav
   assert set(moments) == trained
   for name in trained:
     assert moments[name] == [expected[name]] * 2, name  # Adam's mu and nu
+
+
+def test_profile_steps_write_a_trace_and_bad_ones_are_refused(descending, tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(descending_config(profile_steps=(2, 3), num_train_steps=4), str(workdir))
+  traces = list((workdir / train.PROFILE_DIR).rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  for bad in [(3, 2), (0, 1), (2, 5), (2,)]:
+    with pytest.raises(train.ConfigError, match='config.profile_steps'):
+      train.prepare(descending_config(profile_steps=bad, num_train_steps=4), str(tmp_path / 'bad'))
