@@ -161,6 +161,7 @@ class Prepared:
   init_params: tuple[str, Any] | None   # config.init_from: (target subtree, host arrays), on a first start only
   record: dict            # the config.json to write: the resolved config plus RECORD_FIELDS
   changes: dict           # field -> [old, new] accepted through allow_config_change
+  state_bytes_per_device: int  # params and optimizer state (activations come on top)
 
 
 def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False) -> Prepared:
@@ -226,7 +227,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   tx, schedule = optim.make_optimizer(config.optim, nn.unbox(abstract_params), config.num_train_steps)
   shardings = _state_shardings(abstract_params, tx, mesh, rules)
   abstract_state = jax.eval_shape(lambda rng: _init_state(task, tx, rng), jax.random.key(0))
-  _check_memory(abstract_state, shardings)
+  state_bytes = _check_memory(abstract_state, shardings)
   sources = checkpoint.Sources(previous.get('frozen_sources') if previous else None, dry=dry)
   frozen = task.frozen(sources) if task.frozen else {}
   frozen_shardings = sharding.param_shardings(frozen, mesh, rules)
@@ -261,7 +262,8 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   record = {**resolved, 'frozen_sources': {**(previous or {}).get('frozen_sources', {}), **sources.recorded},
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
-                  frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes)
+                  frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes,
+                  state_bytes_per_device=state_bytes)
 
 
 def _subtree(tree: Any, target: str, what: str) -> Any:
@@ -322,9 +324,10 @@ def _check_same_frozen(source: str, sources: checkpoint.Sources) -> None:
                        f'{ours.get("hash")}): its params belong to that base. Use the same base, or start fresh.')
 
 
-def _check_memory(abstract_state, shardings) -> None:
+def _check_memory(abstract_state, shardings) -> int:
   """Refuses a train state that cannot fit: per device, the parameters and optimizer state alone (activations
-  come on top) against the device's memory, or on CPU against the machine's RAM shared by its devices."""
+  come on top) against the device's memory, or on CPU against the machine's RAM shared by its devices. Returns
+  those bytes per device."""
   per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
                    for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)))
   device = jax.local_devices()[0]
@@ -338,6 +341,7 @@ def _check_memory(abstract_state, shardings) -> None:
     raise ConfigError(f'the parameters and optimizer state need {per_device / 2**30:.1f} GiB per device, more than '
                       f'the {limit / 2**30:.1f} GiB of {where}; shrink the model, or shard it with '
                       '--config.mesh.fsdp (or tensor) over more devices.')
+  return per_device
 
 
 def _write_config(prepared: Prepared, workdir: str, resume_step: int | None) -> None:
@@ -610,10 +614,17 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
 
   writer = metrics.MetricWriter(workdir, enabled=is_writer, resume_step=start if start else None, warn=say)
   progress = metrics.Progress(config.num_train_steps, enabled=is_writer)
+  counts = _param_counts(config, state['params'], prepared.frozen)
+  devices = jax.devices()
+  progress.message(
+      f'foundation {prepared.record["foundation_version"]["commit"]} | {len(devices)} {devices[0].device_kind} '
+      f'device(s), {jax.process_count()} process(es) | mesh {dict(mesh.shape)} ({config.parallelism}) | params '
+      f'{counts["params/trainable"]:,} trainable of {counts["params/total"]:,} | params + optimizer state '
+      f'{prepared.state_bytes_per_device / 2**20:,.1f} MiB per device')
   if start:
     progress.message(f'Resuming from the checkpoint at step {start} in {workdir}.')
   else:
-    writer.write(0, _param_counts(config, state['params'], prepared.frozen))
+    writer.write(0, counts)
   peak = metrics.peak_flops(jax.devices())
 
   if config.parallelism == 'pmap':
@@ -697,7 +708,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     return out
 
   stop = _StopRequest()
-  last = {}
+  last, began = {}, time.perf_counter()
   profile, tracing = tuple(config.get('profile_steps') or ()), False
   try:
     if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
@@ -766,6 +777,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     if best and best.step is not None and not interrupted:
       state = None  # the trained state is saved; the selected one takes its memory
       last.update(evaluate_best(reached))
+    if not interrupted:
+      results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}
+      progress.message(f'Done at step {reached} ({reached - start} steps in {time.perf_counter() - began:,.0f} s in '
+                       f'this process); results in {os.path.join(workdir, "metrics.jsonl")}'
+                       + (': ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())) if results else '.'))
   finally:  # an error must not leave an async save half-written
     if tracing:
       jax.profiler.stop_trace()

@@ -377,9 +377,13 @@ def test_under_freeze_adam_moments_are_sharded_like_their_params_and_frozen_leav
     assert moments[name] == [expected[name]] * 2, name  # Adam's mu and nu
 
 
-def test_profile_steps_write_a_trace_and_bad_ones_are_refused(descending, tmp_path):
+def test_profile_steps_write_a_trace_and_bad_ones_are_refused(descending, tmp_path, capsys):
   workdir = tmp_path / 'run'
   train.train_and_evaluate(descending_config(profile_steps=(2, 3), num_train_steps=4), str(workdir))
+  out = capsys.readouterr().out
+  # The header counts the state the loop holds: one float32 param, its SGD state is empty; the summary the steps.
+  assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1} (jit) | params 1 trainable of 1 |" in out
+  assert 'Done at step 4 (4 steps in' in out and 'Profile of steps 2-3' in out
   traces = list((workdir / train.PROFILE_DIR).rglob('*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
   for bad in [(3, 2), (0, 1), (2, 5), (2,)]:
