@@ -153,15 +153,37 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
-  """Joins the processes of a multi-host run into one JAX runtime.
+  """Joins the processes of a multi-host run into one JAX runtime, before anything touches a device.
 
-  With explicit flags (CPU/GPU clusters, local tests) they are passed through; on a Cloud TPU pod slice no flags
-  are needed: jax finds its peers from the TPU metadata. On one host with no flags this does nothing.
+  Explicit flags (GPU clusters without SLURM, local tests) are passed through. Otherwise JAX's own cluster
+  detection does it, where there is a cluster to detect: on a Cloud TPU VM (TPU chips on this host's PCI bus;
+  JAX then reads the worker list and this worker's number from the metadata server, so every worker of a pod
+  slice, created plainly or through queued resources, joins one mesh, and a single-host VM forms a mesh of one
+  process), under GKE / multislice (TPU_WORKER_HOSTNAMES, MEGASCALE_COORDINATOR_ADDRESS) and in a SLURM job step
+  of several tasks. Elsewhere (one host, no flags) nothing is initialised.
   """
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError('--coordinator_address needs --num_processes and --process_id as well.')
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0 or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+  elif cluster_detected():
     jax.distributed.initialize()
+
+
+def cluster_detected() -> bool:
+  """Whether jax.distributed.initialize() without arguments has a multi-process environment to join."""
+  env = os.environ
+  if env.get('JAX_PLATFORMS', '').lower() == 'cpu':
+    return False
+  if env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0 or env.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    return True
+  if int(env.get('SLURM_NTASKS', '1') or 1) > 1 and 'SLURM_STEP_NODELIST' in env:
+    return True
+  return _tpu_chips_on_this_host() > 0
+
+
+def _tpu_chips_on_this_host() -> int:
+  # JAX's own test, the one its Cloud TPU start-up uses: Google TPU devices on the PCI bus.
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0]

@@ -105,3 +105,34 @@ def test_sharded_loss_and_grads_equal_one_device(mesh_cfg):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
                grads, want_grads)
   assert grads['layers_0']['mlp']['gate'].sharding.spec == param_shardings['layers_0']['mlp']['gate'].spec
+
+
+@pytest.mark.parametrize('env, chips, expected', [
+    ({}, 0, None),                                                    # one host: nothing to join
+    ({}, 4, ()),                                                      # a Cloud TPU VM: JAX reads the metadata
+    ({'JAX_PLATFORMS': 'cpu'}, 4, None),                              # forced onto the CPU
+    ({'TPU_WORKER_HOSTNAMES': 'a,b'}, 0, ()),                         # GKE
+    ({'MEGASCALE_COORDINATOR_ADDRESS': '10.0.0.2'}, 0, ()),           # multislice
+    ({'SLURM_NTASKS': '4', 'SLURM_STEP_NODELIST': 'n[1-4]'}, 0, ()),  # a SLURM step of four tasks
+    ({'SLURM_NTASKS': '1', 'SLURM_STEP_NODELIST': 'n1'}, 0, None),    # one SLURM task
+])
+def test_distributed_initialisation_is_left_to_jax_where_it_detects_a_cluster(monkeypatch, env, chips, expected):
+  for name in ('JAX_PLATFORMS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_NTASKS',
+               'SLURM_STEP_NODELIST'):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(sharding, '_tpu_chips_on_this_host', lambda: chips)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(tuple(sorted(kwargs.items()))))
+  sharding.initialize_distributed(None, None, None)
+  assert calls == ([] if expected is None else [expected])
+  calls.clear()  # explicit flags always win, passed through as given
+  sharding.initialize_distributed('10.0.0.1:1234', 2, 1)
+  assert calls == [(('coordinator_address', '10.0.0.1:1234'), ('num_processes', 2), ('process_id', 1))]
+  with pytest.raises(ValueError, match='needs --num_processes and --process_id'):
+    sharding.initialize_distributed('10.0.0.1:1234', None, None)
+
+
+def test_this_machine_has_no_tpu_chips():
+  assert sharding._tpu_chips_on_this_host() == 0  # pylint: disable=protected-access  (JAX's PCI scan runs here)
