@@ -1,0 +1,182 @@
+"""launch/tpu_vm.py against a fake `gcloud` on PATH: the commands it issues (checked against gcloud's documented
+forms), and a run on a fake one-worker slice, on this machine: create -> run -> logs -> a preemption (the run
+killed with SIGKILL mid-run) -> recover, whose resumed run logs the losses of an uninterrupted one.
+
+The fake records every call. `ssh` runs the remote command in the worker's home directory under bash, as the real
+one does, except the set-up (uv, the requirements, jax[tpu]: network installs), which is recorded only: the worker's
+venv is this repository's. Two processes forming one mesh is tested in test_train.py, not here.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from test_train import CACHE_DIR, REPO, logged
+
+FAKE_GCLOUD = textwrap.dedent(f'''\
+    #!{sys.executable}
+    import json, os, shutil, subprocess, sys
+    root = os.environ['FAKE_GCLOUD_ROOT']
+    args = sys.argv[1:]
+    with open(os.path.join(root, 'calls.jsonl'), 'a') as f:
+      f.write(json.dumps(args) + '\\n')
+    flags = dict(a[2:].split('=', 1) for a in args if a.startswith('--') and '=' in a)
+    state = os.path.join(root, 'queued_state')
+    workers = [os.path.join(root, f'worker_{{i}}') for i in range(int(os.environ.get('FAKE_WORKERS', '1')))]
+    if args[:4] == ['compute', 'tpus', 'queued-resources', 'create']:
+      open(state, 'w').write('ACTIVE')
+    elif args[:4] == ['compute', 'tpus', 'queued-resources', 'describe']:
+      print(open(state).read() if os.path.exists(state) else '')
+    elif args[:4] == ['compute', 'tpus', 'queued-resources', 'delete']:
+      if os.path.exists(state):
+        os.remove(state)
+    elif args[:4] == ['compute', 'tpus', 'tpu-vm', 'describe']:
+      print(json.dumps({{'networkEndpoints': [{{}} for _ in workers]}}))
+    elif args[:4] == ['compute', 'tpus', 'tpu-vm', 'scp']:
+      for home in workers:
+        shutil.copy(args[4], os.path.join(home, args[5].split(':', 1)[1]))
+    elif args[:4] == ['compute', 'tpus', 'tpu-vm', 'ssh']:
+      chosen = workers if flags['worker'] == 'all' else [workers[int(flags['worker'])]]
+      if 'uv venv' in flags['command']:
+        sys.exit(0)  # the set-up installs from the network: recorded, not run
+      for home in chosen:
+        done = subprocess.run(['bash', '-c', flags['command']], cwd=home, env=dict(os.environ, HOME=home))
+        if done.returncode:
+          sys.exit(done.returncode)
+    ''')
+
+
+@pytest.fixture
+def fake_cloud(tmp_path, tfds_dir, monkeypatch):
+  root = tmp_path / 'cloud'
+  (root / 'bin').mkdir(parents=True)
+  gcloud = root / 'bin' / 'gcloud'
+  gcloud.write_text(FAKE_GCLOUD)
+  gcloud.chmod(0o755)
+  home = root / 'worker_0'
+  home.mkdir()
+  (home / 'foundation-venv').symlink_to(os.path.join(REPO, '.venv'))  # the venv the set-up would have built
+  env = dict(os.environ, PATH=f'{root / "bin"}:{os.environ["PATH"]}', FAKE_GCLOUD_ROOT=str(root),
+             FOUNDATION_TPU_STATE=str(root / 'state'), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=tfds_dir,
+             JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return root, env
+
+
+def launcher(env, *args, check=True):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'launch', 'tpu_vm.py'), *args, '--name=lm',
+                           '--zone=us-west4-a', '--poll_seconds=0'], env=env, capture_output=True, text=True,
+                          timeout=300)
+  if check and result.returncode:
+    raise AssertionError(f'{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+  return result
+
+
+def calls(root):
+  with open(root / 'calls.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def wait_for(predicate, what, seconds=240):
+  deadline = time.time() + seconds
+  while not predicate():
+    if time.time() > deadline:
+      raise AssertionError(f'timed out waiting for {what}')
+    time.sleep(0.2)
+
+
+def test_create_issues_queued_resource_requests_of_the_documented_form(fake_cloud):
+  root, env = fake_cloud
+  launcher(env, 'create', '--accelerator=v5litepod-16', '--spot', '--valid_until=6h', '--project=p1')
+  create, describe = calls(root)[:2]
+  assert create == ['compute', 'tpus', 'queued-resources', 'create', 'lm', '--node-id=lm',
+                    '--accelerator-type=v5litepod-16', '--runtime-version=v2-alpha-tpuv5-lite', '--spot',
+                    '--valid-until-duration=6h', '--zone=us-west4-a', '--project=p1']
+  assert describe[:5] == ['compute', 'tpus', 'queued-resources', 'describe', 'lm']
+  launcher(env, 'delete')
+  assert calls(root)[-1] == ['compute', 'tpus', 'queued-resources', 'delete', 'lm', '--force', '--quiet',
+                             '--zone=us-west4-a', '--project=p1']
+  for accelerator, runtime in [('v4-32', 'tpu-ubuntu2204-base'), ('v5p-8', 'v2-alpha-tpuv5'),
+                               ('v6e-8', 'v2-alpha-tpuv6e')]:
+    launcher(env, 'create', f'--accelerator={accelerator}', '--reserved', '--direct')
+    assert calls(root)[-1] == ['compute', 'tpus', 'tpu-vm', 'create', 'lm', f'--accelerator-type={accelerator}',
+                               f'--version={runtime}', '--reserved', '--zone=us-west4-a', '--project=p1']
+  bad = launcher(env, 'create', '--accelerator=v3-8', check=False)
+  assert bad.returncode and "expected v4-N, v5litepod-N (v5e), v5p-N or v6e-N" in bad.stderr
+
+
+def test_run_logs_preemption_and_recover_resume_the_run_exactly(fake_cloud, tmp_path):
+  root, env = fake_cloud
+  workdir = str(tmp_path / 'run')
+  # Parentheses, quotes and a space: the override must reach the worker's command line exactly as typed.
+  override = '--config.optim.weight_decay_exclude=("norm", \'scale\', "embedding|final norm")'
+  config = ['configs/lm/shakespeare.py:smoke', '--config.num_train_steps=60', '--config.checkpoint_every=2',
+            '--config.eval_every=60']
+  launcher(env, 'create', '--accelerator=v5litepod-8')
+  launcher(env, 'run', config[0], workdir, *config[1:], override)
+  made = calls(root)
+  scp = [c for c in made if c[3] == 'scp'][0]
+  assert scp[4].endswith('foundation.tar.gz') and scp[5:7] == ['lm:foundation.tar.gz', '--worker=all']
+  setup = [c for c in made if c[3] == 'ssh' and 'uv venv' in c[6]][0]
+  assert '--python 3.11' in setup[6] and '"jax[tpu]==0.10.2"' in setup[6]
+  home = root / 'worker_0'
+  head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
+  assert (home / 'foundation' / 'COMMIT').read_text().strip() == head
+  assert not (home / 'foundation' / '.git').exists() and (home / 'foundation' / 'foundation' / 'train.py').exists()
+
+  # The preemption: SIGKILL once a checkpoint exists, mid-run.
+  checkpoints = tmp_path / 'run' / 'checkpoints'
+  status = home / 'foundation-logs' / 'exit_status'
+  wait_for(lambda: status.exists() or checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints)),
+           'a checkpoint')
+  assert not status.exists(), (home / 'foundation-logs' / 'run.log').read_text()[-3000:]
+  subprocess.run(['pkill', '-KILL', '-f', f'{home}/foundation/.venv/bin/python -m foundation.main'], check=True)
+  wait_for(status.exists, 'the killed run to end')
+  logs = launcher(env, 'logs', check=False)
+  assert logs.returncode == 1 and '===== worker 0: failed (exit status 137)' in logs.stdout
+  assert 'failed: worker(s) [0]' in logs.stderr
+  killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  assert killed_at < 60
+
+  before = len(calls(root))
+  launcher(env, 'recover')
+  again = [c[:4] for c in calls(root)[before:]]
+  assert again[:2] == [['compute', 'tpus', 'queued-resources', 'delete'],
+                       ['compute', 'tpus', 'queued-resources', 'create']]
+  wait_for(status.exists, 'the resumed run to finish')
+  logs = launcher(env, 'logs')
+  assert '===== worker 0: finished' in logs.stdout and f'Resuming from the checkpoint at step {killed_at}' in (
+      home / 'foundation-logs' / 'run.log').read_text()
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['optim']['weight_decay_exclude'] == ['norm', 'scale', 'embedding|final norm']
+
+  reference = str(tmp_path / 'reference')
+  subprocess.run([sys.executable, '-m', 'foundation.main', f'--config={config[0]}', f'--workdir={reference}',
+                  *config[1:], override], cwd=REPO, env=env, check=True, capture_output=True, timeout=240)
+  ours, theirs = logged(workdir), logged(reference)
+  losses = lambda run: {s: m['train/loss'] for s, m in run.items() if 'train/loss' in m}
+  assert losses(ours) == losses(theirs) and len(losses(ours)) == 30
+
+
+def test_run_and_recover_refuse_what_they_cannot_do(fake_cloud):
+  root, env = fake_cloud
+  result = launcher(env, 'run', 'configs/lm/shakespeare.py', 'wd', '--verbose', check=False)
+  assert result.returncode == 2 and 'passes on --config.field=value overrides only' in result.stderr
+  result = launcher(env, 'recover', check=False)
+  assert result.returncode and 'does not record a create and a run of lm' in result.stderr
+  assert not os.path.exists(root / 'calls.jsonl')  # refused before any gcloud call
+
+
+def test_the_run_command_quotes_every_argument_once():
+  sys.path.insert(0, os.path.join(REPO, 'launch'))
+  import tpu_vm  # pylint: disable=import-outside-toplevel
+  argv = ['--config=c.py:smoke', '--workdir=/mnt/bucket/a b', '--config.x=("a", \'b\')']
+  command = tpu_vm.start_command(argv, bucket=None)
+  inner = shlex.split(command.split('bash -c ', 1)[1])[0]  # what the detached bash runs
+  assert shlex.split(inner.split(' && ', 1)[1].split(';')[0]) == ['$HOME/foundation/.venv/bin/python', '-m',
+                                                                  'foundation.main', *argv]
