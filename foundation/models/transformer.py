@@ -21,7 +21,11 @@ from foundation.models import config_from_dict
 Array = jax.Array
 
 # What the backward pass may keep from the forward; 'full' keeps nothing (policy None), 'none' skips nn.remat.
-REMAT_POLICIES = {'none': None, 'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots}
+# What a rematerialised block keeps for the backward pass: nothing ('full'), every matmul output ('dots': the
+# attention scores too, f32 [batch, heads, length, length] per layer), or the matmuls without batch dimensions
+# ('projections': the q/k/v/out projections and the MLP; the attention einsums are recomputed).
+REMAT_POLICIES = {'none': None, 'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots,
+                  'projections': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,7 @@ class TransformerConfig:
   dtype: str = 'float32'  # compute dtype; logits and softmax/norm statistics stay float32
   param_dtype: str = 'float32'
   scan_layers: bool = False  # one compiled block scanned over layers: compile time independent of depth
-  remat: str = 'none'  # 'none' | 'full' | 'dots' (save only matmul outputs for the backward pass)
+  remat: str = 'none'  # 'none' | 'full' | 'dots' | 'projections' (REMAT_POLICIES)
   init_std: float = 0.02
   # LoRA (Hu et al. 2021): W x + (alpha / rank) B A x on every projection whose path ('layers_3/attention/query',
   # 'layers_0/mlp/down'; 'layers/...' when scanned) the regex `lora_targets` finds; B starts at zero. 0: no LoRA.

@@ -1,4 +1,5 @@
-"""launch/tpu_vm.py against a fake `gcloud` on PATH: the commands it issues (checked against gcloud's documented
+"""The launchers. launch/gpu.sh's choice of CUDA build, with a fake `nvidia-smi`. launch/tpu_vm.py against a fake
+`gcloud` on PATH: the commands it issues (checked against gcloud's documented
 forms), and a run on a fake one-worker slice, on this machine: create -> run -> logs -> a preemption (the run
 killed with SIGKILL mid-run) -> recover, whose resumed run logs the losses of an uninterrupted one.
 
@@ -18,6 +19,9 @@ import time
 import pytest
 
 from test_train import CACHE_DIR, REPO, logged
+
+with open(os.path.join(REPO, 'requirements.txt')) as _f:
+  JAX_VERSION = [line.split('==')[1].strip() for line in _f if line.startswith('jax==')][0]
 
 FAKE_GCLOUD = textwrap.dedent(f'''\
     #!{sys.executable}
@@ -123,7 +127,7 @@ def test_run_logs_preemption_and_recover_resume_the_run_exactly(fake_cloud, tmp_
   scp = [c for c in made if c[3] == 'scp'][0]
   assert scp[4].endswith('foundation.tar.gz') and scp[5:7] == ['lm:foundation.tar.gz', '--worker=all']
   setup = [c for c in made if c[3] == 'ssh' and 'uv venv' in c[6]][0]
-  assert '--python 3.11' in setup[6] and '"jax[tpu]==0.10.2"' in setup[6]
+  assert '--python 3.11' in setup[6] and f'"jax[tpu]=={JAX_VERSION}"' in setup[6]
   home = root / 'worker_0'
   head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
   assert (home / 'foundation' / 'COMMIT').read_text().strip() == head
@@ -180,3 +184,25 @@ def test_the_run_command_quotes_every_argument_once():
   inner = shlex.split(command.split('bash -c ', 1)[1])[0]  # what the detached bash runs
   assert shlex.split(inner.split(' && ', 1)[1].split(';')[0]) == ['$HOME/foundation/.venv/bin/python', '-m',
                                                                   'foundation.main', *argv]
+
+
+@pytest.mark.parametrize('banner, extra', [('CUDA Version: 12.4', 'cuda12'), ('CUDA Version: 13.0', 'cuda13'),
+                                           ('CUDA Version: 11.8', None), ('', None), (None, None)])
+def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, banner, extra):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  if banner is not None:
+    smi = bin_dir / 'nvidia-smi'
+    smi.write_text(f'#!/bin/sh\necho "| NVIDIA-SMI 580.0   Driver Version: 580.0   {banner} |"\n')
+    smi.chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:/usr/bin:/bin', DRY_RUN='1')
+  override = "--config.optim.freeze=('layers_[01]/', 'a b')"
+  result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:gpu', 'wd',
+                           override], env=env, capture_output=True, text=True, check=False)
+  if extra is None:
+    assert result.returncode == 2 and result.stderr.startswith('error: ')
+    return
+  install, run = [shlex.split(line) for line in result.stdout.splitlines()]
+  assert install == ['.venv/bin/python', '-m', 'pip', 'install', '--quiet', f'jax[{extra}]=={JAX_VERSION}']
+  assert run == ['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:gpu',
+                 '--workdir=wd', override]

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs a config on a GPU host: the CUDA build of the pinned jax for this host's driver (installed once into .venv),
+# then one process that puts every local GPU in the mesh.
+#   bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]
+# Several hosts: run it on each with --coordinator_address=HOST:PORT --num_processes=N --process_id=I appended, or
+# as the tasks of a SLURM step (srun bash launch/gpu.sh ...), where JAX reads them from SLURM itself.
+# Environment: CUDA_EXTRA=cuda12|cuda13 overrides the choice; DRY_RUN=1 prints the install and run commands only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=${1:?usage: bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]}
+workdir=${2:?usage: bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]}
+shift 2
+if [ -z "${CUDA_EXTRA:-}" ]; then
+  if ! command -v nvidia-smi >/dev/null; then
+    echo "error: nvidia-smi is not on PATH: no NVIDIA driver here (set CUDA_EXTRA=cuda12 or cuda13 to choose)." >&2
+    exit 2
+  fi
+  # The newest CUDA the driver supports, from nvidia-smi's banner ("CUDA Version: 12.4").
+  cuda=$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1)
+  if [ -z "$cuda" ]; then
+    echo "error: nvidia-smi does not report a CUDA version; set CUDA_EXTRA=cuda12 or cuda13." >&2
+    exit 2
+  elif [ "$cuda" -ge 13 ]; then
+    CUDA_EXTRA=cuda13
+  elif [ "$cuda" -ge 12 ]; then
+    CUDA_EXTRA=cuda12
+  else
+    echo "error: the driver supports CUDA $cuda; jax's CUDA builds need 12 or newer: update the driver." >&2
+    exit 2
+  fi
+fi
+jax_version=$(sed -n 's/^jax==//p' requirements.txt)
+install=(.venv/bin/python -m pip install --quiet "jax[$CUDA_EXTRA]==$jax_version")
+run=(.venv/bin/python -m foundation.main --config="$config" --workdir="$workdir" "$@")
+if [ -n "${DRY_RUN:-}" ]; then
+  printf '%q ' "${install[@]}"; echo
+  printf '%q ' "${run[@]}"; echo
+  exit 0
+fi
+bash launch/setup.sh
+stamp=".venv/.jax-$CUDA_EXTRA-$jax_version"
+if [ ! -f "$stamp" ]; then
+  echo "[gpu] installing jax[$CUDA_EXTRA]==$jax_version"
+  "${install[@]}"
+  touch "$stamp"
+fi
+exec "${run[@]}"
