@@ -576,6 +576,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   allow_config_change: top-level (or dotted) config fields a resumed run may change, e.g. ('optim',) to continue
   with a lower learning rate after a non-finite loss; the change is recorded in config_history.jsonl.
   """
+  launched = time.perf_counter()
   prepared = prepare(config, workdir, allow_config_change)
   task, mesh, shardings, tx = prepared.task, prepared.mesh, prepared.shardings, prepared.tx
   is_writer = jax.process_index() == 0
@@ -730,6 +731,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
           tracing = False
           progress.message(f'Profile of steps {profile[0]}-{profile[1]} in {os.path.join(workdir, PROFILE_DIR)} '
                            f'(tensorboard --logdir={workdir}, Profile tab).')
+        if step == start + 1:  # checks, restore, data and compilation: what a user waits for before training
+          jax.block_until_ready(step_metrics)
+          first_step_s = time.perf_counter() - launched
+          progress.message(f'First step done {first_step_s:.1f} s after start (checks, compilation included).')
         pending.append((step, step_metrics, False))
         if len(pending) > MAX_STEPS_IN_FLIGHT:
           jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
@@ -744,6 +749,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
               logged[k] = float(fetched[-1][k])
           if timed:  # the first interval after a (re)start includes compilation: not a throughput figure
             logged.update(_throughput(elapsed / interval_steps, task, config, peak))
+          else:
+            logged['perf/first_step_s'] = first_step_s
           timed = True
           writer.write(step, logged)
           progress.update(step, logged, elapsed / interval_steps)

@@ -383,7 +383,9 @@ def test_profile_steps_write_a_trace_and_bad_ones_are_refused(descending, tmp_pa
   out = capsys.readouterr().out
   # The header counts the state the loop holds: one float32 param, its SGD state is empty; the summary the steps.
   assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1} (jit) | params 1 trainable of 1 |" in out
-  assert 'Done at step 4 (4 steps in' in out and 'Profile of steps 2-3' in out
+  assert 'Done at step 4 (4 steps in' in out and 'Profile of steps 2-3' in out and 'First step done' in out
+  first = [r for r in metrics.read_metrics(str(workdir / 'metrics.jsonl')) if 'perf/first_step_s' in r]
+  assert [r['step'] for r in first] == [1] and first[0]['perf/first_step_s'] > 0  # with the first log line
   traces = list((workdir / train.PROFILE_DIR).rglob('*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
   for bad in [(3, 2), (0, 1), (2, 5), (2,)]:
