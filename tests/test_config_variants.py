@@ -89,7 +89,7 @@ def test_every_variant_builds_alone_and_with_smoke(path, variant, tfds_dir, tmp_
       (source / 'checkpoints').mkdir(parents=True, exist_ok=True)
       (source / 'config.json').write_text(config.to_json_best_effort())
       config.init_from.source = str(source)
-    if config.get('prompt') and not config.prompt.source:
+    if config.task == 'visual_prompt' and not config.prompt.source:
       # Visual prompts read the frozen run's config.json (dry: not its checkpoint): a ViT run for VPT, CLIP else.
       source = tmp_path / 'frozen'
       source.mkdir(exist_ok=True)
