@@ -220,6 +220,12 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints in `workdir`/checkpoints (its step directories), read without orbax."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
 # Written at the end of a run with config.early_stopping: {step, metric, value} of the selected step.
 BEST_FILE = 'best.json'
 

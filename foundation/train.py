@@ -232,8 +232,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   frozen = task.frozen(sources) if task.frozen else {}
   frozen_shardings = sharding.param_shardings(frozen, mesh, rules)
   frozen = nn.unbox(frozen)
-  resuming = any(d.isdigit() for d in os.listdir(os.path.join(workdir, 'checkpoints'))) if os.path.isdir(
-      os.path.join(workdir, 'checkpoints')) else False
+  resuming = bool(checkpoint.saved_steps(workdir))
   init_params = None if resuming else _init_from(config, task, abstract_params, sources)
   try:
     batch = task.train_batches(jax.process_index(), jax.process_count())[0]  # checks shards against the batch
@@ -709,7 +708,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     return out
 
   stop = _StopRequest()
-  last, began = {}, time.perf_counter()
+  last = {}
   profile, tracing = tuple(config.get('profile_steps') or ()), False
   try:
     if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
@@ -786,7 +785,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       last.update(evaluate_best(reached))
     if not interrupted:
       results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}
-      progress.message(f'Done at step {reached} ({reached - start} steps in {time.perf_counter() - began:,.0f} s in '
+      progress.message(f'Done at step {reached} ({reached - start} steps in {time.perf_counter() - launched:,.0f} s in '
                        f'this process); results in {os.path.join(workdir, "metrics.jsonl")}'
                        + (': ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())) if results else '.'))
   finally:  # an error must not leave an async save half-written
@@ -809,8 +808,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   task = prepared.task
   if task.evaluate is None:
     raise ConfigError(f'task {config.task!r} has no evaluation.')
-  directory = os.path.join(workdir, 'checkpoints')
-  saved = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  saved = checkpoint.saved_steps(workdir)
   step = step or checkpoint.selected_step(workdir) or (saved[-1] if saved else 0)
   if step not in saved:
     raise ConfigError(f'{workdir} has no checkpoint of step {step} (it has {saved or "none"}); name one with '

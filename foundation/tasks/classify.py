@@ -155,11 +155,7 @@ def check_saved_encoder(workdir: str, kind: str, cfg, kind_flag: str, fields_fla
     raise FileNotFoundError(f'{what}={workdir!r} has no config.json; name the workdir of a finished SimCLR, '
                             'supervised or CLIP run.')
   with open(path) as f:
-    model = json.load(f)['model']
-  theirs = model.get('image_encoder', model.get('encoder'))
-  fields = model['image'] if 'image_encoder' in model else model.get(theirs)
-  if theirs is None or fields is None:
-    raise ValueError(f'The run in {workdir} has no image encoder in its config (model keys {sorted(model)}).')
+    theirs, fields = saved_encoder(json.load(f)['model'], workdir)
   if theirs != kind:
     raise ValueError(f'The run in {workdir} has a {theirs!r} image encoder; set --{kind_flag}={theirs} and its fields.')
   saved = encoder_config(theirs, fields)
@@ -168,3 +164,13 @@ def check_saved_encoder(workdir: str, kind: str, cfg, kind_flag: str, fields_fla
                      for name, value in sorted(vars(saved).items()) if getattr(cfg, name) != value)
     raise ValueError(f'The image encoder in {workdir} was trained with another architecture; to restore it, set '
                      f'{flags}')
+
+
+def saved_encoder(model: dict, workdir: str) -> tuple[str, dict]:
+  """(kind, config fields) of the image encoder in a run's saved `model` config: model.encoder and its fields for
+  single-encoder runs (SimCLR, classify), model.image_encoder and model.image for two-tower runs (CLIP)."""
+  kind = model.get('image_encoder', model.get('encoder'))
+  fields = model['image'] if 'image_encoder' in model else model.get(kind)
+  if kind is None or fields is None:
+    raise ValueError(f'The run in {workdir} has no image encoder in its config (model keys {sorted(model)}).')
+  return kind, fields

@@ -63,7 +63,7 @@ def build(config) -> Task:
     raise ValueError(f'The run in {cfg.source} takes images of shape {tuple(theirs["image_shape"])}, this task\'s '
                      f'are {image_shape}: pick a source trained on images of this size.')
   aug = augment.check_options(config.augment)
-  source = _Source(saved, config.data.data_dir, cfg.method)
+  source = _Source(saved, cfg.source, config.data.data_dir, cfg.method)
   num_classes = labelled.num_classes
 
   if cfg.method in VPT:
@@ -128,13 +128,10 @@ class _Source:
   """The frozen run: its image encoder (for VPT) or its whole classifier (for pixel prompts), read from its
   config.json. classify(params, images) -> logits over its own classes."""
 
-  def __init__(self, saved: dict, data_dir: str, method: str):
+  def __init__(self, saved: dict, workdir: str, data_dir: str, method: str):
     model, data, task = saved['model'], saved['data'], saved['task']
     self.class_names = images.class_names(data['name'], data_dir, classes=data.get('classes', ()))
-    if task == 'clip':
-      self.encoder_kind, fields = model['image_encoder'], model['image']
-    else:
-      self.encoder_kind, fields = model['encoder'], model[model['encoder']]
+    self.encoder_kind, fields = classify.saved_encoder(model, workdir)
     self.encoder = image_encoder(self.encoder_kind, fields)
     one_image = jnp.zeros((1, *data['image_shape']), jnp.float32)
     if method in VPT:
