@@ -271,8 +271,11 @@ class Sources:
     self.recorded[name] = dict(workdir=os.path.abspath(workdir), path=path, step=int(step), hash=digest)
     return rebox(boxes, tree)
 
-  def load_file(self, name: str, path: str, read: Callable[[str], Any]) -> Any:
-    """`read(path)` of a file source (an imported model such as a GGUF), pinned by the file's sha256."""
+  def load_file(self, name: str, path: str, read: Callable[[str], Any], abstract: Any) -> Any:
+    """`read(path)` of a file source (an imported model such as a GGUF), pinned by the file's sha256; `abstract`
+    (the shapes it must have) is what comes back with dry=True, without reading the file."""
+    if self._dry:
+      return abstract
     digest = file_hash(path)
     pin = self.pinned.get(name)
     if pin and digest != pin['hash']:

@@ -63,6 +63,12 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   return c
 
 
+# Fashion-MNIST's splits with a held-out validation set (the last 10,000 training images), and their small slices
+# for `:smoke` variants.
+FASHION_SPLITS = dict(train_split='train[:50000]', validation_split='train[50000:]', eval_split='test')
+FASHION_SMOKE_SPLITS = dict(validation_split='train[50000:50400]', eval_split='test[:400]')
+
+
 # The image encoders of the 28x28 grayscale configs (Fashion-MNIST, digits), defined once: "the same encoder" in a
 # comparison (SimCLR against supervised, a locked tower, a fine-tuned backbone, a distillation teacher) is then true
 # by construction. Each call returns fresh dicts.

@@ -299,7 +299,7 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
     raise ValueError(f'config.init_from.source={source!r} is not a workdir, and task {config.task!r} imports no '
                      'weight files.')
   else:
-    tree = task.import_params(source, sources)
+    tree = task.import_params(source, sources, want)
   differences = checkpoint.tree_differences(tree, want)
   if differences:
     raise ValueError(f'config.init_from.source={source!r} does not fit config.init_from.target={target!r}: '

@@ -6,9 +6,29 @@ import os
 import subprocess
 import sys
 
-os.environ['XLA_FLAGS'] = ' '.join(
-    [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-    + ['--xla_force_host_platform_device_count=8'])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_DIR = os.path.join(REPO, '.jax_cache')
+# The tests check numbers, not speed, and compiling is most of a cold suite's time: LLVM compiles their programs at
+# -O0, which takes a third less time (every comparison is between runs made with these same flags, or against a
+# numpy reference within a tolerance).
+FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` fake CPU devices, the suite's compile flags and any other flags the caller set."""
+  theirs = [f for f in os.environ.get('XLA_FLAGS', '').split()
+            if 'device_count' not in f and f.split('=')[0] not in {g.split('=')[0] for g in FAST_COMPILE}]
+  return ' '.join([*theirs, *FAST_COMPILE, f'--xla_force_host_platform_device_count={devices}'])
+
+
+def subprocess_env(devices: int = 8, **extra: str) -> dict:
+  """The environment of a run the test starts as a subprocess: `devices` fake CPU devices on the suite's compile
+  flags and compilation cache."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', **extra)
+
+
+os.environ['XLA_FLAGS'] = xla_flags(8)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # MFU's denominator: measuring the CPU's matmul peak takes ~5 s in every run, and a loaded machine (a test suite)
 # never caches it. The tests compare losses, not MFU, so they give it a fixed value (subprocesses inherit it).
@@ -21,8 +41,6 @@ host.keep_freed_memory()  # as foundation.main does: XLA's CPU buffers reuse war
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_DIR = os.path.join(REPO, '.jax_cache')
 jax.config.update('jax_compilation_cache_dir', CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)

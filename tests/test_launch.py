@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from test_train import CACHE_DIR, REPO, logged
+from conftest import REPO, subprocess_env
+from test_train import logged
 
 with open(os.path.join(REPO, 'requirements.txt')) as _f:
   JAX_VERSION = [line.split('==')[1].strip() for line in _f if line.startswith('jax==')][0]
@@ -66,9 +67,8 @@ def fake_cloud(tmp_path, tfds_dir, monkeypatch):
   home = root / 'worker_0'
   home.mkdir()
   (home / 'foundation-venv').symlink_to(os.path.join(REPO, '.venv'))  # the venv the set-up would have built
-  env = dict(os.environ, PATH=f'{root / "bin"}:{os.environ["PATH"]}', FAKE_GCLOUD_ROOT=str(root),
-             FOUNDATION_TPU_STATE=str(root / 'state'), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=tfds_dir,
-             JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = subprocess_env(PATH=f'{root / "bin"}:{os.environ["PATH"]}', FAKE_GCLOUD_ROOT=str(root),
+                       FOUNDATION_TPU_STATE=str(root / 'state'), TFDS_DATA_DIR=tfds_dir)
   return root, env
 
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CACHE_DIR, REPO
+from conftest import REPO, subprocess_env
 from foundation import sweep
 
 SMOKE = 'configs/lm/shakespeare.py:smoke'
@@ -193,9 +193,7 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
 
 def sweep_env():
   """One CPU device and the suite's compilation cache for the runs (they inherit the sweep's environment)."""
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
-              JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', FOUNDATION_CPU_PEAK_FLOPS='1e11')
+  return subprocess_env(1, FOUNDATION_CPU_PEAK_FLOPS='1e11')
 
 
 def fast(data_dir):

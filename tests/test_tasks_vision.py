@@ -81,7 +81,7 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   params = _latest_state(tmp_path / 'source')['params']
   assert {leaf.shape[-1] for leaf in jax.tree.leaves(params['head'])} == {5}
   model = classifier('cnn', source.model.cnn, 5)
-  tx, ty = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test')
+  tx, ty = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split=source.data.eval_split)
   tx, ty = tx[np.isin(ty, classes)], ty[np.isin(ty, classes)] - 5
   logits = np.asarray(jax.jit(model.apply)({'params': params}, tx.astype(np.float32) / 255))
   assert source_results['eval/accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == ty), abs=1e-6)

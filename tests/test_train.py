@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE_DIR, REPO
+from conftest import REPO, subprocess_env
 
 SMOKE = 'configs/lm/shakespeare.py:smoke'
 # 12 steps, a log line every step, checkpoints at 4, 8, 12.
@@ -62,9 +62,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=None, process=None, check=True,
         signal_at=None):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  env = subprocess_env(devices)
   args = [f'--config={config}', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *overrides]
   if kill_at_step is not None:
     env['KILL_AT_STEP'] = str(kill_at_step)

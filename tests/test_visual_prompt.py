@@ -83,7 +83,7 @@ def test_vpt_deep_trains_prompts_and_a_head_on_a_frozen_vit(sources, tfds_dir, t
 
   # The reported test accuracy, recomputed from the saved prompts and head on the source's own encoder weights.
   vit = ViT(ViTConfig.from_dict(sources['supervised_config'].model.vit))
-  x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split='test')
+  x, y = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split=config.data.eval_split)
   features = jax.jit(lambda p, a: vit.apply({'params': p}, a.astype(jnp.float32) / 255,
                                             prompts=state['params']['prompt']))(backbone, x)
   head = state['params']['head']['classifier']

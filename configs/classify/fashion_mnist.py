@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def smoke(c):
   config_base.smoke_loop(c, steps=4, batch=16)
   c.model.cnn.widths = (8, 16)
+  c.data.eval_split = config_base.FASHION_SMOKE_SPLITS['eval_split']
   c.eval.update(probe='ridge', shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400,
                 max_test_examples=200)
 

@@ -31,8 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        checkpoint_every=250)
   c.data = dict(name='fashion_mnist_offline',
                 data_dir=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')),
-                train_split='train[:50000]', validation_split='train[50000:]', eval_split='test',
-                image_shape=(28, 28, 1),
+                **config_base.FASHION_SPLITS, image_shape=(28, 28, 1),
                 train_fraction=1.0,  # < 1: a class-balanced subset of train_split (0.03 = 1,500 images)
                 subset_seed=0)       # draws that subset, independently of config.seed
   c.model = dict(encoder='cnn', cnn=dict(STUDENT_CNN))
@@ -94,8 +93,7 @@ def smoke(c):
   c.model.cnn.widths = (8, 16) if c.model.cnn.widths != tuple(STUDENT_CNN['widths']) else (4, 8)
   c.eval.update(batch_size=200, max_train_examples=200)
   c.data.train_split = 'train[:2000]'
-  c.data.validation_split = 'train[50000:50400]'
-  c.data.eval_split = 'test[:400]'
+  c.data.update(config_base.FASHION_SMOKE_SPLITS)
 
 
 VARIANTS = {'teacher': teacher, 'student': student, 'kd': kd, 'ensemble': ensemble, 'crd': crd, 'crd_kd': crd_kd,

@@ -33,8 +33,7 @@ CLASSIFY_CONFIG = 'configs/classify/fashion_mnist.py'
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = config_base.load(CLASSIFY_CONFIG)  # its encoder, augmentation and optimizer: "the same network"
   c.update(num_train_steps=500, global_batch_size=64, eval_every=50, log_every=50, checkpoint_every=500)
-  c.data.update(train_split='train[:50000]', validation_split='train[50000:]', eval_split='test',
-                shots_per_class=10)
+  c.data.update(**config_base.FASHION_SPLITS, shots_per_class=10)
   c.eval.update(name='transfer', representation=False, batch_size=1000)
   c.early_stopping = dict(metric='eval/validation/accuracy', mode='max', patience=0)
   c.init_from.update(params_path='params/backbone', target='backbone')
@@ -93,7 +92,7 @@ def smoke(c):
   if c.task != 'visual_prompt':
     c.model = config_base.load(CLASSIFY_CONFIG, 'smoke').model
   config_base.smoke_loop(c, steps=4, batch=16)
-  c.data.shots_per_class = 2
+  c.data.update(shots_per_class=2, **config_base.FASHION_SMOKE_SPLITS)
   c.eval.update(batch_size=400, source_probe_examples=min(c.eval.source_probe_examples, 400))
 
 

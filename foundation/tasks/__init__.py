@@ -38,9 +38,10 @@ class Task(NamedTuple):
   # (checkpoint.Sources) -> params that are used but never optimized nor checkpointed with the trainable state
   # (teachers, locked towers, backbones). Read other runs through `sources.load(...)`, which pins them.
   frozen: Callable[[Any], Any] | None = None
-  # (source, checkpoint.Sources) -> params imported from a weight file (a GGUF name or path) for
-  # config.init_from; the task resolves the name and reads the file through `sources.load_file`, which pins it.
-  import_params: Callable[[str, Any], Any] | None = None
+  # (source, checkpoint.Sources, abstract params it replaces) -> params imported from a weight file (a GGUF name or
+  # path) for config.init_from; the task resolves the name and reads the file through `sources.load_file`, which
+  # pins it (and, checking a config dry, reads nothing).
+  import_params: Callable[[str, Any, Any], Any] | None = None
   flops_per_example: float = 0.0   # training model FLOPs per example, for MFU
   # True when the loss couples the examples of a batch (contrastive negatives): the loop then refuses the pmap path
   # and gradient accumulation, which would compute it on a device's share or a microbatch instead.

@@ -31,14 +31,15 @@ def tokenizer_for(name: str):
 
 def import_gguf(model_cfg: TransformerConfig):
   """Task.import_params for GGUF files: the file's architecture must be this config's, field by field."""
-  def import_params(source, sources):
-    cfg, params, _ = sources.load_file('init_from', gguf.resolve_gguf(source), gguf.load_gguf)
+  def import_params(source, sources, abstract):
+    path = gguf.resolve_gguf(source)
+    cfg, _ = gguf.gguf_header(path)
     # max_len only sizes the KV cache: no parameter depends on it.
     differing = {k: v for k, v in cfg.items() if k != 'max_len' and getattr(model_cfg, k) != v}
     if differing:
       raise ValueError(f'{source} holds another architecture than config.model; set '
                        + ' '.join(f'--config.model.{k}={v}' for k, v in sorted(differing.items())))
-    return params
+    return sources.load_file('init_from', path, lambda p: gguf.load_gguf(p)[1], abstract)
   return import_params
 
 

@@ -165,7 +165,8 @@ def build(config) -> Task:
       values = nn.unbox(jax.jit(Transformer(model_cfg).init)(jax.random.key(config.seed),
                                                              jnp.zeros((1, 1), jnp.int32))['params'])
     else:
-      values = sources.load_file('lm', resolve_gguf(config.lm.source), lambda path: load_gguf(path)[1])
+      values = sources.load_file('lm', resolve_gguf(config.lm.source), lambda path: load_gguf(path)[1],
+                                 nn.unbox(abstract['params']))
     # Boxed with the model's logical axis names, so the loop shards the frozen model as it would a trained one.
     return {'lm': checkpoint.rebox(abstract['params'], values)}
 
