@@ -10,14 +10,10 @@ that cannot run (one line on stderr, nothing written; --verbose adds the traceba
 stopped the run (the line says which checkpoint is kept and how to go on).
 """
 
-import re
-import sys
-
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, optionally with :variant.',
-                                          lock_config=True)
+from foundation import cli
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and outputs.')
 _ALLOW_CHANGE = flags.DEFINE_list(
     'allow_config_change', [], 'Config fields (top-level like optim, or dotted like optim.lr) that a resumed run may '
@@ -27,44 +23,20 @@ _EVAL_ONLY = flags.DEFINE_bool(
     'as its final evaluation, test splits included, without training; results in WORKDIR/eval_only/step_N.json.')
 _EVAL_STEP = flags.DEFINE_integer('eval_step', 0, 'With --eval_only: the checkpoint step (0: the step the run '
                                   'selected by early stopping, else its newest).')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Check the config and compile its train step for this machine\'s devices, then print the '
+    'step\'s memory per device, FLOPs and collectives (foundation.plan) without training; --workdir is not needed.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the full traceback of a config error.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0, for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-host run.')
 
 
-def _fail(message: str, status: int):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with each mistake (an unknown --config. key, a wrong type, a missing file or variant) reported
-  as one line and exit status 2 instead of a traceback through ml_collections."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e).strip()
-    _fail(re.sub(r'^\w+Error: ', '', message.splitlines()[-1]) if '--verbose' not in argv else message, 2)
-  except Exception as e:  # pylint: disable=broad-except  (a config file's get_config, or an unknown field)
-    if '--verbose' in argv:
-      raise
-    text = str(e).strip().strip("'").replace('\\n', '\n').replace("\\'", "'")
-    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    if suggestion:
-      wrong = [a.split('=')[0] for a in argv if re.match(rf'--config\.(.+\.)?{re.escape(suggestion[2])}(=|$)', a)]
-      _fail(f'{wrong[0] if wrong else suggestion[2]} is not a field of the config; did you mean '
-            f'"{suggestion[1]}"?', 2)
-    if isinstance(e, (AttributeError, KeyError)):
-      _fail(f'{text.splitlines()[0].strip(chr(34) + chr(39))!r} is not a field of the config.', 2)
-    _fail(text.splitlines()[-1] if text else type(e).__name__, 2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; config fields are set with --config.name=value.', 2)
-  if _CONFIG.value is None or not _WORKDIR.value:
-    _fail('both --config=configs/....py[:variant] and --workdir=DIR are needed.', 2)
+    cli.fail(f'unexpected arguments {argv[1:]}; config fields are set with --config.name=value.', 2)
+  if cli.CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):
+    cli.fail('both --config=configs/....py[:variant] and --workdir=DIR are needed.', 2)
   from foundation import host
   host.keep_freed_memory()  # CPU only; before jax starts its threads and allocates
   # Imported here so that --help and flag errors do not pay for importing jax.
@@ -73,24 +45,30 @@ def main(argv):
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
-    _fail(str(e), 2)
+    cli.fail(str(e), 2)
   logging.set_verbosity(logging.WARNING)
   try:
-    if _EVAL_ONLY.value:
-      results = train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_EVAL_STEP.value)
+    if _DRY_RUN.value:
+      from foundation import plan
+      result, _, _ = plan.run(cli.CONFIG.value, propose=False)
+      if not result.fits:
+        cli.fail('the train step does not fit in this machine\'s memory; python -m foundation.plan proposes changes '
+                 'that do.', 2)
+    elif _EVAL_ONLY.value:
+      results = train.evaluate_checkpoint(cli.CONFIG.value, _WORKDIR.value, step=_EVAL_STEP.value)
       if jax.process_index() == 0:
         print('\n'.join(f'{k} {v:.6g}' for k, v in sorted(results.items())), flush=True)
     else:
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+      train.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
   except train.ConfigError as e:
     if _VERBOSE.value:
       raise
-    _fail(f'{e} (nothing was written; --verbose shows the traceback)', 2)
+    cli.fail(f'{e} (nothing was written; --verbose shows the traceback)', 2)
   except train.NonFiniteError as e:
     if _VERBOSE.value:
       raise
-    _fail(str(e), 1)
+    cli.fail(str(e), 1)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -162,18 +162,21 @@ class Prepared:
   record: dict            # the config.json to write: the resolved config plus RECORD_FIELDS
   changes: dict           # field -> [old, new] accepted through allow_config_change
   state_bytes_per_device: int  # params and optimizer state (activations come on top)
+  batch: Any              # the global batch's shapes and dtypes (jax.ShapeDtypeStruct)
 
 
-def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False) -> Prepared:
+def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
+            devices: Sequence[jax.Device] | None = None) -> Prepared:
   """Every check that can fail because of the config, data or workdir, before anything is written.
 
   Raises ConfigError with one line that says what to change. In a multi-process run every process prepares and
   they agree: if one refuses, all do. `dry=True` reads no other run's checkpoint (frozen sources stay abstract),
-  for checking configs whose sources do not exist here.
+  for checking configs whose sources do not exist here. `devices` (default: all of this run's) are those the mesh
+  spans: foundation.plan passes a TPU topology's, whose memory it checks itself against the chip's.
   """
   error = None
   try:
-    prepared = _prepare(config, workdir, tuple(allow_config_change), dry)
+    prepared = _prepare(config, workdir, tuple(allow_config_change), dry, devices)
   except ConfigError as e:
     error = e
   except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, NotADirectoryError) as e:
@@ -192,13 +195,15 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False) 
   return prepared
 
 
-def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Prepared:
+def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, devices) -> Prepared:
   if '://' in workdir:
     raise ConfigError(f'--workdir={workdir}: the workdir must be a filesystem path (metrics.jsonl is appended to). '
                       'On a TPU pod slice, mount a bucket on every worker (gcsfuse) and pass the mount point; '
                       'data_dir may be a gs:// path.')
-  validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
+  local = devices is None
+  devices = jax.devices() if local else list(devices)
+  validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.get('sharding_rules'))
   if config.parallelism == 'pmap':
     rules = tuple((name, None) for name, _ in rules)  # pmap replicates everything
@@ -227,7 +232,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
   tx, schedule = optim.make_optimizer(config.optim, nn.unbox(abstract_params), config.num_train_steps)
   shardings = _state_shardings(abstract_params, tx, mesh, rules)
   abstract_state = jax.eval_shape(lambda rng: _init_state(task, tx, rng), jax.random.key(0))
-  state_bytes = _check_memory(abstract_state, shardings)
+  state_bytes = _check_memory(abstract_state, shardings) if local else _bytes_per_device(abstract_state, shardings)
   sources = checkpoint.Sources(previous.get('frozen_sources') if previous else None, dry=dry)
   frozen = task.frozen(sources) if task.frozen else {}
   frozen_shardings = sharding.param_shardings(frozen, mesh, rules)
@@ -262,7 +267,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool) -> Pre
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
                   frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes,
-                  state_bytes_per_device=state_bytes)
+                  state_bytes_per_device=state_bytes, batch=global_batch)
 
 
 def _subtree(tree: Any, target: str, what: str) -> Any:
@@ -327,8 +332,7 @@ def _check_memory(abstract_state, shardings) -> int:
   """Refuses a train state that cannot fit: per device, the parameters and optimizer state alone (activations
   come on top) against the device's memory, or on CPU against the machine's RAM shared by its devices. Returns
   those bytes per device."""
-  per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-                   for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)))
+  per_device = _bytes_per_device(abstract_state, shardings)
   device = jax.local_devices()[0]
   stats = device.memory_stats() if device.platform != 'cpu' else None
   if stats and stats.get('bytes_limit'):
@@ -341,6 +345,11 @@ def _check_memory(abstract_state, shardings) -> int:
                       f'the {limit / 2**30:.1f} GiB of {where}; shrink the model, or shard it with '
                       '--config.mesh.fsdp (or tensor) over more devices.')
   return per_device
+
+
+def _bytes_per_device(abstract: Any, shardings: Any) -> int:
+  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+             for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
 
 
 def _write_config(prepared: Prepared, workdir: str, resume_step: int | None) -> None:
@@ -469,6 +478,22 @@ class _Jit:
 
   def context(self):
     return _mesh_context(self.mesh, self.rules)
+
+
+def lower_train_step(prepared: Prepared, config) -> jax.stages.Lowered:
+  """The train step of the jit path, lowered for `prepared.mesh` from shapes alone (nothing is allocated): the
+  program a run compiles, for foundation.plan to compile for devices this machine may not have."""
+  task, tx, shardings = prepared.task, prepared.tx, prepared.shardings
+  runner = _Jit(make_train_step(task, tx, prepared.schedule, config, axis_name=None), prepared.mesh, prepared.rules,
+                shardings)
+  state = checkpoint.abstract_with_shardings(jax.eval_shape(lambda rng: _init_state(task, tx, rng),
+                                                            jax.random.key(0)), shardings)
+  frozen = checkpoint.abstract_with_shardings(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), prepared.frozen), prepared.frozen_shardings)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
+      prepared.mesh)), prepared.batch)
+  with runner.context():
+    return runner.step.lower(state, frozen, batch)
 
 
 @contextlib.contextmanager

@@ -219,12 +219,7 @@ def smoke_config(movie_dir, variants='smoke', **overrides):
   config = load_config('configs/adapt/movie_sentiment.py').get_config(variants)
   config.data.data_dir = movie_dir
   config.lm.random_model.init_std = 0.3  # peaked predictions: both classes get predicted
-  for name, value in overrides.items():
-    *parents, leaf = name.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -28,7 +28,7 @@ STEPS = ('--config.num_train_steps=12', '--config.log_every=1', '--config.checkp
 KILLING_MAIN = """
 import os, signal, sys
 from absl import app
-from foundation import checkpoint, main
+from foundation import checkpoint, cli, main
 save = checkpoint.Checkpointer.save
 def save_then_die(self, step, *args):
   saved = save(self, step, *args)
@@ -37,7 +37,7 @@ def save_then_die(self, step, *args):
   return saved
 checkpoint.Checkpointer.save = save_then_die
 sys.argv[0] = 'foundation.main'
-app.run(main.main, flags_parser=main.parse_flags)
+app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 
@@ -46,7 +46,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 SIGNALLING_MAIN = """
 import os, signal, sys
 from absl import app
-from foundation import main, train
+from foundation import cli, main, train
 steps = {int(s) for s in os.environ['SIGNAL_AT_STEPS'].split(',')}
 sig = getattr(signal, os.environ['SIGNAL'])
 asked = train._StopRequest.__call__
@@ -56,7 +56,7 @@ def signal_then_ask(self, step):
   return asked(self, step)
 train._StopRequest.__call__ = signal_then_ask
 sys.argv[0] = 'foundation.main'
-app.run(main.main, flags_parser=main.parse_flags)
+app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 

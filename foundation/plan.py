@@ -1,0 +1,339 @@
+r"""Ahead-of-time plan: compile a config's real train step for a TPU slice (or this machine's devices) here, and
+report what one step needs per chip before a run is launched.
+
+  python -m foundation.plan --config=configs/lm/shakespeare.py:gpu --topology=v5e:4x4
+  python -m foundation.plan --config=configs/lm/shakespeare.py:gpu --topology=v5p:2x2x4 --config.mesh.fsdp=-1 \
+      --config.mesh.data=1
+  python -m foundation.plan --config=configs/lm/shakespeare.py:smoke     # this machine's devices
+
+It prints per-device memory (arguments, outputs, aliased donations, temporaries) against the chip's HBM, the model's
+FLOPs and XLA's FLOPs per step, the bytes of every collective, and a roofline projection of the step time and MFU at
+the chip's peak. A step that does not fit is reported as such, with the first of these changes that does, each
+compiled to check it: the parameters sharded over every chip (fsdp), rematerialised blocks, gradient accumulation.
+
+TPU topologies need XLA's TPU compiler, libtpu, installed apart from the environment (so that nothing else loads
+it): `.venv/bin/pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt`. Nothing runs on a TPU;
+the compiler runs on this CPU (a 1B-parameter step for 256 chips compiles in about a minute). The config's dataset
+must be prepared (one batch gives the step's input shapes); its other runs (teachers, pretrained weights) need not
+exist: their config.json suffices, as for a dry check. `python -m foundation.main --dry_run` plans this machine's
+devices without training.
+
+Exit status: 0 when the step fits (or a proposal does), 1 when nothing fits, 2 for a flag or config that cannot run.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+
+# libtpu is installed apart from the environment's packages (launch/test.sh; README), so that runs on this machine
+# never load the TPU runtime: pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt
+TPU_COMPILER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.venv', 'tpu-compiler')
+if os.path.isdir(TPU_COMPILER_DIR) and TPU_COMPILER_DIR not in sys.path:
+  sys.path.append(TPU_COMPILER_DIR)
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip as Cloud TPU's system-architecture pages give it. Peak FLOP/s come from
+  foundation.metrics.PEAK_FLOPS_BF16, which MFU uses everywhere."""
+  hbm_bytes: float
+  hbm_bytes_per_s: float
+  ici_bytes_per_s: float       # bidirectional, per chip
+  dims: int                    # 2: a 2-D torus (v5e, v6e); 3: 3-D (v4, v5p)
+  chip_config: str = 'default'
+
+
+CHIPS = {
+    'v4': Chip(32 * GiB, 1200e9, 270e9, 3, 'megacore'),  # ICI: the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips
+    'v5e': Chip(16 * GiB, 819e9, 400e9, 2),
+    'v5p': Chip(95 * GiB, 2765e9, 1200e9, 3),
+    'v6e': Chip(32 * GiB, 1638e9, 800e9, 2),
+}
+FULL_POD_SIDE = {'v4': 16, 'v5e': 16, 'v5p': 16, 'v6e': 16}  # a dimension this long wraps around (a torus)
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'c128': 16}
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> list:
+  """The devices of a TPU slice named like 'v5e:4x4' (chips, as gcloud's --accelerator-type counts them for v5e and
+  v6e; v4 and v5p give three dimensions), for compiling only."""
+  generation, _, shape = topology.partition(':')
+  if generation not in CHIPS or not re.fullmatch(r'\d+(x\d+)+', shape):
+    raise ValueError(f'--topology={topology!r}: expected GENERATION:AxB[xC] with GENERATION one of {sorted(CHIPS)}, '
+                     'e.g. v5e:4x4 or v5p:2x2x4.')
+  dims = [int(d) for d in shape.split('x')]
+  chip = CHIPS[generation]
+  if len(dims) != chip.dims:
+    raise ValueError(f'--topology={topology!r}: {generation} slices have {chip.dims} dimensions, e.g. '
+                     f'{generation}:{"x".join(["2"] * chip.dims)}.')
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # not on a Cloud TPU VM: do not ask its metadata server
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{generation}-{_num_chips(dims)}')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    dims3 = (dims + [1])[:3]
+    description = topologies.get_topology_desc(
+        platform='tpu', topology_name=topology, chip_config_name=chip.chip_config,
+        chips_per_host_bounds=tuple(min(d, b) for d, b in zip(dims3, (2, 2, 1))), num_slices=num_slices,
+        wrap=tuple(d >= FULL_POD_SIDE[generation] for d in dims3))
+  except Exception as e:  # pylint: disable=broad-except  (no libtpu, or a shape the compiler refuses)
+    if 'tpu' in str(e).lower() and ('not found' in str(e).lower() or 'unknown backend' in str(e).lower()):
+      raise ValueError('planning for a TPU needs XLA\'s TPU compiler: pip install --no-deps --target '
+                       '.venv/tpu-compiler -r requirements-plan.txt') from e
+    raise ValueError(f'--topology={topology!r}: {str(e).splitlines()[0]}') from e
+  return list(description.devices)
+
+
+def _num_chips(dims) -> int:
+  n = 1
+  for d in dims:
+    n *= d
+  return n
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes each kind of collective produces per device per step, from the compiled (per-device) HLO: the result
+  shapes of every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute (their -start halves
+  where XLA made them asynchronous), times the trip count of the loops they sit in (a scanned layer stack's
+  gradients are reduced once per layer; the count is the constant the loop's condition compares with)."""
+  computations, current, entry = {}, None, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
+    if header:
+      current = header.group(2)
+      computations[current] = []
+      entry = current if header.group(1) else entry
+    elif line.startswith('}'):
+      current = None
+    elif current:
+      computations[current].append(line)
+  pattern = re.compile(r'=\s*(.+?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
+  totals = dict.fromkeys(COLLECTIVES, 0)
+
+  def visit(name: str, times: int, depth: int = 0):
+    for line in computations.get(name, ()):
+      match = pattern.search(line)
+      if match:
+        shapes = re.findall(r'(\w+)\[([\d,]*)\]', match.group(1))
+        if match.group(3) and len(shapes) > 1 and match.group(2) != 'all-reduce':
+          shapes = shapes[len(shapes) // 2:]  # an async start's result is (operands, outputs): count the outputs
+        totals[match.group(2)] += times * sum(_DTYPE_BYTES.get(dtype, 4) * _num_chips(int(d) for d in dims.split(',')
+                                                                                       if d) for dtype, dims in shapes)
+      loop = re.search(r'\swhile\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
+      if loop and depth < 8:
+        bounds = re.findall(r's32\[\][^=]*constant\((\d+)\)', '\n'.join(computations.get(loop.group(1), ())))
+        visit(loop.group(2), times * (int(bounds[0]) if len(bounds) == 1 else 1), depth + 1)
+      for called in re.findall(r'(?:calls|branch_computations)=\{?%?([\w.\-]+)', line):
+        if depth < 8:
+          visit(called, times, depth + 1)
+
+  if entry:
+    visit(entry, 1)
+  return totals
+
+
+@dataclasses.dataclass
+class Plan:
+  devices: int
+  device_kind: str
+  mesh: dict
+  compile_s: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  state_bytes: int            # params and optimizer state alone, per device
+  memory_limit: float
+  model_flops: float          # per device per step (the task's analytic count; 0 where it has none)
+  xla_flops: float            # per device per step, as XLA counts them (a scanned layer stack counts once)
+  bytes_accessed: float       # per device per step, XLA's count
+  collectives: dict
+  peak_flops: float | None    # per device
+  chip: Chip | None
+
+  @property
+  def bytes_per_device(self) -> int:
+    """What the step holds at its peak: its inputs, its outputs less the donated inputs they reuse, and its
+    temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.bytes_per_device <= self.memory_limit
+
+  def summary(self) -> dict[str, Any]:
+    """Every number of the report, for scripts (--json)."""
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k != 'chip'}
+    return {**fields, 'bytes_per_device': self.bytes_per_device, 'fits': self.fits, 'projection': self.projection()}
+
+  def projection(self) -> dict[str, float] | None:
+    """A roofline estimate of one step (s): compute at the chip's peak, HBM traffic at its bandwidth, and
+    collectives at its ICI bandwidth without overlap; MFU = model FLOPs / (step time x peak)."""
+    if not self.peak_flops:
+      return None
+    compute = max(self.model_flops, self.xla_flops) / self.peak_flops
+    memory = self.bytes_accessed / self.chip.hbm_bytes_per_s if self.chip else 0.0
+    network = sum(self.collectives.values()) / self.chip.ici_bytes_per_s if self.chip else 0.0
+    step = max(compute, memory) + network
+    return dict(step_s=step, compute_s=compute, hbm_s=memory, ici_s=network,
+                mfu=self.model_flops / (step * self.peak_flops) if step else 0.0)
+
+
+def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip | None = None) -> Plan:
+  """Compiles `config`'s train step for `devices` (a TPU topology's, or this machine's) and measures it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from foundation import metrics, train  # pylint: disable=g-import-not-at-top
+  if config.parallelism != 'jit':
+    raise train.ConfigError(f'config.parallelism={config.parallelism!r}: the plan compiles the sharded (jit) step; '
+                            'set --config.parallelism=jit.')
+  with tempfile.TemporaryDirectory() as workdir:  # prepare writes nothing; it only needs a path to look at
+    prepared = train.prepare(config, os.path.join(workdir, 'run'), dry=True, devices=devices)
+  started = time.perf_counter()
+  lowered = train.lower_train_step(prepared, config)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - started
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  peak = metrics.peak_flops(devices)
+  if memory_limit is None:
+    memory_limit = chip.hbm_bytes if chip else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices)
+  return Plan(
+      devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(prepared.mesh.shape), compile_s=compile_s,
+      argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+      state_bytes=prepared.state_bytes_per_device, memory_limit=memory_limit,
+      model_flops=prepared.task.flops_per_example * config.global_batch_size / len(devices),
+      xla_flops=float(cost.get('flops', 0.0)), bytes_accessed=float(cost.get('bytes accessed', 0.0)),
+      collectives=collective_bytes(compiled.as_text()), peak_flops=peak / len(devices) if peak else None, chip=chip)
+
+
+def proposals(config, num_devices: int) -> list[dict[str, Any]]:
+  """Config changes that lower memory per device, each adding to the one before: the parameters and optimizer state
+  sharded over every device, rematerialised blocks (models that have them), then 2, 4 and 8 microbatches."""
+  changes, out = {}, []
+  if config.mesh.fsdp != num_devices and config.mesh.fsdp != -1:
+    changes = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
+    out.append(dict(changes))
+  if config.get('model', {}).get('remat', 'full') != 'full':
+    changes = {**changes, 'model.remat': 'full'}
+    out.append(dict(changes))
+  for k in (2, 4, 8):
+    if config.global_batch_size % (k * config.grad_accum_steps) == 0:
+      out.append({**changes, 'grad_accum_steps': config.grad_accum_steps * k})
+  return out
+
+
+def with_changes(config, changes: dict[str, Any]):
+  new = config.copy_and_resolve_references()
+  new.update_from_flattened_dict(changes)
+  return new
+
+
+def flags_of(changes: dict[str, Any]) -> str:
+  return ' '.join(f'--config.{k}={v}' for k, v in changes.items())
+
+
+def _bytes(b: float) -> str:
+  return f'{b / GiB:,.2f} GiB' if abs(b) >= GiB else f'{b / 2**20:,.1f} MiB'
+
+
+def _seconds(s: float) -> str:
+  return f'{s * 1e3:,.1f} ms' if s >= 1e-3 else f'{s * 1e6:,.1f} us'
+
+
+def report(p: Plan, what: str) -> str:
+  mem = _bytes
+  lines = [
+      f'{what}: {p.devices} x {p.device_kind}, mesh {p.mesh}; the train step compiled in {p.compile_s:.1f} s',
+      f'memory per device: arguments {mem(p.argument_bytes)} (params + optimizer state {mem(p.state_bytes)}), '
+      f'outputs {mem(p.output_bytes)}, donated {mem(p.alias_bytes)}, temporaries {mem(p.temp_bytes)} -> '
+      f'{mem(p.bytes_per_device)} of {mem(p.memory_limit)}: '
+      + ('fits' if p.fits else f'DOES NOT FIT (by {mem(p.bytes_per_device - p.memory_limit)})'),
+      f'FLOPs per device per step: model {p.model_flops:.3g}, XLA {p.xla_flops:.3g} (XLA counts a scanned layer '
+      'stack once)',
+      'collectives per device per step: ' + (', '.join(f'{k} {mem(v)}' for k, v in p.collectives.items() if v)
+                                                 or 'none'),
+  ]
+  projected = p.projection()
+  if projected:
+    lines.append(f'projected step (roofline, collectives not overlapped): {_seconds(projected["step_s"])} (compute '
+                 f'{_seconds(projected["compute_s"])}, HBM {_seconds(projected["hbm_s"])}, ICI '
+                 f'{_seconds(projected["ici_s"])}) -> MFU at most {projected["mfu"]:.0%} at {p.peak_flops / 1e12:,.3g} '
+                 'TFLOP/s per device')
+  return '\n'.join(lines)
+
+
+def run(config, topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, propose: bool = True,
+        say=print) -> tuple[Plan, dict | None, Plan | None]:
+  """Plans `config` for `topology` (empty: the local devices), prints the report and, if the step does not fit,
+  the first proposal that does. Returns (the plan, the fitting changes or None, the plan with them or None)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if topology:
+    devices, chip = tpu_devices(topology, num_slices), CHIPS[topology.split(':')[0]]
+  else:
+    devices, chip = jax.devices(), None
+  where = topology + (f' x {num_slices} slices' if num_slices > 1 else '') if topology else 'this machine'
+  limit = hbm_gib * GiB if hbm_gib else None
+  result = plan(config, devices, memory_limit=limit, chip=chip)
+  say(report(result, where))
+  if result.fits or not propose:
+    return result, None, None
+  for changes in proposals(config, len(devices)):
+    candidate = plan(with_changes(config, changes), devices, memory_limit=limit, chip=chip)
+    say(f'  with {flags_of(changes)}: {candidate.bytes_per_device / GiB:.2f} GiB per device'
+        + (', fits' if candidate.fits else ''))
+    if candidate.fits:
+      say(f'proposal: add {flags_of(changes)}\n' + report(candidate, where + ' with the proposal'))
+      return result, changes, candidate
+  say('no proposal fits: use more chips (--topology), a smaller model or a smaller global batch.')
+  return result, None, None
+
+
+def _define_flags():
+  """The plan's own flags, beside foundation.main's --config (defined when this runs as a program only)."""
+  flags.DEFINE_string('topology', '', 'A TPU slice, e.g. v5e:2x2, v5e:16x16, v4:2x2x2, v5p:4x4x4, v6e:8x8 (empty: '
+                      'this machine\'s devices).')
+  flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over the data-center network (multislice).')
+  flags.DEFINE_float('hbm_gib', 0.0, 'Memory per device to plan for, in GiB (0: the chip\'s HBM; less leaves '
+                     'headroom).')
+  flags.DEFINE_bool('propose', True, 'When the step does not fit, compile changes until one fits.')
+  flags.DEFINE_string('json', '', 'Also write the numbers to this file: {"plan": ..., "proposal": {field: value} or '
+                      'null, "proposed": the plan with the proposal or null}.')
+
+
+def main(argv):
+  from foundation import cli, train  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; config fields are set with --config.name=value.', 2)
+  if cli.CONFIG.value is None:
+    cli.fail('--config=configs/....py[:variant] is needed.', 2)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    result, proposal, proposed = run(cli.CONFIG.value, f.topology, f.num_slices, f.hbm_gib, f.propose)
+  except (train.ConfigError, ValueError) as e:
+    cli.fail(str(e), 2)
+  if f.json:
+    with open(f.json, 'w') as out:
+      json.dump({'plan': result.summary(), 'proposal': proposal, 'proposed': proposed and proposed.summary()}, out,
+                indent=1)
+  sys.exit(0 if result.fits or proposal else 1)
+
+
+if __name__ == '__main__':
+  from foundation import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

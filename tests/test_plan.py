@@ -1,0 +1,120 @@
+"""foundation.plan: the train step compiled ahead of time for a TPU slice this machine does not have (XLA's TPU
+compiler, libtpu from requirements-plan.txt, which launch/test.sh installs), its memory and collectives against
+closed forms, a proposal for a step that does not fit, and --dry_run of foundation.main on the local devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, subprocess_env
+from foundation import plan
+from foundation.models.transformer import Transformer, TransformerConfig
+from test_configs import load
+
+SMOKE = 'configs/lm/shakespeare.py:smoke'
+
+# Hand-written HLO: an all-reduce at the top level; a loop of 5 iterations whose body gathers asynchronously (the
+# start's result is (operand, output)) and reduce-scatters.
+HLO = """HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %v = f32[4]{0} get-tuple-element(%p), index=1
+  %ag = (f32[4]{0}, f32[16]{0:T(256)}) all-gather-start(%v), dimensions={0}
+  %agd = f32[16]{0} all-gather-done(%ag)
+  %rs = bf16[8]{0} reduce-scatter(%w), dimensions={0}, to_apply=%add
+  ROOT %t = (s32[], f32[4]) tuple(%i, %v)
+}
+
+ENTRY %main (a: f32[10,10]) -> f32[10,10] {
+  %a = f32[10,10]{1,0} parameter(0)
+  %ar = f32[10,10]{1,0:T(8,128)} all-reduce(%a), channel_id=1, to_apply=%add
+  %w = (s32[], f32[4]) while(%t0), condition=%cond, body=%body
+  ROOT %r = f32[10,10]{1,0} copy(%ar)
+}
+"""
+
+
+def test_collective_bytes_count_loop_bodies_once_per_iteration():
+  assert plan.collective_bytes(HLO) == {'all-reduce': 10 * 10 * 4, 'all-gather': 5 * 16 * 4,
+                                        'reduce-scatter': 5 * 8 * 2, 'all-to-all': 0, 'collective-permute': 0}
+
+
+def run_plan(tmp_path, tfds_dir, *args, module='foundation.plan'):
+  out = tmp_path / f'plan{len(list(tmp_path.glob("plan*.json")))}.json'
+  result = subprocess.run([sys.executable, '-m', module, f'--config={SMOKE}', f'--config.data.data_dir={tfds_dir}',
+                           *args, *([f'--json={out}'] if module == 'foundation.plan' else [])],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  numbers = json.loads(out.read_text()) if out.exists() else None
+  return result, numbers
+
+
+@pytest.fixture(scope='module')
+def smoke_params():
+  cfg = TransformerConfig.from_dict(load('configs/lm/shakespeare.py').get_config('smoke').model)
+  shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  return count(shapes['params']), count(shapes['params']['embedding'])
+
+
+def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds_dir, smoke_params):
+  params, embedding = smoke_params
+  result, numbers = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  p = numbers['plan']
+  assert p['devices'] == 4 and 'v5' in p['device_kind'] and p['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  for line in ('memory per device', 'FLOPs per device per step', 'collectives per device per step',
+               'projected step'):
+    assert line in result.stdout
+  # Data parallel: every device holds the f32 params and Adam's two moments (plus the step counters), and the
+  # gradient of every param is all-reduced (the tied embedding's two uses, lookup and output projection, may be
+  # reduced apart), plus the loss and a few scalars.
+  assert 12 * params <= p['state_bytes'] <= 12 * params + 64
+  assert 4 * params <= p['collectives']['all-reduce'] <= 4 * (params + embedding) + 1024
+  assert p['fits'] and p['memory_limit'] == 16 * 2**30 and p['model_flops'] > 0
+
+  # A limit below the data-parallel step: sharding the state over the 4 chips (fsdp) is proposed, compiled, fits.
+  limit = 0.8 * p['bytes_per_device'] / 2**30
+  result, numbers = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2', f'--hbm_gib={limit}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'DOES NOT FIT' in result.stdout and 'proposal: add --config.mesh.data=1 --config.mesh.fsdp=-1' in result.stdout
+  assert not numbers['plan']['fits'] and numbers['proposed']['fits']
+  assert numbers['proposal']['mesh.fsdp'] == -1 and numbers['proposed']['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert numbers['proposed']['state_bytes'] < p['state_bytes'] / 2
+  # The proposal, given on the command line, is the plan it printed.
+  flags = [f'--config.{k}={v}' for k, v in numbers['proposal'].items()]
+  result, again = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2', f'--hbm_gib={limit}', *flags)
+  assert result.returncode == 0 and again['plan']['fits']
+  assert again['plan']['bytes_per_device'] == numbers['proposed']['bytes_per_device']
+
+  # Bad input: one line, status 2.
+  result, _ = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2x2')
+  assert result.returncode == 2 and 'v5e slices have 2 dimensions' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_plans_the_local_devices_and_writes_nothing(tmp_path, tfds_dir):
+  result, _ = run_plan(tmp_path, tfds_dir, '--dry_run', module='foundation.main')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "this machine: 8 x cpu, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout
+  assert 'memory per device' in result.stdout and 'fits' in result.stdout
+  assert not os.listdir(tmp_path)
