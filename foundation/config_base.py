@@ -56,6 +56,10 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   # (0 = never). At the end the selected step is restored and evaluated once more as the result: best/<metric>.
   c.early_stopping = dict(metric='', mode='max', patience=0)
   c.profile_steps = ()                      # (first, last): a jax.profiler trace of those steps in WORKDIR/profile
+  # The footprint a run reports at its end (compute/... in metrics.jsonl): power per device (0: foundation/metrics.py's
+  # table for the device kind), the data centre's power usage effectiveness, and the grid's carbon intensity (a
+  # world-average-like default: set your region's).
+  c.energy = dict(device_watts=0.0, pue=1.1, grid_gco2e_per_kwh=400.0)
   for name, value in fields.items():
     if name not in c:
       raise ValueError(f'loop() has no field {name!r}; known: {sorted(c)}')

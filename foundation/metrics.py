@@ -92,6 +92,37 @@ def peak_flops(devices: Sequence[jax.Device]) -> float | None:
   return None
 
 
+# Power per device in watts, for the energy estimate: TPU v4's measured mean (Cloud TPU's v4 page: 90/170/192 W
+# min/mean/max) and NVIDIA's SXM board TDPs. Google publishes no power figures for v5e, v5p or v6e: there, set
+# config.energy.device_watts, or no energy is reported.
+DEVICE_WATTS = (('TPU v4', 170.0), ('A100', 400.0), ('H100', 700.0), ('H200', 700.0))
+# CPU devices share the machine's cores: its power is the cores' share of the package TDP (an AMD EPYC 9654, this
+# machine's Zen 4 family: 360 W over 96 cores).
+CPU_WATTS_PER_CORE = 360.0 / 96
+
+
+def device_watts(devices: Sequence[jax.Device], watts_per_device: float = 0.0) -> float:
+  """The power of all `devices` together (W): `watts_per_device` if set, else the tables above; 0 if unknown."""
+  if watts_per_device:
+    return watts_per_device * len(devices)
+  if devices[0].platform == 'cpu':
+    return CPU_WATTS_PER_CORE * (os.cpu_count() or 1)
+  kind = devices[0].device_kind.lower()
+  return next((w * len(devices) for name, w in DEVICE_WATTS if name.lower() in kind), 0.0)
+
+
+def footprint(devices: Sequence[jax.Device], seconds: float, model_flops: float, energy_cfg) -> dict[str, float]:
+  """Model FLOPs, device-hours, and where the power is known the energy (kWh, times the data centre's PUE) and
+  its emissions (kg CO2e at the grid's intensity) of `seconds` on `devices`."""
+  hours = seconds / 3600
+  out = {'compute/model_flops': model_flops, 'compute/device_hours': len(devices) * hours}
+  watts = device_watts(devices, energy_cfg.device_watts)
+  if watts:
+    kwh = watts * hours / 1000 * energy_cfg.pue
+    out |= {'compute/energy_kwh': kwh, 'compute/co2e_kg': kwh * energy_cfg.grid_gco2e_per_kwh / 1000}
+  return out
+
+
 def forward_flops(fn, *args) -> float:
   """FLOPs of one call of fn(*args) as XLA counts them (args may be ShapeDtypeStructs); compiles, runs nothing.
 

@@ -161,6 +161,8 @@ class Plan:
   collectives: dict
   peak_flops: float | None    # per device
   chip: Chip | None
+  num_train_steps: int = 0
+  footprint: dict | None = None  # a full run at the projected step time (metrics.footprint), where projected
 
   @property
   def bytes_per_device(self) -> int:
@@ -180,7 +182,7 @@ class Plan:
   def projection(self) -> dict[str, float] | None:
     """A roofline estimate of one step (s): compute at the chip's peak, HBM traffic at its bandwidth, and
     collectives at its ICI bandwidth without overlap; MFU = model FLOPs / (step time x peak)."""
-    if not self.peak_flops:
+    if not self.peak_flops or not self.chip:  # this machine's devices: no memory or network figures to project with
       return None
     compute = max(self.model_flops, self.xla_flops) / self.peak_flops
     memory = self.bytes_accessed / self.chip.hbm_bytes_per_s if self.chip else 0.0
@@ -209,14 +211,20 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
   peak = metrics.peak_flops(devices)
   if memory_limit is None:
     memory_limit = chip.hbm_bytes if chip else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices)
-  return Plan(
+  result = Plan(
       devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(prepared.mesh.shape), compile_s=compile_s,
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       state_bytes=prepared.state_bytes_per_device, memory_limit=memory_limit,
       model_flops=prepared.task.flops_per_example * config.global_batch_size / len(devices),
       xla_flops=float(cost.get('flops', 0.0)), bytes_accessed=float(cost.get('bytes accessed', 0.0)),
-      collectives=collective_bytes(compiled.as_text()), peak_flops=peak / len(devices) if peak else None, chip=chip)
+      collectives=collective_bytes(compiled.as_text()), peak_flops=peak / len(devices) if peak else None, chip=chip,
+      num_train_steps=config.num_train_steps)
+  projected = result.projection()
+  if projected:
+    result.footprint = metrics.footprint(devices, projected['step_s'] * config.num_train_steps,
+                                         result.model_flops * len(devices) * config.num_train_steps, config.energy)
+  return result
 
 
 def proposals(config, num_devices: int) -> list[dict[str, Any]]:
@@ -272,6 +280,13 @@ def report(p: Plan, what: str) -> str:
                  f'{_seconds(projected["compute_s"])}, HBM {_seconds(projected["hbm_s"])}, ICI '
                  f'{_seconds(projected["ici_s"])}) -> MFU at most {projected["mfu"]:.0%} at {p.peak_flops / 1e12:,.3g} '
                  'TFLOP/s per device')
+  if p.footprint:
+    f = p.footprint
+    lines.append(f'a full run of {p.num_train_steps:,} steps at that speed: {f["compute/model_flops"]:.3g} model FLOPs, '
+                 f'{f["compute/device_hours"]:,.3g} device-hours, ' + (
+                     f'~{f["compute/energy_kwh"]:,.3g} kWh, ~{f["compute/co2e_kg"]:,.3g} kg CO2e (config.energy)'
+                     if 'compute/energy_kwh' in f else
+                     'energy unknown for this chip: set --config.energy.device_watts'))
   return '\n'.join(lines)
 
 

@@ -108,7 +108,8 @@ def validate(config, num_devices: int) -> None:
 
 # How a run executes, or where it reads from, not what it computes: a resumed run may change these (move to another
 # mesh, machine or account). Dotted names are fields inside a section.
-RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir', 'profile_steps')
+RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir', 'profile_steps',
+                  'energy')
 # Where config.profile_steps writes its jax.profiler trace, inside the workdir (TensorBoard's profile tab reads it).
 PROFILE_DIR = 'profile'
 
@@ -810,8 +811,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       last.update(evaluate_best(reached))
     if not interrupted:
       results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}
-      progress.message(f'Done at step {reached} ({reached - start} steps in {time.perf_counter() - launched:,.0f} s in '
-                       f'this process); results in {os.path.join(workdir, "metrics.jsonl")}'
+      seconds = time.perf_counter() - launched
+      footprint = metrics.footprint(devices, seconds, (reached - start) * config.global_batch_size
+                                    * task.flops_per_example, config.energy)
+      writer.write(reached, footprint)
+      progress.message(f'Done at step {reached} ({reached - start} steps in {seconds:,.0f} s in this process: '
+                       + _footprint_text(footprint) + f'); results in {os.path.join(workdir, "metrics.jsonl")}'
                        + (': ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())) if results else '.'))
   finally:  # an error must not leave an async save half-written
     if tracing:
@@ -860,6 +865,13 @@ def _param_counts(config, params, frozen) -> dict[str, int]:
   sizes = [x.size for x in jax.tree.leaves(params)]
   trainable = sum(size for size, f in zip(sizes, fixed) if not f)
   return {'params/trainable': trainable, 'params/total': sum(sizes) + sum(x.size for x in jax.tree.leaves(frozen))}
+
+
+def _footprint_text(footprint: dict[str, float]) -> str:
+  text = f'{footprint["compute/model_flops"]:.3g} model FLOPs, {footprint["compute/device_hours"]:.3g} device-hours'
+  if 'compute/energy_kwh' in footprint:
+    text += f', ~{footprint["compute/energy_kwh"]:.3g} kWh, ~{footprint["compute/co2e_kg"]:.3g} kg CO2e'
+  return text
 
 
 def _throughput(step_time: float, task: tasks.Task, config, peak: float | None) -> dict[str, float]:

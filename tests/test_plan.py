@@ -7,13 +7,16 @@ import os
 import subprocess
 import sys
 
+import collections
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO, subprocess_env
-from foundation import plan
+from foundation import metrics, plan
 from foundation.models.transformer import Transformer, TransformerConfig
 from test_configs import load
 
@@ -118,3 +121,20 @@ def test_dry_run_plans_the_local_devices_and_writes_nothing(tmp_path, tfds_dir):
   assert "this machine: 8 x cpu, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout
   assert 'memory per device' in result.stdout and 'fits' in result.stdout
   assert not os.listdir(tmp_path)
+
+
+def test_footprint_is_flops_hours_and_the_power_table():
+  Device = collections.namedtuple('Device', 'platform device_kind')
+  cfg = ml_collections.ConfigDict(dict(device_watts=0.0, pue=1.2, grid_gco2e_per_kwh=500.0))
+  v4 = [Device('tpu', 'TPU v4')] * 4
+  assert metrics.footprint(v4, 1800, 1e15, cfg) == pytest.approx({
+      'compute/model_flops': 1e15, 'compute/device_hours': 2.0,
+      'compute/energy_kwh': 4 * 170 * 0.5 / 1000 * 1.2, 'compute/co2e_kg': 4 * 170 * 0.5 / 1000 * 1.2 * 0.5})
+  v5e = [Device('tpu', 'TPU v5 lite')] * 8
+  assert set(metrics.footprint(v5e, 3600, 1.0, cfg)) == {'compute/model_flops', 'compute/device_hours'}  # unknown
+  cfg.device_watts = 200.0
+  assert metrics.footprint(v5e, 3600, 1.0, cfg)['compute/energy_kwh'] == pytest.approx(8 * 200 / 1000 * 1.2)
+  cpus = [Device('cpu', 'cpu')] * 8  # fake devices share the machine's cores: its power, not 8 devices'
+  cfg.device_watts = 0.0
+  assert metrics.footprint(cpus, 3600, 1.0, cfg)['compute/energy_kwh'] == pytest.approx(
+      metrics.CPU_WATTS_PER_CORE * os.cpu_count() / 1000 * 1.2)

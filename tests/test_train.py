@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, subprocess_env
+from foundation import metrics
+from foundation.models.transformer import TransformerConfig, flops_per_token
+from test_configs import load
 
 SMOKE = 'configs/lm/shakespeare.py:smoke'
 # 12 steps, a log line every step, checkpoints at 4, 8, 12.
@@ -126,6 +129,14 @@ def test_reference_run_learns_and_writes_its_outputs(reference, tmp_path_factory
   assert np.isclose(reference[12]['eval/perplexity'], np.exp(reference[12]['eval/loss']), rtol=1e-5)
   # Every byte-tokenizer target but padding (weight 0) is one byte or the document break, counted as one.
   assert np.isclose(reference[12]['eval/nats_per_byte'], reference[12]['eval/loss'], rtol=1e-6)
+  # The footprint: 12 steps of the model's FLOPs; the machine's power (one device here) over the logged hours.
+  config = load(SMOKE.split(':')[0]).get_config('smoke')
+  per_token = flops_per_token(TransformerConfig.from_dict(config.model), config.data.seq_len)
+  assert reference[12]['compute/model_flops'] == pytest.approx(12 * config.global_batch_size * config.data.seq_len
+                                                               * per_token)
+  assert reference[12]['compute/energy_kwh'] == pytest.approx(
+      metrics.CPU_WATTS_PER_CORE * os.cpu_count() * reference[12]['compute/device_hours'] / 1000 * 1.1)
+  assert reference[12]['compute/co2e_kg'] == pytest.approx(reference[12]['compute/energy_kwh'] * 0.4)
 
 
 def test_sharded_mesh_equals_one_device(reference, tmp_path, tfds_dir):
