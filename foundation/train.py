@@ -806,17 +806,19 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
           progress.message(f'Early stopping after step {step}: {best.metric} has not improved on step {best.step} '
                            f'({best.value:.4f}) in {best.patience} evaluations.')
           break
+    footprint = None
+    if not interrupted and reached > start:  # what this process trained (a finished run's rerun trains nothing)
+      footprint = metrics.footprint(devices, time.perf_counter() - launched, (reached - start)
+                                    * config.global_batch_size * task.flops_per_example, config.energy)
+      writer.write(reached, footprint)
     if best and best.step is not None and not interrupted:
       state = None  # the trained state is saved; the selected one takes its memory
       last.update(evaluate_best(reached))
     if not interrupted:
       results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}
-      seconds = time.perf_counter() - launched
-      footprint = metrics.footprint(devices, seconds, (reached - start) * config.global_batch_size
-                                    * task.flops_per_example, config.energy)
-      writer.write(reached, footprint)
-      progress.message(f'Done at step {reached} ({reached - start} steps in {seconds:,.0f} s in this process: '
-                       + _footprint_text(footprint) + f'); results in {os.path.join(workdir, "metrics.jsonl")}'
+      progress.message(f'Done at step {reached} ({reached - start} steps in {time.perf_counter() - launched:,.0f} s in '
+                       'this process' + (': ' + _footprint_text(footprint) if footprint else '') + '); results in '
+                       + os.path.join(workdir, 'metrics.jsonl')
                        + (': ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())) if results else '.'))
   finally:  # an error must not leave an async save half-written
     if tracing:
