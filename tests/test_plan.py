@@ -109,6 +109,10 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
   assert result.returncode == 0 and again['plan']['fits']
   assert again['plan']['bytes_per_device'] == numbers['proposed']['bytes_per_device']
 
+  # Two slices joined over the data-centre network: one mesh over both.
+  result, two = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2', '--num_slices=2')
+  assert result.returncode == 0 and two['plan']['devices'] == 8 and two['plan']['mesh']['data'] == 8
+
   # Bad input: one line, status 2.
   result, _ = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2x2')
   assert result.returncode == 2 and 'v5e slices have 2 dimensions' in result.stderr
