@@ -36,7 +36,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; config fields are set with --config.name=value.', 2)
   if cli.CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):
-    cli.fail('both --config=configs/....py[:variant] and --workdir=DIR are needed.', 2)
+    cli.fail('both --config=configs/....py[:variant] and --workdir=DIR are needed (--dry_run needs no workdir).', 2)
   from foundation import host
   host.keep_freed_memory()  # CPU only; before jax starts its threads and allocates
   # Imported here so that --help and flag errors do not pay for importing jax.
@@ -50,6 +50,8 @@ def main(argv):
   try:
     if _DRY_RUN.value:
       from foundation import plan
+      if _WORKDIR.value:  # the checks a start in that workdir would make (a resume's config, pinned sources)
+        train.prepare(cli.CONFIG.value, _WORKDIR.value, dry=True)
       result, _, _ = plan.run(cli.CONFIG.value, propose=False)
       if not result.fits:
         cli.fail('the train step does not fit in this machine\'s memory; python -m foundation.plan proposes changes '

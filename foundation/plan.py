@@ -33,10 +33,9 @@ from typing import Any
 from absl import app, flags
 
 # libtpu is installed apart from the environment's packages (launch/test.sh; README), so that runs on this machine
-# never load the TPU runtime: pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt
+# never load the TPU runtime; tpu_devices alone points JAX at it:
+#   pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt
 TPU_COMPILER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.venv', 'tpu-compiler')
-if os.path.isdir(TPU_COMPILER_DIR) and TPU_COMPILER_DIR not in sys.path:
-  sys.path.append(TPU_COMPILER_DIR)
 
 GiB = 2**30
 
@@ -54,11 +53,13 @@ class Chip:
 
 CHIPS = {
     'v4': Chip(32 * GiB, 1200e9, 270e9, 3, 'megacore'),  # ICI: the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips
-    'v5e': Chip(16 * GiB, 819e9, 400e9, 2),
+    'v5e': Chip(15.75 * GiB, 819e9, 400e9, 2),  # 16 GiB, of which the compiler lets a program use 15.75
     'v5p': Chip(95 * GiB, 2765e9, 1200e9, 3),
     'v6e': Chip(32 * GiB, 1638e9, 800e9, 2),
 }
-FULL_POD_SIDE = {'v4': 16, 'v5e': 16, 'v5p': 16, 'v6e': 16}  # a dimension this long wraps around (a torus)
+# TPU_ACCELERATOR_TYPE as a Cloud TPU VM sets it (v4 and v5p count TensorCores, two per chip).
+ACCELERATOR_TYPE = {'v4': lambda chips: f'v4-{2 * chips}', 'v5e': lambda chips: f'v5litepod-{chips}',
+                    'v5p': lambda chips: f'v5p-{2 * chips}', 'v6e': lambda chips: f'v6e-{chips}'}
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
@@ -78,17 +79,21 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     raise ValueError(f'--topology={topology!r}: {generation} slices have {chip.dims} dimensions, e.g. '
                      f'{generation}:{"x".join(["2"] * chip.dims)}.')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # not on a Cloud TPU VM: do not ask its metadata server
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{generation}-{_num_chips(dims)}')
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', ACCELERATOR_TYPE[generation](_num_chips(dims)))
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compiling only: other plans may run beside this one
+  if os.path.isdir(TPU_COMPILER_DIR) and TPU_COMPILER_DIR not in sys.path:
+    sys.path.append(TPU_COMPILER_DIR)
+  dims3 = (dims + [1])[:3]
+  # A torus where the slice spans the pod's side (v5e, v6e: 16 chips) or, in 3-D, is whole 4x4x4 cubes.
+  wrap = tuple(d == 16 for d in dims3) if chip.dims == 2 else (all(d % 4 == 0 for d in dims3),) * 3
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    dims3 = (dims + [1])[:3]
     description = topologies.get_topology_desc(
         platform='tpu', topology_name=topology, chip_config_name=chip.chip_config,
-        chips_per_host_bounds=tuple(min(d, b) for d, b in zip(dims3, (2, 2, 1))), num_slices=num_slices,
-        wrap=tuple(d >= FULL_POD_SIDE[generation] for d in dims3))
+        chips_per_host_bounds=tuple(min(d, b) for d, b in zip(dims3, (2, 2, 1))), num_slices=num_slices, wrap=wrap)
   except Exception as e:  # pylint: disable=broad-except  (no libtpu, or a shape the compiler refuses)
-    if 'tpu' in str(e).lower() and ('not found' in str(e).lower() or 'unknown backend' in str(e).lower()):
+    if any(m in str(e).lower() for m in ('not found', 'unknown backend', 'not installed')):
       raise ValueError('planning for a TPU needs XLA\'s TPU compiler: pip install --no-deps --target '
                        '.venv/tpu-compiler -r requirements-plan.txt') from e
     raise ValueError(f'--topology={topology!r}: {str(e).splitlines()[0]}') from e
@@ -126,6 +131,9 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       match = pattern.search(line)
       if match:
         shapes = re.findall(r'(\w+)\[([\d,]*)\]', match.group(1))
+        if match.group(3):  # an async start: its result ends with scalar contexts (a permute's u32[] pair)
+          while len(shapes) > 1 and not shapes[-1][1]:
+            shapes.pop()
         if match.group(3) and len(shapes) > 1 and match.group(2) != 'all-reduce':
           shapes = shapes[len(shapes) // 2:]  # an async start's result is (operands, outputs): count the outputs
         totals[match.group(2)] += times * sum(_DTYPE_BYTES.get(dtype, 4) * _num_chips(int(d) for d in dims.split(',')
@@ -162,6 +170,7 @@ class Plan:
   peak_flops: float | None    # per device
   chip: Chip | None
   num_train_steps: int = 0
+  refused: str = ''               # the compiler's own out-of-memory refusal, where it refused the program
   footprint: dict | None = None  # a full run at the projected step time (metrics.footprint), where projected
 
   @property
@@ -172,7 +181,7 @@ class Plan:
 
   @property
   def fits(self) -> bool:
-    return self.bytes_per_device <= self.memory_limit
+    return not self.refused and self.bytes_per_device <= self.memory_limit
 
   def summary(self) -> dict[str, Any]:
     """Every number of the report, for scripts (--json)."""
@@ -182,11 +191,13 @@ class Plan:
   def projection(self) -> dict[str, float] | None:
     """A roofline estimate of one step (s): compute at the chip's peak, HBM traffic at its bandwidth, and
     collectives at its ICI bandwidth without overlap; MFU = model FLOPs / (step time x peak)."""
-    if not self.peak_flops or not self.chip:  # this machine's devices: no memory or network figures to project with
+    if not self.peak_flops or not self.chip or self.refused:  # no chip figures (this machine's devices), or no program
       return None
     compute = max(self.model_flops, self.xla_flops) / self.peak_flops
-    memory = self.bytes_accessed / self.chip.hbm_bytes_per_s if self.chip else 0.0
-    network = sum(self.collectives.values()) / self.chip.ici_bytes_per_s if self.chip else 0.0
+    memory = self.bytes_accessed / self.chip.hbm_bytes_per_s
+    # A ring all-reduce moves its bytes about twice (reduce-scatter, then all-gather); the others about once.
+    moved = sum(v * (2 if k == 'all-reduce' else 1) for k, v in self.collectives.items())
+    network = moved / self.chip.ici_bytes_per_s
     step = max(compute, memory) + network
     return dict(step_s=step, compute_s=compute, hbm_s=memory, ici_s=network,
                 mfu=self.model_flops / (step * self.peak_flops) if step else 0.0)
@@ -194,7 +205,6 @@ class Plan:
 
 def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip | None = None) -> Plan:
   """Compiles `config`'s train step for `devices` (a TPU topology's, or this machine's) and measures it."""
-  import jax  # pylint: disable=g-import-not-at-top
   from foundation import metrics, train  # pylint: disable=g-import-not-at-top
   if config.parallelism != 'jit':
     raise train.ConfigError(f'config.parallelism={config.parallelism!r}: the plan compiles the sharded (jit) step; '
@@ -203,23 +213,36 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
     prepared = train.prepare(config, os.path.join(workdir, 'run'), dry=True, devices=devices)
   started = time.perf_counter()
   lowered = train.lower_train_step(prepared, config)
-  compiled = lowered.compile()
+  try:
+    compiled, refused = lowered.compile(), ''
+  except Exception as e:  # pylint: disable=broad-except  (XLA's TPU compiler refuses a program larger than HBM)
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    compiled, refused = None, str(e).strip().splitlines()[0]
   compile_s = time.perf_counter() - started
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
+  memory = compiled.memory_analysis() if compiled else None
+  cost = compiled.cost_analysis() if compiled else {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  peak = metrics.peak_flops(devices)
+  peak = metrics.peak_flops(devices) if chip else None  # the projection needs a chip's figures
   if memory_limit is None:
-    memory_limit = chip.hbm_bytes if chip else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices)
+    stats = devices[0].memory_stats() if not chip and devices[0].platform != 'cpu' else None
+    if chip:
+      memory_limit = chip.hbm_bytes
+    elif stats and stats.get('bytes_limit'):  # a local GPU or TPU
+      memory_limit = stats['bytes_limit']
+    else:  # CPU devices share the machine's RAM
+      memory_limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices)
+  size = lambda field: getattr(memory, field) if memory else 0
   result = Plan(
       devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(prepared.mesh.shape), compile_s=compile_s,
-      argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-      alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+      argument_bytes=size('argument_size_in_bytes'), output_bytes=size('output_size_in_bytes'),
+      alias_bytes=size('alias_size_in_bytes'), temp_bytes=size('temp_size_in_bytes'),
       state_bytes=prepared.state_bytes_per_device, memory_limit=memory_limit,
       model_flops=prepared.task.flops_per_example * config.global_batch_size / len(devices),
       xla_flops=float(cost.get('flops', 0.0)), bytes_accessed=float(cost.get('bytes accessed', 0.0)),
-      collectives=collective_bytes(compiled.as_text()), peak_flops=peak / len(devices) if peak else None, chip=chip,
-      num_train_steps=config.num_train_steps)
+      collectives=collective_bytes(compiled.as_text()) if compiled else dict.fromkeys(COLLECTIVES, 0),
+      peak_flops=peak / len(devices) if peak else None, chip=chip, num_train_steps=config.num_train_steps,
+      refused=refused)
   projected = result.projection()
   if projected:
     result.footprint = metrics.footprint(devices, projected['step_s'] * config.num_train_steps,
@@ -263,6 +286,9 @@ def _seconds(s: float) -> str:
 
 def report(p: Plan, what: str) -> str:
   mem = _bytes
+  if p.refused:
+    return (f'{what}: {p.devices} x {p.device_kind}, mesh {p.mesh}: DOES NOT FIT: the compiler refused the train step '
+            f'(params + optimizer state {mem(p.state_bytes)} per device): {p.refused}')
   lines = [
       f'{what}: {p.devices} x {p.device_kind}, mesh {p.mesh}; the train step compiled in {p.compile_s:.1f} s',
       f'memory per device: arguments {mem(p.argument_bytes)} (params + optimizer state {mem(p.state_bytes)}), '
@@ -305,9 +331,15 @@ def run(config, topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, p
   say(report(result, where))
   if result.fits or not propose:
     return result, None, None
+  from foundation import train  # pylint: disable=g-import-not-at-top
   for changes in proposals(config, len(devices)):
-    candidate = plan(with_changes(config, changes), devices, memory_limit=limit, chip=chip)
-    say(f'  with {flags_of(changes)}: {candidate.bytes_per_device / GiB:.2f} GiB per device'
+    try:
+      candidate = plan(with_changes(config, changes), devices, memory_limit=limit, chip=chip)
+    except train.ConfigError as e:
+      say(f'  with {flags_of(changes)}: not a config that runs here ({e})')
+      continue
+    say(f'  with {flags_of(changes)}: ' + (f'refused by the compiler ({candidate.refused})' if candidate.refused else
+                                          f'{_bytes(candidate.bytes_per_device)} per device')
         + (', fits' if candidate.fits else ''))
     if candidate.fits:
       say(f'proposal: add {flags_of(changes)}\n' + report(candidate, where + ' with the proposal'))

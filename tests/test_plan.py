@@ -23,7 +23,7 @@ from test_configs import load
 SMOKE = 'configs/lm/shakespeare.py:smoke'
 
 # Hand-written HLO: an all-reduce at the top level; a loop of 5 iterations whose body gathers asynchronously (the
-# start's result is (operand, output)) and reduce-scatters.
+# start's result is (operand, output)), reduce-scatters and permutes (its start's result ends with two contexts).
 HLO = """HloModule m
 
 %add (x: f32[], y: f32[]) -> f32[] {
@@ -45,6 +45,7 @@ HLO = """HloModule m
   %ag = (f32[4]{0}, f32[16]{0:T(256)}) all-gather-start(%v), dimensions={0}
   %agd = f32[16]{0} all-gather-done(%ag)
   %rs = bf16[8]{0} reduce-scatter(%w), dimensions={0}, to_apply=%add
+  %cp = (f32[32]{0}, f32[32]{0}, u32[], u32[]) collective-permute-start(%u), source_target_pairs={{0,1},{1,0}}
   ROOT %t = (s32[], f32[4]) tuple(%i, %v)
 }
 
@@ -59,7 +60,7 @@ ENTRY %main (a: f32[10,10]) -> f32[10,10] {
 
 def test_collective_bytes_count_loop_bodies_once_per_iteration():
   assert plan.collective_bytes(HLO) == {'all-reduce': 10 * 10 * 4, 'all-gather': 5 * 16 * 4,
-                                        'reduce-scatter': 5 * 8 * 2, 'all-to-all': 0, 'collective-permute': 0}
+                                        'reduce-scatter': 5 * 8 * 2, 'all-to-all': 0, 'collective-permute': 5 * 32 * 4}
 
 
 def run_plan(tmp_path, tfds_dir, *args, module='foundation.plan'):
@@ -93,7 +94,7 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
   # reduced apart), plus the loss and a few scalars.
   assert 12 * params <= p['state_bytes'] <= 12 * params + 64
   assert 4 * params <= p['collectives']['all-reduce'] <= 4 * (params + embedding) + 1024
-  assert p['fits'] and p['memory_limit'] == 16 * 2**30 and p['model_flops'] > 0
+  assert p['fits'] and p['memory_limit'] == plan.CHIPS['v5e'].hbm_bytes and p['model_flops'] > 0
 
   # A limit below the data-parallel step: sharding the state over the 4 chips (fsdp) is proposed, compiled, fits.
   limit = 0.8 * p['bytes_per_device'] / 2**30
@@ -120,11 +121,11 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
 
 
 def test_dry_run_plans_the_local_devices_and_writes_nothing(tmp_path, tfds_dir):
-  result, _ = run_plan(tmp_path, tfds_dir, '--dry_run', module='foundation.main')
+  result, _ = run_plan(tmp_path, tfds_dir, '--dry_run', f'--workdir={tmp_path / "run"}', module='foundation.main')
   assert result.returncode == 0, result.stderr[-3000:]
   assert "this machine: 8 x cpu, mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in result.stdout
   assert 'memory per device' in result.stdout and 'fits' in result.stdout
-  assert not os.listdir(tmp_path)
+  assert not (tmp_path / 'run').exists()
 
 
 def test_footprint_is_flops_hours_and_the_power_table():
