@@ -123,6 +123,13 @@ def footprint(devices: Sequence[jax.Device], seconds: float, model_flops: float,
   return out
 
 
+def footprint_text(footprint: dict[str, float]) -> str:
+  text = f'{footprint["compute/model_flops"]:.3g} model FLOPs, {footprint["compute/device_hours"]:,.3g} device-hours'
+  if 'compute/energy_kwh' in footprint:
+    text += f', ~{footprint["compute/energy_kwh"]:,.3g} kWh, ~{footprint["compute/co2e_kg"]:,.3g} kg CO2e'
+  return text
+
+
 def forward_flops(fn, *args) -> float:
   """FLOPs of one call of fn(*args) as XLA counts them (args may be ShapeDtypeStructs); compiles, runs nothing.
 

@@ -23,6 +23,7 @@ Exit status: 0 when the step fits (or a proposal does), 1 when nothing fits, 2 f
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -79,7 +80,7 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     raise ValueError(f'--topology={topology!r}: {generation} slices have {chip.dims} dimensions, e.g. '
                      f'{generation}:{"x".join(["2"] * chip.dims)}.')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # not on a Cloud TPU VM: do not ask its metadata server
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', ACCELERATOR_TYPE[generation](_num_chips(dims)))
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', ACCELERATOR_TYPE[generation](math.prod(dims)))
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compiling only: other plans may run beside this one
   if os.path.isdir(TPU_COMPILER_DIR) and TPU_COMPILER_DIR not in sys.path:
@@ -98,13 +99,6 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
                        '.venv/tpu-compiler -r requirements-plan.txt') from e
     raise ValueError(f'--topology={topology!r}: {str(e).splitlines()[0]}') from e
   return list(description.devices)
-
-
-def _num_chips(dims) -> int:
-  n = 1
-  for d in dims:
-    n *= d
-  return n
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -136,7 +130,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
             shapes.pop()
         if match.group(3) and len(shapes) > 1 and match.group(2) != 'all-reduce':
           shapes = shapes[len(shapes) // 2:]  # an async start's result is (operands, outputs): count the outputs
-        totals[match.group(2)] += times * sum(_DTYPE_BYTES.get(dtype, 4) * _num_chips(int(d) for d in dims.split(',')
+        totals[match.group(2)] += times * sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',')
                                                                                        if d) for dtype, dims in shapes)
       loop = re.search(r'\swhile\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
       if loop and depth < 8:
@@ -225,13 +219,7 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   peak = metrics.peak_flops(devices) if chip else None  # the projection needs a chip's figures
   if memory_limit is None:
-    stats = devices[0].memory_stats() if not chip and devices[0].platform != 'cpu' else None
-    if chip:
-      memory_limit = chip.hbm_bytes
-    elif stats and stats.get('bytes_limit'):  # a local GPU or TPU
-      memory_limit = stats['bytes_limit']
-    else:  # CPU devices share the machine's RAM
-      memory_limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices)
+    memory_limit = chip.hbm_bytes if chip else train.device_memory(devices)[0]
   size = lambda field: getattr(memory, field) if memory else 0
   result = Plan(
       devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(prepared.mesh.shape), compile_s=compile_s,
@@ -285,6 +273,7 @@ def _seconds(s: float) -> str:
 
 
 def report(p: Plan, what: str) -> str:
+  from foundation import metrics  # pylint: disable=g-import-not-at-top
   mem = _bytes
   if p.refused:
     return (f'{what}: {p.devices} x {p.device_kind}, mesh {p.mesh}: DOES NOT FIT: the compiler refused the train step '
@@ -307,12 +296,9 @@ def report(p: Plan, what: str) -> str:
                  f'{_seconds(projected["ici_s"])}) -> MFU at most {projected["mfu"]:.0%} at {p.peak_flops / 1e12:,.3g} '
                  'TFLOP/s per device')
   if p.footprint:
-    f = p.footprint
-    lines.append(f'a full run of {p.num_train_steps:,} steps at that speed: {f["compute/model_flops"]:.3g} model FLOPs, '
-                 f'{f["compute/device_hours"]:,.3g} device-hours, ' + (
-                     f'~{f["compute/energy_kwh"]:,.3g} kWh, ~{f["compute/co2e_kg"]:,.3g} kg CO2e (config.energy)'
-                     if 'compute/energy_kwh' in f else
-                     'energy unknown for this chip: set --config.energy.device_watts'))
+    lines.append(f'a full run of {p.num_train_steps:,} steps at that speed: {metrics.footprint_text(p.footprint)}'
+                 + (' (config.energy)' if 'compute/energy_kwh' in p.footprint else
+                    ', energy unknown for this chip: set --config.energy.device_watts'))
   return '\n'.join(lines)
 
 

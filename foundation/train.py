@@ -334,18 +334,23 @@ def _check_memory(abstract_state, shardings) -> int:
   come on top) against the device's memory, or on CPU against the machine's RAM shared by its devices. Returns
   those bytes per device."""
   per_device = _bytes_per_device(abstract_state, shardings)
-  device = jax.local_devices()[0]
-  stats = device.memory_stats() if device.platform != 'cpu' else None
-  if stats and stats.get('bytes_limit'):
-    limit, where = stats['bytes_limit'], f'{device.device_kind} memory'
-  else:
-    limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / jax.local_device_count()
-    where = f'this machine\'s RAM shared by {jax.local_device_count()} CPU devices'
+  limit, where = device_memory(jax.local_devices())
   if per_device > limit:
     raise ConfigError(f'the parameters and optimizer state need {per_device / 2**30:.1f} GiB per device, more than '
                       f'the {limit / 2**30:.1f} GiB of {where}; shrink the model, or shard it with '
                       '--config.mesh.fsdp (or tensor) over more devices.')
   return per_device
+
+
+def device_memory(devices: Sequence[jax.Device]) -> tuple[float, str]:
+  """(bytes, what they are) a device of this host may use: an accelerator's own memory, or on CPU the machine's RAM
+  shared by its `devices`."""
+  device = devices[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return stats['bytes_limit'], f'{device.device_kind} memory'
+  return (os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / len(devices),
+          f'this machine\'s RAM shared by {len(devices)} CPU devices')
 
 
 def _bytes_per_device(abstract: Any, shardings: Any) -> int:
@@ -489,8 +494,7 @@ def lower_train_step(prepared: Prepared, config) -> jax.stages.Lowered:
                 shardings)
   state = checkpoint.abstract_with_shardings(jax.eval_shape(lambda rng: _init_state(task, tx, rng),
                                                             jax.random.key(0)), shardings)
-  frozen = checkpoint.abstract_with_shardings(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), prepared.frozen), prepared.frozen_shardings)
+  frozen = checkpoint.abstract_with_shardings(prepared.frozen, prepared.frozen_shardings)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
       prepared.mesh)), prepared.batch)
   with runner.context():
@@ -817,8 +821,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     if not interrupted:
       results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}
       progress.message(f'Done at step {reached} ({reached - start} steps in {time.perf_counter() - launched:,.0f} s in '
-                       'this process' + (': ' + _footprint_text(footprint) if footprint else '') + '); results in '
-                       + os.path.join(workdir, 'metrics.jsonl')
+                       'this process' + (': ' + metrics.footprint_text(footprint) if footprint else '')
+                       + '); results in ' + os.path.join(workdir, 'metrics.jsonl')
                        + (': ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())) if results else '.'))
   finally:  # an error must not leave an async save half-written
     if tracing:
@@ -867,13 +871,6 @@ def _param_counts(config, params, frozen) -> dict[str, int]:
   sizes = [x.size for x in jax.tree.leaves(params)]
   trainable = sum(size for size, f in zip(sizes, fixed) if not f)
   return {'params/trainable': trainable, 'params/total': sum(sizes) + sum(x.size for x in jax.tree.leaves(frozen))}
-
-
-def _footprint_text(footprint: dict[str, float]) -> str:
-  text = f'{footprint["compute/model_flops"]:.3g} model FLOPs, {footprint["compute/device_hours"]:.3g} device-hours'
-  if 'compute/energy_kwh' in footprint:
-    text += f', ~{footprint["compute/energy_kwh"]:.3g} kWh, ~{footprint["compute/co2e_kg"]:.3g} kg CO2e'
-  return text
 
 
 def _throughput(step_time: float, task: tasks.Task, config, peak: float | None) -> dict[str, float]:
