@@ -307,6 +307,9 @@ def run(config, topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, p
   """Plans `config` for `topology` (empty: the local devices), prints the report and, if the step does not fit,
   the first proposal that does. Returns (the plan, the fitting changes or None, the plan with them or None)."""
   import jax  # pylint: disable=g-import-not-at-top
+  if hbm_gib < 0 or num_slices < 1:
+    raise ValueError(f'--hbm_gib={hbm_gib} and --num_slices={num_slices}: give a memory of 0 GiB (the chip\'s) or more, '
+                     'and 1 slice or more.')
   if num_slices != 1 and not topology:
     raise ValueError(f'--num_slices={num_slices} joins slices of a --topology; name one, e.g. --topology=v5e:4x4.')
   if topology:

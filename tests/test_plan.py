@@ -115,9 +115,13 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
   assert result.returncode == 0 and two['plan']['devices'] == 8 and two['plan']['mesh']['data'] == 8
 
   # Bad input: one line, status 2.
-  result, _ = run_plan(tmp_path, tfds_dir, '--topology=v5e:2x2x2')
-  assert result.returncode == 2 and 'v5e slices have 2 dimensions' in result.stderr
-  assert len(result.stderr.strip().splitlines()) == 1
+  for flags, message in [(('--topology=v5e:2x2x2',), 'v5e slices have 2 dimensions'),
+                         (('--topology=v7x:2x2',), 'GENERATION one of'),
+                         (('--topology=v5e:2x2', '--hbm_gib=-1'), 'a memory of 0 GiB'),
+                         (('--num_slices=2',), 'joins slices of a --topology')]:
+    result, _ = run_plan(tmp_path, tfds_dir, *flags)
+    assert result.returncode == 2 and message in result.stderr, (flags, result.stderr[-2000:])
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_dry_run_plans_the_local_devices_and_writes_nothing(tmp_path, tfds_dir):
