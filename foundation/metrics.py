@@ -29,8 +29,9 @@ PEAK_FLOPS_BF16 = (
 )
 
 
-def measure_matmul_flops(devices: Sequence[jax.Device], total_flops: float = 1.5e11) -> float:
-  """FLOP/s of f32 matmuls running on all `devices` at once, best of three: the machine's practical peak.
+def measure_matmul_flops(devices: Sequence[jax.Device], dtype: str = 'float32', total_flops: float = 1.5e11) -> float:
+  """FLOP/s of matmuls running on all `devices` at once, best of three: the machine's practical peak. The operands
+  are `dtype` and the accumulation float32 (bfloat16 runs at twice float32's rate on CPUs with AVX-512 BF16).
 
   Each device multiplies its own square matrix, sized so the whole measurement is ~total_flops: long enough to
   span several CPU-quota periods of a container, where a 50 ms burst can overstate the sustained rate.
@@ -39,8 +40,9 @@ def measure_matmul_flops(devices: Sequence[jax.Device], total_flops: float = 1.5
   size = max(256, int(round((total_flops / (2 * n)) ** (1 / 3) / 256)) * 256)
   mesh = jax.sharding.Mesh(np.asarray(devices), ('d',))
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
-  x = jax.jit(lambda: jnp.ones((n, size, size), jnp.float32), out_shardings=spec)()
-  matmul = jax.jit(lambda a: jnp.einsum('nij,njk->nik', a, a), out_shardings=spec)
+  x = jax.jit(lambda: jnp.ones((n, size, size), dtype), out_shardings=spec)()
+  matmul = jax.jit(lambda a: jnp.einsum('nij,njk->nik', a, a, preferred_element_type=jnp.float32),
+                   out_shardings=spec)
   matmul(x).block_until_ready()
   best = float('inf')
   for _ in range(3):
@@ -50,22 +52,23 @@ def measure_matmul_flops(devices: Sequence[jax.Device], total_flops: float = 1.5
   return n * 2 * size**3 / best
 
 
-def cpu_peak_flops(devices: Sequence[jax.Device],
+def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
                    cache_path: str = os.path.expanduser('~/.cache/foundation/cpu_peak_flops.json')) -> float:
-  """The CPU's matmul peak for MFU: $FOUNDATION_CPU_PEAK_FLOPS if set, else measured once per machine and layout.
+  """The CPU's matmul peak for MFU, for matmuls with `dtype` operands: $FOUNDATION_CPU_PEAK_FLOPS if set, else
+  measured once per machine, layout and dtype.
 
   Cached only when measured on a quiet machine, so a measurement taken under load does not understate MFU for good.
   """
   if os.environ.get('FOUNDATION_CPU_PEAK_FLOPS'):
     return float(os.environ['FOUNDATION_CPU_PEAK_FLOPS'])
-  key = f'{os.cpu_count()} cpus, {len(devices)} devices, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")}'
+  key = f'{os.cpu_count()} cpus, {len(devices)} devices, {dtype}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")}'
   try:
     with open(cache_path) as f:
       return float(json.load(f)[key])
   except (OSError, KeyError, ValueError):
     pass
   quiet = os.getloadavg()[0] < 0.5 * os.cpu_count()
-  flops = measure_matmul_flops(devices)
+  flops = measure_matmul_flops(devices, dtype)
   if quiet and jax.process_count() == 1:
     try:
       cached = {}
@@ -80,11 +83,13 @@ def cpu_peak_flops(devices: Sequence[jax.Device],
   return flops
 
 
-def peak_flops(devices: Sequence[jax.Device]) -> float | None:
-  """Peak FLOP/s of all `devices` together; None where unknown (MFU is then not reported)."""
+def peak_flops(devices: Sequence[jax.Device], matmul_dtype: str = 'float32') -> float | None:
+  """Peak FLOP/s of all `devices` together; None where unknown (MFU is then not reported). On CPU, the measured
+  peak of matmuls in `matmul_dtype` (what the model's matmuls run in); an accelerator's is its bf16 data-sheet peak,
+  whatever the model computes in (the usual MFU convention)."""
   if devices[0].platform == 'cpu':
     # CPU devices (real or --xla_force_host_platform_device_count fakes) share the machine's cores.
-    return cpu_peak_flops(jax.local_devices())
+    return cpu_peak_flops(jax.local_devices(), matmul_dtype)
   kind = devices[0].device_kind.lower()
   for name, flops in PEAK_FLOPS_BF16:
     if name.lower() in kind:

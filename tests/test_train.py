@@ -22,9 +22,12 @@ from foundation.models.transformer import TransformerConfig, flops_per_token
 from test_configs import load
 
 SMOKE = 'configs/lm/shakespeare.py:smoke'
-# 12 steps, a log line every step, checkpoints at 4, 8, 12.
+# 12 steps, a log line every step, checkpoints at 4, 8, 12. The matmuls in float32: the runs below must agree to
+# float32 rounding across meshes, processes and restarts, and with bf16 operands a last-bit difference in an f32
+# partial sum can round an operand of the next matmul to a neighbouring bf16 value (2e-4 in the loss after 12 steps
+# on a 2x2x2 mesh). test_transformer checks the bf16 matmuls against numpy.
 STEPS = ('--config.num_train_steps=12', '--config.log_every=1', '--config.checkpoint_every=4',
-         '--config.eval_every=6')
+         '--config.eval_every=6', '--config.model.matmul_dtype=float32')
 
 # Runs foundation.main, but SIGKILLs itself right after the (asynchronous) save of step KILL_AT_STEP has begun:
 # a crash at a known point, possibly in the middle of writing that checkpoint.

@@ -8,6 +8,7 @@ onto the mesh, and without rules they are plain arrays.
 """
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Mapping
@@ -44,6 +45,11 @@ class TransformerConfig:
   causal: bool = True  # False: the same blocks as a bidirectional encoder
   dtype: str = 'float32'  # compute dtype; logits and softmax/norm statistics stay float32
   param_dtype: str = 'float32'
+  # Mixed precision for the weight matmuls (q/k/v/out, the MLP, the logits): both operands rounded to this dtype,
+  # float32 accumulation and output, in the forward and both backward matmuls (`low_precision_dot`); everything
+  # else stays in `dtype`. 'bfloat16' with dtype 'float32' is the CPU's AVX-512 BF16 path (2x f32 matmul speed).
+  # None: the matmuls run in `dtype`.
+  matmul_dtype: str | None = None
   scan_layers: bool = False  # one compiled block scanned over layers: compile time independent of depth
   remat: str = 'none'  # 'none' | 'full' | 'dots' | 'projections' (REMAT_POLICIES)
   init_std: float = 0.02
@@ -65,8 +71,9 @@ class TransformerConfig:
       raise ValueError(f'head_dim {self.head_dim} must be even: rotary embeddings rotate pairs of features.')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}.')
-    for name in ('dtype', 'param_dtype'):
-      jnp.dtype(getattr(self, name))  # fails early on a misspelt dtype
+    for name in ('dtype', 'param_dtype', 'matmul_dtype'):
+      if getattr(self, name) is not None:
+        jnp.dtype(getattr(self, name))  # fails early on a misspelt dtype
     if self.lora_rank:
       lora_target_names(self)  # a regex that matches no projection fails here, not after training
 
@@ -170,12 +177,56 @@ def _lora(module: nn.Module, name: str, x: Array, weight_shape: tuple, axes: tup
   return (cfg.lora_alpha / rank) * jnp.tensordot(low, b.astype(dtype), axes=1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def low_precision_dot(x: Array, w: Array, num_in: int, dtype: str) -> Array:
+  """tensordot(x, w, num_in) with both operands rounded to `dtype`, accumulated and returned in float32.
+
+  The backward pass's two matmuls (dx = g w^T, dw = x^T g) take the same rounded operands and the cotangent rounded
+  to `dtype`, again with float32 accumulation and output; XLA's own transpose of a mixed-precision dot would run
+  them at float32 speed. dx and dw come back in x's and w's dtypes.
+  """
+  return _low_precision_dot_fwd(x, w, num_in, dtype)[0]
+
+
+def _low_precision_dot_fwd(x, w, num_in, dtype):
+  # As 2-D matmuls with one contracting axis: XLA's CPU runtime runs bf16 x bf16 -> f32 only in that form.
+  batch, inputs, outputs = x.shape[:x.ndim - num_in], w.shape[:num_in], w.shape[num_in:]
+  xl = x.astype(dtype).reshape(math.prod(batch), math.prod(inputs))
+  wl = w.astype(dtype).reshape(math.prod(inputs), math.prod(outputs))
+  out = jnp.dot(xl, wl, preferred_element_type=jnp.float32).reshape(batch + outputs)
+  # Zero-size arrays carry the primals' shapes and dtypes to the backward pass.
+  return out, (xl, wl, jnp.zeros((0,) + x.shape, x.dtype), jnp.zeros((0,) + w.shape, w.dtype))
+
+
+def _low_precision_dot_bwd(num_in, dtype, residuals, g):
+  del num_in
+  xl, wl, x_like, w_like = residuals
+  g = g.astype(dtype).reshape(xl.shape[0], wl.shape[1])
+  dx = jnp.dot(g, wl.T, preferred_element_type=jnp.float32)
+  dw = jnp.dot(xl.T, g, preferred_element_type=jnp.float32)
+  return dx.reshape(x_like.shape[1:]).astype(x_like.dtype), dw.reshape(w_like.shape[1:]).astype(w_like.dtype)
+
+
+low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def _low_precision(cfg: TransformerConfig) -> bool:
+  return cfg.matmul_dtype is not None and jnp.dtype(cfg.matmul_dtype) != jnp.dtype(cfg.dtype)
+
+
+def _matmul(cfg: TransformerConfig, x: Array, weight: Array, num_in: int) -> Array:
+  """x @ weight over x's last num_in axes, in `cfg.matmul_dtype` (float32 out) or else in `cfg.dtype`."""
+  if not _low_precision(cfg):
+    return jnp.tensordot(x, weight.astype(cfg.dtype), axes=num_in)
+  return low_precision_dot(x, weight, num_in, cfg.matmul_dtype).astype(cfg.dtype)
+
+
 def _project(module: nn.Module, name: str, x: Array, weight: Array, axes: tuple, num_in: int) -> Array:
   """x @ weight over x's last num_in axes, plus the LoRA term where one is configured. When the collection
   'projection_inputs' is mutable, x is kept there as [tokens, inputs] (what foundation.compress prunes from)."""
   if module.is_mutable_collection('projection_inputs'):
     module.sow('projection_inputs', name, x.reshape(-1, math.prod(weight.shape[:num_in])))
-  out = jnp.tensordot(x, weight.astype(module.config.dtype), axes=num_in)
+  out = _matmul(module.config, x, weight, num_in)
   delta = _lora(module, name, x, weight.shape, axes, num_in)
   return out if delta is None else out + delta.astype(out.dtype)
 
@@ -389,7 +440,10 @@ class Transformer(nn.Module):
       head = self.param('lm_head', _weight(cfg.init_std, ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size),
                         jnp.dtype(cfg.param_dtype))
     # bf16 inputs, float32 accumulation and output: the softmax over a large vocabulary needs the precision.
-    logits = jnp.einsum('ble,ev->blv', x, head.astype(dtype), preferred_element_type=jnp.float32)
+    if not _low_precision(cfg):
+      logits = jnp.einsum('ble,ev->blv', x, head.astype(dtype), preferred_element_type=jnp.float32)
+    else:
+      logits = low_precision_dot(x, head, 1, cfg.matmul_dtype)
     return nn.with_logical_constraint(logits, ('act_batch', 'act_length', 'act_vocab'))
 
 
