@@ -655,7 +655,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     progress.message(f'Resuming from the checkpoint at step {start} in {workdir}.')
   else:
     writer.write(0, counts)
-  peak = metrics.peak_flops(jax.devices())
+  model = config.get('model') or {}
+  peak = metrics.peak_flops(jax.devices(), model.get('matmul_dtype') or model.get('dtype') or 'float32')
 
   if config.parallelism == 'pmap':
     runner = _Pmap(make_train_step(task, tx, prepared.schedule, config, axis_name='batch'), mesh)
@@ -703,23 +704,34 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     if not bool(jax.device_get(_params_finite(runner.first(state['params'])))):
       stop_nonfinite(f'the params are not finite before {why}', step, step)
 
+  paused = 0.0  # seconds this process spent evaluating and checkpointing, which perf/train_s leaves out
+
+  def train_seconds() -> float:
+    return time.perf_counter() - launched - paused
+
   def evaluate(step, *, final: bool) -> dict:
     """`final`: the evaluation whose numbers are the run's result (tasks then read their held-out test splits)."""
+    nonlocal paused
     if task.evaluate is None:
       return {}
+    began = time.perf_counter()
     check_params(step, 'evaluation')
     with runner.context():
       results = task.evaluate(runner.to_global(state['params']), frozen, step,
                               dataclasses.replace(eval_ctx, final=final))
-    writer.write(step, results)
+    writer.write(step, {**results, 'perf/train_s': train_seconds() - (time.perf_counter() - began)})
     progress.message(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
+    paused += time.perf_counter() - began
     return results
 
   def save(step, pending_interval):
+    nonlocal paused
+    began = time.perf_counter()
     record = {'data': data_iter.get_state(), 'interval': pending_interval, **(best.record() if best else {})}
     if not ckpt.save(step, runner.to_global(state), record):
       stop_nonfinite('the params or optimizer state are not finite at a checkpoint', step, step)
     ckpt.prune(config.max_checkpoints, {good, best.step if best else None})
+    paused += time.perf_counter() - began
 
   def evaluate_best(at: int) -> dict:
     """The params of the selected step, restored from its checkpoint and evaluated as the run's result: written at
@@ -780,6 +792,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
             logged.update(_throughput(elapsed / interval_steps, task, config, peak))
           else:
             logged['perf/first_step_s'] = first_step_s
+          logged['perf/train_s'] = train_seconds()
           timed = True
           writer.write(step, logged)
           progress.update(step, logged, elapsed / interval_steps)
