@@ -10,6 +10,8 @@ that cannot run (one line on stderr, nothing written; --verbose adds the traceba
 stopped the run (the line says which checkpoint is kept and how to go on).
 """
 
+import os
+
 from absl import app, flags, logging
 
 from foundation import cli
@@ -41,6 +43,11 @@ def main(argv):
   host.keep_freed_memory()  # CPU only; before jax starts its threads and allocates
   # Imported here so that --help and flag errors do not pay for importing jax.
   import jax
+  # Compiled programs persist across runs: a rerun, a resume or a sweep's next cell at the same shapes loads its
+  # step instead of compiling it. $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/foundation/jax;
+  # FOUNDATION_COMPILATION_CACHE=0 turns it off.
+  if not jax.config.jax_compilation_cache_dir and os.environ.get('FOUNDATION_COMPILATION_CACHE') != '0':
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser('~/.cache/foundation/jax'))
   from foundation import sharding, train
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
