@@ -140,6 +140,12 @@ def test_reference_run_learns_and_writes_its_outputs(reference, tmp_path_factory
   assert reference[12]['compute/energy_kwh'] == pytest.approx(
       metrics.CPU_WATTS_PER_CORE * os.cpu_count() * reference[12]['compute/device_hours'] / 1000 * 1.1)
   assert reference[12]['compute/co2e_kg'] == pytest.approx(reference[12]['compute/energy_kwh'] * 0.4)
+  # perf/train_s: a clock that runs through set-up and the steps (the first step's wait included) and stops for
+  # evaluation and checkpoints, so it ends below the process's wall time that the footprint counts.
+  train_s = [reference[s]['perf/train_s'] for s in range(1, 13)]
+  assert all(later > earlier for earlier, later in zip(train_s, train_s[1:]))
+  assert train_s[0] >= reference[1]['perf/first_step_s']
+  assert train_s[-1] < reference[12]['compute/device_hours'] * 3600
 
 
 def test_sharded_mesh_equals_one_device(reference, tmp_path, tfds_dir):
