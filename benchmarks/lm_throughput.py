@@ -62,7 +62,6 @@ def torch_benchmark(model_name: str, *, vocab_size: int, num_layers: int, embed_
   evaluates every `eval_every` steps, until validation nats/byte <= `target` or the batches run out. Otherwise
   random byte windows at the constant `lr`.
   """
-  import numpy as np
   import torch
   import torch.nn as nn
   import torch.nn.functional as F
@@ -263,12 +262,20 @@ def cpu_model() -> str:
   return platform.processor() or 'unknown'
 
 
-def baby_config():
-  """The sizes of configs/lm/shakespeare.py:baby, so the PyTorch rows follow the config if it changes."""
-  spec = importlib.util.spec_from_file_location('shakespeare_config', os.path.join(REPO, CONFIG))
+def load_config(path: str, variant: str | None = None):
+  """The config file `path` (relative to the repo) with `variant`: the PyTorch rows follow it if it changes."""
+  spec = importlib.util.spec_from_file_location('benchmarked_config', os.path.join(REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(VARIANT)
+  return module.get_config(variant)
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+  """The interpreters, the JSON output and the hidden PyTorch worker entry, shared by the benchmarks here."""
+  parser.add_argument('--python', default=sys.executable, help='interpreter with the project\'s packages')
+  parser.add_argument('--torch_python', default=sys.executable, help='interpreter with torch')
+  parser.add_argument('--json', default=None, help='also write the results here')
+  parser.add_argument('--torch_worker', default=None, help=argparse.SUPPRESS)
 
 
 def foundation_records(python: str, label: str, overrides: list, *, xla_flags: str | None = None,
@@ -403,16 +410,17 @@ def throughput_table(rows, specs, runs, width, rounds, intervals_per_run, log_ev
   return results
 
 
-def time_to_target(curve: list[dict], target: float) -> float | None:
-  """Training seconds at the first evaluation at or below `target`; None if none reached it."""
-  return next((point['train_s'] for point in curve if point['nats_per_byte'] <= target), None)
+def first_at_target(curve: list[dict], target: float) -> dict:
+  """The first evaluation at or below `target` ({'step', 'nats_per_byte', 'train_s'}); {} if none reached it."""
+  return next((point for point in curve if point['nats_per_byte'] <= target), {})
 
 
 def target_table(rows, specs, runs, width, target, eval_every, eval_batches, cfg) -> list[dict]:
   results = []
   for key in rows:
-    times = [time_to_target(run['curve'], target) for run in runs[key]]
-    steps = [next((p['step'] for p in run['curve'] if p['nats_per_byte'] <= target), None) for run in runs[key]]
+    reached_at = [first_at_target(run['curve'], target) for run in runs[key]]
+    times = [point.get('train_s') for point in reached_at]
+    steps = [point.get('step') for point in reached_at]
     reached = [t for t in times if t is not None]
     results.append({'row': key, 'implementation': specs[key], 'seconds_to_target': statistics.median(reached)
                     if len(reached) == len(times) else None, 'runs': runs[key], 'steps_to_target': steps,
@@ -445,8 +453,7 @@ def main():
                       help='steps per timed interval (default: min(50, steps // 3)); tokens/s is the median interval')
   parser.add_argument('--torch_warmup_steps', type=int, default=None,
                       help='untimed PyTorch steps first (default: one interval, as foundation\'s compile interval)')
-  parser.add_argument('--python', default=sys.executable, help='interpreter with the project\'s packages')
-  parser.add_argument('--torch_python', default=sys.executable, help='interpreter with torch')
+  add_runner_arguments(parser)
   parser.add_argument('--rows', default=None, help=f'comma-separated subset of {",".join(ROWS)} (default: all; '
                       f'{TARGET_ROWS} with --to_target)')
   parser.add_argument('--to_target', type=float, default=None,
@@ -455,8 +462,6 @@ def main():
   parser.add_argument('--eval_every', type=int, default=100, help='--to_target: steps between evaluations')
   parser.add_argument('--eval_batches', type=int, default=32,
                       help='--to_target: validation batches (of the config\'s eval batch size) per evaluation')
-  parser.add_argument('--json', default=None, help='also write the results here')
-  parser.add_argument('--torch_worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.torch_worker is not None:
@@ -472,7 +477,7 @@ def main():
   if args.torch_warmup_steps is None:
     args.torch_warmup_steps = log_every
   n = nproc()
-  cfg = baby_config()
+  cfg = load_config(CONFIG, VARIANT)
   m = cfg.model
   machine = {'nproc': n, 'cpu_model': cpu_model(), 'date': datetime.datetime.now().astimezone().isoformat(
       timespec='seconds'), 'loadavg_at_start': os.getloadavg()[0], 'python': platform.python_version()}
@@ -532,7 +537,7 @@ def main():
       runs[key].append(runners[key]())
       run = runs[key][-1]
       figure = (f'{run["tokens_per_sec"]:,.0f} tokens/s' if args.to_target is None else
-                f'{time_to_target(run["curve"], args.to_target)} s to target')
+                f'{first_at_target(run["curve"], args.to_target).get("train_s")} s to target')
       print(f'[{specs[key]}] round {round_ + 1}/{args.rounds}: {figure}', file=sys.stderr, flush=True)
   width = max(len('implementation'), *(len(specs[key]) for key in rows))
   print()

@@ -150,15 +150,6 @@ def torch_benchmark(*, batch_size: int, widths: list, head_hidden: int, head_out
           'num_params': sum(p.numel() for p in model.parameters()), 'torch_version': torch.__version__}
 
 
-def simclr_config():
-  sys.path.insert(0, REPO)
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('simclr_config', os.path.join(REPO, CONFIG))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def run_foundation(args, *, devices: int, steps: int, log_every: int) -> dict:
   big = 10**9  # no evaluation or checkpoint inside the timed steps
   records = lm_throughput.foundation_records(args.python, f'foundation, {devices} device(s)', [
@@ -189,11 +180,8 @@ def main():
   parser.add_argument('--steps', type=int, default=60, help='timed training steps per row and round')
   parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds over the rows')
   parser.add_argument('--log_every', type=int, default=None, help='steps per timed interval (default: steps // 3)')
-  parser.add_argument('--python', default=sys.executable, help='interpreter with the project\'s packages')
-  parser.add_argument('--torch_python', default=sys.executable, help='interpreter with torch')
+  lm_throughput.add_runner_arguments(parser)
   parser.add_argument('--rows', default=','.join(ROWS), help=f'comma-separated subset of {",".join(ROWS)}')
-  parser.add_argument('--json', default=None, help='also write the results here')
-  parser.add_argument('--torch_worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.torch_worker is not None:
     print(json.dumps(torch_benchmark(**json.loads(args.torch_worker))))
@@ -205,7 +193,7 @@ def main():
   log_every = args.log_every or max(1, args.steps // 3)
   steps = -(-args.steps // log_every) * log_every
   n = lm_throughput.nproc()
-  cfg = simclr_config()
+  cfg = lm_throughput.load_config(CONFIG)
   torch_version = lm_throughput.torch_available(args.torch_python) if 'torch' in rows else None
   if 'torch' in rows and torch_version is None:
     print(f'note: `import torch` fails in {args.torch_python}; skipping the PyTorch row.', file=sys.stderr)

@@ -714,12 +714,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     nonlocal paused
     if task.evaluate is None:
       return {}
-    began = time.perf_counter()
+    began, trained = time.perf_counter(), train_seconds()
     check_params(step, 'evaluation')
     with runner.context():
       results = task.evaluate(runner.to_global(state['params']), frozen, step,
                               dataclasses.replace(eval_ctx, final=final))
-    writer.write(step, {**results, 'perf/train_s': train_seconds() - (time.perf_counter() - began)})
+    writer.write(step, {**results, 'perf/train_s': trained})
     progress.message(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
     paused += time.perf_counter() - began
     return results
