@@ -80,7 +80,7 @@ def np_scores(params, cfg, body, *, prompt=None, prefix_kv=None):
 def batched_scores(cfg, params, cache):
   """The task's path: a left-padded batch of every body after the adapter's cache, labels scored from the cache."""
   tokens, mask = lmc.pad(BODIES, 8, 0, left=True)
-  model = Transformer(dataclasses.replace(cfg, max_len=lmc.slots_needed(P, 8, LABELS.shape[1], 0)))
+  model = Transformer(dataclasses.replace(cfg, max_len=lmc.slots_needed(8, LABELS.shape[1], 0)))
   scores, _, _ = jax.jit(lmc.class_scores, static_argnums=0)(model, params, cache, tokens, mask, LABELS, LABEL_MASK)
   return np.asarray(scores)
 
@@ -114,6 +114,34 @@ def test_prefix_is_unrotated_keys_and_values_before_every_layers_own(base, scan)
   expected = np.stack([np_scores(base, TINY, body, prefix_kv=[(keys[i], values[i]) for i in range(TINY.num_layers)])
                        for body in BODIES])
   np.testing.assert_allclose(batched_scores(cfg, params, cache), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_soft_prompt_gradient_through_the_shared_cache_equals_the_full_forwards(base):
+  """What tuning trains through: the gradient with respect to the soft prompt of the label log-likelihoods read
+  through the shared one-row cache, against the same sum from full forwards with the prompt as input vectors (no
+  cache; rows padded on the right, which a causal model's earlier positions never see)."""
+  prompt = jax.random.normal(jax.random.key(4), (P, TINY.embed_dim))
+
+  def through_cache(prompt):
+    cache = adapters.prompt_cache(Transformer(dataclasses.replace(TINY, max_len=P)), base, prompt)
+    tokens, mask = lmc.pad(BODIES, 8, 0, left=True)
+    resized = Transformer(dataclasses.replace(TINY, max_len=lmc.slots_needed(8, LABELS.shape[1], 0)))
+    return jnp.sum(lmc.class_scores(resized, base, cache, tokens, mask, LABELS, LABEL_MASK)[0])
+
+  def full_forwards(prompt):
+    total = 0.0
+    for label, mask in zip(LABELS, LABEL_MASK):
+      label = label[mask]
+      tokens, _ = lmc.pad([np.concatenate([body, label[:-1]]) for body in BODIES], 10, 0, left=False)
+      prompts = jnp.broadcast_to(prompt, (len(BODIES), *prompt.shape))
+      log_probs = jax.nn.log_softmax(Transformer(TINY).apply({'params': base}, tokens, prefix_embeddings=prompts))
+      for row, body in enumerate(BODIES):
+        at = P + len(body) - 1 + np.arange(len(label))  # the positions that predict the label's tokens
+        total += jnp.sum(log_probs[row, at, label])
+    return total
+
+  np.testing.assert_allclose(through_cache(prompt), full_forwards(prompt), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(through_cache)(prompt), jax.grad(full_forwards)(prompt), rtol=1e-4, atol=1e-5)
 
 
 def test_prefix_from_tokens_is_what_the_model_caches_for_them(base):

@@ -82,7 +82,7 @@ def batched_scores(model, params, prefix_ids, bodies, label_words, batch_size=4)
   scores = np.zeros((len(bodies), len(label_words)))
   for rows, length in lmc.length_batches([len(b) for b in bodies], batch_size):
     tokens, mask = lmc.pad([bodies[i] for i in rows], length, BYTES.pad_id, left=True)
-    resized = Transformer(dataclasses.replace(TINY, max_len=lmc.slots_needed(slots, length, label_tokens.shape[1], 0)))
+    resized = Transformer(dataclasses.replace(TINY, max_len=lmc.slots_needed(length, label_tokens.shape[1], 0)))
     s, _, _ = _class_scores(resized, params, cache, tokens, mask, label_tokens, label_mask)
     scores[rows] = np.asarray(s)
   return scores
@@ -166,7 +166,7 @@ def test_generation_from_the_scoring_pass_matches_greedy_full_forwards(tiny):
   cache = _prefill(Transformer(dataclasses.replace(TINY, max_len=slots)), params, tokens, mask)
   length = lmc.bucket_length(max(map(len, bodies)))
   tokens, mask = lmc.pad(bodies, length, BYTES.pad_id, left=True)
-  resized = Transformer(dataclasses.replace(TINY, max_len=lmc.slots_needed(slots, length, 1, 6)))
+  resized = Transformer(dataclasses.replace(TINY, max_len=lmc.slots_needed(length, 1, 6)))
   labels = np.array([[ord('a')]], np.int32)
   _, generated = jax.jit(lmc.score_and_generate, static_argnums=0, static_argnames='max_new_tokens')(
       resized, params, cache, tokens, mask, labels, np.ones_like(labels, bool), max_new_tokens=6)
@@ -199,7 +199,7 @@ def test_chat_prompt_is_the_tokenizers_chat_turn(tmp_path, monkeypatch):
   body = tokenizer.encode(filled + tail)
   labels = [tokenizer.encode(w) for w in ('no', 'yes the')]
   label_tokens, label_mask = lmc.pad(labels, 4, tokenizer.pad_id, left=False)
-  resized = Transformer(dataclasses.replace(model_cfg, max_len=len(head_ids) + len(body) + 3))
+  resized = Transformer(dataclasses.replace(model_cfg, max_len=len(body) + 3))
   scores, _, _ = _class_scores(resized, params, cache, body[None], np.ones((1, len(body)), bool), label_tokens,
                                 label_mask)
   expected = [reference_score(model, params, tokenizer.chat(filled), label) for label in labels]
@@ -219,6 +219,8 @@ def smoke_config(movie_dir, variants='smoke', **overrides):
   config = load_config('configs/adapt/movie_sentiment.py').get_config(variants)
   config.data.data_dir = movie_dir
   config.lm.random_model.init_std = 0.3  # peaked predictions: both classes get predicted
+  # The references here are float32 forwards: bf16 operands (the config's CPU default) are checked on their own.
+  config.lm.matmul_dtype = 'float32'
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -267,6 +269,18 @@ def test_task_metrics_match_per_example_reference(movie_dir, tmp_path):
       assert results[key + '_std'] == pytest.approx(np.std(values, ddof=1)), key
   assert results['eval/pred_share/negative'] + results['eval/pred_share/positive'] == pytest.approx(1.0)
   assert 0 <= results['eval/generate/unparseable'] <= 1 and 'eval/validation/generate/accuracy' in results
+
+
+def test_bf16_matmuls_score_close_to_float32(movie_dir, tmp_path):
+  """The config's CPU default (bf16 operands, float32 accumulation) moves the content-free class distribution, a
+  smooth function of every score, by rounding only: it changes, and stays within 1e-2 of float32."""
+  metrics = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = smoke_config(movie_dir, 'icl,smoke', **{'icl.shots': 2, 'icl.draws': 1, 'eval.max_examples': 2,
+                                                      'generate.max_new_tokens': 0, 'lm.matmul_dtype': dtype})
+    metrics[dtype] = evaluate_once(config, tmp_path)[0]['eval/content_free/p/positive']
+  assert metrics['bfloat16'] != metrics['float32']
+  assert metrics['bfloat16'] == pytest.approx(metrics['float32'], abs=1e-2)
 
 
 def test_loss_is_the_rank_classification_cross_entropy_of_a_train_batch(movie_dir):

@@ -125,34 +125,38 @@ def vocab_log_probs(model: Transformer, params, hidden: Array) -> Array:
 
 def prefill(model: Transformer, params, tokens: Array, mask: Array, start: dict | None = None) -> dict:
   """The KV cache of a shared prefix: tokens and mask [1, length] (right-padded: the cache keeps the mask, so its
-  padding is never attended to), after `start` when given (a one-row cache of fewer slots: a learned soft prompt or
-  prefix). `model.config.max_len` holds start's slots + length."""
+  padding is never attended to), after `start` when given (a one-row cache: a learned soft prompt or prefix).
+  `model.config.max_len` holds length."""
   _, mutated = model.apply({'params': params, 'cache': extend_cache(start, model, tokens.shape[0])}, tokens,
                            mask=mask, decode=True, return_hidden=True, mutable=['cache'])
   return mutated['cache']
 
 
 def extend_cache(prefix_cache: dict | None, model: Transformer, batch: int) -> dict:
-  """An empty cache of `model` (its max_len slots) for `batch` rows holding a prefix cache (one row, fewer slots) in
-  its first slots, broadcast over the rows; the prefix's cache index carries over."""
+  """An empty cache of `model` (its max_len slots) for `batch` rows, after a prefix cache of one row that every row
+  attends to: the prefix's keys, values and mask (its shared part first, when it has one, then its own slots) become
+  the new cache's shared prefix, held once rather than copied per row (see `Transformer`)."""
   target = init_cache(model, batch)
   if prefix_cache is None:
     return target
 
-  def place(slots, prefix):
-    if slots.ndim == 0:  # the index
-      return prefix
-    batch_axis = max(slots.ndim - 4, 0)  # [.., batch, slots, kv_heads, head_dim] (scanned: layers first); mask 2-D
-    shape = prefix.shape[:batch_axis] + (batch,) + prefix.shape[batch_axis + 1:]
-    return jax.lax.dynamic_update_slice(slots, jnp.broadcast_to(prefix, shape).astype(slots.dtype), (0,) * slots.ndim)
+  def joined(name, tree):
+    own = tree[name[len('shared_'):]]
+    return own if name not in tree else jnp.concatenate([tree[name], own], axis=-3 if name != 'shared_mask' else -1)
 
-  return jax.tree.map(place, target, prefix_cache)
+  target['shared_mask'] = joined('shared_mask', prefix_cache)
+  for layer, target_layer in target.items():
+    if isinstance(target_layer, dict):
+      attention, source = target_layer['attention'], prefix_cache[layer]['attention']
+      for name in ('shared_key', 'shared_value'):
+        attention[name] = joined(name, source).astype(attention['key'].dtype)
+  return target
 
 
 def read_bodies(model: Transformer, params, prefix_cache: dict | None, tokens: Array,
                 mask: Array) -> tuple[Array, dict]:
   """The final hidden states [batch, length, embed] of the bodies (tokens, mask LEFT-padded) after the prefix
-  cache, and the cache after them. `model.config.max_len` holds the prefix's slots + length (+ what follows)."""
+  cache, and the cache after them. `model.config.max_len` holds length (+ what follows)."""
   hidden, mutated = model.apply({'params': params, 'cache': extend_cache(prefix_cache, model, tokens.shape[0])},
                                 tokens, mask=mask, decode=True, return_hidden=True, mutable=['cache'])
   return hidden, mutated['cache']
@@ -173,7 +177,7 @@ def class_scores(model: Transformer, params, prefix_cache: dict | None, tokens: 
 
   tokens, mask: the bodies [batch, length], LEFT-padded, so every body ends in the last column and the labels
   follow it directly; label_tokens, label_mask: [classes, label_len], right-padded. `model.config.max_len` must hold
-  the prefix's slots + length + label_len - 1.
+  length + label_len - 1 (the prefix is the cache's shared part).
 
   Returns (scores [batch, classes], log p over the vocabulary after the body [batch, vocab] (the first label token's
   distribution, and greedy generation's first step), the cache after the body). One pass over the bodies; a label of
@@ -266,10 +270,10 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def slots_needed(prefix_slots: int, body_length: int, label_length: int, max_new_tokens: int) -> int:
-  """KV-cache slots of one scoring call: the prefix, the bodies, then the longer of the label's extra tokens and
-  generation's."""
-  return prefix_slots + body_length + max(label_length - 1, max_new_tokens - 1, 0)
+def slots_needed(body_length: int, label_length: int, max_new_tokens: int) -> int:
+  """KV-cache slots of one scoring call after its shared prefix: the bodies, then the longer of the label's extra
+  tokens and generation's."""
+  return body_length + max(label_length - 1, max_new_tokens - 1, 0)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -268,7 +268,8 @@ class Attention(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, cache_index: Array, key_mask: Array | None = None) -> Array:
+  def __call__(self, x: Array, positions: Array, cache_index: Array, key_mask: Array | None = None,
+               shared_mask: Array | None = None) -> Array:
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     e, h, kv, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -297,6 +298,7 @@ class Attention(nn.Module):
       cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, cache_index, 0, 0))
       cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, cache_index, 0, 0))
       k, v = cached_k.value, cached_v.value
+    shared = shared_mask is not None  # decoding after a prefix that every row shares (see `Transformer`)
 
     query_slot = cache_index + jnp.arange(length)
     key_slot = jnp.arange(k.shape[1])
@@ -314,9 +316,42 @@ class Attention(nn.Module):
     q = q.reshape(batch, length, kv, group, d)
     scores = jnp.einsum('blkgd,bskd->bkgls', q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(visible, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(batch, length, h, d)
-    return _project(self, 'out', out, wo, out_axes, 2)
+    if shared:
+      out = _attend_with_shared_prefix(cfg, q, scores, v, self.get_variable('cache', 'shared_key')[0],
+                                       self.get_variable('cache', 'shared_value')[0], shared_mask[0])
+    else:
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.einsum('bkgls,bskd->blkgd', probs, v)
+    return _project(self, 'out', out.reshape(batch, length, h, d), wo, out_axes, 2)
+
+
+def _attend_with_shared_prefix(cfg: TransformerConfig, q: Array, own_scores: Array, own_v: Array, shared_k: Array,
+                               shared_v: Array, shared_mask: Array) -> Array:
+  """Attention over a prefix that every row shares (keys, values [slots, kv, d], mask [slots]) and the row's own
+  cache (own_scores [batch, kv, group, length, keys], masked; own_v [batch, keys, kv, d]); q [batch, length, kv,
+  group, d]. Returns [batch, length, kv, group, d].
+
+  The prefix is held once, not copied per row: per KV head, all rows' queries against its keys are one 2-D matmul
+  (in `cfg.matmul_dtype` where set, as the projections), and so is the weighted sum of its values. One softmax
+  spans both parts, merged through a common maximum and denominator.
+  """
+  batch, length, kv, group, d = q.shape
+  rows = batch * length * group
+  queries = q.transpose(2, 0, 1, 3, 4).reshape(kv, rows, d)
+  dot = lambda a, b: (low_precision_dot(a, b, 1, cfg.matmul_dtype) if _low_precision(cfg)
+                      else jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32))
+  shared_scores = jnp.stack([dot(queries[i], shared_k[:, i].T) for i in range(kv)]) / math.sqrt(d)
+  shared_scores = jnp.where(shared_mask, shared_scores, -jnp.inf)  # [kv, rows, slots]
+  own = own_scores.transpose(1, 0, 3, 2, 4).reshape(kv, rows, -1)  # [kv, batch * length * group, keys]
+  top = jax.lax.stop_gradient(jnp.maximum(shared_scores.max(-1, keepdims=True), own.max(-1, keepdims=True)))
+  shared_p, own_p = jnp.exp(shared_scores - top), jnp.exp(own - top)
+  total = shared_p.sum(-1, keepdims=True) + own_p.sum(-1, keepdims=True)
+  dtype = jnp.dtype(cfg.dtype)
+  from_shared = jnp.stack([dot(shared_p[i].astype(dtype), shared_v[:, i]) for i in range(kv)])
+  from_own = jnp.einsum('kbms,bskd->kbmd', own_p.reshape(kv, batch, length * group, -1).astype(dtype), own_v,
+                        preferred_element_type=jnp.float32).reshape(kv, rows, d)
+  out = ((from_shared + from_own) / total).astype(dtype)
+  return out.reshape(kv, batch, length, group, d).transpose(1, 2, 0, 3, 4)
 
 
 class MLP(nn.Module):
@@ -341,24 +376,25 @@ class Block(nn.Module):
   decode: bool
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, cache_index: Array,
-               key_mask: Array | None = None) -> tuple[Array, None]:
+  def __call__(self, x: Array, positions: Array, cache_index: Array, key_mask: Array | None = None,
+               shared_mask: Array | None = None) -> tuple[Array, None]:
     # Returns (carry, output) so that nn.scan can stack it; the unscanned path ignores the None.
     x = x + Attention(self.config, self.decode, name='attention')(
-        RMSNorm(self.config, name='attention_norm')(x), positions, cache_index, key_mask)
+        RMSNorm(self.config, name='attention_norm')(x), positions, cache_index, key_mask, shared_mask)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
     x = x + MLP(self.config, name='mlp')(RMSNorm(self.config, name='mlp_norm')(x))
     return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed')), None
 
 
 def run_blocks(cfg: TransformerConfig, x: Array, positions: Array, cache_index: Array, *,
-               decode: bool = False, key_mask: Array | None = None,
+               decode: bool = False, key_mask: Array | None = None, shared_mask: Array | None = None,
                before_layer: Callable[[int, Array], Array] | None = None) -> Array:
   """The stack of blocks, unrolled ('layers_0', 'layers_1', ...) or scanned (one 'layers' tree), optionally
   rematerialised. Called from inside a compact module: the decoder here, the ViT in vit.py.
 
   key_mask: bool [batch, keys] (keys: this call's tokens, or the whole cache when decoding), False for padding that
   no other position may attend to; None when every position is real.
+  shared_mask: bool [1, slots] of the shared prefix in the cache (decoding only; see `Transformer`), or None.
   before_layer: (layer index, x) -> x, applied to the input of every layer after the first (deep visual prompts
   replace tokens there); unrolled stacks only.
   """
@@ -370,14 +406,14 @@ def run_blocks(cfg: TransformerConfig, x: Array, positions: Array, cache_index: 
     if before_layer is not None:
       raise ValueError('Per-layer inputs (deep prompts) need an unrolled stack: set scan_layers=False.')
     layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index, key_mask)
+    x, _ = layers(cfg, decode, name='layers')(x, positions, cache_index, key_mask, shared_mask)
   else:
     for i in range(cfg.num_layers):
       if i and before_layer is not None:
         x = before_layer(i, x)
-      x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index, key_mask)
+      x, _ = block(cfg, decode, name=f'layers_{i}')(x, positions, cache_index, key_mask, shared_mask)
   return x
 
 
@@ -395,7 +431,10 @@ class Transformer(nn.Module):
       the order of the sequence (and the cache), not `positions`.
     decode: read and extend the KV cache (the 'cache' collection, pass mutable=['cache']); one call may add a whole
       prompt, later calls one token each. Start from an empty cache: `generate.init_cache`, or the cache of
-      `init(..., decode=True)`, which holds no tokens.
+      `init(..., decode=True)`, which holds no tokens. A cache may also hold a prefix that every row shares
+      (`shared_mask` [1, slots] at its top, `shared_key`/`shared_value` [1, slots, kv_heads, head_dim] beside each
+      layer's own; `evaluate/lm_classify.extend_cache` builds it): every row attends to its real slots before its
+      own, without a copy per row, and its real slots count in the positions.
     prefix_embeddings: float [batch, prefix, embed_dim] placed before the token embeddings (soft prompts).
     return_hidden: return the final-normed hidden states (float32) [batch, prefix + length, embed_dim] instead.
     mask: bool [batch, length], False for padding tokens: no other position attends to them, now or (decoding,
@@ -418,11 +457,15 @@ class Transformer(nn.Module):
     cache_index = jnp.zeros((), jnp.int32)
     real_before = jnp.zeros((batch,), jnp.int32)
     key_mask = None if mask is None else real
+    shared_mask = None
+    if decode and self.has_variable('cache', 'shared_mask'):
+      shared_mask = self.get_variable('cache', 'shared_mask')
+      real_before = real_before + jnp.sum(shared_mask, dtype=jnp.int32)
     if decode:
       index = self.variable('cache', 'index', jnp.zeros, (), jnp.int32)
       cached_mask = self.variable('cache', 'mask', jnp.zeros, (batch, cfg.max_len), bool)
       cache_index = index.value
-      real_before = jnp.sum(cached_mask.value & (jnp.arange(cfg.max_len) < cache_index), axis=1, dtype=jnp.int32)
+      real_before += jnp.sum(cached_mask.value & (jnp.arange(cfg.max_len) < cache_index), axis=1, dtype=jnp.int32)
       cached_mask.value = jax.lax.dynamic_update_slice(cached_mask.value, real, (0, cache_index))
       key_mask = cached_mask.value
       if not self.is_initializing():  # the cache that init returns is empty, ready for a prefill
@@ -430,7 +473,7 @@ class Transformer(nn.Module):
     if positions is None:
       positions = real_before[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
 
-    x = run_blocks(cfg, x, positions, cache_index, decode=decode, key_mask=key_mask)
+    x = run_blocks(cfg, x, positions, cache_index, decode=decode, key_mask=key_mask, shared_mask=shared_mask)
     x = RMSNorm(cfg, name='final_norm')(x)
     if return_hidden:
       return x.astype(jnp.float32)

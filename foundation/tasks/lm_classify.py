@@ -226,10 +226,10 @@ def build(config) -> Task:
     cache = learned_start(params, lm)
     if len(head_ids):
       with nn.logical_axis_rules(()):  # one row: nothing to split over the data axes
-        cache = lmc.prefill(resized(adapter_len + len(head_ids), lora), lm, jnp.asarray(head_ids[None]),
+        cache = lmc.prefill(resized(len(head_ids), lora), lm, jnp.asarray(head_ids[None]),
                             jnp.ones((1, len(head_ids)), bool), cache)
     tokens, mask = batch['tokens'], batch['mask']
-    model = resized(adapter_len + len(head_ids) + tokens.shape[1] + label_tokens.shape[1] - 1, lora)
+    model = resized(tokens.shape[1] + label_tokens.shape[1] - 1, lora)
     if method == 'head':
       scores = head_scores(params, lmc.read_bodies(model, lm, cache, tokens, mask)[0], mask)
     else:
@@ -277,14 +277,13 @@ def build(config) -> Task:
         cache = learned
         if prefix_slots:
           tokens, mask = lmc.pad([prefix], prefix_slots, tokenizer.pad_id, left=False)
-          cache = prefill(resized(adapter_len + prefix_slots), lm, jnp.asarray(tokens), jnp.asarray(mask), learned)
+          cache = prefill(resized(prefix_slots), lm, jnp.asarray(tokens), jnp.asarray(mask), learned)
         scores = np.zeros((len(eval_rows), num_classes), np.float64)
         answers = np.full(len(eval_rows), -1)
         for rows, tokens, mask in batches:
           n = len(rows)
           tokens, mask = _fill_batch(tokens, mask, ev.batch_size, tokenizer.pad_id)
-          model = resized(lmc.slots_needed(adapter_len + prefix_slots, tokens.shape[1], label_tokens.shape[1],
-                                           new_tokens))
+          model = resized(lmc.slots_needed(tokens.shape[1], label_tokens.shape[1], new_tokens))
           if method == 'head':
             hidden = read(model, lm, cache, _place(tokens, ctx.mesh), _place(mask, ctx.mesh))
             s, generated = head_scores(params, hidden, jnp.asarray(mask)), None
@@ -337,11 +336,10 @@ def _merge_trees(base: dict, extra: dict) -> dict:
 
 def _features(read, resized, lm, learned, bodies, pad_id: int, batch_size: int, pooling: str, mesh) -> np.ndarray:
   """Pooled final hidden states [n, embed] of the bodies, batched by length."""
-  adapter_slots = 0 if learned is None else int(learned['index'])
   out = None
   for rows, length in lmc.length_batches([len(b) for b in bodies], batch_size):
     tokens, mask = _fill_batch(*lmc.pad([bodies[i] for i in rows], length, pad_id, left=True), batch_size, pad_id)
-    hidden = read(resized(adapter_slots + length), lm, learned, _place(tokens, mesh), _place(mask, mesh))
+    hidden = read(resized(length), lm, learned, _place(tokens, mesh), _place(mask, mesh))
     pooled = np.asarray(lmc.pool(hidden, jnp.asarray(mask), pooling))[:len(rows)]
     out = np.zeros((len(bodies), pooled.shape[1]), np.float32) if out is None else out
     out[rows] = pooled
@@ -441,13 +439,13 @@ def _language_model(lm) -> tuple[TransformerConfig, object]:
   """The model's config and tokenizer, without reading its weights: a GGUF's header, or the random model's fields."""
   if lm.source != RANDOM_SOURCE:
     cfg, tokenizer = gguf_header(lm.source)
-    return TransformerConfig.from_dict({**cfg, 'dtype': lm.dtype}), tokenizer
+    return TransformerConfig.from_dict({**cfg, 'dtype': lm.dtype, 'matmul_dtype': lm.matmul_dtype}), tokenizer
   fields = dict(lm.random_model)
   for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'mlp_dim', 'max_len'):
     value = fields.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'config.lm.random_model.{name}={value!r} must be a whole number of at least 1.')
-  cfg = TransformerConfig.from_dict({**fields, 'dtype': lm.dtype})
+  cfg = TransformerConfig.from_dict({**fields, 'dtype': lm.dtype, 'matmul_dtype': lm.matmul_dtype})
   tokenizer = ByteTokenizer()
   if cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(f'config.lm.random_model.vocab_size={cfg.vocab_size} is below the byte tokenizer\'s '
