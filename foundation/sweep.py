@@ -7,7 +7,8 @@ r"""Ablations: a grid of config overrides x seeds, one `foundation.main` run eac
 
 The grid is `field=value,value;field=value,...`: `;` separates fields and `,` values, but only outside brackets and
 quotes, so tuples (`optim.freeze=('layers_0/',),('layers_[01]/',)`) and quoted strings (`data.name='a,b'`) are one
-value each. A value that is one quoted string is passed without its quotes (they only protect commas). A cell is
+value each. The field `variant` takes the config's variants (several fields at once, e.g. a prompt's template and
+label words): each value is appended to --config's own variants, `+` joining several (`variant=chat,icl+chat`). A value that is one quoted string is passed without its quotes (they only protect commas). A cell is
 one combination of values; each cell runs `--seeds` times with `--config.seed=0..seeds-1` into
 `ROOT/<cell>/seed_<s>`, where `<cell>` spells the cell's overrides (`optim.lr=0.001,model.num_layers=2`) without
 quotes and spaces, and with characters a filesystem would mind (`/`, `:`, ...) replaced by `_`.
@@ -52,6 +53,7 @@ from absl import flags
 
 MANIFEST = 'sweep.json'  # what --table_only needs to find the runs again: config, fields, cells, seeds
 DONE_MARKER = '.sweep_done'
+VARIANT = 'variant'  # the grid field whose values are config variants, not a config field
 _UNSAFE = re.compile(r'[^A-Za-z0-9._,=+()-]')  # safe in a file name on any filesystem
 _MAX_NAME = 150  # characters; file names may have 255 bytes, and the hash suffix needs room
 _OPEN, _CLOSE = '([{', ')]}'
@@ -176,8 +178,10 @@ def _one_line(error: Exception) -> str:
 
 
 def load_config(config: str, overrides: dict[str, str]):
-  """The config exactly as `foundation.main --config=CONFIG --config.field=value ...` would resolve it."""
+  """The config exactly as `foundation.main --config=CONFIG --config.field=value ...` would resolve it (a
+  `variant` override added to CONFIG's variants)."""
   from ml_collections import config_flags
+  config, overrides = with_variant(config, overrides)
   argv = ['foundation.main', f'--config={config}', *(f'--config.{k}={v}' for k, v in overrides.items())]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True, sys_argv=argv)
@@ -197,6 +201,8 @@ def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seed
       raise SweepError(f'grid field {field} is also set by ' + ('--seeds' if field == 'seed' else '--set'))
   if 'seed' in sets:
     raise SweepError('--set=seed=... conflicts with --seeds, which sets config.seed for each run')
+  if VARIANT in sets:
+    raise SweepError(f'--set={VARIANT}=... : give variants in --config (path:variant) or as a grid field')
 
   def load(overrides, what):
     try:
@@ -212,8 +218,18 @@ def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seed
           for cell in make_cells(grid)}
 
 
+def with_variant(config: str, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
+  """(--config with the cell's `variant` value appended to its variants, the other overrides)."""
+  overrides = dict(overrides)
+  variant = overrides.pop(VARIANT, '')
+  if not variant:
+    return config, overrides
+  path, _, own = config.partition(':')
+  return f'{path}:' + ','.join(v for v in [*own.split(','), *variant.split('+')] if v.strip()), overrides
+
+
 def run_command(config: str, workdir: str, sets: dict[str, str], cell: Cell, seed: int) -> list[str]:
-  overrides = {**sets, **cell.overrides, 'seed': str(seed)}
+  config, overrides = with_variant(config, {**sets, **cell.overrides, 'seed': str(seed)})
   return [sys.executable, '-m', 'foundation.main', f'--config={config}', f'--workdir={workdir}',
           *(f'--config.{field}={value}' for field, value in overrides.items())]
 

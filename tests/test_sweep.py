@@ -67,6 +67,19 @@ def test_parsed_values_reach_the_config_as_main_reads_them():
   assert config.optim.freeze == ('layers_0/', 'a,b') and config.data.name == 'a,b;c' and config.optim.lr == 3e-3
 
 
+def test_variant_values_join_the_configs_own_variants(tmp_path, capsys):
+  """`variant` is no config field: its value (several joined by +) follows --config's variants, in order, and
+  the config loads as main would load that spec."""
+  root = str(tmp_path / 'root')
+  assert sweep.main(['--config=configs/lm/shakespeare.py', "--grid=variant=baby,baby+smoke;optim.lr=0.01",
+                     f'--root={root}', '--jobs=print']) == 0
+  configs = [next(a for a in shlex.split(line) if a.startswith('--config=')) for line in capsys.readouterr().out.splitlines()]
+  assert configs == ['--config=configs/lm/shakespeare.py:baby', '--config=configs/lm/shakespeare.py:baby,smoke']
+  assert sweep.load_config(SMOKE, {'variant': 'baby', 'optim.lr': '0.01'}).to_dict() == \
+      sweep.load_config('configs/lm/shakespeare.py:smoke,baby', {'optim.lr': '0.01'}).to_dict()
+  assert sweep.main([f'--config={SMOKE}', '--grid=optim.lr=0.01', '--set=variant=baby', f'--root={root}x']) == 2
+
+
 def test_cell_names_are_readable_filesystem_safe_and_distinct():
   cells = sweep.make_cells(sweep.parse_grid("optim.lr=0.001,0.01;model.num_layers=2"))
   assert [c.name for c in cells] == ['optim.lr=0.001,model.num_layers=2', 'optim.lr=0.01,model.num_layers=2']

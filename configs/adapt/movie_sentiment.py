@@ -8,9 +8,7 @@ Zero-shot (the default; evaluates validation and test, trains nothing):
 In-context, 16 demonstrations from the training split, 5 draws (mean and std over draws):
   python -m foundation.main --config=configs/adapt/movie_sentiment.py:icl --workdir=workdirs/movie_icl
 Another prompt, chat-wrapped (the label word follows the assistant's turn start), with out-of-domain splits:
-  python -m foundation.main --config=configs/adapt/movie_sentiment.py:zero_shot --workdir=workdirs/movie_chat \
-    --config.prompt.chat=True --config.prompt.template='Is the sentiment of this review positive or negative? {text}' \
-    --config.prompt.label_words="('negative','positive')" \
+  python -m foundation.main --config=configs/adapt/movie_sentiment.py:zero_shot,chat --workdir=workdirs/movie_chat \
     --config.eval.splits="('validation','test','ood_tweets','ood_amazon')"
 Tuned (the template and label words kept; the label word's likelihood is the classifier, trained by cross-entropy
 over the classes), with early stopping on validation accuracy; 16 examples per class with shots_per_class=16:
@@ -27,15 +25,42 @@ Variants:
   :finetune_top  only the top 2 of SmolLM2's 30 blocks and the final norm train
   :head          standard fine-tuning: a linear head on the last token's hidden state, with the whole LM
   :probe         a ridge linear probe (and k-NN) on the frozen LM's last-token features; nothing trains
-  :smoke         seconds, for tests: a tiny random model on bytes, 16 examples per split
-Variants combine with commas (:prompt,smoke). Label words are in class order: (negative, positive).
+  :smoke         seconds, for tests: a tiny random model on bytes (no chat turns), 16 examples per split
+  :great_terrible, :good_bad, :cat_dog, :dog_cat, :terrible_great, :review (the default), :question_first, :chat
+                 a named prompt of PROMPTS below: template, label words, chat wrapping
+Variants combine with commas (:prompt,smoke; :icl,chat). Label words are in class order: (negative, positive).
+The template table (zero-shot and in-context columns for every named prompt):
+  python -m foundation.sweep --config=configs/adapt/movie_sentiment.py --root=workdirs/template_table \
+    --grid='icl.shots=0,4,16;variant=great_terrible,good_bad,cat_dog,dog_cat,terrible_great,review,question_first,chat' \
+    --set=generate.max_new_tokens=0 --metrics=eval/validation/accuracy,eval/accuracy,eval/accuracy_std,\
+eval/calibrated/accuracy,eval/calibrated/accuracy_std,eval/pred_share/positive,eval/calibrated/pred_share/positive
 """
 
+import functools
 import os
 
 import ml_collections
 
 from foundation import config_base
+
+# Named prompts, each a variant (:great_terrible, ...): (template, label words in class order (negative, positive),
+# chat-wrapped). The first five are LM-BFF's label-word pairs (Gao et al. 2021, Table 1: 'It was [MASK].' on SST-2;
+# great/terrible means positive = great) after a causal LM's version of its template; the template table sweeps
+# them (README). A causal LM scores the label word after everything it reads, so every template ends where the
+# label goes; 'question_first' puts the question and the choices before the text instead.
+IT_WAS = '{text} It was'
+PROMPTS = {
+    'great_terrible': (IT_WAS, (' terrible', ' great'), False),
+    'good_bad': (IT_WAS, (' bad', ' good'), False),
+    'cat_dog': (IT_WAS, (' dog', ' cat'), False),
+    'dog_cat': (IT_WAS, (' cat', ' dog'), False),
+    'terrible_great': (IT_WAS, (' great', ' terrible'), False),
+    'review': ('Movie review: {text}\nThe sentiment of this review is', (' negative', ' positive'), False),
+    'question_first': ('Is the following movie review positive or negative?\n{text}\nAnswer:',
+                       (' negative', ' positive'), False),
+    'chat': ('Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}',
+             ('negative', 'positive'), True),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -59,12 +84,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       random_model=dict(vocab_size=320, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
                         max_len=4096, init_std=0.02),
   )
+  # The default prompt, 'review', was chosen on validation (README, Results): 0.79 on its first 200 sentences,
+  # against 0.74 for 'Review: {text}\nSentiment:' and 0.50 for '{text} It was' with (' terrible', ' great').
+  template, label_words, chat = PROMPTS['review']
   c.prompt = dict(
-      # Chosen on validation (README, Results): 0.79 on its first 200 sentences, against 0.74 for
-      # 'Review: {text}\nSentiment:' and 0.50 for '{text} It was' with (' terrible', ' great').
-      template='Movie review: {text}\nThe sentiment of this review is',
-      label_words=(' negative', ' positive'),  # one per class, in class order
-      chat=False,                              # True: the filled template is the user's turn of a chat
+      template=template,
+      label_words=label_words,  # one per class, in class order
+      chat=chat,                # True: the filled template is the user's turn of a chat
   )
   c.icl = dict(shots=0, draws=5, separator='\n\n')  # draws count only when shots > 0
   c.calibration = dict(content_free=('N/A', '', '[MASK]'))
@@ -91,6 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config_base.apply_variants(c, arg, VARIANTS, __file__)
 
 
+def _prompt(name, c):
+  template, label_words, chat = PROMPTS[name]
+  c.prompt.update(template=template, label_words=label_words, chat=chat)
+
+
 def zero_shot(c):
   c.num_train_steps = 0
   c.icl.shots = 0
@@ -105,6 +136,7 @@ def smoke(c):
   # Two steps through `loss` (nothing trainable changes) so the smoke run exercises the loop's path too.
   config_base.smoke_loop(c, steps=2, batch=8)
   c.lm.source = 'random'
+  c.prompt.chat = False  # the random model reads bytes: no chat turns
   c.init_from.source = ''  # the random model starts from its own init
   c.tune.length = min(c.tune.length, 4)
   if c.optim.freeze:  # the random model has 2 blocks: the top one trains
@@ -171,4 +203,5 @@ def probe(c):
 
 
 VARIANTS = {'zero_shot': zero_shot, 'icl': icl, 'prompt': prompt, 'prefix': prefix, 'lora': lora,
-            'finetune': finetune, 'finetune_top': finetune_top, 'head': head, 'probe': probe, 'smoke': smoke}
+            'finetune': finetune, 'finetune_top': finetune_top, 'head': head, 'probe': probe, 'smoke': smoke,
+            **{name: functools.partial(_prompt, name) for name in PROMPTS}}
