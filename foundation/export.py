@@ -5,35 +5,21 @@ tokenizer the run was trained with. The run's config.json says which model and t
 params.
 """
 
-import json
-import os
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a language-model run (config.json, checkpoints/).',
                                required=True)
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face model into.', required=True)
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export; default the newest.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export; default the step the run selected by '
+                              'early stopping, else the newest.')
 
 
 def export_workdir(workdir: str, out_dir: str, step: int | None = None) -> None:
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
-  from foundation import checkpoint
   from foundation.data.tokenizers import get_tokenizer
   from foundation.models.hf_export import export_llama
-  from foundation.models.transformer import Transformer, TransformerConfig
+  from foundation.tasks.lm import restore_run
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  if 'model' not in config or 'tokenizer' not in config.get('data', {}):
-    raise ValueError(f'{workdir}/config.json has no model and data.tokenizer: not a language-model run.')
-  model_cfg = TransformerConfig.from_dict(config['model'])
-  model = Transformer(model_cfg)
-  abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']))
-  params, _ = checkpoint.restore_params(workdir, 'params', abstract, step=step)
+  config, model_cfg, params, _ = restore_run(workdir, step)
   export_llama(params, model_cfg, get_tokenizer(config['data']['tokenizer']), out_dir)
 
 

@@ -1,8 +1,8 @@
 r"""Ahead-of-time plan: compile a config's real train step for a TPU slice (or this machine's devices) here, and
 report what one step needs per chip before a run is launched.
 
-  python -m foundation.plan --config=configs/lm/shakespeare.py:gpu --topology=v5e:4x4
-  python -m foundation.plan --config=configs/lm/shakespeare.py:gpu --topology=v5p:2x2x4 --config.mesh.fsdp=-1 \
+  python -m foundation.plan --config=configs/lm/shakespeare.py:large --topology=v5e:4x4
+  python -m foundation.plan --config=configs/lm/shakespeare.py:large --topology=v5p:2x2x4 --config.mesh.fsdp=-1 \
       --config.mesh.data=1
   python -m foundation.plan --config=configs/lm/shakespeare.py:smoke     # this machine's devices
 

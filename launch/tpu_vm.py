@@ -2,7 +2,7 @@ r"""Runs a config on a Cloud TPU VM, one host or a pod slice, through the gcloud
 
   python launch/tpu_vm.py create --name=lm --zone=us-west4-a --accelerator=v5litepod-16 [--spot | --reserved]
       [--valid_until=24h] [--project=P] [--direct]
-  python launch/tpu_vm.py run --name=lm --zone=us-west4-a configs/lm/shakespeare.py:gpu /mnt/bucket/runs/lm \
+  python launch/tpu_vm.py run --name=lm --zone=us-west4-a configs/lm/shakespeare.py:large /mnt/bucket/runs/lm \
       --config.data.data_dir=gs://my-bucket/tensorflow_datasets [--commit=HEAD] [--bucket=my-bucket]
   python launch/tpu_vm.py status|logs|stop|delete --name=lm --zone=us-west4-a
   python launch/tpu_vm.py recover --name=lm --zone=us-west4-a    # after a preemption: re-create, resume the run

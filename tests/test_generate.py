@@ -134,3 +134,43 @@ def test_rejects_generation_past_max_len(model_params_prompt):
     generate(model, params, prompt, max_new_tokens=TINY.max_len - PROMPT_LEN + 1, rng=jax.random.key(0))
   with pytest.raises(ValueError, match='greedy=True'):
     generate(model, params, prompt, max_new_tokens=2, rng=jax.random.key(0), temperature=0.0)
+
+
+# ----- the sampling command (foundation/sample.py) -----------------------------------------------------------------
+
+def test_sampling_a_workdir_reads_its_selected_step_and_continues_greedily(tmp_path):
+  """A run's checkpoint (two steps, early stopping chose the first), sampled greedily through the command's function:
+  the continuation is the full forwards' argmax at every step, with the chosen step's params. Settings that cannot
+  work are refused with one line."""
+  import json
+  from foundation import checkpoint
+  from foundation.data.tokenizers import ByteTokenizer
+  from foundation.sample import sample_workdir
+
+  model_cfg = dict(vocab_size=264, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=32,
+                   init_std=0.5, scan_layers=True)
+  model = Transformer(TransformerConfig.from_dict(model_cfg))
+  params = {step: nn.unbox(model.init(jax.random.key(step), jnp.zeros((1, 1), jnp.int32))['params'])
+            for step in (3, 5)}
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps({'model': model_cfg, 'data': {'tokenizer': 'byte', 'seq_len': 24}}))
+  (workdir / checkpoint.BEST_FILE).write_text(json.dumps({'step': 3}))
+  saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
+  for step, p in params.items():
+    saver.save(step, {'step': np.int32(step), 'params': p}, {})
+  saver.close()
+
+  samples, step = sample_workdir(str(workdir), 'To be', max_new_tokens=8, greedy=True)
+  sequence = jnp.asarray(ByteTokenizer().encode('To be'), jnp.int32)[None]
+  for _ in range(8):
+    next_token = jnp.argmax(model.apply({'params': params[3]}, sequence)[:, -1], axis=-1)
+    sequence = jnp.concatenate([sequence, next_token[:, None]], axis=1)
+  assert step == 3 and samples == [ByteTokenizer().decode(np.asarray(sequence[0]))]
+  assert sample_workdir(str(workdir), 'To be', max_new_tokens=8, greedy=True, step=5)[1] == 5
+  several, _ = sample_workdir(str(workdir), 'To be', max_new_tokens=8, num_samples=3, temperature=2.0, seed=1)
+  assert len(several) == 3 and all(s.startswith('To be') for s in several) and len(set(several)) > 1
+  for settings, message in (({'max_new_tokens': 20}, 'exceeds the 24 tokens the model was trained on'),
+                            ({'temperature': 0.0}, 'must be positive'), ({'num_samples': 0}, 'at least 1')):
+    with pytest.raises(ValueError, match=message):
+      sample_workdir(str(workdir), 'To be', **settings)

@@ -197,12 +197,12 @@ def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, bann
     smi.chmod(0o755)
   env = dict(os.environ, PATH=f'{bin_dir}:/usr/bin:/bin', DRY_RUN='1')
   override = "--config.optim.freeze=('layers_[01]/', 'a b')"
-  result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:gpu', 'wd',
+  result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:large', 'wd',
                            override], env=env, capture_output=True, text=True, check=False)
   if extra is None:
     assert result.returncode == 2 and result.stderr.startswith('error: ')
     return
   install, run = [shlex.split(line) for line in result.stdout.splitlines()]
   assert install == ['.venv/bin/python', '-m', 'pip', 'install', '--quiet', f'jax[{extra}]=={JAX_VERSION}']
-  assert run == ['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:gpu',
+  assert run == ['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:large',
                  '--workdir=wd', override]

@@ -4,9 +4,9 @@ Default (the README's main job, CPU-sized, under 10 minutes on 2 cores):
   python -m foundation.main --config=configs/lm/shakespeare.py --workdir=workdirs/shakespeare
 Variants:
   :smoke  seconds, for tests            --config=configs/lm/shakespeare.py:smoke
-  :baby   the reference size of the issue's nanoGPT comparison (4 layers, width 128, context 64, batch 12)
-  :gpu    one GPU or a TPU VM host (bf16, ~85 M params, context 1024; not run on CPU)
-Variants combine with commas (:gpu,smoke). Any field can be overridden, e.g. --config.optim.lr=1e-3 --config.mesh.fsdp=2 --config.parallelism=pmap.
+  :baby   the size of the nanoGPT comparison in benchmarks/lm_throughput.py (4 layers, width 128, context 64, batch 12)
+  :large  one GPU or a TPU VM host, or a slice (bf16, ~85 M params, context 1024; not run on CPU)
+Variants combine with commas (:large,smoke). Any field can be overridden, e.g. --config.optim.lr=1e-3 --config.mesh.fsdp=2 --config.parallelism=pmap.
 """
 
 import os
@@ -73,7 +73,7 @@ def baby(c):
   c.sample.max_new_tokens = 56
 
 
-def gpu(c):
+def large(c):
   c.global_batch_size = 64
   c.num_train_steps = 20000
   c.eval_every = 2000
@@ -87,4 +87,4 @@ def gpu(c):
   c.sample.max_new_tokens = 500
 
 
-VARIANTS = {'smoke': smoke, 'baby': baby, 'gpu': gpu}
+VARIANTS = {'smoke': smoke, 'baby': baby, 'large': large}

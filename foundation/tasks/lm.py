@@ -6,6 +6,7 @@ tokenizers) over the whole validation split, plus samples from a prompt, written
 `workdir/samples/step_<N>.txt` and printed.
 """
 
+import json
 import math
 import os
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import losses, sharding
+from foundation import checkpoint, losses, sharding
 from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate.generate import generate
@@ -41,6 +42,24 @@ def import_gguf(model_cfg: TransformerConfig):
                        + ' '.join(f'--config.model.{k}={v}' for k, v in sorted(differing.items())))
     return sources.load_file('init_from', path, lambda p: gguf.load_gguf(p)[1], abstract)
   return import_params
+
+
+def restore_run(workdir: str, step: int | None = None) -> tuple[dict, TransformerConfig, dict, int]:
+  """(config.json, model config, params, step) of a language-model run's checkpoint `step`; by default the step the
+  run selected by early stopping, else its newest."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of a language-model run.')
+  with open(path) as f:
+    config = json.load(f)
+  if 'model' not in config or 'tokenizer' not in config.get('data', {}):
+    raise ValueError(f'{workdir}/config.json has no model and data.tokenizer: not a language-model run.')
+  model_cfg = TransformerConfig.from_dict(config['model'])
+  abstract = jax.eval_shape(
+      lambda: nn.unbox(Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']))
+  params, step = checkpoint.restore_params(workdir, 'params', abstract,
+                                           step=step if step is not None else checkpoint.selected_step(workdir))
+  return config, model_cfg, params, step
 
 
 def build(config) -> Task:
