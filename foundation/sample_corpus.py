@@ -32,7 +32,7 @@ from foundation import checkpoint
 from foundation.data import teacher_samples, text
 from foundation.evaluate.generate import generate
 from foundation.models.transformer import Transformer
-from foundation.tasks import lm, lm_distill
+from foundation.tasks import lm
 
 
 def sample_rows(model: Transformer, params, prompts: np.ndarray, *, tokens_per_row: int, chunk: int,
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
   try:
     if os.path.exists(args.out):
       raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
-    saved, model_cfg = lm_distill.saved_lm(args.teacher)
+    saved, model_cfg = lm.saved_lm(args.teacher)
     data = saved['data']
     seq_len, chunk = data['seq_len'], args.chunk or data['seq_len'] // 2
     if not 0 < chunk < seq_len:
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
     return 2
   tokenizer = lm.tokenizer_for(data['tokenizer'])
   model = Transformer(model_cfg)
-  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))['params']
-  params, step = checkpoint.restore_params(args.teacher, 'params', abstract, step=checkpoint.selected_step(args.teacher))
+  _, _, params, step = lm.restore_run(args.teacher)
   prompts = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
                                text_key=data['text_key'], tokenizer=tokenizer, seq_len=seq_len,
                                global_batch=args.batch, num_shards=data['num_shards'], seed=args.seed)

@@ -227,7 +227,7 @@ def test_teacher_samples_continue_each_chunk_from_the_trained_context(lm_teacher
   import flax.linen as nn
   from foundation.models.transformer import Transformer
   from foundation.sample_corpus import sample_rows
-  from foundation.tasks.lm_distill import saved_lm
+  from foundation.tasks.lm import saved_lm
   _, cfg = saved_lm(lm_teacher)
   model = Transformer(cfg)
   context, chunk, rows, length = 12, 8, 3, 20  # 3 chunks, the last one cut to 4 tokens

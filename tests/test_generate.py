@@ -154,7 +154,8 @@ def test_sampling_a_workdir_reads_its_selected_step_and_continues_greedily(tmp_p
             for step in (3, 5)}
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  (workdir / 'config.json').write_text(json.dumps({'model': model_cfg, 'data': {'tokenizer': 'byte', 'seq_len': 24}}))
+  (workdir / 'config.json').write_text(json.dumps({'task': 'lm', 'model': model_cfg,
+                                                 'data': {'tokenizer': 'byte', 'seq_len': 24}}))
   (workdir / checkpoint.BEST_FILE).write_text(json.dumps({'step': 3}))
   saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
   for step, p in params.items():

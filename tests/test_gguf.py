@@ -302,7 +302,7 @@ def test_export_of_scanned_byte_model_through_the_cli(tmp_path):
   params = init_params(model_cfg)
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  (workdir / 'config.json').write_text(json.dumps({'model': model_cfg, 'data': {'tokenizer': 'byte'}}))
+  (workdir / 'config.json').write_text(json.dumps({'task': 'lm', 'model': model_cfg, 'data': {'tokenizer': 'byte'}}))
   saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
   saver.save(3, {'step': np.int32(3), 'params': params}, {})
   saver.close()

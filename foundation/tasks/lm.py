@@ -6,7 +6,6 @@ tokenizers) over the whole validation split, plus samples from a prompt, written
 `workdir/samples/step_<N>.txt` and printed.
 """
 
-import json
 import math
 import os
 
@@ -44,17 +43,20 @@ def import_gguf(model_cfg: TransformerConfig):
   return import_params
 
 
+# The tasks whose runs hold a decoder under params (config.model, config.data.tokenizer).
+LM_TASKS = ('lm', 'lm_distill')
+
+
+def saved_lm(workdir: str) -> tuple[dict, TransformerConfig]:
+  """(config.json, decoder config) of a language-model run."""
+  saved = checkpoint.run_config(workdir, LM_TASKS, 'a language-model run (configs/lm/shakespeare.py, ...)')
+  return saved, TransformerConfig.from_dict(saved['model'])
+
+
 def restore_run(workdir: str, step: int | None = None) -> tuple[dict, TransformerConfig, dict, int]:
-  """(config.json, model config, params, step) of a language-model run's checkpoint `step`; by default the step the
-  run selected by early stopping, else its newest."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of a language-model run.')
-  with open(path) as f:
-    config = json.load(f)
-  if 'model' not in config or 'tokenizer' not in config.get('data', {}):
-    raise ValueError(f'{workdir}/config.json has no model and data.tokenizer: not a language-model run.')
-  model_cfg = TransformerConfig.from_dict(config['model'])
+  """(config.json, decoder config, params, step) of a language-model run's checkpoint `step`; by default the step
+  the run selected by early stopping, else its newest."""
+  config, model_cfg = saved_lm(workdir)
   abstract = jax.eval_shape(
       lambda: nn.unbox(Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']))
   params, step = checkpoint.restore_params(workdir, 'params', abstract,

@@ -12,7 +12,7 @@ The student's data, evaluation (eval/loss in nats per token, per byte with the b
 import jax
 import jax.numpy as jnp
 
-from foundation import checkpoint, losses
+from foundation import losses
 from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
 from foundation.tasks import Task, distill, lm
 
@@ -52,17 +52,8 @@ def build(config) -> Task:
   return base._replace(loss=loss, frozen=frozen, flops_per_example=base.flops_per_example + teacher_flops)
 
 
-LM_TASKS = ('lm', 'lm_distill')
-
-
-def saved_lm(workdir: str) -> tuple[dict, TransformerConfig]:
-  """(config.json, decoder config) of a language-model run."""
-  saved = checkpoint.run_config(workdir, LM_TASKS, 'a language-model run (configs/distill/shakespeare.py:teacher)')
-  return saved, TransformerConfig.from_dict(saved['model'])
-
-
 def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> TransformerConfig:
-  saved, model_cfg = saved_lm(workdir)
+  saved, model_cfg = lm.saved_lm(workdir)
   theirs = saved['data']['tokenizer']
   if theirs != tokenizer or model_cfg.vocab_size != vocab_size:
     raise ValueError(f'teacher {workdir!r} uses tokenizer {theirs!r} (vocab {model_cfg.vocab_size}), the '
