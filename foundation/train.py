@@ -247,10 +247,11 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
                       f'memory ({e}); lower it.') from e
   global_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]), x.dtype), batch)
-  step_fn = make_train_step(task, tx, schedule, config, axis_name=None)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jax.eval_shape(step_fn, abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
-                   global_batch)
+  if config.num_train_steps:  # an evaluation-only run never takes a step: tracing one would only cost time
+    step_fn = make_train_step(task, tx, schedule, config, axis_name=None)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      jax.eval_shape(step_fn, abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
+                     global_batch)
 
   resolved = json.loads(config.to_json_best_effort())
   changes = {}

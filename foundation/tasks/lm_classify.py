@@ -160,7 +160,7 @@ def build(config) -> Task:
   def frozen(sources):
     if method in LM_TRAINED:
       return {}  # the LM's weights are trainable: config.init_from loads them
-    abstract = jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    abstract = _abstract_variables(model_cfg)
     if config.lm.source == RANDOM_SOURCE:
       values = nn.unbox(jax.jit(Transformer(model_cfg).init)(jax.random.key(config.seed),
                                                              jnp.zeros((1, 1), jnp.int32))['params'])
@@ -412,15 +412,28 @@ def _class_names(data) -> tuple[str, ...]:
   return tuple(feature.names)
 
 
+@functools.lru_cache(maxsize=4)
+def _abstract_variables(model_cfg: TransformerConfig) -> dict:
+  """The model's variables as shapes, boxed with their logical axes (tracing SmolLM2's init costs ~2 s: once per
+  process and config)."""
+  return jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+
+
 def read_split(data, split: str, limit: int) -> tuple[list[str], np.ndarray]:
   """The split's texts and labels in order; the first `limit` of them when limit > 0."""
+  texts, labels = _read_split(data.name, data.data_dir, data.text_key, data.label_key, split, limit)
+  return list(texts), labels.copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _read_split(name: str, data_dir: str, text_key: str, label_key: str, split: str, limit: int):
+  """Read once per process: decoding the records costs about a second for the movie snippets."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = tfds.data_source(data.name, split=split, data_dir=data.data_dir)
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
   n = min(limit, len(source)) if limit else len(source)
   records = source.__getitems__(list(range(n)))
-  texts = [r[data.text_key].decode('utf-8') if isinstance(r[data.text_key], bytes) else r[data.text_key]
-           for r in records]
-  return texts, np.asarray([r[data.label_key] for r in records], np.int32)
+  texts = [r[text_key].decode('utf-8') if isinstance(r[text_key], bytes) else r[text_key] for r in records]
+  return tuple(texts), np.asarray([r[label_key] for r in records], np.int32)
 
 
 def demonstration_prefixes(config, train_texts: list[str], train_labels: np.ndarray, head: str) -> list[str]:
