@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from foundation.config_base import load_module
 from conftest import REPO, subprocess_env
 from test_train import logged
 
@@ -206,3 +207,59 @@ def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, bann
   assert install == ['.venv/bin/python', '-m', 'pip', 'install', '--quiet', f'jax[{extra}]=={JAX_VERSION}']
   assert run == ['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:large',
                  '--workdir=wd', override]
+
+
+# ----- SkyPilot (launch/sky) ------------------------------------------------------------------------------------
+
+# The keys SkyPilot 0.14.1's task schema allows (sky/utils/schemas.py: the task, one resources entry, job_recovery,
+# accelerator_args). SkyPilot itself is not a dependency (about 40 packages); its own loader was run on these files
+# by hand (README).
+SKY_TASK_KEYS = {'name', 'workdir', 'event_callback', 'num_nodes', 'resources', 'file_mounts', 'service', 'pool',
+                 'setup', 'run', 'envs', 'secrets', 'volumes', 'volume_mounts'}
+SKY_RESOURCES_KEYS = {'cloud', 'region', 'zone', 'infra', 'cpus', 'memory', 'accelerators', 'instance_type',
+                      'use_spot', 'job_recovery', 'volumes', 'disk_size', 'disk_tier', 'network_tier', 'ports',
+                      'labels', 'accelerator_args', 'image_id', 'priority'}
+SKY_RECOVERY_KEYS = {'strategy', 'max_restarts_on_errors', 'recover_on_exit_codes'}
+SKY_ACCELERATOR_ARGS = {'runtime_version', 'tpu_name', 'tpu_vm', 'gcp_queued_resource'}
+
+
+@pytest.mark.parametrize('kind', ['tpu', 'gpu'])
+def test_skypilot_yaml_is_a_valid_task_that_runs_the_job_script(kind):
+  import yaml
+  with open(os.path.join(REPO, 'launch', 'sky', f'{kind}.yaml')) as f:
+    task = yaml.safe_load(f)
+  assert set(task) <= SKY_TASK_KEYS and set(task['resources']) <= SKY_RESOURCES_KEYS
+  assert set(task['resources']['job_recovery']) <= SKY_RECOVERY_KEYS and task['resources']['use_spot'] is True
+  assert set(task['resources'].get('accelerator_args', {})) <= SKY_ACCELERATOR_ARGS
+  assert all(isinstance(v, str) for v in task['envs'].values()) and set(task['envs']) == {'CONFIG', 'RUN', 'BUCKET',
+                                                                                          'ARGS'}
+  assert task['setup'] == f'bash launch/sky/job.sh setup {kind}' and task['run'] == f'bash launch/sky/job.sh run {kind}'
+  assert ('tpu-' in task['resources']['accelerators']) == (kind == 'tpu')
+  config_path, _, variant = task['envs']['CONFIG'].partition(':')
+  assert variant in load_module(os.path.join(REPO, config_path)).VARIANTS
+
+
+def sky_job(*args, **env):
+  result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'sky', 'job.sh'), *args], capture_output=True,
+                          text=True, env={'PATH': os.environ['PATH'], 'HOME': os.environ['HOME'], 'DRY_RUN': '1', **env})
+  return result.returncode, [shlex.split(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_skypilot_job_script_runs_one_job_over_nodes_with_the_overrides_intact():
+  """What each node runs: on GPU nodes the coordinator flags from SkyPilot's environment (the first node's IP, this
+  node's rank), on a TPU slice foundation.main alone; ARGS split as the shell would, quotes and parentheses kept."""
+  env = dict(BUCKET='my-bucket', RUN='runs/lm', CONFIG='configs/lm/shakespeare.py:large',
+             ARGS='--config.optim.freeze="(\'layers_0/\', \'a b\')" --config.seed=3')
+  override = "--config.optim.freeze=('layers_0/', 'a b')"
+  status, lines, _ = sky_job('run', 'gpu', SKYPILOT_NUM_NODES='2', SKYPILOT_NODE_RANK='1',
+                             SKYPILOT_NODE_IPS='10.0.0.7\n10.0.0.9', **env)
+  assert status == 0 and lines == [['bash', 'launch/gpu.sh', 'configs/lm/shakespeare.py:large', '/mnt/bucket/runs/lm',
+                                    override, '--config.seed=3', '--coordinator_address=10.0.0.7:8476',
+                                    '--num_processes=2', '--process_id=1']]
+  status, lines, _ = sky_job('run', 'tpu', SKYPILOT_NUM_NODES='1', **env)
+  assert status == 0 and lines == [['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:large',
+                                    '--workdir=/mnt/bucket/runs/lm', override, '--config.seed=3']]
+  status, lines, _ = sky_job('setup', 'tpu')
+  assert status == 0 and lines[-1][-1].startswith('jax[tpu]==')
+  status, _, error = sky_job('run', 'tpu', **{**env, 'BUCKET': ''})
+  assert status != 0 and 'set BUCKET' in error
