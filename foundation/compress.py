@@ -34,7 +34,7 @@ import numpy as np
 from foundation import checkpoint
 from foundation.data import augment, images, text
 from foundation.models.transformer import Transformer
-from foundation.tasks import distill, lm, lm_distill
+from foundation.tasks import distill, lm
 
 METHODS = ('obs', 'magnitude')
 
@@ -206,10 +206,10 @@ def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: st
 
 def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, jax.Array]:
   """(config.json, model, one example input) of an image classifier or decoder LM run."""
-  task = checkpoint.run_config(workdir, (*lm_distill.LM_TASKS, 'classify', 'distill'),
+  task = checkpoint.run_config(workdir, (*lm.LM_TASKS, 'classify', 'distill'),
                                'an image classifier or language-model run')['task']
-  if task in lm_distill.LM_TASKS:
-    saved, model_cfg = lm_distill.saved_lm(workdir)
+  if task in lm.LM_TASKS:
+    saved, model_cfg = lm.saved_lm(workdir)
     if model_cfg.scan_layers:
       raise ValueError(f'{workdir} scans its layers (one stacked tree); pruning reads each layer\'s inputs from '
                        'the unrolled model: retrain with --config.model.scan_layers=False.')
@@ -221,7 +221,7 @@ def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, j
 def _calibration(saved: dict, data_dir: str, n: int) -> jax.Array:
   """The first n training examples of the run, unaugmented: images as floats, or token sequences."""
   data = saved['data']
-  if saved['task'] in lm_distill.LM_TASKS:
+  if saved['task'] in lm.LM_TASKS:
     rows = -(-n // data['num_shards']) * data['num_shards']  # the text pipeline fills whole shard groups
     batch = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
                                text_key=data['text_key'], tokenizer=lm.tokenizer_for(data['tokenizer']),
