@@ -24,7 +24,7 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
 
   from foundation.evaluate.generate import generate
   from foundation.models.transformer import Transformer
-  from foundation.tasks.lm import restore_run, tokenizer_for
+  from foundation.tasks.lm import restore_run, saved_lm, tokenizer_for
 
   if num_samples < 1 or max_new_tokens < 1:
     raise ValueError(f'--num_samples={num_samples} and --max_new_tokens={max_new_tokens} must be at least 1.')
@@ -32,7 +32,7 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
     raise ValueError(f'--temperature={temperature} must be positive (or pass --greedy).')
   if top_k < 0 or not 0.0 < top_p <= 1.0:
     raise ValueError(f'need --top_k >= 0 and 0 < --top_p <= 1; got {top_k} and {top_p}.')
-  config, model_cfg, params, step = restore_run(workdir, step)
+  config, model_cfg = saved_lm(workdir)  # the prompt is checked against the run's config before its checkpoint is read
   tokenizer = tokenizer_for(config['data']['tokenizer'])
   ids = np.asarray(tokenizer.encode(prompt), np.int32)
   context = min(config['data'].get('seq_len') or model_cfg.max_len, model_cfg.max_len)
@@ -42,6 +42,7 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
     raise ValueError(f'the prompt ({len(ids)} tokens) plus --max_new_tokens={max_new_tokens} exceeds the '
                      f'{context} tokens the model was trained on; lower --max_new_tokens to '
                      f'{max(context - len(ids), 0)} or shorten the prompt.')
+  _, _, params, step = restore_run(workdir, step)
   # The KV cache holds exactly the prompt and the new tokens.
   model = Transformer(dataclasses.replace(model_cfg, max_len=len(ids) + max_new_tokens))
   rows = 1 if greedy else num_samples
