@@ -139,6 +139,8 @@ def extend_cache(prefix_cache: dict | None, model: Transformer, batch: int) -> d
   target = init_cache(model, batch)
   if prefix_cache is None:
     return target
+  if prefix_cache['mask'].shape[0] != 1:
+    raise ValueError(f'a shared prefix is one row; this cache has {prefix_cache["mask"].shape[0]}.')
 
   def joined(name, tree):
     own = tree[name[len('shared_'):]]
