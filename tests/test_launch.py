@@ -231,10 +231,12 @@ def test_skypilot_yaml_is_a_valid_task_that_runs_the_job_script(kind):
   assert set(task) <= SKY_TASK_KEYS and set(task['resources']) <= SKY_RESOURCES_KEYS
   assert set(task['resources']['job_recovery']) <= SKY_RECOVERY_KEYS and task['resources']['use_spot'] is True
   assert set(task['resources'].get('accelerator_args', {})) <= SKY_ACCELERATOR_ARGS
-  assert all(isinstance(v, str) for v in task['envs'].values()) and set(task['envs']) == {'CONFIG', 'RUN', 'BUCKET',
-                                                                                          'ARGS'}
+  # BUCKET is null: SkyPilot refuses a launch that does not set it; the others have defaults.
+  assert task['envs'] == {'CONFIG': task['envs']['CONFIG'], 'RUN': 'runs/lm', 'BUCKET': None, 'ARGS': ''}
   assert task['setup'] == f'bash launch/sky/job.sh setup {kind}' and task['run'] == f'bash launch/sky/job.sh run {kind}'
   assert ('tpu-' in task['resources']['accelerators']) == (kind == 'tpu')
+  # The bucket is mounted by SkyPilot where job.sh writes the run (its --workdir=/mnt/bucket/$RUN).
+  assert task['file_mounts'] == {'/mnt/bucket': {'source': 'gs://${BUCKET}', 'mode': 'MOUNT'}}
   config_path, _, variant = task['envs']['CONFIG'].partition(':')
   assert variant in load_module(os.path.join(REPO, config_path)).VARIANTS
 
@@ -248,7 +250,7 @@ def sky_job(*args, **env):
 def test_skypilot_job_script_runs_one_job_over_nodes_with_the_overrides_intact():
   """What each node runs: on GPU nodes the coordinator flags from SkyPilot's environment (the first node's IP, this
   node's rank), on a TPU slice foundation.main alone; ARGS split as the shell would, quotes and parentheses kept."""
-  env = dict(BUCKET='my-bucket', RUN='runs/lm', CONFIG='configs/lm/shakespeare.py:large',
+  env = dict(RUN='runs/lm', CONFIG='configs/lm/shakespeare.py:large',
              ARGS='--config.optim.freeze="(\'layers_0/\', \'a b\')" --config.seed=3')
   override = "--config.optim.freeze=('layers_0/', 'a b')"
   status, lines, _ = sky_job('run', 'gpu', SKYPILOT_NUM_NODES='2', SKYPILOT_NODE_RANK='1',
@@ -261,5 +263,10 @@ def test_skypilot_job_script_runs_one_job_over_nodes_with_the_overrides_intact()
                                     '--workdir=/mnt/bucket/runs/lm', override, '--config.seed=3']]
   status, lines, _ = sky_job('setup', 'tpu')
   assert status == 0 and lines[-1][-1].startswith('jax[tpu]==')
-  status, _, error = sky_job('run', 'tpu', **{**env, 'BUCKET': ''})
-  assert status != 0 and 'set BUCKET' in error
+  status, _, error = sky_job('run', 'tpu', **{**env, 'RUN': ''})
+  assert status != 0 and 'set RUN' in error
+  # ARGS are words, not commands: a command substitution stays text, an unclosed quote is refused.
+  status, lines, _ = sky_job('run', 'tpu', **{**env, 'ARGS': '--config.name=$(id) `id`'})
+  assert status == 0 and lines[0][-2:] == ['--config.name=$(id)', '`id`']
+  status, _, error = sky_job('run', 'tpu', **{**env, 'ARGS': "--config.name='x"})
+  assert status != 0 and 'ARGS is not a list of shell words' in error

@@ -2,10 +2,10 @@
 # The setup and run steps of launch/sky/tpu.yaml and gpu.yaml, on every node (or TPU host) SkyPilot starts:
 #   bash launch/sky/job.sh setup tpu|gpu   Python 3.11 by uv (TPU and GPU images ship 3.10), the pinned
 #                                          requirements (launch/setup.sh), and for TPUs jax[tpu] at the pinned version
-#   bash launch/sky/job.sh run tpu|gpu     mounts BUCKET at /mnt/bucket (gcsfuse, with the rename limit orbax needs
-#                                          to finalise checkpoints), then trains CONFIG into /mnt/bucket/RUN
-# Environment (the YAMLs' envs): CONFIG, RUN, BUCKET, and ARGS: more flags as shell words, quotes kept
-# (ARGS="--config.optim.freeze=\"('layers_0/',)\""). SkyPilot sets SKYPILOT_NUM_NODES, SKYPILOT_NODE_RANK and
+#   bash launch/sky/job.sh run tpu|gpu     trains CONFIG into /mnt/bucket/RUN, where the YAMLs' file_mounts mount
+#                                          gs://BUCKET (SkyPilot installs gcsfuse and mounts it on every node)
+# Environment (the YAMLs' envs): CONFIG, RUN, and ARGS: more flags as shell words, quotes kept, split by Python's
+# shlex (nothing in them is executed: ARGS="--config.optim.freeze=\"('layers_0/',)\""). SkyPilot sets SKYPILOT_NUM_NODES, SKYPILOT_NODE_RANK and
 # SKYPILOT_NODE_IPS: several GPU nodes become one JAX job through the coordinator flags; a TPU slice's hosts find
 # each other themselves. A run that restarts (spot recovery) finds its checkpoints in the bucket and resumes.
 # DRY_RUN=1 prints the commands, one per line, instead of running them.
@@ -33,16 +33,22 @@ case "$step" in
   run)
     : "${CONFIG:?set CONFIG (--env CONFIG=configs/lm/shakespeare.py:large)}"
     : "${RUN:?set RUN, a directory in the bucket for the run (--env RUN=runs/lm)}"
-    : "${BUCKET:?set BUCKET, the GCS bucket that holds the workdir (--env BUCKET=my-bucket)}"
-    eval "set -- ${ARGS:-}"  # the extra flags, split as the shell would split them
+    if [ -z "${DRY_RUN:-}" ] && ! mountpoint -q /mnt/bucket; then
+      echo "error: /mnt/bucket is not mounted: launch with launch/sky/$kind.yaml, whose file_mounts mount gs://BUCKET there." >&2
+      exit 2
+    fi
+    # The extra flags, split as the shell would split them by Python's shlex, then quoted again, so that nothing in
+    # them ($(...), backquotes, globs) is run or expanded.
+    quoted=$(python3 -c 'import shlex, sys
+try:
+  print(" ".join(map(shlex.quote, shlex.split(sys.argv[1]))))
+except ValueError as e:
+  sys.exit(f"error: ARGS is not a list of shell words ({e}): {sys.argv[1]}")' "${ARGS:-}")
+    eval "set -- $quoted"
     if [ "$kind" = gpu ] && [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ]; then
       head_ip=$(printf '%s\n' "$SKYPILOT_NODE_IPS" | head -n 1)
       set -- "$@" --coordinator_address="$head_ip:8476" --num_processes="$SKYPILOT_NUM_NODES" \
           --process_id="$SKYPILOT_NODE_RANK"
-    fi
-    if [ -z "${DRY_RUN:-}" ]; then
-      sudo mkdir -p /mnt/bucket && sudo chown "$USER" /mnt/bucket
-      mountpoint -q /mnt/bucket || gcsfuse --implicit-dirs --rename-dir-limit=200000 "$BUCKET" /mnt/bucket
     fi
     if [ "$kind" = tpu ]; then
       do_or_print .venv/bin/python -m foundation.main --config="$CONFIG" --workdir="/mnt/bucket/$RUN" "$@"
