@@ -8,9 +8,10 @@ r"""Ablations: a grid of config overrides x seeds, one `foundation.main` run eac
 The grid is `field=value,value;field=value,...`: `;` separates fields and `,` values, but only outside brackets and
 quotes, so tuples (`optim.freeze=('layers_0/',),('layers_[01]/',)`) and quoted strings (`data.name='a,b'`) are one
 value each. The field `variant` takes the config's variants (several fields at once, e.g. a prompt's template and
-label words): each value is appended to --config's own variants, `+` joining several (`variant=chat,icl+chat`). A value that is one quoted string is passed without its quotes (they only protect commas). A cell is
-one combination of values; each cell runs `--seeds` times with `--config.seed=0..seeds-1` into
-`ROOT/<cell>/seed_<s>`, where `<cell>` spells the cell's overrides (`optim.lr=0.001,model.num_layers=2`) without
+label words): each value goes before --config's own variants, `+` joining several (`variant=chat,icl+chat`), so
+that a modifier given in --config (`:smoke`) applies last and keeps its say over the cell's. A value that is one
+quoted string is passed without its quotes (they only protect commas). A cell is one combination of values; each
+cell runs `--seeds` times with `--config.seed=0..seeds-1` into `ROOT/<cell>/seed_<s>`, where `<cell>` spells the cell's overrides (`optim.lr=0.001,model.num_layers=2`) without
 quotes and spaces, and with characters a filesystem would mind (`/`, `:`, ...) replaced by `_`.
 
 Everything is checked before any run starts or anything is written: the config loads, and every `--set` and grid
@@ -219,13 +220,13 @@ def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seed
 
 
 def with_variant(config: str, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
-  """(--config with the cell's `variant` value appended to its variants, the other overrides)."""
+  """(--config with the cell's `variant` value before its own variants, the other overrides)."""
   overrides = dict(overrides)
   variant = overrides.pop(VARIANT, '')
   if not variant:
     return config, overrides
   path, _, own = config.partition(':')
-  return f'{path}:' + ','.join(v for v in [*own.split(','), *variant.split('+')] if v.strip()), overrides
+  return f'{path}:' + ','.join(v for v in [*variant.split('+'), *own.split(',')] if v.strip()), overrides
 
 
 def run_command(config: str, workdir: str, sets: dict[str, str], cell: Cell, seed: int) -> list[str]:

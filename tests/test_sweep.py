@@ -68,15 +68,16 @@ def test_parsed_values_reach_the_config_as_main_reads_them():
 
 
 def test_variant_values_join_the_configs_own_variants(tmp_path, capsys):
-  """`variant` is no config field: its value (several joined by +) follows --config's variants, in order, and
-  the config loads as main would load that spec."""
+  """`variant` is no config field: its value (several joined by +) goes before --config's variants, in order, so
+  that --config's :smoke shrinks whatever the cell's variant sets; the config loads as main would load that spec."""
   root = str(tmp_path / 'root')
   assert sweep.main(['--config=configs/lm/shakespeare.py', "--grid=variant=baby,baby+smoke;optim.lr=0.01",
                      f'--root={root}', '--jobs=print']) == 0
   configs = [next(a for a in shlex.split(line) if a.startswith('--config=')) for line in capsys.readouterr().out.splitlines()]
   assert configs == ['--config=configs/lm/shakespeare.py:baby', '--config=configs/lm/shakespeare.py:baby,smoke']
   assert sweep.load_config(SMOKE, {'variant': 'baby', 'optim.lr': '0.01'}).to_dict() == \
-      sweep.load_config('configs/lm/shakespeare.py:smoke,baby', {'optim.lr': '0.01'}).to_dict()
+      sweep.load_config('configs/lm/shakespeare.py:baby,smoke', {'optim.lr': '0.01'}).to_dict()
+  assert sweep.load_config(SMOKE, {'variant': 'baby'}).model.num_layers == 2  # smoke's, not baby's 4
   assert sweep.main([f'--config={SMOKE}', '--grid=optim.lr=0.01', '--set=variant=baby', f'--root={root}x']) == 2
 
 
