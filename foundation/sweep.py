@@ -12,7 +12,8 @@ label words): each value goes before --config's own variants, `+` joining severa
 that a modifier given in --config (`:smoke`) applies last and keeps its say over the cell's. A value that is one
 quoted string is passed without its quotes (they only protect commas). A cell is one combination of values; each
 cell runs `--seeds` times with `--config.seed=0..seeds-1` into `ROOT/<cell>/seed_<s>`, where `<cell>` spells the
-cell's overrides (`optim.lr=0.001,model.num_layers=2`) without quotes and spaces, and with characters a filesystem would mind (`/`, `:`, ...) replaced by `_`.
+cell's overrides (`optim.lr=0.001,model.num_layers=2`) without quotes and spaces, and with characters a filesystem
+would mind (`/`, `:`, ...) replaced by `_`.
 
 Everything is checked before any run starts or anything is written: the config loads, and every `--set` and grid
 value parses into it through the same loader `foundation.main` uses (`config_flags`), so a typo fails here, once,
