@@ -30,7 +30,8 @@ from foundation.models.transformer import Transformer, TransformerConfig, init_c
 
 
 def copied_cache(shared: dict, model: Transformer, batch: int) -> dict:
-  """A cache of `model` whose first slots hold the one-row prefix cache `shared`, copied into every row."""
+  """A cache of `model` whose first slots hold the one-row prefix cache `shared`, copied into every row (the batch
+  is axis 0: unscanned layers, as the GGUF import builds them)."""
   target = init_cache(model, batch)
 
   def place(slots, prefix):

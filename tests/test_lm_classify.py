@@ -3,8 +3,8 @@
 The reference scores one example at a time: prefix, body and label ids concatenated into one unpadded sequence,
 one forward without cache or mask (the path test_transformer.py checks against numpy), log-softmax, the label
 tokens' log-probs summed. The code under test batches examples of different lengths (left-padded, in length
-buckets), runs the shared prefix once into a KV cache broadcast over the batch, and projects onto the vocabulary
-only where a label token is predicted.
+buckets), runs the shared prefix once into a one-row KV cache that every row attends to, and projects onto the
+vocabulary only where a label token is predicted.
 """
 
 import dataclasses

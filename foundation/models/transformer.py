@@ -433,7 +433,7 @@ class Transformer(nn.Module):
       prompt, later calls one token each. Start from an empty cache: `generate.init_cache`, or the cache of
       `init(..., decode=True)`, which holds no tokens. A cache may also hold a prefix that every row shares
       (`shared_mask` [1, slots] at its top, `shared_key`/`shared_value` [1, slots, kv_heads, head_dim] beside each
-      layer's own; `evaluate/lm_classify.extend_cache` builds it): every row attends to its real slots before its
+      layer's own, with a leading layer axis when `scan_layers`; `evaluate/lm_classify.extend_cache` builds it): every row attends to its real slots before its
       own, without a copy per row, and its real slots count in the positions.
     prefix_embeddings: float [batch, prefix, embed_dim] placed before the token embeddings (soft prompts).
     return_hidden: return the final-normed hidden states (float32) [batch, prefix + length, embed_dim] instead.
