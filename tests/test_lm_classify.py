@@ -187,7 +187,7 @@ def test_chat_prompt_is_the_tokenizers_chat_turn(tmp_path, monkeypatch):
   cfg, params, tokenizer = load_gguf(path)
   header_cfg, header_tokenizer = gguf_header(path)
   assert header_cfg == cfg and header_tokenizer.encode('the x') .tolist() == tokenizer.encode('the x').tolist()
-  head, tail = tokenizer.chat_parts()
+  head, tail, _ = tokenizer.chat_parts()
   filled = lmc.fill('Is it good? {text}', 'the best')
   ids = np.concatenate([tokenizer.encode(head), tokenizer.encode(filled + tail)])
   np.testing.assert_array_equal(ids, tokenizer.chat(filled))
@@ -245,7 +245,7 @@ def test_task_metrics_match_per_example_reference(movie_dir, tmp_path):
   params = jax.device_get(frozen['lm'])
   words, template = config.prompt.label_words, config.prompt.template
   train_texts, train_labels = task_module.read_split(config.data, 'train', 0)
-  prefixes = task_module.demonstration_prefixes(config, train_texts, train_labels, head='')
+  prefixes = task_module.demonstration_prefixes(config, train_texts, train_labels)
   expected = {}
   for prefix in prefixes:
     prefix = encode(prefix)
@@ -311,30 +311,40 @@ def test_icl_prompt_is_the_same_in_another_process(movie_dir):
   config = smoke_config(movie_dir, 'icl,smoke', **{'icl.shots': 4, 'icl.draws': 3, 'seed': 5})
   texts, labels = task_module.read_split(config.data, 'train', 0)
   digest = lambda prefixes: hashlib.sha256('\x00'.join(prefixes).encode()).hexdigest()
-  here = digest(task_module.demonstration_prefixes(config, texts, labels, head=''))
+  here = digest(task_module.demonstration_prefixes(config, texts, labels))
   code = ('import hashlib, json, sys, ml_collections\n'
           'from foundation.tasks import lm_classify as t\n'
           'config = ml_collections.ConfigDict(json.loads(sys.argv[1]))\n'
           'texts, labels = t.read_split(config.data, "train", 0)\n'
-          'print(hashlib.sha256("\\x00".join(t.demonstration_prefixes(config, texts, labels, head="")).encode())'
+          'print(hashlib.sha256("\\x00".join(t.demonstration_prefixes(config, texts, labels)).encode())'
           '.hexdigest())\n')
   env = {**os.environ, 'PYTHONHASHSEED': '12345', 'JAX_PLATFORMS': 'cpu'}
   there = subprocess.run([sys.executable, '-c', code, config.to_json()], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout.strip()
   assert there == here
   other_seed = smoke_config(movie_dir, 'icl,smoke', **{'icl.shots': 4, 'icl.draws': 3, 'seed': 6})
-  assert digest(task_module.demonstration_prefixes(other_seed, texts, labels, head='')) != here
+  assert digest(task_module.demonstration_prefixes(other_seed, texts, labels)) != here
 
 
-def test_zero_shot_chat_run_on_a_gguf_model_through_the_loop(movie_dir, tmp_path, monkeypatch):
-  """A GGUF source, chat-wrapped, num_train_steps=0: evaluates once, pins the file's hash, saves no checkpoint."""
+def test_in_context_chat_run_on_a_gguf_model_through_the_loop(movie_dir, tmp_path, monkeypatch):
+  """A GGUF source, chat-wrapped, two demonstrations, num_train_steps=0: the model reads a ChatML conversation in
+  which every demonstration is a user turn answered by its label word; evaluates once, pins the file's hash, saves
+  no checkpoint."""
   monkeypatch.setitem(test_gguf.TINY, 'context', 1024)
   path = test_gguf.write_tiny_gguf(str(tmp_path / 'tiny.gguf'))
   config = smoke_config(movie_dir, 'smoke,zero_shot', **{'lm.source': path, 'prompt.chat': True,
-                                                         'prompt.label_words': ('bad', 'good'),
-                                                         'eval.max_examples': 4})
+                                                         'prompt.label_words': ('bad', 'good'), 'icl.shots': 2,
+                                                         'icl.draws': 1, 'eval.max_examples': 4})
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 0 <= results['eval/accuracy'] <= 1 and 'eval/validation/calibrated/accuracy' in results
+  texts, labels = task_module.read_split(config.data, 'train', 0)
+  picks = lmc.demonstration_indices(labels, 2, 2, seed=config.seed, draw=0)
+  query = task_module.read_split(config.data, config.eval.splits[0], 1)[0][0]
+  user = lambda text: f'<|im_start|>user\n{lmc.fill(config.prompt.template, text)}<|im_end|>\n<|im_start|>assistant\n'
+  conversation = ('<|im_start|>system\nBe brief.<|im_end|>\n'  # the tiny GGUF's chat template's default system turn
+                  + ''.join(user(texts[i]) + ('bad', 'good')[labels[i]] + '<|im_end|>\n' for i in picks) + user(query))
+  with open(tmp_path / 'run' / 'prompts.txt') as f:
+    assert f.read().split('\n', 1)[1] == conversation + '\n'
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['frozen_sources']['lm']['hash'] == checkpoint.file_hash(path)
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:

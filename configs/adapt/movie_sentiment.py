@@ -92,7 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       label_words=label_words,  # one per class, in class order
       chat=chat,                # True: the filled template is the user's turn of a chat
   )
-  c.icl = dict(shots=0, draws=5, separator='\n\n')  # draws count only when shots > 0
+  # draws count only when shots > 0; the separator follows each demonstration of a plain prompt (in a chat prompt
+  # every demonstration is a user turn answered by the assistant, and the turns separate them).
+  c.icl = dict(shots=0, draws=5, separator='\n\n')
   c.calibration = dict(content_free=('N/A', '', '[MASK]'))
   # Greedy answer after the prompt, its first label word parsed; 0: no generation metrics. The instruct model answers
   # a chat prompt in a sentence ('The sentiment of this movie review is positive, ...'): 10 tokens reach the word.

@@ -178,18 +178,19 @@ class BPETokenizer:
     As the instruct model's template does, a system turn comes first: `system`, else the template's default one
     (SmolLM2-Instruct: "You are a helpful AI assistant named SmolLM, ..."), else none.
     """
-    head, tail = self.chat_parts(system)
+    head, tail, _ = self.chat_parts(system)
     return self.encode(head + text + tail)
 
-  def chat_parts(self, system: str | None = None) -> tuple[str, str]:
-    """The text `chat` puts before and after the user's text: (system turn + start of the user turn, end of the
-    user turn + start of the assistant turn). For prompts whose first part is shared and encoded once (in-context
-    demonstrations before a query)."""
+  def chat_parts(self, system: str | None = None) -> tuple[str, str, str]:
+    """The text of ChatML turns around user texts: (system turn + start of the user turn, end of the user turn +
+    start of the assistant turn, end of the assistant's reply + start of the next user turn). `chat` puts the first
+    two around its text; a conversation of demonstrations (user text, assistant reply, ...) joins them with the
+    third. For prompts whose first part is shared and encoded once (in-context demonstrations before a query)."""
     if self.tokenizer.token_to_id('<|im_start|>') is None:
       raise ValueError('this tokenizer has no <|im_start|> token: its model does not use ChatML turns.')
     system = self.default_system if system is None else system
     head = f'<|im_start|>system\n{system}<|im_end|>\n' if system else ''
-    return head + '<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n'
+    return head + '<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n', '<|im_end|>\n<|im_start|>user\n'
 
   def byte_lengths(self) -> np.ndarray:
     unicode_to_byte = {char: b for b, char in byte_to_unicode().items()}

@@ -79,9 +79,11 @@ def demonstration_indices(labels: np.ndarray, shots: int, num_classes: int, *, s
 
 
 def prefix_text(template: str, label_words: Sequence[str], texts: Sequence[str], labels: Sequence[int],
-                separator: str, head: str = '') -> str:
-  """`head` (the chat turn's start, or '') then each demonstration: filled template, label word, separator."""
-  return head + ''.join(fill(template, t) + label_words[y] + separator for t, y in zip(texts, labels))
+                separator: str, head: str = '', tail: str = '') -> str:
+  """`head` (the chat turn's start, or '') then each demonstration: filled template, `tail`, label word, separator.
+  In a chat, tail ends the user's turn and starts the assistant's, and the separator ends the assistant's reply and
+  starts the next user turn: every demonstration is an exchange, as the query will be."""
+  return head + ''.join(fill(template, t) + tail + label_words[y] + separator for t, y in zip(texts, labels))
 
 
 # ----- scores -----------------------------------------------------------------------------------------------------

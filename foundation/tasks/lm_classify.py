@@ -83,7 +83,8 @@ def build(config) -> Task:
   method = _check_method(config, model_cfg)
   if prompt.chat and not hasattr(tokenizer, 'chat_parts'):
     raise ValueError(f'config.prompt.chat: lm.source={config.lm.source!r} has a byte tokenizer, without chat turns.')
-  head, tail = tokenizer.chat_parts() if prompt.chat else ('', '')
+  chat_parts = tokenizer.chat_parts() if prompt.chat else None
+  head, tail = chat_parts[:2] if chat_parts else ('', '')
   encode = lambda s: np.asarray(tokenizer.encode(s), np.int32)
   body = lambda t: encode(lmc.fill(prompt.template, t) + tail)
 
@@ -109,7 +110,7 @@ def build(config) -> Task:
   adapter_len = tune.length if method in ('prompt', 'prefix') else 0
   init_ids = jnp.asarray(adapters.init_token_ids(tune.init, adapter_len, model_cfg.vocab_size,
                                                   [ids.tolist() for ids in label_ids], config.seed))
-  prefix_texts = demonstration_prefixes(config, train_texts, train_labels, head)
+  prefix_texts = demonstration_prefixes(config, train_texts, train_labels, chat_parts)
   prefixes = [encode(p) for p in prefix_texts]
   first_body = lmc.fill(prompt.template, eval_texts[0]) + tail
   head_ids = encode(head)
@@ -436,15 +437,19 @@ def _read_split(name: str, data_dir: str, text_key: str, label_key: str, split: 
   return tuple(texts), np.asarray([r[label_key] for r in records], np.int32)
 
 
-def demonstration_prefixes(config, train_texts: list[str], train_labels: np.ndarray, head: str) -> list[str]:
-  """The shared start of every prompt, one per draw: `head` (the chat turn's start, or ''), then the draw's
-  demonstrations. One draw of no demonstrations when icl.shots is 0."""
+def demonstration_prefixes(config, train_texts: list[str], train_labels: np.ndarray,
+                           chat_parts: tuple[str, str, str] | None = None) -> list[str]:
+  """The shared start of every prompt, one per draw: the draw's demonstrations, each followed by icl.separator. One
+  draw of no demonstrations when icl.shots is 0. With the tokenizer's `chat_parts` (a chat prompt) the prefix opens
+  the chat and every demonstration is a user turn answered by the assistant with the label word, the turns in place
+  of icl.separator."""
+  head, tail, separator = chat_parts or ('', '', config.icl.separator)
   prefixes = []
   for draw in range(config.icl.draws if config.icl.shots else 1):
     picks = lmc.demonstration_indices(train_labels, config.icl.shots, len(_class_names(config.data)),
                                       seed=config.seed, draw=draw)
     prefixes.append(lmc.prefix_text(config.prompt.template, config.prompt.label_words, [train_texts[i] for i in picks],
-                                    train_labels[picks], config.icl.separator, head))
+                                    train_labels[picks], separator, head, tail))
   return prefixes
 
 
