@@ -5,6 +5,7 @@ r"""Scoring speed of rank classification with SmolLM2-135M (the template table's
 One compiled scoring call (`evaluate/lm_classify.score_and_generate`, no generation) on a batch of random bodies,
 timed as the median of interleaved rounds, for:
   f32           float32 weight matmuls, no prefix (zero-shot)
+  f32_tuned     float32, after a learned 10-slot prefix (prefix tuning's cache: N(0, 1) keys and values per layer)
   bf16          bf16 operands, float32 accumulation (`lm.matmul_dtype`, the config's default), no prefix
   bf16_shared   bf16, after a prefix of --prefix slots (16 demonstrations) held once as the cache's shared part
   bf16_copied   bf16, the same prefix copied into every row's own cache (attended by the batched einsum)
@@ -25,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from foundation.evaluate import lm_classify as lmc  # noqa: E402
+from foundation.models import adapters  # noqa: E402
 from foundation.models.gguf import gguf_header, load_gguf, resolve_gguf  # noqa: E402
 from foundation.models.transformer import Transformer, TransformerConfig, init_cache  # noqa: E402
 
@@ -79,9 +81,13 @@ def main() -> None:
     compiled = jax.jit(run)
     return lambda: compiled(params, cache, tokens, mask)
 
+  f32_model = Transformer(dataclasses.replace(config(None), max_len=args.length))
+  kv_shape = (bf16.num_layers, 10, bf16.num_kv_heads, bf16.head_dim)
+  tuned = adapters.prefix_cache(Transformer(dataclasses.replace(config(None), max_len=10)),
+                                *jax.random.normal(jax.random.key(0), (2, *kv_shape)))
   rows = {
-      'f32': lambda m=Transformer(dataclasses.replace(config(None), max_len=args.length)): score(
-          m, params, None, tokens, mask, labels, label_mask, max_new_tokens=0)[0],
+      'f32': lambda: score(f32_model, params, None, tokens, mask, labels, label_mask, max_new_tokens=0)[0],
+      'f32_tuned': lambda: score(f32_model, params, tuned, tokens, mask, labels, label_mask, max_new_tokens=0)[0],
       'bf16': lambda: score(body_model, params, None, tokens, mask, labels, label_mask, max_new_tokens=0)[0],
       'bf16_shared': lambda: score(body_model, params, shared, tokens, mask, labels, label_mask, max_new_tokens=0)[0],
       'bf16_copied': own_cache_call(long_model, copied),

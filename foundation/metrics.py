@@ -4,6 +4,7 @@ Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step; on
 restored step are dropped, because the resumed run recomputes exactly those steps.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -52,6 +53,26 @@ def measure_matmul_flops(devices: Sequence[jax.Device], dtype: str = 'float32', 
   return n * 2 * size**3 / best
 
 
+def cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags from /proc/cpuinfo (Linux); empty where that is unreadable."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return frozenset(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def slow_bf16_matmuls() -> bool:
+  """Whether this CPU is known to lack bf16 dot-product instructions (AVX512_BF16, AMX): XLA then converts bf16
+  operands itself and bf16 matmuls buy no speed (on a Zen 1 EPYC SmolLM2's scoring ran 0.73x float32's speed and
+  the `:baby` LM's step about 1x, benchmarks/README.md). False where the flags are unknown."""
+  flags = cpu_flags()
+  return bool(flags) and not flags & {'avx512_bf16', 'amx_bf16'}
+
+
 def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
                    cache_path: str = os.path.expanduser('~/.cache/foundation/cpu_peak_flops.json')) -> float:
   """The CPU's matmul peak for MFU, for matmuls with `dtype` operands: $FOUNDATION_CPU_PEAK_FLOPS if set, else
@@ -61,7 +82,10 @@ def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
   """
   if os.environ.get('FOUNDATION_CPU_PEAK_FLOPS'):
     return float(os.environ['FOUNDATION_CPU_PEAK_FLOPS'])
-  key = f'{os.cpu_count()} cpus, {len(devices)} devices, {dtype}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")}'
+  # A VM can move to another host between runs: the key names the CPU's features, not only its count.
+  features = hashlib.sha256(' '.join(sorted(cpu_flags())).encode()).hexdigest()[:8]
+  key = (f'{os.cpu_count()} cpus (flags {features}), {len(devices)} devices, {dtype}, '
+         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")}')
   try:
     with open(cache_path) as f:
       return float(json.load(f)[key])

@@ -656,8 +656,13 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     progress.message(f'Resuming from the checkpoint at step {start} in {workdir}.')
   else:
     writer.write(0, counts)
-  model = config.get('model') or {}
-  peak = metrics.peak_flops(jax.devices(), model.get('matmul_dtype') or model.get('dtype') or 'float32')
+  model_key = 'model' if config.get('model') else 'lm'  # the LM classifier's model is `lm`
+  model = config.get(model_key) or {}
+  matmul_dtype = model.get('matmul_dtype') or model.get('dtype') or 'float32'
+  peak = metrics.peak_flops(jax.devices(), matmul_dtype)
+  if devices[0].platform == 'cpu' and matmul_dtype == 'bfloat16' and metrics.slow_bf16_matmuls():
+    say(f'This CPU has no bf16 dot-product instructions (AVX512_BF16, AMX): bf16 matmul operands buy no speed here '
+        f'and may cost some (benchmarks/README.md); --config.{model_key}.matmul_dtype=float32 keeps full precision.')
 
   if config.parallelism == 'pmap':
     runner = _Pmap(make_train_step(task, tx, prepared.schedule, config, axis_name='batch'), mesh)

@@ -216,6 +216,25 @@ def test_metrics_drop_a_truncated_last_line_only(tmp_path):
     metrics.read_metrics(str(path))
 
 
+def test_cpu_peak_is_measured_again_on_a_cpu_with_other_features(tmp_path, monkeypatch):
+  """The measured matmul peak (MFU's denominator) is cached per machine; a VM that wakes up on another host (other
+  CPU flags, same core count) measures its own rather than reading the last host's."""
+  measured = []
+  monkeypatch.delenv('FOUNDATION_CPU_PEAK_FLOPS', raising=False)
+  monkeypatch.setattr(metrics, 'measure_matmul_flops', lambda devices, dtype: measured.append(dtype) or len(measured))
+  monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # quiet: the measurement is cached
+  cache = str(tmp_path / 'peak.json')
+  monkeypatch.setattr(metrics, 'cpu_flags', lambda: frozenset({'avx2', 'avx512f', 'avx512_bf16'}))
+  assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1
+  assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1  # read back, not measured
+  assert not metrics.slow_bf16_matmuls()
+  monkeypatch.setattr(metrics, 'cpu_flags', lambda: frozenset({'avx2'}))
+  assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 2 and measured == ['bfloat16'] * 2
+  assert metrics.slow_bf16_matmuls()
+  monkeypatch.setattr(metrics, 'cpu_flags', frozenset)  # unknown flags (no /proc/cpuinfo): no claim either way
+  assert not metrics.slow_bf16_matmuls()
+
+
 def descending_task(calls: list) -> tasks.Task:
   """SGD (lr 0.1, no momentum) on (w - 1)^2 from w = 0: w_t = 1 - 0.8^t in closed form. Its validation score
   -(w - 0.5)^2 peaks at step 3 (w = 0.488) and falls after; the test score is another target, read only as a
