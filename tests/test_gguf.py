@@ -241,6 +241,29 @@ def test_tiny_gguf_tokenizer(tmp_path):
     BPETokenizer.from_file(str(tmp_path / 'tokenizer.json'))
 
 
+def test_file_reader_matches_the_gguf_package(tmp_path):
+  """The metadata and the raw tensors `read_gguf` reads with struct are GGUFReader's (the tiny file holds strings,
+  string and number arrays, float and integer scalars, and Q8_0, Q4_1, F16, F32 tensors); a file that is not GGUF,
+  or of another version, is refused in one line."""
+  from foundation.models.gguf import read_gguf
+  path = write_tiny_gguf(str(tmp_path / 'tiny.gguf'))
+  metadata, tensors = read_gguf(path)
+  reader = gguf.GGUFReader(path)
+  assert metadata == {k: f.contents() for k, f in reader.fields.items() if not k.startswith('GGUF.')}
+  assert {t.tensor_type for t in reader.tensors} >= {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F32}
+  assert list(tensors) == [t.name for t in reader.tensors]
+  for t in reader.tensors:
+    np.testing.assert_array_equal(tensors[t.name], gguf.quants.dequantize(t.data, t.tensor_type))
+  with open(path, 'rb') as f:
+    data = bytearray(f.read())
+  (tmp_path / 'v1.gguf').write_bytes(data[:4] + (1).to_bytes(4, 'little') + data[8:])
+  with pytest.raises(ValueError, match='is GGUF version 1; versions 2 and 3 are read'):
+    read_gguf(str(tmp_path / 'v1.gguf'))
+  (tmp_path / 'other.gguf').write_bytes(b'PK' + data[2:])
+  with pytest.raises(ValueError, match='is not a GGUF file'):
+    read_gguf(str(tmp_path / 'other.gguf'))
+
+
 def test_refuses_other_architectures(tmp_path):
   path = write_tiny_gguf(str(tmp_path / 'gpt2.gguf'), arch='gpt2')
   with pytest.raises(ValueError, match=r"'gpt2' model; only the 'llama' architecture"):
