@@ -164,6 +164,7 @@ class Prepared:
   changes: dict           # field -> [old, new] accepted through allow_config_change
   state_bytes_per_device: int  # params and optimizer state (activations come on top)
   batch: Any              # the global batch's shapes and dtypes (jax.ShapeDtypeStruct)
+  abstract_state: Any     # the train state's shapes and dtypes (jax.ShapeDtypeStruct), without shardings
 
 
 def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
@@ -232,7 +233,8 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   abstract_params = jax.eval_shape(task.init, jax.random.key(config.seed))
   tx, schedule = optim.make_optimizer(config.optim, nn.unbox(abstract_params), config.num_train_steps)
   shardings = _state_shardings(abstract_params, tx, mesh, rules)
-  abstract_state = jax.eval_shape(lambda rng: _init_state(task, tx, rng), jax.random.key(0))
+  # From the params' shapes: tracing task.init again costs seconds for a 30-layer model.
+  abstract_state = jax.eval_shape(lambda params: _state_of(params, tx), nn.unbox(abstract_params))
   state_bytes = _check_memory(abstract_state, shardings) if local else _bytes_per_device(abstract_state, shardings)
   sources = checkpoint.Sources(previous.get('frozen_sources') if previous else None, dry=dry)
   frozen = task.frozen(sources) if task.frozen else {}
@@ -269,7 +271,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
                   frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes,
-                  state_bytes_per_device=state_bytes, batch=global_batch)
+                  state_bytes_per_device=state_bytes, batch=global_batch, abstract_state=abstract_state)
 
 
 def _subtree(tree: Any, target: str, what: str) -> Any:
@@ -378,7 +380,11 @@ def _split_microbatches(batch: Any, n: int) -> Any:
 
 
 def _init_state(task, tx, rng):
-  params = nn.unbox(task.init(rng))
+  return _state_of(nn.unbox(task.init(rng)), tx)
+
+
+def _state_of(params, tx):
+  """The train state around `params`: step 0, the optimizer's initial state, no skipped updates."""
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
           'skipped_updates': jnp.zeros((), jnp.int32)}
 
@@ -493,8 +499,7 @@ def lower_train_step(prepared: Prepared, config) -> jax.stages.Lowered:
   task, tx, shardings = prepared.task, prepared.tx, prepared.shardings
   runner = _Jit(make_train_step(task, tx, prepared.schedule, config, axis_name=None), prepared.mesh, prepared.rules,
                 shardings)
-  state = checkpoint.abstract_with_shardings(jax.eval_shape(lambda rng: _init_state(task, tx, rng),
-                                                            jax.random.key(0)), shardings)
+  state = checkpoint.abstract_with_shardings(prepared.abstract_state, shardings)
   frozen = checkpoint.abstract_with_shardings(prepared.frozen, prepared.frozen_shardings)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
       prepared.mesh)), prepared.batch)
@@ -618,7 +623,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   data_iter = iter(task.train_batches(jax.process_index(), jax.process_count()).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch_batches)))
   init_state = lambda rng: _init_state(task, tx, rng)
-  abstract_state = checkpoint.abstract_with_shardings(jax.eval_shape(init_state, jax.random.key(0)), shardings)
+  abstract_state = checkpoint.abstract_with_shardings(prepared.abstract_state, shardings)
   restored = ckpt.restore_newest_readable(abstract_state, step=config.restore_step, warn=say)
   interval = []  # metrics of the steps since the last log line (restored when a stop cut an interval short)
   record = {}
@@ -868,8 +873,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   if step not in saved:
     raise ConfigError(f'{workdir} has no checkpoint of step {step} (it has {saved or "none"}); name one with '
                       '--eval_step.')
-  abstract = nn.unbox(jax.eval_shape(task.init, jax.random.key(config.seed)))
-  params, _ = checkpoint.restore_params(workdir, 'params', abstract, step=step)
+  params, _ = checkpoint.restore_params(workdir, 'params', prepared.abstract_state['params'], step=step)
   params = jax.device_put(params, prepared.shardings['params'])
   frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}
   is_writer = jax.process_index() == 0
