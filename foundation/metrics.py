@@ -53,16 +53,32 @@ def measure_matmul_flops(devices: Sequence[jax.Device], dtype: str = 'float32', 
   return n * 2 * size**3 / best
 
 
-def cpu_flags() -> frozenset[str]:
-  """The CPU's feature flags from /proc/cpuinfo (Linux); empty where that is unreadable."""
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields in /proc/cpuinfo (Linux); empty where that is unreadable."""
+  fields = {}
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('flags'):
-          return frozenset(line.split(':', 1)[1].split())
+        if not line.strip():
+          break
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return frozenset()
+  return fields
+
+
+def cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags from /proc/cpuinfo (Linux); empty where that is unreadable."""
+  return frozenset(_cpuinfo().get('flags', '').split())
+
+
+def cpu_description() -> str:
+  """The host CPU in a few words, for the start of a run's log, so that a timing can be traced to its machine (a VM
+  may wake up on another host): model name, family, and its widest vector / bf16 instructions."""
+  info, flags = _cpuinfo(), cpu_flags()
+  widest = next((name for name in ('amx_bf16', 'avx512_bf16', 'avx512f', 'avx2') if name in flags), 'no AVX2')
+  return f'{info.get("model name", "unknown CPU")}, family {info.get("cpu family", "?")}, {widest}'
 
 
 def slow_bf16_matmuls() -> bool:

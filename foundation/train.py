@@ -652,9 +652,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   progress = metrics.Progress(config.num_train_steps, enabled=is_writer)
   counts = _param_counts(config, state['params'], prepared.frozen)
   devices = jax.devices()
+  on_cpu = f' ({metrics.cpu_description()})' if devices[0].platform == 'cpu' else ''
   progress.message(
       f'foundation {prepared.record["foundation_version"]["commit"]} | {len(devices)} {devices[0].device_kind} '
-      f'device(s), {jax.process_count()} process(es) | mesh {dict(mesh.shape)} ({config.parallelism}) | params '
+      f'device(s){on_cpu}, {jax.process_count()} process(es) | mesh {dict(mesh.shape)} ({config.parallelism}) | params '
       f'{counts["params/trainable"]:,} trainable of {counts["params/total"]:,} | params + optimizer state '
       f'{prepared.state_bytes_per_device / 2**20:,.1f} MiB per device')
   if start:

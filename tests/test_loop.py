@@ -227,10 +227,10 @@ def test_cpu_peak_is_measured_again_on_a_cpu_with_other_features(tmp_path, monke
   monkeypatch.setattr(metrics, 'cpu_flags', lambda: frozenset({'avx2', 'avx512f', 'avx512_bf16'}))
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1  # read back, not measured
-  assert not metrics.slow_bf16_matmuls()
+  assert not metrics.slow_bf16_matmuls() and metrics.cpu_description().endswith(', avx512_bf16')  # the log's host
   monkeypatch.setattr(metrics, 'cpu_flags', lambda: frozenset({'avx2'}))
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 2 and measured == ['bfloat16'] * 2
-  assert metrics.slow_bf16_matmuls()
+  assert metrics.slow_bf16_matmuls() and metrics.cpu_description().endswith(', avx2')
   monkeypatch.setattr(metrics, 'cpu_flags', frozenset)  # unknown flags (no /proc/cpuinfo): no claim either way
   assert not metrics.slow_bf16_matmuls()
 
