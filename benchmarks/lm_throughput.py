@@ -39,6 +39,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the config files import `foundation`
+from foundation import host  # noqa: E402  (jax-free: the PyTorch worker imports this file too)
 CONFIG = 'configs/lm/shakespeare.py'
 VARIANT = 'baby'
 ROWS = ('foundation_1dev', 'foundation_dp', 'foundation_f32', 'foundation_glibc_malloc', 'torch_llama',
@@ -249,17 +250,6 @@ def nproc() -> int:
     return len(os.sched_getaffinity(0))  # what `nproc` prints, and what launch/local.sh uses
   except AttributeError:
     return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def load_config(path: str, variant: str | None = None):
@@ -479,7 +469,7 @@ def main():
   n = nproc()
   cfg = load_config(CONFIG, VARIANT)
   m = cfg.model
-  machine = {'nproc': n, 'cpu_model': cpu_model(), 'date': datetime.datetime.now().astimezone().isoformat(
+  machine = {'nproc': n, 'cpu_model': host.cpu_description(), 'date': datetime.datetime.now().astimezone().isoformat(
       timespec='seconds'), 'loadavg_at_start': os.getloadavg()[0], 'python': platform.python_version()}
   setup = {'config': f'{CONFIG}:{VARIANT}', 'num_layers': m.num_layers, 'num_heads': m.num_heads,
            'embed_dim': m.embed_dim, 'mlp_dim': m.mlp_dim, 'vocab_size': m.vocab_size,

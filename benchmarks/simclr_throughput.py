@@ -31,7 +31,8 @@ import subprocess
 import sys
 import time
 
-import lm_throughput  # the shared machine description and torch probe (benchmarks/ is sys.path[0] here)
+import lm_throughput  # the shared runner, core count and torch probe (benchmarks/ is sys.path[0] here)
+from foundation import host  # on sys.path once lm_throughput is imported
 
 REPO = lm_throughput.REPO
 CONFIG = 'configs/contrastive/simclr_fashion_mnist.py'
@@ -203,7 +204,7 @@ def main():
   runners = {'foundation_dp': lambda: run_foundation(args, devices=n, steps=steps, log_every=log_every),
              'foundation_1dev': lambda: run_foundation(args, devices=1, steps=steps, log_every=log_every),
              'torch': lambda: run_torch(args, cfg, steps=steps, log_every=log_every, threads=n)}
-  machine = {'nproc': n, 'cpu_model': lm_throughput.cpu_model(), 'loadavg_at_start': os.getloadavg()[0],
+  machine = {'nproc': n, 'cpu_model': host.cpu_description(), 'loadavg_at_start': os.getloadavg()[0],
              'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'), 'torch': torch_version}
   if machine['loadavg_at_start'] > 0.5 * n:
     print(f'warning: load average {machine["loadavg_at_start"]:.2f} on {n} cores; the machine is not quiet.',

@@ -1,4 +1,5 @@
-"""The host process's memory allocator, tuned once at start-up for XLA's CPU runtime.
+"""The host machine: its CPU's features (read without importing jax), and the process's memory allocator, tuned
+once at start-up for XLA's CPU runtime.
 
 XLA on CPU allocates each execution's temporary and output buffers with malloc and frees them when it ends. glibc
 serves blocks of more than 128 KiB with a fresh mmap and returns them with munmap, so every training step touches
@@ -45,3 +46,32 @@ def keep_freed_memory() -> bool:
   # mallopt returns 1 on success. The trim threshold is an int: 1 GiB of free heap top is kept at most.
   return all(libc.mallopt(param, value) == 1
              for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_ARENA_MAX, 1)))
+
+
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields in /proc/cpuinfo (Linux); empty where that is unreadable."""
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if not line.strip():
+          break
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
+  except OSError:
+    pass
+  return fields
+
+
+def cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags from /proc/cpuinfo (Linux); empty where that is unreadable."""
+  return frozenset(_cpuinfo().get('flags', '').split())
+
+
+def cpu_description() -> str:
+  """The host CPU in a few words, for the start of a run's log, so that a timing can be traced to its machine (a VM
+  may wake up on another host): model name, family, and its widest vector / bf16 instructions."""
+  info, flags = _cpuinfo(), cpu_flags()
+  widest = next((name for name in ('amx_bf16', 'avx512_bf16', 'avx512f', 'avx2') if name in flags), 'no AVX2')
+  model = info.get('model name') or platform.processor() or 'unknown CPU'
+  return f'{model}, family {info.get("cpu family", "?")}, {widest}'

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from foundation import host
+
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched against `device.device_kind`.
 PEAK_FLOPS_BF16 = (
     ('TPU v4', 275e12),
@@ -53,39 +55,11 @@ def measure_matmul_flops(devices: Sequence[jax.Device], dtype: str = 'float32', 
   return n * 2 * size**3 / best
 
 
-def _cpuinfo() -> dict[str, str]:
-  """The first processor's fields in /proc/cpuinfo (Linux); empty where that is unreadable."""
-  fields = {}
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if not line.strip():
-          break
-        key, _, value = line.partition(':')
-        fields[key.strip()] = value.strip()
-  except OSError:
-    pass
-  return fields
-
-
-def cpu_flags() -> frozenset[str]:
-  """The CPU's feature flags from /proc/cpuinfo (Linux); empty where that is unreadable."""
-  return frozenset(_cpuinfo().get('flags', '').split())
-
-
-def cpu_description() -> str:
-  """The host CPU in a few words, for the start of a run's log, so that a timing can be traced to its machine (a VM
-  may wake up on another host): model name, family, and its widest vector / bf16 instructions."""
-  info, flags = _cpuinfo(), cpu_flags()
-  widest = next((name for name in ('amx_bf16', 'avx512_bf16', 'avx512f', 'avx2') if name in flags), 'no AVX2')
-  return f'{info.get("model name", "unknown CPU")}, family {info.get("cpu family", "?")}, {widest}'
-
-
 def slow_bf16_matmuls() -> bool:
   """Whether this CPU is known to lack bf16 dot-product instructions (AVX512_BF16, AMX): XLA then converts bf16
   operands itself and bf16 matmuls buy no speed (on a Zen 1 EPYC SmolLM2's scoring ran 0.73x float32's speed and
   the `:baby` LM's step about 1x, benchmarks/README.md). False where the flags are unknown."""
-  flags = cpu_flags()
+  flags = host.cpu_flags()
   return bool(flags) and not flags & {'avx512_bf16', 'amx_bf16'}
 
 
@@ -99,7 +73,7 @@ def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
   if os.environ.get('FOUNDATION_CPU_PEAK_FLOPS'):
     return float(os.environ['FOUNDATION_CPU_PEAK_FLOPS'])
   # A VM can move to another host between runs: the key names the CPU's features, not only its count.
-  features = hashlib.sha256(' '.join(sorted(cpu_flags())).encode()).hexdigest()[:8]
+  features = hashlib.sha256(' '.join(sorted(host.cpu_flags())).encode()).hexdigest()[:8]
   key = (f'{os.cpu_count()} cpus (flags {features}), {len(devices)} devices, {dtype}, '
          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")}')
   try:

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from foundation import checkpoint, metrics, optim, sharding, tasks
+from foundation import checkpoint, host, metrics, optim, sharding, tasks
 
 # Bumped whenever the structure of the saved state changes; a workdir of another format is refused with a message
 # instead of an orbax tree-structure error.
@@ -652,7 +652,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   progress = metrics.Progress(config.num_train_steps, enabled=is_writer)
   counts = _param_counts(config, state['params'], prepared.frozen)
   devices = jax.devices()
-  on_cpu = f' ({metrics.cpu_description()})' if devices[0].platform == 'cpu' else ''
+  on_cpu = f' ({host.cpu_description()})' if devices[0].platform == 'cpu' else ''
   progress.message(
       f'foundation {prepared.record["foundation_version"]["commit"]} | {len(devices)} {devices[0].device_kind} '
       f'device(s){on_cpu}, {jax.process_count()} process(es) | mesh {dict(mesh.shape)} ({config.parallelism}) | params '

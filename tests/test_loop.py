@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from foundation import checkpoint, metrics, tasks, train
+from foundation import checkpoint, host, metrics, tasks, train
 
 
 def toy_config(**fields):
@@ -224,14 +224,14 @@ def test_cpu_peak_is_measured_again_on_a_cpu_with_other_features(tmp_path, monke
   monkeypatch.setattr(metrics, 'measure_matmul_flops', lambda devices, dtype: measured.append(dtype) or len(measured))
   monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # quiet: the measurement is cached
   cache = str(tmp_path / 'peak.json')
-  monkeypatch.setattr(metrics, 'cpu_flags', lambda: frozenset({'avx2', 'avx512f', 'avx512_bf16'}))
+  monkeypatch.setattr(host, 'cpu_flags', lambda: frozenset({'avx2', 'avx512f', 'avx512_bf16'}))
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1  # read back, not measured
-  assert not metrics.slow_bf16_matmuls() and metrics.cpu_description().endswith(', avx512_bf16')  # the log's host
-  monkeypatch.setattr(metrics, 'cpu_flags', lambda: frozenset({'avx2'}))
+  assert not metrics.slow_bf16_matmuls() and host.cpu_description().endswith(', avx512_bf16')  # the log's host
+  monkeypatch.setattr(host, 'cpu_flags', lambda: frozenset({'avx2'}))
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 2 and measured == ['bfloat16'] * 2
-  assert metrics.slow_bf16_matmuls() and metrics.cpu_description().endswith(', avx2')
-  monkeypatch.setattr(metrics, 'cpu_flags', frozenset)  # unknown flags (no /proc/cpuinfo): no claim either way
+  assert metrics.slow_bf16_matmuls() and host.cpu_description().endswith(', avx2')
+  monkeypatch.setattr(host, 'cpu_flags', frozenset)  # unknown flags (no /proc/cpuinfo): no claim either way
   assert not metrics.slow_bf16_matmuls()
 
 
