@@ -14,7 +14,6 @@ removes the newest checkpoint that the loop has confirmed good.
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable, Collection
 
 import flax.linen as nn
@@ -23,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+from foundation import files
 
 
 class Checkpointer:
@@ -95,12 +96,12 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
       target = self.directory.rstrip('/') + f'_{reason}'
-      os.makedirs(target, exist_ok=True)
+      files.makedirs(target)
       for step in steps:
         destination = os.path.join(target, str(step))
-        if os.path.exists(destination):  # an earlier quarantine of the same step: keep both
-          destination += f'.{len(os.listdir(target))}'
-        shutil.move(os.path.join(self.directory, str(step)), destination)
+        if files.exists(destination):  # an earlier quarantine of the same step: keep both
+          destination += f'.{len(files.listdir(target))}'
+        files.move(os.path.join(self.directory, str(step)), destination)
     if jax.process_count() > 1:  # the others must not list the directory before process 0 has moved them
       multihost_utils.sync_global_devices(f'quarantine {steps}')
     self._manager.reload()
@@ -170,8 +171,8 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
   newest), shaped like `abstract`, as host arrays; returns (tree, step). For restoring a pretrained part (a LiT image
   tower, a teacher, a fine-tuning backbone); the whole state is read on the host, which is fine at these sizes.
   """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = os.path.join(files.absolute(workdir), 'checkpoints')
+  if not files.isdir(directory):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ to restore {path!r} from; train that run first.')
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_handlers={'state': ocp.PyTreeCheckpointHandler(),
@@ -223,7 +224,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def saved_steps(workdir: str) -> list[int]:
   """The steps of the checkpoints in `workdir`/checkpoints (its step directories), read without orbax."""
   directory = os.path.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  return sorted(int(d) for d in files.listdir(directory) if d.isdigit()) if files.isdir(directory) else []
 
 
 # Written at the end of a run with config.early_stopping: {step, metric, value} of the selected step.
@@ -233,8 +234,7 @@ BEST_FILE = 'best.json'
 def selected_step(workdir: str) -> int | None:
   """The step a run selected by config.early_stopping (its best.json), or None."""
   try:
-    with open(os.path.join(workdir, BEST_FILE)) as f:
-      return int(json.load(f)['step'])
+    return int(json.loads(files.read_text(os.path.join(workdir, BEST_FILE)))['step'])
   except FileNotFoundError:
     return None
 
@@ -268,7 +268,7 @@ class Sources:
       raise ValueError(f'{name}: the checkpoint of step {step} in {workdir} is not the one this run was built from '
                        f'(content hash {digest}, recorded {pin["hash"]}); it was overwritten. Restore that run, or '
                        'start this one in a new --workdir.')
-    self.recorded[name] = dict(workdir=os.path.abspath(workdir), path=path, step=int(step), hash=digest)
+    self.recorded[name] = dict(workdir=files.absolute(workdir), path=path, step=int(step), hash=digest)
     return rebox(boxes, tree)
 
   def load_file(self, name: str, path: str, read: Callable[[str], Any], abstract: Any) -> Any:
@@ -289,10 +289,9 @@ def run_config(workdir: str, tasks: Collection[str], what: str) -> dict:
   """The config.json of another run (a teacher, a run to prune), whose task must be one of `tasks`; `what` says
   in errors which runs fit, e.g. 'an image classifier run (configs/distill/fashion_mnist.py:teacher)'."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f'{workdir!r} has no config.json; name the workdir of {what}.')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(files.read_text(path))
   if saved.get('task') not in tasks:
     raise ValueError(f'{workdir!r} is a {saved.get("task")!r} run; name the workdir of {what}.')
   return saved

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import host
+from foundation import files, host
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched against `device.device_kind`.
 PEAK_FLOPS_BF16 = (
@@ -160,21 +160,10 @@ def forward_flops(fn, *args) -> float:
   return float(cost.get('flops', 0.0))
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Writes a whole file so that a reader (or a crash) sees the old content or the new, never a part."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def read_metrics(path: str, *, warn=print) -> list[dict]:
   """The records of a metrics.jsonl. A last line cut short by a crash mid-write is dropped with a warning; a bad
   line anywhere else means the file was damaged otherwise, and is an error naming the line."""
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = files.read_text(path).splitlines()
   records = []
   for number, line in enumerate(lines, 1):
     try:
@@ -200,21 +189,24 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    if resume_step is not None and os.path.exists(self._path):
+    if resume_step is not None and files.exists(self._path):
       kept = [r for r in read_metrics(self._path, warn=warn) if r['step'] <= resume_step]
-      write_atomically(self._path, ''.join(json.dumps(r) + '\n' for r in kept))
-    elif os.path.exists(self._path):
-      os.remove(self._path)  # no checkpoint: the run starts over, and so do its metrics
+      files.write_atomically(self._path, ''.join(json.dumps(r) + '\n' for r in kept))
+    elif files.exists(self._path):
+      files.remove(self._path)  # no checkpoint: the run starts over, and so do its metrics
     from tensorboardX import SummaryWriter  # imported late: only the writing process needs it
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+    from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+    record_writer.register_writer_factory('gs', _ObjectStoreEvents)
+    # An event file per start, named by the step it starts from: tensorboardX names files by the second, and a
+    # resume within that second would otherwise overwrite the previous start's events.
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), filename_suffix=f'.from_step_{resume_step or 0}',
                              purge_step=resume_step + 1 if resume_step is not None else None)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self._enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and not isinstance(v, str)}
-    with open(self._path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    files.append(self._path, json.dumps({'step': int(step), **scalars}) + '\n')
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, step)
     self._tb.flush()
@@ -222,6 +214,32 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _ObjectStoreEvents:
+  """tensorboardX's writer of an event file at a gs:// URL, through foundation.files (tensorboardX's own needs
+  google-cloud-storage): the events are kept in memory and the whole object is rewritten at every flush, so the
+  bucket holds every flushed event while the run goes on."""
+
+  def __init__(self, path: str):
+    self._path, self._data = path, bytearray()
+
+  @classmethod
+  def open(cls, path: str) -> '_ObjectStoreEvents':
+    return cls(path)
+
+  @staticmethod
+  def directory_check(path: str) -> None:
+    del path  # an object store has no directories to create
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    files.write_atomically(self._path, bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
 
 
 class Progress:

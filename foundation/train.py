@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from foundation import checkpoint, host, metrics, optim, sharding, tasks
+from foundation import checkpoint, files, host, metrics, optim, sharding, tasks
 
 # Bumped whenever the structure of the saved state changes; a workdir of another format is refused with a message
 # instead of an orbax tree-structure error.
@@ -197,11 +197,15 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
   return prepared
 
 
+def _require_filesystem(workdir: str) -> None:
+  try:
+    files.require(workdir)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, devices) -> Prepared:
-  if '://' in workdir:
-    raise ConfigError(f'--workdir={workdir}: the workdir must be a filesystem path (metrics.jsonl is appended to). '
-                      'On a TPU pod slice, mount a bucket on every worker (gcsfuse) and pass the mount point; '
-                      'data_dir may be a gs:// path.')
+  _require_filesystem(workdir)
   local = devices is None
   devices = jax.devices() if local else list(devices)
   validate(config, len(devices))
@@ -220,9 +224,8 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
 
   previous = None
   config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      previous = json.load(f)
+  if files.exists(config_path):
+    previous = json.loads(files.read_text(config_path))
     version = previous.get('foundation_version', {})
     if version.get('checkpoint_format') != CHECKPOINT_FORMAT:
       raise ConfigError(f'{workdir} was written by foundation {version.get("commit", "(an older version)")} with '
@@ -298,8 +301,8 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
     return None
   target = spec.get('target', '')
   want = _subtree(nn.unbox(abstract_params), target, f'config.init_from.target={target!r}')
-  if os.path.isdir(source):
-    if not os.path.isdir(os.path.join(source, 'checkpoints')):
+  if files.isdir(source):
+    if not files.isdir(os.path.join(source, 'checkpoints')):
       raise ValueError(f'config.init_from.source={source!r} is a directory without checkpoints/: name a workdir '
                        'of a run that saved a checkpoint.')
     _check_same_frozen(source, sources)
@@ -320,8 +323,7 @@ def _check_same_frozen(source: str, sources: checkpoint.Sources) -> None:
   """Params trained on top of frozen ones (an adapter on its base model) only mean something on the same frozen
   params: a source run whose frozen source of the same name had other contents is refused."""
   try:
-    with open(os.path.join(source, 'config.json')) as f:
-      theirs = json.load(f).get('frozen_sources', {})
+    theirs = json.loads(files.read_text(os.path.join(source, 'config.json'))).get('frozen_sources', {})
   except FileNotFoundError:
     return
   for name, ours in sources.recorded.items():
@@ -368,10 +370,9 @@ def _write_config(prepared: Prepared, workdir: str, resume_step: int | None) -> 
   if prepared.changes:
     entry = {'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
              'resumed_from_step': resume_step, 'changes': prepared.changes}
-    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
-      f.write(json.dumps(entry) + '\n')
-  metrics.write_atomically(os.path.join(workdir, 'config.json'),
-                           json.dumps(prepared.record, indent=2, sort_keys=True) + '\n')
+    files.append(os.path.join(workdir, 'config_history.jsonl'), json.dumps(entry) + '\n')
+  files.write_atomically(os.path.join(workdir, 'config.json'),
+                         json.dumps(prepared.record, indent=2, sort_keys=True) + '\n')
 
 
 def _split_microbatches(batch: Any, n: int) -> Any:
@@ -618,8 +619,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   say = print if is_writer else (lambda *_: None)
 
   # From here on, files are written.
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  files.makedirs(workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(files.absolute(workdir), 'checkpoints'))
   data_iter = iter(task.train_batches(jax.process_index(), jax.process_count()).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch_batches)))
   init_state = lambda rng: _init_state(task, tx, rng)
@@ -757,7 +758,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     progress.message(f'best step {best.step} by {best.metric} ({best.value:.4f}): '
                      + ', '.join(f'{k} {v:.4f}' for k, v in sorted(results.items())))
     if is_writer:
-      metrics.write_atomically(os.path.join(workdir, checkpoint.BEST_FILE), json.dumps(
+      files.write_atomically(os.path.join(workdir, checkpoint.BEST_FILE), json.dumps(
           {'step': best.step, 'metric': best.metric, 'value': best.value}) + '\n')
     return out
 
@@ -863,7 +864,8 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   included), and trains nothing: checkpoint `step`, by default the step the run selected by early stopping, else
   its newest. The results go to eval_only/step_<N>.json in the workdir (reports a task's evaluation writes, such as
   results.md or samples, are rewritten as for that step); nothing else is written."""
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
+  _require_filesystem(workdir)
+  if not files.exists(os.path.join(workdir, 'config.json')):
     raise ConfigError(f'{workdir} holds no run (no config.json): --eval_only evaluates a run that saved a checkpoint.')
   prepared = prepare(config, workdir)
   task = prepared.task
@@ -882,9 +884,9 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   with contextlib.nullcontext() if config.parallelism == 'pmap' else _mesh_context(prepared.mesh, prepared.rules):
     results = {k: float(v) for k, v in task.evaluate(params, frozen, step, ctx).items()}
   if is_writer:
-    os.makedirs(os.path.join(workdir, EVAL_ONLY_DIR), exist_ok=True)
-    metrics.write_atomically(os.path.join(workdir, EVAL_ONLY_DIR, f'step_{step}.json'),
-                             json.dumps({'step': step, **results}, indent=1) + '\n')
+    files.makedirs(os.path.join(workdir, EVAL_ONLY_DIR))
+    files.write_atomically(os.path.join(workdir, EVAL_ONLY_DIR, f'step_{step}.json'),
+                           json.dumps({'step': step, **results}, indent=1) + '\n')
   return results
 
 

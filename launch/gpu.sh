@@ -4,6 +4,7 @@
 #   bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]
 # Several hosts: run it on each with --coordinator_address=HOST:PORT --num_processes=N --process_id=I appended, or
 # as the tasks of a SLURM step (srun bash launch/gpu.sh ...), where JAX reads them from SLURM itself.
+# WORKDIR may be a gs:// URL (gcsfs is installed for it).
 # Environment: CUDA_EXTRA=cuda12|cuda13 overrides the choice; DRY_RUN=1 prints the install and run commands only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,7 @@ if [ -n "${DRY_RUN:-}" ]; then
   exit 0
 fi
 bash launch/setup.sh
+case "$workdir" in gs://*) .venv/bin/python -m pip install --quiet -r requirements-gcs.txt ;; esac  # gcsfs
 stamp=".venv/.jax-$CUDA_EXTRA-$jax_version"
 if [ ! -f "$stamp" ]; then
   echo "[gpu] installing jax[$CUDA_EXTRA]==$jax_version"

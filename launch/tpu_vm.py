@@ -2,7 +2,7 @@ r"""Runs a config on a Cloud TPU VM, one host or a pod slice, through the gcloud
 
   python launch/tpu_vm.py create --name=lm --zone=us-west4-a --accelerator=v5litepod-16 [--spot | --reserved]
       [--valid_until=24h] [--project=P] [--direct]
-  python launch/tpu_vm.py run --name=lm --zone=us-west4-a configs/lm/shakespeare.py:large /mnt/bucket/runs/lm \
+  python launch/tpu_vm.py run --name=lm --zone=us-west4-a configs/lm/shakespeare.py:large gs://my-bucket/runs/lm \
       --config.data.data_dir=gs://my-bucket/tensorflow_datasets [--commit=HEAD] [--bucket=my-bucket]
   python launch/tpu_vm.py status|logs|stop|delete --name=lm --zone=us-west4-a
   python launch/tpu_vm.py recover --name=lm --zone=us-west4-a    # after a preemption: re-create, resume the run
@@ -15,8 +15,9 @@ run      ships the code at a commit (git archive: no .venv, .git or workdirs), s
          datasets), stops any earlier run and frees the TPU, then starts the run detached on every worker
          (it survives a dropped connection), each writing ~/foundation-logs/run.log and, when it ends, its exit
          status. Every worker runs the same command; JAX joins them into one mesh (foundation/sharding.py). The
-         workdir must be shared: a path on a gcsfuse mount of --bucket (mounted on every worker, with
-         --rename-dir-limit so orbax can finalise checkpoints by renaming) or a Filestore share.
+         workdir must be shared: a gs:// URL (orbax writes checkpoints there itself, the rest goes through gcsfs),
+         a path on a gcsfuse mount of --bucket (mounted on every worker, with --rename-dir-limit so orbax can
+         finalise checkpoints by renaming) or a Filestore share.
 status   the slice's state and, per worker, whether the run is alive or how it ended.
 logs     the last lines of every worker's log, naming the workers whose run failed (--lines=N).
 stop     SIGTERM to every worker's run: it saves a checkpoint at the next step and exits.
@@ -132,13 +133,14 @@ def _wait_active(g: Gcloud, poll_seconds: float) -> None:
 
 def setup_command(jax_version: str) -> str:
   """Run on every worker: Python 3.11 by uv (the TPU images ship 3.10), a venv outside the code directory so a
-  new commit keeps it, the pinned requirements (launch/setup.sh) and jax[tpu] at the pinned version."""
+  new commit keeps it, the pinned requirements (launch/setup.sh), gcsfs for gs:// workdirs and jax[tpu] at the
+  pinned version."""
   return ' && '.join([
       'export PATH="$HOME/.local/bin:$PATH"',
       '(command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)',
       f'(test -x {VENV}/bin/python || (uv python install {PYTHON} && uv venv --seed --python {PYTHON} {VENV}))',
       f'cd {CODE}', 'bash launch/setup.sh',
-      f'.venv/bin/python -m pip install --quiet "jax[tpu]=={jax_version}"',
+      f'.venv/bin/python -m pip install --quiet -r requirements-gcs.txt "jax[tpu]=={jax_version}"',
   ])
 
 

@@ -274,12 +274,18 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
   assert rerun.returncode == 0 and (tmp_path / 'metrics.jsonl').read_text() == before
 
 
-def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_a_workdir_url_that_cannot_be_written_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  import fsspec
   from foundation import train
   from test_configs import load
-  monkeypatch.chdir(tmp_path)  # where os.makedirs('gs://...') would have made a local 'gs:' directory
-  with pytest.raises(ValueError, match='must be a filesystem path'):
-    train.train_and_evaluate(load('configs/lm/shakespeare.py').get_config('smoke'), 'gs://bucket/run')
+  monkeypatch.chdir(tmp_path)  # where os.makedirs('s3://...') would make a local 's3:' directory
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  with pytest.raises(train.ConfigError, match='only object store foundation writes runs to is gs://'):
+    train.train_and_evaluate(config, 's3://bucket/run')
+  monkeypatch.setattr(fsspec, 'get_filesystem_class', lambda _: (_ for _ in ()).throw(ImportError('no gcsfs')))
+  for run in (train.train_and_evaluate, train.evaluate_checkpoint):
+    with pytest.raises(train.ConfigError, match='requirements-gcs.txt'):
+      run(config, 'gs://bucket/run')
   assert not os.listdir(tmp_path)
 
 

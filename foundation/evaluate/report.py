@@ -1,7 +1,10 @@
 """Human-readable results: a markdown table comparing encoders, and a few-shot curve as a PNG."""
 
+import io
 import math
 import textwrap
+
+from foundation import files
 
 
 def results_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
@@ -55,4 +58,6 @@ def plot_fewshot(curves: dict[str, dict[int, float]], path: str, title: str) -> 
   if curves:
     axes.legend(loc='lower right', fontsize='small')  # accuracy rises with labels: lower right stays clear
   figure.tight_layout()
-  figure.savefig(path, format='png')
+  png = io.BytesIO()
+  figure.savefig(png, format='png')
+  files.write_atomically(path, png.getvalue())

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from foundation import sharding
+from foundation import files, sharding
 from foundation.data import images as image_data
 from foundation.evaluate import probes, report
 
@@ -42,13 +42,12 @@ def _read_evals(workdir: str) -> dict[int, dict]:
   """step -> eval metrics (without the 'eval/' prefix) logged in a workdir's metrics.jsonl."""
   path = os.path.join(workdir, 'metrics.jsonl')
   evals = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        found = {k[5:]: v for k, v in record.items() if k.startswith('eval/')}
-        if found:
-          evals.setdefault(record['step'], {}).update(found)
+  if files.exists(path):
+    for line in files.read_text(path).splitlines():
+      record = json.loads(line)
+      found = {k[5:]: v for k, v in record.items() if k.startswith('eval/')}
+      if found:
+        evals.setdefault(record['step'], {}).update(found)
   return evals
 
 
@@ -111,10 +110,10 @@ class RepresentationEval:
       if finals:
         rows[name] = finals[-1]
     columns = _columns(self._cfg.shots)
-    with open(os.path.join(workdir, 'results.md'), 'w') as f:
-      f.write(f'Linear-probe accuracy ({self._cfg.probe} probe) on {self._data_cfg.name} '
-              f'{self._data_cfg.eval_split}; few-shot = k labels per class, mean of {self._cfg.fewshot_seeds} draws.\n\n')
-      f.write(report.results_table(rows, columns) + '\n')
+    files.write_atomically(os.path.join(workdir, 'results.md'),
+                           f'Linear-probe accuracy ({self._cfg.probe} probe) on {self._data_cfg.name} '
+                           f'{self._data_cfg.eval_split}; few-shot = k labels per class, mean of '
+                           f'{self._cfg.fewshot_seeds} draws.\n\n' + report.results_table(rows, columns) + '\n')
     all_labels = len(self._data[1]) // self._num_classes
     curves = {name: {**{k: m[f'fewshot_{k}shot/accuracy'] for k in self._cfg.shots if f'fewshot_{k}shot/accuracy' in m},
                      all_labels: m['linear_probe/accuracy']}

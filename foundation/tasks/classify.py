@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation import checkpoint, metrics
+from foundation import checkpoint, files, metrics
 from foundation.data import augment, images
 from foundation.evaluate import probes
 from foundation.evaluate.representation import RepresentationEval, encoder_features
@@ -85,7 +85,7 @@ def build(config) -> Task:
   image_shape = labelled.image_shape
   model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], labelled.num_classes)
   aug = augment.check_options(config.augment)
-  source = config.init_from.source if os.path.isdir(config.init_from.source) else ''
+  source = config.init_from.source if files.isdir(config.init_from.source) else ''
   if source and config.init_from.target == 'backbone':
     check_saved_encoder(source, model_cfg.encoder, encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder]),
                         'config.model.encoder', f'config.model.{model_cfg.encoder}', 'config.init_from.source')
@@ -125,10 +125,9 @@ def build(config) -> Task:
 
 def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:
   """The source run's task probed (ridge) with the encoder it gave this run, and with the adapted one."""
-  with open(os.path.join(ctx.workdir, 'config.json')) as f:
-    pin = json.load(f)['frozen_sources']['init_from']  # the exact checkpoint this run started from
-  with open(os.path.join(pin['workdir'], 'config.json')) as f:
-    theirs = json.load(f)['data']
+  read = lambda workdir: json.loads(files.read_text(os.path.join(workdir, 'config.json')))
+  pin = read(ctx.workdir)['frozen_sources']['init_from']  # the exact checkpoint this run started from
+  theirs = read(pin['workdir'])['data']
   load = lambda split, n=None: images.load_split(name=theirs['name'], data_dir=config.data.data_dir, split=split,
                                                  max_examples=n, classes=theirs.get('classes', ()))
   (train_x, train_y), (test_x, test_y) = load(theirs['train_split'], max_train), load(theirs['eval_split'])
@@ -151,11 +150,10 @@ def check_saved_encoder(workdir: str, kind: str, cfg, kind_flag: str, fields_fla
   were trained. Refused with the flags that make this config match, for single-encoder runs (SimCLR, classify:
   model.encoder) and two-tower runs (model.image_encoder)."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f'{what}={workdir!r} has no config.json; name the workdir of a finished SimCLR, '
                             'supervised or CLIP run.')
-  with open(path) as f:
-    theirs, fields = saved_encoder(json.load(f)['model'], workdir)
+  theirs, fields = saved_encoder(json.loads(files.read_text(path))['model'], workdir)
   if theirs != kind:
     raise ValueError(f'The run in {workdir} has a {theirs!r} image encoder; set --{kind_flag}={theirs} and its fields.')
   saved = encoder_config(theirs, fields)

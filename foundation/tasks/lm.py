@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint, losses, sharding
+from foundation import checkpoint, files, losses, sharding
 from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate.generate import generate
@@ -140,7 +140,7 @@ def _write_samples(model, params, tokenizer, prompt, config, step: int, ctx: Eva
   if not ctx.is_writer:
     return
   texts = [config.sample.prompt + tokenizer.decode(np.asarray(row)) for row in jax.device_get(tokens)]
-  os.makedirs(os.path.join(ctx.workdir, 'samples'), exist_ok=True)
-  with open(os.path.join(ctx.workdir, 'samples', f'step_{step:06d}.txt'), 'w') as f:
-    f.write('\n\n=====\n\n'.join(texts) + '\n')
+  files.makedirs(os.path.join(ctx.workdir, 'samples'))
+  files.write_atomically(os.path.join(ctx.workdir, 'samples', f'step_{step:06d}.txt'),
+                         '\n\n=====\n\n'.join(texts) + '\n')
   print(f'\n--- sample at step {step} ---\n{texts[0]}\n---', flush=True)

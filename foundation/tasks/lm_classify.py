@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import grain
 import numpy as np
 
-from foundation import checkpoint, sharding
+from foundation import checkpoint, files, sharding
 from foundation.data import text as text_data
 from foundation.data.tokenizers import ByteTokenizer
 from foundation.evaluate import lm_classify as lmc
@@ -547,10 +547,9 @@ class _TrainRows:
 
 def _write_prompts(path: str, prefixes: list[str], body: str, label_words) -> None:
   """What the model reads, for a person to check: every draw's prefix with the first example's prompt after it."""
-  with open(path, 'w') as f:
-    for draw, prefix in enumerate(prefixes):
-      f.write(f'===== draw {draw}: prefix + first example, then one of the label words {label_words!r}\n')
-      f.write(prefix + body + '\n')
+  files.write_atomically(path, ''.join(
+      f'===== draw {draw}: prefix + first example, then one of the label words {label_words!r}\n{prefix}{body}\n'
+      for draw, prefix in enumerate(prefixes)))
 
 
 def _fill_batch(tokens: np.ndarray, mask: np.ndarray, batch_size: int, pad_id: int):

@@ -1,0 +1,118 @@
+"""The files of a run directory, on local disk or in an object store (`gs://bucket/run`), through one layer.
+
+Local paths go through `os` exactly as a plain Python program would; a URL (`scheme://...`) goes through
+`etils.epath` and fsspec (for `gs://`, the `gcsfs` package: requirements-gcs.txt). Checkpoints do not pass through
+here: orbax writes `gs://` natively (and finalises a step with a commit file there, since buckets cannot rename
+directories atomically).
+
+Object stores differ from a disk in two ways that matter to a run, and each function below handles them:
+- a whole-object write is atomic, but there is no rename of a temporary file into place: `write_atomically` writes
+  a temporary file and renames it locally, and writes the object in one upload remotely;
+- there is no append: `append` adds to a local file, and remotely reads the object and rewrites it with the new
+  lines (read-and-rewrite: a metrics.jsonl of thousands of lines costs one download and one upload per log line,
+  nothing next to a training step; a reader never sees a partial line).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import IO
+
+from etils import epath
+import fsspec
+
+
+def is_remote(path: str) -> bool:
+  return '://' in os.fspath(path)
+
+
+def require(path: str, what: str = '--workdir') -> None:
+  """Raises a ValueError of one line if `path` is a URL whose filesystem this installation cannot open (the
+  scheme is unknown, or its fsspec package is not installed), before anything is computed or written."""
+  if not is_remote(path):
+    return
+  scheme = os.fspath(path).split('://', 1)[0]
+  if scheme != 'gs':
+    raise ValueError(f'{what}={path}: the only object store foundation writes runs to is gs://; give a gs:// URL '
+                     'or a local path.')
+  try:
+    fsspec.get_filesystem_class(scheme)
+  except ImportError:
+    raise ValueError(f'{what}={path}: gs:// paths need the gcsfs package; install it with '
+                     '`.venv/bin/python -m pip install -r requirements-gcs.txt`.') from None
+
+
+def absolute(path: str) -> str:
+  """An absolute local path, or the URL unchanged."""
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+  return [p.name for p in epath.Path(path).iterdir()] if is_remote(path) else os.listdir(path)
+
+
+def makedirs(path: str) -> None:
+  """Creates `path` and its parents if missing (on an object store a directory is only a name prefix, so there
+  this is a no-op)."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str) -> None:
+  if is_remote(path):
+    epath.Path(path).unlink()
+  else:
+    os.remove(path)
+
+
+def move(source: str, destination: str) -> None:
+  """Moves a file or a directory tree (on an object store: copies every object, then deletes the originals)."""
+  if is_remote(source):  # fsspec itself: epath's rename wants the destination's parent to exist, and on an object
+    # store an empty directory does not
+    filesystem, _ = fsspec.core.url_to_fs(source)
+    filesystem.mv(source, destination, recursive=True)
+  else:
+    shutil.move(source, destination)
+
+
+def open_file(path: str, mode: str = 'r') -> IO:
+  """open() for local paths and URLs alike. Remotely, a file opened for writing appears when it is closed."""
+  return epath.Path(path).open(mode) if is_remote(path) else open(path, mode)  # pylint: disable=unspecified-encoding
+
+
+def read_text(path: str) -> str:
+  with open_file(path) as f:
+    return f.read()
+
+
+def write_atomically(path: str, content: str | bytes) -> None:
+  """Writes a whole file so that a reader (or a crash) sees the old content or the new, never a part."""
+  mode = 'wb' if isinstance(content, bytes) else 'w'
+  if is_remote(path):
+    with open_file(path, mode) as f:  # one upload, which replaces the object when complete
+      f.write(content)
+    return
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, mode) as f:  # pylint: disable=unspecified-encoding
+    f.write(content)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def append(path: str, text: str) -> None:
+  """Adds `text` (whole lines) at the end of a file, creating it if missing."""
+  if is_remote(path):
+    write_atomically(path, (read_text(path) if exists(path) else '') + text)
+  else:
+    with open(path, 'a') as f:  # pylint: disable=unspecified-encoding
+      f.write(text)
