@@ -2,8 +2,9 @@
 
 Rerunning the same command on the same workdir resumes from its latest checkpoint; adding --eval_only [--eval_step=N]
 evaluates a saved checkpoint instead, with test splits, and trains nothing. Multi-host: start one process
-per host with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (on a Cloud TPU pod slice no flags
-are needed).
+per host with --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or the same in the environment
+(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on a Cloud TPU pod slice or in a SLURM step nothing
+is needed.
 
 Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT after saving; 2 for a config, flag or workdir
 that cannot run (one line on stderr, nothing written; --verbose adds the traceback); 1 when a non-finite loss

@@ -161,7 +161,17 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
   slice, created plainly or through queued resources, joins one mesh, and a single-host VM forms a mesh of one
   process), under GKE / multislice (TPU_WORKER_HOSTNAMES, MEGASCALE_COORDINATOR_ADDRESS) and in a SLURM job step
   of several tasks. Elsewhere (one host, no flags) nothing is initialised.
+
+  The flags' environment form, for schedulers that give each task variables rather than arguments: with no flags,
+  JAX_PROCESS_ID set means JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID stand for them.
   """
+  env = os.environ
+  if not coordinator_address and env.get('JAX_PROCESS_ID'):
+    coordinator_address = env.get('JAX_COORDINATOR_ADDRESS')
+    num_processes, process_id = _env_int('JAX_NUM_PROCESSES'), _env_int('JAX_PROCESS_ID')
+    if not coordinator_address:
+      raise ValueError('JAX_PROCESS_ID is set without JAX_COORDINATOR_ADDRESS (HOST:PORT of process 0); set both '
+                       'and JAX_NUM_PROCESSES, or neither.')
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError('--coordinator_address needs --num_processes and --process_id as well.')
@@ -169,6 +179,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                                process_id=process_id)
   elif cluster_detected():
     jax.distributed.initialize()
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'{name}={value!r} is not an integer.') from None
 
 
 def cluster_detected() -> bool:

@@ -1,16 +1,19 @@
 """The launchers. launch/gpu.sh's choice of CUDA build, with a fake `nvidia-smi`. launch/tpu_vm.py against a fake
-`gcloud` on PATH: the commands it issues (checked against gcloud's documented
-forms), and a run on a fake one-worker slice, on this machine: create -> run -> logs -> a preemption (the run
-killed with SIGKILL mid-run) -> recover, whose resumed run logs the losses of an uninterrupted one.
+`gcloud` on PATH: the commands it issues (checked against gcloud's documented forms), and a run on a fake two-worker
+slice, on this machine: create -> run (one process per worker, the two forming one mesh) -> logs -> a preemption
+(both killed with SIGKILL mid-run) -> recover, whose resumed run logs the losses of an uninterrupted one.
 
-The fake records every call. `ssh` runs the remote command in the worker's home directory under bash, as the real
-one does, except the set-up (uv, the requirements, jax[tpu]: network installs), which is recorded only: the worker's
-venv is this repository's. Two processes forming one mesh is tested in test_train.py, not here.
+The fake records every call. `ssh` runs the remote command in each worker's home directory under bash, as the real
+one does, except the set-up (uv, the requirements, jax[tpu]: network installs), which is recorded only: the workers'
+venv is this repository's. What JAX reads from the metadata server on a real slice (the coordinator, the number of
+workers, this worker's index) the fake passes in the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID), with 4 CPU devices per worker: JAX's Cloud TPU detection itself needs TPU chips on the PCI bus.
 """
 
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,22 +22,23 @@ import time
 import pytest
 
 from foundation.config_base import load_module
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, xla_flags
 from test_train import logged
 
 with open(os.path.join(REPO, 'requirements.txt')) as _f:
   JAX_VERSION = [line.split('==')[1].strip() for line in _f if line.startswith('jax==')][0]
 
+WORKERS = 2  # of the fake slice: two processes on this machine
 FAKE_GCLOUD = textwrap.dedent(f'''\
     #!{sys.executable}
-    import json, os, shutil, subprocess, sys
+    import json, os, shutil, socket, subprocess, sys
     root = os.environ['FAKE_GCLOUD_ROOT']
     args = sys.argv[1:]
     with open(os.path.join(root, 'calls.jsonl'), 'a') as f:
       f.write(json.dumps(args) + '\\n')
     flags = dict(a[2:].split('=', 1) for a in args if a.startswith('--') and '=' in a)
     state = os.path.join(root, 'queued_state')
-    workers = [os.path.join(root, f'worker_{{i}}') for i in range(int(os.environ.get('FAKE_WORKERS', '1')))]
+    workers = [os.path.join(root, f'worker_{{i}}') for i in range(int(os.environ['FAKE_WORKERS']))]
     if args[:4] == ['compute', 'tpus', 'queued-resources', 'create']:
       open(state, 'w').write('ACTIVE')
     elif args[:4] == ['compute', 'tpus', 'queued-resources', 'describe']:
@@ -48,11 +52,17 @@ FAKE_GCLOUD = textwrap.dedent(f'''\
       for home in workers:
         shutil.copy(args[4], os.path.join(home, args[5].split(':', 1)[1]))
     elif args[:4] == ['compute', 'tpus', 'tpu-vm', 'ssh']:
-      chosen = workers if flags['worker'] == 'all' else [workers[int(flags['worker'])]]
+      chosen = range(len(workers)) if flags['worker'] == 'all' else [int(flags['worker'])]
       if 'uv venv' in flags['command']:
         sys.exit(0)  # the set-up installs from the network: recorded, not run
-      for home in chosen:
-        done = subprocess.run(['bash', '-c', flags['command']], cwd=home, env=dict(os.environ, HOME=home))
+      with socket.socket() as s:  # a free port for this start's coordinator
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+      for i in chosen:  # the slice as the metadata server describes it, to each worker
+        env = dict(os.environ, HOME=workers[i], JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{{port}}',
+                   JAX_NUM_PROCESSES=str(len(workers)), JAX_PROCESS_ID=str(i),
+                   XLA_FLAGS=os.environ['FAKE_WORKER_XLA_FLAGS'])
+        done = subprocess.run(['bash', '-c', flags['command']], cwd=workers[i], env=env)
         if done.returncode:
           sys.exit(done.returncode)
     ''')
@@ -65,10 +75,12 @@ def fake_cloud(tmp_path, tfds_dir, monkeypatch):
   gcloud = root / 'bin' / 'gcloud'
   gcloud.write_text(FAKE_GCLOUD)
   gcloud.chmod(0o755)
-  home = root / 'worker_0'
-  home.mkdir()
-  (home / 'foundation-venv').symlink_to(os.path.join(REPO, '.venv'))  # the venv the set-up would have built
+  for worker in range(WORKERS):
+    home = root / f'worker_{worker}'
+    home.mkdir()
+    (home / 'foundation-venv').symlink_to(os.path.join(REPO, '.venv'))  # the venv the set-up would have built
   env = subprocess_env(PATH=f'{root / "bin"}:{os.environ["PATH"]}', FAKE_GCLOUD_ROOT=str(root),
+                       FAKE_WORKERS=str(WORKERS), FAKE_WORKER_XLA_FLAGS=xla_flags(8 // WORKERS),
                        FOUNDATION_TPU_STATE=str(root / 'state'), TFDS_DATA_DIR=tfds_dir)
   return root, env
 
@@ -129,22 +141,25 @@ def test_run_logs_preemption_and_recover_resume_the_run_exactly(fake_cloud, tmp_
   assert scp[4].endswith('foundation.tar.gz') and scp[5:7] == ['lm:foundation.tar.gz', '--worker=all']
   setup = [c for c in made if c[3] == 'ssh' and 'uv venv' in c[6]][0]
   assert '--python 3.11' in setup[6] and f'"jax[tpu]=={JAX_VERSION}"' in setup[6]
-  home = root / 'worker_0'
+  homes = [root / f'worker_{i}' for i in range(WORKERS)]
   head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
-  assert (home / 'foundation' / 'COMMIT').read_text().strip() == head
-  assert not (home / 'foundation' / '.git').exists() and (home / 'foundation' / 'foundation' / 'train.py').exists()
+  for home in homes:
+    assert (home / 'foundation' / 'COMMIT').read_text().strip() == head
+    assert not (home / 'foundation' / '.git').exists() and (home / 'foundation' / 'foundation' / 'train.py').exists()
 
-  # The preemption: SIGKILL once a checkpoint exists, mid-run (14 more checkpoints to go: far more than the poll).
+  # The preemption: every worker SIGKILLed once a checkpoint exists, mid-run (14 more checkpoints to go: far more
+  # than the poll).
   checkpoints = tmp_path / 'run' / 'checkpoints'
-  status = home / 'foundation-logs' / 'exit_status'
-  wait_for(lambda: status.exists() or checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints)),
-           'a checkpoint')
-  assert not status.exists(), (home / 'foundation-logs' / 'run.log').read_text()[-3000:]
-  subprocess.run(['pkill', '-KILL', '-f', f'{home}/foundation/.venv/bin/python -m foundation.main'], check=True)
-  wait_for(status.exists, 'the killed run to end')
+  statuses = [home / 'foundation-logs' / 'exit_status' for home in homes]
+  wait_for(lambda: any(s.exists() for s in statuses)
+           or checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints)), 'a checkpoint')
+  assert not any(s.exists() for s in statuses), [(h / 'foundation-logs' / 'run.log').read_text()[-3000:] for h in homes]
+  subprocess.run(['pkill', '-KILL', '-f', f'{root}/worker_[0-9]+/foundation/.venv/bin/python -m foundation.main'],
+                 check=True)
+  wait_for(lambda: all(s.exists() for s in statuses), 'the killed runs to end')
   logs = launcher(env, 'logs', check=False)
-  assert logs.returncode == 1 and '===== worker 0: failed (exit status 137)' in logs.stdout
-  assert 'failed: worker(s) [0]' in logs.stderr
+  assert logs.returncode == 1 and all(f'===== worker {i}: failed (exit status' in logs.stdout for i in range(WORKERS))
+  assert f'failed: worker(s) {list(range(WORKERS))}' in logs.stderr
   killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
   assert killed_at < 30
 
@@ -153,21 +168,37 @@ def test_run_logs_preemption_and_recover_resume_the_run_exactly(fake_cloud, tmp_
   again = [c[:4] for c in calls(root)[before:]]
   assert again[:2] == [['compute', 'tpus', 'queued-resources', 'delete'],
                        ['compute', 'tpus', 'queued-resources', 'create']]
-  wait_for(status.exists, 'the resumed run to finish')
+  wait_for(lambda: all(s.exists() for s in statuses), 'the resumed run to finish')
   logs = launcher(env, 'logs')
-  assert '===== worker 0: finished' in logs.stdout and f'Resuming from the checkpoint at step {killed_at}' in (
-      home / 'foundation-logs' / 'run.log').read_text()
+  assert all(f'===== worker {i}: finished' in logs.stdout for i in range(WORKERS))
+  run_log = (homes[0] / 'foundation-logs' / 'run.log').read_text()
+  assert f'Resuming from the checkpoint at step {killed_at}' in run_log and '2 process(es)' in run_log, run_log[-3000:]
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['optim']['weight_decay_exclude'] == ['norm', 'scale', 'embedding|final norm']
 
-  # The uninterrupted reference saves only at its end: checkpoints do not change the numbers.
+  # The uninterrupted reference: the same two processes, started here, saving only at their end.
   reference = str(tmp_path / 'reference')
-  subprocess.run([sys.executable, '-m', 'foundation.main', f'--config={config[0]}', f'--workdir={reference}',
-                  *config[1:], '--config.checkpoint_every=30', override], cwd=REPO, env=env, check=True,
-                 capture_output=True, timeout=240)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  outputs = [open(tmp_path / f'reference_{i}.log', 'w') for i in range(WORKERS)]
+  procs = [subprocess.Popen([sys.executable, '-m', 'foundation.main', f'--config={config[0]}',
+                             f'--workdir={reference}', *config[1:], '--config.checkpoint_every=30', override],
+                            cwd=REPO, env=dict(env, XLA_FLAGS=xla_flags(8 // WORKERS), JAX_PROCESS_ID=str(i),
+                                               JAX_NUM_PROCESSES=str(WORKERS),
+                                               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}'),
+                            stdout=log, stderr=subprocess.STDOUT) for i, log in enumerate(outputs)]
+  try:
+    for p, log in zip(procs, outputs):
+      assert p.wait(timeout=240) == 0, open(log.name).read()[-3000:]
+  finally:
+    for p, log in zip(procs, outputs):
+      p.kill()
+      log.close()
   ours, theirs = logged(workdir), logged(reference)
   losses = lambda run: {s: m['train/loss'] for s, m in run.items() if 'train/loss' in m}
-  assert losses(ours) == losses(theirs) and len(losses(ours)) == 15
+  assert losses(ours) == losses(theirs)
+  assert sum('train/loss' in m for m in ours.values()) == 15
 
 
 def test_run_and_recover_refuse_what_they_cannot_do(fake_cloud):

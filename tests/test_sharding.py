@@ -136,3 +136,24 @@ def test_distributed_initialisation_is_left_to_jax_where_it_detects_a_cluster(mo
 
 def test_this_machine_has_no_tpu_chips():
   assert sharding._tpu_chips_on_this_host() == 0  # pylint: disable=protected-access  (JAX's PCI scan runs here)
+
+
+
+def test_the_multi_host_flags_may_come_from_the_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(tuple(sorted(kwargs.items()))))
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  sharding.initialize_distributed(None, None, None)
+  assert calls == [(('coordinator_address', '10.0.0.1:1234'), ('num_processes', 2), ('process_id', 1))]
+  sharding.initialize_distributed('10.0.0.9:99', 4, 3)  # flags win over the environment
+  assert calls[-1] == (('coordinator_address', '10.0.0.9:99'), ('num_processes', 4), ('process_id', 3))
+  monkeypatch.setenv('JAX_PROCESS_ID', 'one')
+  with pytest.raises(ValueError, match=r"^JAX_PROCESS_ID='one' is not an integer\.$"):
+    sharding.initialize_distributed(None, None, None)
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  with pytest.raises(ValueError, match='JAX_PROCESS_ID is set without JAX_COORDINATOR_ADDRESS'):
+    sharding.initialize_distributed(None, None, None)
+  assert len(calls) == 2
