@@ -4,6 +4,7 @@ report what one step needs per chip before a run is launched.
   python -m foundation.plan --config=configs/lm/shakespeare.py:large --topology=v5e:4x4
   python -m foundation.plan --config=configs/lm/shakespeare.py:large --topology=v5p:2x2x4 --config.mesh.fsdp=-1 \
       --config.mesh.data=1
+  python -m foundation.plan --config=configs/lm/shakespeare.py:large --gpu=h100:8     # or a100, h200; h100:2x8
   python -m foundation.plan --config=configs/lm/shakespeare.py:smoke     # this machine's devices
 
 It prints per-device memory (arguments, outputs, aliased donations, temporaries) against the chip's HBM, the model's
@@ -12,16 +13,20 @@ the chip's peak. A step that does not fit is reported as such, with the first of
 compiled to check it: the parameters sharded over every chip (fsdp), rematerialised blocks, gradient accumulation.
 
 TPU topologies need XLA's TPU compiler, libtpu, installed apart from the environment (so that nothing else loads
-it): `.venv/bin/pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt`. Nothing runs on a TPU;
-the compiler runs on this CPU (a 1B-parameter step for 256 chips compiles in about a minute). The config's dataset
-must be prepared (one batch gives the step's input shapes); its other runs (teachers, pretrained weights) need not
-exist: their config.json suffices, as for a dry check. `python -m foundation.main --dry_run` plans this machine's
-devices without training.
+it): `.venv/bin/pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt`; NVIDIA GPUs need XLA's
+CUDA compiler (the jax CUDA plugin and nvcc): `... --target .venv/gpu-compiler -r requirements-plan-gpu.txt`.
+Nothing runs on a TPU or a GPU; the compiler runs on this CPU (a 1B-parameter step for 256 chips compiles in about
+a minute). XLA's GPU compiler gives no FLOP or byte counts: there the projection uses the model's FLOPs alone, and
+the memory limit is what JAX's allocator takes by default, 75% of the GPU's memory (--hbm_gib overrides). The
+config's dataset must be prepared (one batch gives the step's input shapes); its other runs (teachers, pretrained
+weights) need not exist: their config.json suffices, as for a dry check. `python -m foundation.main --dry_run`
+plans this machine's devices without training.
 
 Exit status: 0 when the step fits (or a proposal does), 1 when nothing fits, 2 for a flag or config that cannot run.
 """
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -37,18 +42,21 @@ from absl import app, flags
 # never load the TPU runtime; tpu_devices alone points JAX at it:
 #   pip install --no-deps --target .venv/tpu-compiler -r requirements-plan.txt
 TPU_COMPILER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.venv', 'tpu-compiler')
+# The same for XLA's CUDA compiler (the jax CUDA plugin, nvcc): pip install ... --target .venv/gpu-compiler
+#   -r requirements-plan-gpu.txt
+GPU_COMPILER_DIR = os.path.join(os.path.dirname(TPU_COMPILER_DIR), 'gpu-compiler')
 
 GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One accelerator chip as Cloud TPU's system-architecture pages give it. Peak FLOP/s come from
-  foundation.metrics.PEAK_FLOPS_BF16, which MFU uses everywhere."""
-  hbm_bytes: float
+  """One accelerator chip's memory and bandwidths, as Cloud TPU's system-architecture pages give them (GPUs: from
+  Gpu). Peak FLOP/s come from foundation.metrics.PEAK_FLOPS_BF16, which MFU uses everywhere."""
+  hbm_bytes: float             # what a program may use
   hbm_bytes_per_s: float
-  ici_bytes_per_s: float       # bidirectional, per chip
-  dims: int                    # 2: a 2-D torus (v5e, v6e); 3: 3-D (v4, v5p)
+  ici_bytes_per_s: float       # bidirectional, per chip (GPUs: NVLink, or the network between hosts)
+  dims: int                    # 2: a 2-D torus (v5e, v6e); 3: 3-D (v4, v5p); 0: GPUs
   chip_config: str = 'default'
 
 
@@ -61,6 +69,75 @@ CHIPS = {
 # TPU_ACCELERATOR_TYPE as a Cloud TPU VM sets it (v4 and v5p count TensorCores, two per chip).
 ACCELERATOR_TYPE = {'v4': lambda chips: f'v4-{2 * chips}', 'v5e': lambda chips: f'v5litepod-{chips}',
                     'v5p': lambda chips: f'v5p-{2 * chips}', 'v6e': lambda chips: f'v6e-{chips}'}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """An NVIDIA GPU (SXM) as XLA's compiler describes it (GpuTargetConfigProto: what cudaGetDeviceProperties
+  reports on that GPU) and as the projection needs it."""
+  name: str                    # the device kind a run on it reports
+  compute_capability: tuple[int, int]
+  sms: int
+  shared_bytes_per_sm: int
+  shared_bytes_per_block_optin: int
+  l2_bytes: int
+  memory_bytes: int
+  memory_bytes_per_s: float
+  clock_ghz: float
+  nvlink_bytes_per_s: float    # bidirectional, per GPU
+
+  def target_config(self) -> str:
+    return '\n'.join([
+        'gpu_device_info {', '  threads_per_block_limit: 1024', '  threads_per_warp: 32',
+        '  shared_memory_per_block: 49152', f'  shared_memory_per_core: {self.shared_bytes_per_sm}',
+        '  threads_per_core_limit: 2048', f'  core_count: {self.sms}', '  fpus_per_core: 128',
+        '  block_dim_limit_x: 2147483647', '  block_dim_limit_y: 65535', '  block_dim_limit_z: 65535',
+        f'  memory_bandwidth: {int(self.memory_bytes_per_s)}', f'  l2_cache_size: {self.l2_bytes}',
+        f'  clock_rate_ghz: {self.clock_ghz}', f'  device_memory_size: {self.memory_bytes}',
+        f'  shared_memory_per_block_optin: {self.shared_bytes_per_block_optin}',
+        f'  cuda_compute_capability {{ major: {self.compute_capability[0]} minor: {self.compute_capability[1]} }}',
+        '  registers_per_core_limit: 65536', '  registers_per_block_limit: 65536', '}', 'platform_name: "CUDA"',
+        'dnn_version_info { major: 9 minor: 8 }', f'device_description_str: "{self.name}"'])
+
+
+GPUS = {
+    'a100': Gpu('NVIDIA A100-SXM4-80GB', (8, 0), 108, 167936, 166912, 40 * 2**20, 80 * GiB, 2039e9, 1.41, 600e9),
+    'h100': Gpu('NVIDIA H100 80GB HBM3', (9, 0), 132, 233472, 232448, 50 * 2**20, 81559 * 2**20, 3352e9, 1.98, 900e9),
+    'h200': Gpu('NVIDIA H200', (9, 0), 132, 233472, 232448, 50 * 2**20, 143771 * 2**20, 4800e9, 1.98, 900e9),
+}
+GPU_NIC_BYTES_PER_S = 100e9  # between hosts: one 400 Gb/s NIC per GPU, both directions (DGX H100 / H200)
+JAX_GPU_MEMORY_FRACTION = 0.75  # what JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION)
+
+
+def gpu_devices(spec: str) -> tuple[list, Chip]:
+  """The devices of NVIDIA GPUs named like 'h100:8' (one host) or 'h100:2x8' (hosts x GPUs per host), for compiling
+  only, and their figures for the projection."""
+  kind, _, count = spec.partition(':')
+  shape = [int(n) for n in count.split('x')] if re.fullmatch(r'\d+(x\d+)?', count) else []
+  if kind not in GPUS or not shape or 0 in shape:
+    raise ValueError(f'--gpu={spec!r}: expected KIND:N or KIND:HOSTSxN with KIND one of {sorted(GPUS)}, e.g. '
+                     'h100:8 or h100:2x8.')
+  hosts, per_host = shape if len(shape) == 2 else (1, shape[0])
+  gpu = GPUS[kind]
+  if os.path.isdir(GPU_COMPILER_DIR) and GPU_COMPILER_DIR not in sys.path:
+    sys.path.append(GPU_COMPILER_DIR)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  make = lambda: topologies.get_topology_desc(kind, 'cuda', target_config=gpu.target_config(),
+                                              topology=f'1x{hosts}x{per_host}')
+  try:
+    try:
+      description = make()
+    except NotImplementedError:  # JAX looked for plugins before the compiler's directory was on the path
+      importlib.import_module('jax_plugins.xla_cuda12').initialize()
+      description = make()
+  except (ImportError, NotImplementedError) as e:
+    raise ValueError('planning for a GPU needs XLA\'s CUDA compiler: pip install --no-deps --target '
+                     '.venv/gpu-compiler -r requirements-plan-gpu.txt') from e
+  link = gpu.nvlink_bytes_per_s if hosts == 1 else GPU_NIC_BYTES_PER_S
+  return list(description.devices), Chip(JAX_GPU_MEMORY_FRACTION * gpu.memory_bytes, gpu.memory_bytes_per_s, link,
+                                         dims=0)
+
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
@@ -134,8 +211,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                                                                                        if d) for dtype, dims in shapes)
       loop = re.search(r'\swhile\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
       if loop and depth < 8:
-        bounds = re.findall(r's32\[\][^=]*constant\((\d+)\)', '\n'.join(computations.get(loop.group(1), ())))
-        visit(loop.group(2), times * (int(bounds[0]) if len(bounds) == 1 else 1), depth + 1)
+        visit(loop.group(2), times * _trip_count(line, loop.group(1), computations), depth + 1)
       for called in re.findall(r'(?:calls|branch_computations)=\{?%?([\w.\-]+)', line):
         if depth < 8:
           visit(called, times, depth + 1)
@@ -143,6 +219,19 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   if entry:
     visit(entry, 1)
   return totals
+
+
+def _trip_count(while_line: str, condition: str, computations: dict[str, list[str]]) -> int:
+  """A loop's iterations: the count XLA annotated on it (GPU), else the one integer constant its condition (or a
+  fusion it calls: GPU) compares with; 1 if neither is found."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known.group(1))
+  lines = list(computations.get(condition, ()))
+  for called in re.findall(r'calls=%?([\w.\-]+)', '\n'.join(lines)):
+    lines += computations.get(called, ())
+  bounds = re.findall(r's32\[\][^=]*constant\((\d+)\)', '\n'.join(lines))
+  return int(bounds[0]) if len(bounds) == 1 else 1
 
 
 @dataclasses.dataclass
@@ -158,8 +247,8 @@ class Plan:
   state_bytes: int            # params and optimizer state alone, per device
   memory_limit: float
   model_flops: float          # per device per step (the task's analytic count; 0 where it has none)
-  xla_flops: float            # per device per step, as XLA counts them (a scanned layer stack counts once)
-  bytes_accessed: float       # per device per step, XLA's count
+  xla_flops: float | None     # per device per step, as XLA counts them (a scanned layer stack counts once); None
+  bytes_accessed: float | None  # where the compiler counts nothing (XLA's GPU compiler)
   collectives: dict
   peak_flops: float | None    # per device
   chip: Chip | None
@@ -187,8 +276,8 @@ class Plan:
     collectives at its ICI bandwidth without overlap; MFU = model FLOPs / (step time x peak)."""
     if not self.peak_flops or not self.chip or self.refused:  # no chip figures (this machine's devices), or no program
       return None
-    compute = max(self.model_flops, self.xla_flops) / self.peak_flops
-    memory = self.bytes_accessed / self.chip.hbm_bytes_per_s
+    compute = max(self.model_flops, self.xla_flops or 0.0) / self.peak_flops
+    memory = (self.bytes_accessed or 0.0) / self.chip.hbm_bytes_per_s
     # A ring all-reduce moves its bytes about twice (reduce-scatter, then all-gather); the others about once.
     moved = sum(v * (2 if k == 'all-reduce' else 1) for k, v in self.collectives.items())
     network = moved / self.chip.ici_bytes_per_s
@@ -217,6 +306,8 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
   memory = compiled.memory_analysis() if compiled else None
   cost = compiled.cost_analysis() if compiled else {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  counted = cost is not None  # XLA's GPU compiler gives no cost analysis
+  cost = cost or {}
   peak = metrics.peak_flops(devices) if chip else None  # the projection needs a chip's figures
   if memory_limit is None:
     memory_limit = chip.hbm_bytes if chip else train.device_memory(devices)[0]
@@ -227,7 +318,8 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
       alias_bytes=size('alias_size_in_bytes'), temp_bytes=size('temp_size_in_bytes'),
       state_bytes=prepared.state_bytes_per_device, memory_limit=memory_limit,
       model_flops=prepared.task.flops_per_example * config.global_batch_size / len(devices),
-      xla_flops=float(cost.get('flops', 0.0)), bytes_accessed=float(cost.get('bytes accessed', 0.0)),
+      xla_flops=float(cost.get('flops', 0.0)) if counted else None,
+      bytes_accessed=float(cost.get('bytes accessed', 0.0)) if counted else None,
       collectives=collective_bytes(compiled.as_text()) if compiled else dict.fromkeys(COLLECTIVES, 0),
       peak_flops=peak / len(devices) if peak else None, chip=chip, num_train_steps=config.num_train_steps,
       refused=refused)
@@ -282,17 +374,21 @@ def report(p: Plan, what: str) -> str:
       f'{what}: {p.devices} x {p.device_kind}, mesh {p.mesh}; the train step compiled in {p.compile_s:.1f} s',
       f'memory per device: arguments {mem(p.argument_bytes)} (params + optimizer state {mem(p.state_bytes)}), '
       f'outputs {mem(p.output_bytes)}, donated {mem(p.alias_bytes)}, temporaries {mem(p.temp_bytes)} -> '
-      f'{mem(p.bytes_per_device)} of {mem(p.memory_limit)}: '
+      f'{mem(p.bytes_per_device)} of {mem(p.memory_limit)}'
+      + (' (JAX\'s default share of the GPU\'s memory)'
+         if p.chip and not p.chip.dims and p.memory_limit == p.chip.hbm_bytes else '') + ': '
       + ('fits' if p.fits else f'DOES NOT FIT (by {mem(p.bytes_per_device - p.memory_limit)})'),
-      f'FLOPs per device per step: model {p.model_flops:.3g}, XLA {p.xla_flops:.3g} (XLA counts a scanned layer '
-      'stack once)',
+      f'FLOPs per device per step: model {p.model_flops:.3g}, '
+      + (f'XLA {p.xla_flops:.3g} (XLA counts a scanned layer stack once)' if p.xla_flops is not None else
+         'XLA: not counted by this compiler (the projection uses the model\'s FLOPs and no HBM traffic)'),
       'collectives per device per step: ' + (', '.join(f'{k} {mem(v)}' for k, v in p.collectives.items() if v)
                                                  or 'none'),
   ]
   projected = p.projection()
   if projected:
     lines.append(f'projected step (roofline, collectives not overlapped): {_seconds(projected["step_s"])} (compute '
-                 f'{_seconds(projected["compute_s"])}, HBM {_seconds(projected["hbm_s"])}, ICI '
+                 f'{_seconds(projected["compute_s"])}, HBM '
+                 f'{_seconds(projected["hbm_s"]) if p.bytes_accessed is not None else "not counted"}, ICI '
                  f'{_seconds(projected["ici_s"])}) -> MFU at most {projected["mfu"]:.0%} at {p.peak_flops / 1e12:,.3g} '
                  'TFLOP/s per device')
   if p.footprint:
@@ -303,20 +399,25 @@ def report(p: Plan, what: str) -> str:
 
 
 def run(config, topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, propose: bool = True,
-        say=print) -> tuple[Plan, dict | None, Plan | None]:
-  """Plans `config` for `topology` (empty: the local devices), prints the report and, if the step does not fit,
-  the first proposal that does. Returns (the plan, the fitting changes or None, the plan with them or None)."""
+        say=print, gpu: str = '') -> tuple[Plan, dict | None, Plan | None]:
+  """Plans `config` for a TPU `topology` or NVIDIA `gpu`s (neither: the local devices), prints the report and, if
+  the step does not fit, the first proposal that does. Returns (the plan, the fitting changes or None, the plan with
+  them or None)."""
   import jax  # pylint: disable=g-import-not-at-top
   if hbm_gib < 0 or num_slices < 1:
     raise ValueError(f'--hbm_gib={hbm_gib} and --num_slices={num_slices}: give a memory of 0 GiB (the chip\'s) or more, '
                      'and 1 slice or more.')
   if num_slices != 1 and not topology:
     raise ValueError(f'--num_slices={num_slices} joins slices of a --topology; name one, e.g. --topology=v5e:4x4.')
+  if topology and gpu:
+    raise ValueError(f'--topology={topology} and --gpu={gpu}: plan for one of them at a time.')
   if topology:
     devices, chip = tpu_devices(topology, num_slices), CHIPS[topology.split(':')[0]]
+    where = topology + (f' x {num_slices} slices' if num_slices > 1 else '')
+  elif gpu:
+    (devices, chip), where = gpu_devices(gpu), gpu
   else:
-    devices, chip = jax.devices(), None
-  where = topology + (f' x {num_slices} slices' if num_slices > 1 else '') if topology else 'this machine'
+    devices, chip, where = jax.devices(), None, 'this machine'
   limit = hbm_gib * GiB if hbm_gib else None
   result = plan(config, devices, memory_limit=limit, chip=chip)
   say(report(result, where))
@@ -343,6 +444,8 @@ def _define_flags():
   """The plan's own flags, beside foundation.main's --config (defined when this runs as a program only)."""
   flags.DEFINE_string('topology', '', 'A TPU slice, e.g. v5e:2x2, v5e:16x16, v4:2x2x2, v5p:4x4x4, v6e:8x8 (empty: '
                       'this machine\'s devices).')
+  flags.DEFINE_string('gpu', '', 'NVIDIA GPUs, KIND:N on one host or KIND:HOSTSxN, KIND one of a100, h100, h200 '
+                      '(SXM), e.g. h100:8 or h100:2x8.')
   flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over the data-center network (multislice).')
   flags.DEFINE_float('hbm_gib', 0.0, 'Memory per device to plan for, in GiB (0: the chip\'s HBM; less leaves '
                      'headroom).')
@@ -361,7 +464,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
-    result, proposal, proposed = run(cli.CONFIG.value, f.topology, f.num_slices, f.hbm_gib, f.propose)
+    result, proposal, proposed = run(cli.CONFIG.value, f.topology, f.num_slices, f.hbm_gib, f.propose, gpu=f.gpu)
   except (train.ConfigError, ValueError) as e:
     cli.fail(str(e), 2)
   if f.json:

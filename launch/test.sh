@@ -4,15 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-# tests/test_plan.py compiles for TPU slices with XLA's TPU compiler (libtpu), installed apart from the environment so
-# that nothing else loads it (foundation/plan.py).
-want=$(sha256sum requirements-plan.txt | cut -d' ' -f1)
-if [ "$(cat .venv/tpu-compiler/.requirements.sha 2>/dev/null)" != "$want" ]; then
-  echo "[test] installing requirements-plan.txt into .venv/tpu-compiler"
-  rm -rf .venv/tpu-compiler
-  .venv/bin/python -m pip install --quiet --no-deps --target .venv/tpu-compiler -r requirements-plan.txt
-  echo "$want" > .venv/tpu-compiler/.requirements.sha
-fi
+# tests/test_plan.py compiles for TPU slices and NVIDIA GPUs with XLA's TPU compiler (libtpu) and CUDA compiler (the
+# jax CUDA plugin, nvcc), each installed apart from the environment so that nothing else loads it (foundation/plan.py).
+for target in tpu gpu; do
+  requirements=requirements-plan.txt
+  [ "$target" = gpu ] && requirements=requirements-plan-gpu.txt
+  want=$(sha256sum "$requirements" | cut -d' ' -f1)
+  if [ "$(cat ".venv/$target-compiler/.requirements.sha" 2>/dev/null)" != "$want" ]; then
+    echo "[test] installing $requirements into .venv/$target-compiler"
+    rm -rf ".venv/$target-compiler"
+    .venv/bin/python -m pip install --quiet --no-deps --target ".venv/$target-compiler" -r "$requirements"
+    echo "$want" > ".venv/$target-compiler/.requirements.sha"
+  fi
+done
 export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
 export JAX_PLATFORMS=cpu
 # One worker per core (at most 4), each taking whole test files: XLA compiles on one thread, so a second worker

@@ -58,9 +58,53 @@ ENTRY %main (a: f32[10,10]) -> f32[10,10] {
 """
 
 
+# As XLA's GPU compiler writes loops: the condition's bound inside a fusion it calls, and the count annotated on the
+# while (here 7, disagreeing with the fused constant on purpose: the annotation wins); a second loop has no
+# annotation, so the fused compare's constant (3) counts.
+GPU_HLO = """HloModule g
+
+%fused_compare (i: s32[]) -> pred[] {
+  %i = s32[] parameter(0)
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%fused_compare.2 (i: s32[]) -> pred[] {
+  %i = s32[] parameter(0)
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %c = pred[] fusion(%i), kind=kLoop, calls=%fused_compare
+}
+
+%cond.2 (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %c = pred[] fusion(%i), kind=kLoop, calls=%fused_compare.2
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %g = bf16[64]{0} all-reduce-start(%v), channel_id=1, to_apply=%add
+  ROOT %t = (s32[], f32[4]) tuple(%i, %v)
+}
+
+ENTRY %main (a: f32[10,10]) -> f32[10,10] {
+  %w = (s32[], f32[4]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}
+  %w2 = (s32[], f32[4]) while(%t1), condition=%cond.2, body=%body
+  ROOT %r = f32[10,10]{1,0} copy(%a)
+}
+"""
+
+
 def test_collective_bytes_count_loop_bodies_once_per_iteration():
   assert plan.collective_bytes(HLO) == {'all-reduce': 10 * 10 * 4, 'all-gather': 5 * 16 * 4,
                                         'reduce-scatter': 5 * 8 * 2, 'all-to-all': 0, 'collective-permute': 5 * 32 * 4}
+  assert plan.collective_bytes(GPU_HLO)['all-reduce'] == (7 + 3) * 64 * 2
 
 
 def run_plan(tmp_path, tfds_dir, *args, module='foundation.plan'):
@@ -78,6 +122,28 @@ def smoke_params():
   shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   return count(shapes['params']), count(shapes['params']['embedding'])
+
+
+def test_plan_for_nvidia_gpus_with_xla_s_cuda_compiler(tmp_path, tfds_dir, smoke_params):
+  params, embedding = smoke_params
+  # Scanned layers: the gradients are all-reduced in the loop's body, once per layer.
+  result, numbers = run_plan(tmp_path, tfds_dir, '--gpu=h100:8', '--config.model.scan_layers=true')
+  assert result.returncode == 0, result.stderr[-3000:]
+  p = numbers['plan']
+  assert p['devices'] == 8 and p['device_kind'] == 'NVIDIA H100 80GB HBM3'
+  assert p['mesh'] == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  assert p['memory_limit'] == 0.75 * 81559 * 2**20  # JAX's default share of an H100's 81,559 MiB
+  assert 12 * params <= p['state_bytes'] <= 12 * params + 64
+  assert 4 * params <= p['collectives']['all-reduce'] <= 4 * (params + embedding) + 1024
+  assert p['fits'] and p['xla_flops'] is None and 'XLA: not counted by this compiler' in result.stdout
+  assert p['projection']['step_s'] > 0 and p['peak_flops'] == 989e12
+
+  result, numbers = run_plan(tmp_path, tfds_dir, '--gpu=a100:2x4')  # two hosts of four
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert numbers['plan']['devices'] == 8 and numbers['plan']['device_kind'] == 'NVIDIA A100-SXM4-80GB'
+  result, _ = run_plan(tmp_path, tfds_dir, '--gpu=v100:8')
+  assert result.returncode == 2 and "expected KIND:N or KIND:HOSTSxN with KIND one of ['a100', 'h100', 'h200']" in (
+      result.stderr)
 
 
 def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds_dir, smoke_params):
