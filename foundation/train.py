@@ -165,6 +165,7 @@ class Prepared:
   state_bytes_per_device: int  # params and optimizer state (activations come on top)
   batch: Any              # the global batch's shapes and dtypes (jax.ShapeDtypeStruct)
   abstract_state: Any     # the train state's shapes and dtypes (jax.ShapeDtypeStruct), without shardings
+  traced_step: jax.stages.Traced | None  # the jit path's train step, traced for these shapes and shardings
 
 
 def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
@@ -252,11 +253,16 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
                       f'memory ({e}); lower it.') from e
   global_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]), x.dtype), batch)
+  traced_step = None
   if config.num_train_steps:  # an evaluation-only run never takes a step: tracing one would only cost time
     step_fn = make_train_step(task, tx, schedule, config, axis_name=None)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      jax.eval_shape(step_fn, abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
-                     global_batch)
+    if config.parallelism == 'jit':  # traced as the run compiles it, which then reuses this trace
+      traced_step = _trace_jit_step(step_fn, mesh, rules, shardings, abstract_state, frozen, frozen_shardings,
+                                    global_batch)
+    else:
+      with _mesh_context(mesh, rules):
+        jax.eval_shape(step_fn, abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                             frozen), global_batch)
 
   resolved = json.loads(config.to_json_best_effort())
   changes = {}
@@ -274,6 +280,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
                   frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes,
+                  traced_step=traced_step,
                   state_bytes_per_device=state_bytes, batch=global_batch, abstract_state=abstract_state)
 
 
@@ -471,12 +478,27 @@ def _state_shardings(abstract_params, tx, mesh: jax.sharding.Mesh, rules) -> Any
 
 
 class _Jit:
-  """The sharded path: one jit over the mesh; the state is already in its global, checkpointable layout."""
+  """The sharded path: one jit over the mesh; the state is already in its global, checkpointable layout.
 
-  def __init__(self, step_fn, mesh, rules, shardings):
+  Given the step `traced` by `prepare` for batches shaped like `traced_batch`, it compiles that trace (one trace per
+  run, not two) and runs it on batches of those shapes; a batch of other shapes (tasks that pad a batch to its
+  longest example) goes through the jit, which traces and compiles once per shape."""
+
+  def __init__(self, step_fn, mesh, rules, shardings, traced: jax.stages.Traced | None = None,
+               traced_batch: Any = None):
     self.mesh, self.rules = mesh, rules
-    self.step = jax.jit(step_fn, in_shardings=(shardings, None, sharding.batch_sharding(mesh)),
-                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    self.jitted = jax.jit(step_fn, in_shardings=(shardings, None, sharding.batch_sharding(mesh)),
+                          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    self._compiled, self._compiled_for = None, None
+    if traced is not None:
+      with self.context():
+        self._compiled = traced.lower().compile()
+      self._compiled_for = _shapes(traced_batch)
+
+  def step(self, state, frozen, batch):
+    if self._compiled is not None and _shapes(batch) == self._compiled_for:
+      return self._compiled(state, frozen, batch)
+    return self.jitted(state, frozen, batch)
 
   def place(self, local_batch):
     return sharding.global_batch(local_batch, self.mesh)
@@ -494,18 +516,30 @@ class _Jit:
     return _mesh_context(self.mesh, self.rules)
 
 
-def lower_train_step(prepared: Prepared, config) -> jax.stages.Lowered:
-  """The train step of the jit path, lowered for `prepared.mesh` from shapes alone (nothing is allocated): the
-  program a run compiles, for foundation.plan to compile for devices this machine may not have."""
-  task, tx, shardings = prepared.task, prepared.tx, prepared.shardings
-  runner = _Jit(make_train_step(task, tx, prepared.schedule, config, axis_name=None), prepared.mesh, prepared.rules,
-                shardings)
-  state = checkpoint.abstract_with_shardings(prepared.abstract_state, shardings)
-  frozen = checkpoint.abstract_with_shardings(prepared.frozen, prepared.frozen_shardings)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
-      prepared.mesh)), prepared.batch)
+def _shapes(tree: Any) -> list:
+  return [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+def _trace_jit_step(step_fn, mesh, rules, shardings, abstract_state, frozen, frozen_shardings,
+                    batch) -> jax.stages.Traced:
+  """The jit path's step traced from shapes alone (nothing is allocated), with the shardings a run gives it."""
+  runner = _Jit(step_fn, mesh, rules, shardings)
   with runner.context():
-    return runner.step.lower(state, frozen, batch)
+    return runner.jitted.trace(
+        checkpoint.abstract_with_shardings(abstract_state, shardings),
+        checkpoint.abstract_with_shardings(frozen, frozen_shardings),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)), batch))
+
+
+def lower_train_step(prepared: Prepared, config) -> jax.stages.Lowered:
+  """The train step of the jit path, lowered for `prepared.mesh`: the program a run compiles, for foundation.plan
+  to compile for devices this machine may not have."""
+  traced = prepared.traced_step or _trace_jit_step(
+      make_train_step(prepared.task, prepared.tx, prepared.schedule, config, axis_name=None), prepared.mesh,
+      prepared.rules, prepared.shardings, prepared.abstract_state, prepared.frozen, prepared.frozen_shardings,
+      prepared.batch)
+  with _mesh_context(prepared.mesh, prepared.rules):
+    return traced.lower()
 
 
 @contextlib.contextmanager
@@ -675,7 +709,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     runner = _Pmap(make_train_step(task, tx, prepared.schedule, config, axis_name='batch'), mesh)
   else:
     runner = _Jit(make_train_step(task, tx, prepared.schedule, config, axis_name=None), mesh, prepared.rules,
-                  shardings)
+                  shardings, prepared.traced_step, prepared.batch)
   state = runner.to_devices(state)
   eval_ctx = tasks.EvalContext(mesh=mesh, workdir=workdir, is_writer=is_writer)
   # Bookkeeping for non-finite numbers: every step up to `checked` had its metrics fetched; `good` is the newest

@@ -410,3 +410,26 @@ def test_profile_steps_write_a_trace_and_bad_ones_are_refused(descending, tmp_pa
   for bad in [(3, 2), (0, 1), (2, 5), (2,)]:
     with pytest.raises(train.ConfigError, match='config.profile_steps'):
       train.prepare(descending_config(profile_steps=bad, num_train_steps=4), str(tmp_path / 'bad'))
+
+
+def test_the_run_compiles_the_step_prepare_traced_and_jits_other_batch_shapes(monkeypatch, tmp_path):
+  """The jit path traces the train step once per run: `prepare` traces it for the first batch's shapes and the run
+  compiles that trace. A batch of other shapes (tasks that pad a batch to its longest example) goes through jit,
+  traced once per shape, with the same numbers: here every other batch is wider, and the loss does not depend on
+  the width, so w follows the closed form."""
+  import grain
+  traces, calls = [], []
+  task = descending_task(calls)
+
+  def loss(params, frozen, batch, rng):
+    traces.append(batch['x'].shape)  # runs when the step is traced, not when it runs
+    return task.loss(params, frozen, batch, rng)
+
+  batches = lambda index, count: grain.MapDataset.range(10**6).map(lambda i: {'x': np.zeros((8, 1 + i % 2),
+                                                                                            np.float32)})
+  monkeypatch.setattr(tasks, 'build', lambda config: task._replace(loss=loss, train_batches=batches))
+  train.train_and_evaluate(descending_config(num_train_steps=5, **{'early_stopping.metric': ''}),
+                           str(tmp_path / 'run'))
+  assert traces == [(8, 1), (8, 2)]
+  assert [s for s, _, _ in calls] == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose(calls[-1][2], closed_form(5), rtol=1e-6)
