@@ -28,8 +28,9 @@ def is_remote(path: str) -> bool:
 
 
 def require(path: str, what: str = '--workdir') -> None:
-  """Raises a ValueError of one line if `path` is a URL whose filesystem this installation cannot open (the
-  scheme is unknown, or its fsspec package is not installed), before anything is computed or written."""
+  """Raises a ValueError of one line if `path` is a URL this installation cannot open (a scheme other than gs://,
+  or gs:// without gcsfs), naming `what` gave it; nothing for a local path. Every function below checks its URLs
+  this way, so a run's other paths (init_from, teachers) are refused as clearly as its --workdir."""
   if not is_remote(path):
     return
   scheme = os.fspath(path).split('://', 1)[0]
@@ -43,21 +44,26 @@ def require(path: str, what: str = '--workdir') -> None:
                      '`.venv/bin/python -m pip install -r requirements-gcs.txt`.') from None
 
 
+def _remote(path: str) -> epath.Path:
+  require(path, what='path')
+  return epath.Path(path)
+
+
 def absolute(path: str) -> str:
   """An absolute local path, or the URL unchanged."""
   return path if is_remote(path) else os.path.abspath(path)
 
 
 def exists(path: str) -> bool:
-  return epath.Path(path).exists() if is_remote(path) else os.path.exists(path)
+  return _remote(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-  return epath.Path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+  return _remote(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:
-  return [p.name for p in epath.Path(path).iterdir()] if is_remote(path) else os.listdir(path)
+  return [p.name for p in _remote(path).iterdir()] if is_remote(path) else os.listdir(path)
 
 
 def makedirs(path: str) -> None:
@@ -69,7 +75,7 @@ def makedirs(path: str) -> None:
 
 def remove(path: str) -> None:
   if is_remote(path):
-    epath.Path(path).unlink()
+    _remote(path).unlink()
   else:
     os.remove(path)
 
@@ -78,6 +84,7 @@ def move(source: str, destination: str) -> None:
   """Moves a file or a directory tree (on an object store: copies every object, then deletes the originals)."""
   if is_remote(source):  # fsspec itself: epath's rename wants the destination's parent to exist, and on an object
     # store an empty directory does not
+    require(source, what='path')
     filesystem, _ = fsspec.core.url_to_fs(source)
     filesystem.mv(source, destination, recursive=True)
   else:
@@ -86,7 +93,7 @@ def move(source: str, destination: str) -> None:
 
 def open_file(path: str, mode: str = 'r') -> IO:
   """open() for local paths and URLs alike. Remotely, a file opened for writing appears when it is closed."""
-  return epath.Path(path).open(mode) if is_remote(path) else open(path, mode)  # pylint: disable=unspecified-encoding
+  return _remote(path).open(mode) if is_remote(path) else open(path, mode)  # pylint: disable=unspecified-encoding
 
 
 def read_text(path: str) -> str:

@@ -71,7 +71,6 @@ ACCELERATOR_TYPE = {'v4': lambda chips: f'v4-{2 * chips}', 'v5e': lambda chips: 
                     'v5p': lambda chips: f'v5p-{2 * chips}', 'v6e': lambda chips: f'v6e-{chips}'}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Gpu:
   """An NVIDIA GPU (SXM) as XLA's compiler describes it (GpuTargetConfigProto: what cudaGetDeviceProperties
@@ -182,7 +181,8 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Bytes each kind of collective produces per device per step, from the compiled (per-device) HLO: the result
   shapes of every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute (their -start halves
   where XLA made them asynchronous), times the trip count of the loops they sit in (a scanned layer stack's
-  gradients are reduced once per layer; the count is the constant the loop's condition compares with)."""
+  gradients are reduced once per layer; the count is the one XLA annotated on the loop, else the constant its
+  condition compares with: _trip_count)."""
   computations, current, entry = {}, None, None
   for line in hlo_text.splitlines():
     header = re.match(r'^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
@@ -287,7 +287,7 @@ class Plan:
 
 
 def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip | None = None) -> Plan:
-  """Compiles `config`'s train step for `devices` (a TPU topology's, or this machine's) and measures it."""
+  """Compiles `config`'s train step for `devices` (a TPU topology's, GPUs', or this machine's) and measures it."""
   from foundation import metrics, train  # pylint: disable=g-import-not-at-top
   if config.parallelism != 'jit':
     raise train.ConfigError(f'config.parallelism={config.parallelism!r}: the plan compiles the sharded (jit) step; '

@@ -480,25 +480,24 @@ def _state_shardings(abstract_params, tx, mesh: jax.sharding.Mesh, rules) -> Any
 class _Jit:
   """The sharded path: one jit over the mesh; the state is already in its global, checkpointable layout.
 
-  Given the step `traced` by `prepare` for batches shaped like `traced_batch`, it compiles that trace (one trace per
-  run, not two) and runs it on batches of those shapes; a batch of other shapes (tasks that pad a batch to its
-  longest example) goes through the jit, which traces and compiles once per shape."""
+  Given the step `traced` by `prepare` for batches shaped like `traced_batch`, it compiles that trace at the first
+  step of those shapes (one trace per run, not two) and runs it on them; a batch of other shapes (tasks that pad a
+  batch to its longest example) goes through the jit, which traces and compiles once per shape."""
 
   def __init__(self, step_fn, mesh, rules, shardings, traced: jax.stages.Traced | None = None,
                traced_batch: Any = None):
     self.mesh, self.rules = mesh, rules
     self.jitted = jax.jit(step_fn, in_shardings=(shardings, None, sharding.batch_sharding(mesh)),
                           out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-    self._compiled, self._compiled_for = None, None
-    if traced is not None:
-      with self.context():
-        self._compiled = traced.lower().compile()
-      self._compiled_for = _shapes(traced_batch)
+    self._traced, self._compiled = traced, None
+    self._traced_for = _shapes(traced_batch) if traced is not None else None
 
   def step(self, state, frozen, batch):
-    if self._compiled is not None and _shapes(batch) == self._compiled_for:
-      return self._compiled(state, frozen, batch)
-    return self.jitted(state, frozen, batch)
+    if self._traced is None or _shapes(batch) != self._traced_for:
+      return self.jitted(state, frozen, batch)
+    if self._compiled is None:  # the caller's mesh context is in place, as for the jit
+      self._compiled = self._traced.lower().compile()
+    return self._compiled(state, frozen, batch)
 
   def place(self, local_batch):
     return sharding.global_batch(local_batch, self.mesh)
@@ -516,8 +515,10 @@ class _Jit:
     return _mesh_context(self.mesh, self.rules)
 
 
-def _shapes(tree: Any) -> list:
-  return [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+def _shapes(tree: Any) -> tuple:
+  """A batch's structure, shapes and dtypes as jax sees them (numpy's 64-bit types become 32-bit ones)."""
+  leaves, structure = jax.tree.flatten(tree)
+  return structure, [(tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves]
 
 
 def _trace_jit_step(step_fn, mesh, rules, shardings, abstract_state, frozen, frozen_shardings,
@@ -533,7 +534,8 @@ def _trace_jit_step(step_fn, mesh, rules, shardings, abstract_state, frozen, fro
 
 def lower_train_step(prepared: Prepared, config) -> jax.stages.Lowered:
   """The train step of the jit path, lowered for `prepared.mesh`: the program a run compiles, for foundation.plan
-  to compile for devices this machine may not have."""
+  to compile for devices this machine may not have. The step `prepare` traced if it traced one, else one traced
+  here from `config` (an evaluation-only config)."""
   traced = prepared.traced_step or _trace_jit_step(
       make_train_step(prepared.task, prepared.tx, prepared.schedule, config, axis_name=None), prepared.mesh,
       prepared.rules, prepared.shardings, prepared.abstract_state, prepared.frozen, prepared.frozen_shardings,

@@ -34,6 +34,7 @@ jax_version=$(sed -n 's/^jax==//p' requirements.txt)
 install=(.venv/bin/python -m pip install --quiet "jax[$CUDA_EXTRA]==$jax_version")
 run=(.venv/bin/python -m foundation.main --config="$config" --workdir="$workdir" "$@")
 if [ -n "${DRY_RUN:-}" ]; then
+  case "$workdir" in gs://*) echo ".venv/bin/python -m pip install --quiet -r requirements-gcs.txt" ;; esac
   printf '%q ' "${install[@]}"; echo
   printf '%q ' "${run[@]}"; echo
   exit 0

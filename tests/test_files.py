@@ -140,3 +140,7 @@ def test_a_url_this_installation_cannot_open_is_refused_in_one_line(tmp_path, bu
   monkeypatch.setattr(fsspec, 'get_filesystem_class', without_gcsfs)
   with pytest.raises(ValueError, match=r'gs:// paths need the gcsfs package.*requirements-gcs.txt'):
     files.require('gs://bucket/run')
+  # Every operation on a URL checks the same way (another run's path: init_from, a teacher).
+  for call in (files.exists, files.isdir, files.listdir, files.read_text, files.remove):
+    with pytest.raises(ValueError, match=r'^path=gs://bucket/run/config.json: gs:// paths need the gcsfs'):
+      call('gs://bucket/run/config.json')

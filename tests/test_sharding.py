@@ -138,7 +138,6 @@ def test_this_machine_has_no_tpu_chips():
   assert sharding._tpu_chips_on_this_host() == 0  # pylint: disable=protected-access  (JAX's PCI scan runs here)
 
 
-
 def test_the_multi_host_flags_may_come_from_the_environment(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(tuple(sorted(kwargs.items()))))
