@@ -198,15 +198,8 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
   return prepared
 
 
-def _require_filesystem(workdir: str) -> None:
-  try:
-    files.require(workdir)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
 def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, devices) -> Prepared:
-  _require_filesystem(workdir)
+  files.require(workdir)  # its ValueError becomes prepare's one-line ConfigError
   local = devices is None
   devices = jax.devices() if local else list(devices)
   validate(config, len(devices))
@@ -900,7 +893,10 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   included), and trains nothing: checkpoint `step`, by default the step the run selected by early stopping, else
   its newest. The results go to eval_only/step_<N>.json in the workdir (reports a task's evaluation writes, such as
   results.md or samples, are rewritten as for that step); nothing else is written."""
-  _require_filesystem(workdir)
+  try:
+    files.require(workdir)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not files.exists(os.path.join(workdir, 'config.json')):
     raise ConfigError(f'{workdir} holds no run (no config.json): --eval_only evaluates a run that saved a checkpoint.')
   prepared = prepare(config, workdir)
