@@ -30,6 +30,11 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, async_save: bool = True):
     self.directory = directory
+    # Orbax splits each replicated array into one slice per replica so that several hosts share its writes. With one
+    # process every slice is written here anyway, and each distinct slice is a program compiled at the first save
+    # (56 for the smoke LM on 8 devices, ~1 s); so slices only when there are other processes to share with.
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1), override=True)
     # Retention is ours (prune), not orbax's: it must know which checkpoints are confirmed good.
     self._manager = ocp.CheckpointManager(
         directory,
