@@ -62,9 +62,9 @@ def tfds_dir(tmp_path_factory):
     if not (data_dir / 'complete').exists():
       # One process per dataset, all at once: every worker waits for this lock, and one process building the five
       # in turn takes 37 s on 2 cores (Fashion-MNIST alone 18 s).
-      builds = {name: subprocess.Popen([sys.executable, '-m', 'foundation.data.prepare', name, f'--data_dir={data_dir}'],
-                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for name in FOUNDATION_BUILDERS}
+      command = lambda name: [sys.executable, '-m', 'foundation.data.prepare', name, f'--data_dir={data_dir}']
+      builds = {name: subprocess.Popen(command(name), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True) for name in FOUNDATION_BUILDERS}
       for name, build in builds.items():
         output, _ = build.communicate(timeout=300)
         assert build.returncode == 0, f'building {name} failed:\n{output[-3000:]}'
@@ -72,7 +72,7 @@ def tfds_dir(tmp_path_factory):
   return str(data_dir)
 
 
-# launch/test.sh runs one pytest-xdist worker per core and hands each worker whole files (module fixtures such as
+# launch/test.sh runs one pytest-xdist worker more than there are cores, each taking whole files (module fixtures such as
 # test_train's reference runs are computed once). A long file handed out last would run alone at the end, so the
 # end-to-end files go first; the rest keep their order.
 SLOW_FIRST = ('test_train.py', 'test_configs.py', 'test_config_variants.py', 'test_tasks_vision.py', 'test_sweep.py',
