@@ -72,9 +72,9 @@ def tfds_dir(tmp_path_factory):
   return str(data_dir)
 
 
-# launch/test.sh runs one pytest-xdist worker more than there are cores, each taking whole files (module fixtures such as
-# test_train's reference runs are computed once). A long file handed out last would run alone at the end, so the
-# end-to-end files go first; the rest keep their order.
+# launch/test.sh runs one pytest-xdist worker more than there are cores, each taking whole files (module fixtures
+# such as test_train's reference runs are computed once). A long file handed out last would run alone at the end, so
+# the end-to-end files go first; the rest keep their order.
 SLOW_FIRST = ('test_train.py', 'test_configs.py', 'test_config_variants.py', 'test_tasks_vision.py', 'test_sweep.py',
               'test_loop.py')
 
