@@ -2,6 +2,7 @@
 updates, checkpoint checksums, fallback and pruning, pinned frozen sources, metrics files."""
 
 import json
+import logging
 import os
 
 import jax
@@ -158,6 +159,27 @@ def test_an_unreadable_or_damaged_checkpoint_falls_back_to_the_previous(tmp_path
   assert sorted(os.listdir(tmp_path / 'checkpoints_unreadable')) == ['2', '3']  # moved aside, not deleted
   assert ckpt.steps() == [1]
   ckpt.save(2, _state(5), {'data': {}})  # the resumed run can write those steps again
+  ckpt.close()
+
+
+def test_one_process_saves_replicated_arrays_without_compiling_slices_of_them(tmp_path, caplog):
+  """Orbax's replica-parallel save cuts each replicated array into one slice per device, each slice a program
+  compiled at the first save, so that several hosts share the writes; one process writes every slice itself, so
+  its first save compiles nothing (the checksum program aside), and what it wrote reads back exactly."""
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ('data',)), jax.sharding.PartitionSpec())
+  state = {f'w{i}': jax.device_put(jnp.arange(64.0 * i).reshape(8, -1), replicated) for i in (1, 2, 3)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  checkpoint._inspect(state)  # the checksums' program, compiled before counting
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    ckpt.save(1, state, {'data': {}})
+  compiled = [r.getMessage() for r in caplog.records if 'Finished XLA compilation' in r.getMessage()]
+  assert len(state) == 3 and not compiled, compiled
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  step, restored, _ = ckpt.restore_newest_readable(abstract, warn=print)
+  assert step == 1
+  for name in state:
+    np.testing.assert_array_equal(restored[name], np.arange(64.0 * int(name[1])).reshape(8, -1))
   ckpt.close()
 
 
