@@ -65,9 +65,13 @@ def tfds_dir(tmp_path_factory):
       command = lambda name: [sys.executable, '-m', 'foundation.data.prepare', name, f'--data_dir={data_dir}']
       builds = {name: subprocess.Popen(command(name), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True) for name in FOUNDATION_BUILDERS}
-      for name, build in builds.items():
-        output, _ = build.communicate(timeout=300)
-        assert build.returncode == 0, f'building {name} failed:\n{output[-3000:]}'
+      try:
+        for name, build in builds.items():
+          output, _ = build.communicate(timeout=300)
+          assert build.returncode == 0, f'building {name} failed:\n{output[-3000:]}'
+      finally:  # one failed or timed out: the others do not outlive the session
+        for build in builds.values():
+          build.kill()
       (data_dir / 'complete').touch()
   return str(data_dir)
 

@@ -173,7 +173,7 @@ def test_one_process_saves_replicated_arrays_without_compiling_slices_of_them(tm
   with caplog.at_level(logging.WARNING), jax.log_compiles(True):
     ckpt.save(1, state, {'data': {}})
   compiled = [r.getMessage() for r in caplog.records if 'Finished XLA compilation' in r.getMessage()]
-  assert len(state) == 3 and not compiled, compiled
+  assert not compiled, compiled
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
   step, restored, _ = ckpt.restore_newest_readable(abstract, warn=print)
