@@ -158,7 +158,17 @@ def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image'
                max_examples: int | None = None, classes: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
   """The first `max_examples` (all by default) records of `split` in stored order: (images uint8 [N, H, W, C],
   labels int32 [N]); with a class filter, those of them whose class is in `classes`, relabelled (check_classes).
-  Everything is held in host memory: for probes and evaluation on small sets."""
+  Everything is held in host memory: for probes and evaluation on small sets. The arrays are the caller's own."""
+  images, labels = _decoded_split(name, data_dir, split, image_key, label_key, max_examples)
+  keep, labels = relabel(labels, classes)
+  return images[keep], labels.copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded_split(name: str, data_dir: str, split: str, image_key: str, label_key: str,
+                   max_examples: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """load_split's records, decoded once per process and read-only: decoding Fashion-MNIST's 60,000 PNGs takes 5-10
+  s, and a run can read a split several times (a distillation's transfer set and its evaluation, a probe)."""
   source = _data_source(name, data_dir, split)
   n = len(source) if max_examples is None else min(max_examples, len(source))
   images, labels = [], []
@@ -168,8 +178,9 @@ def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image'
     labels.append(_labels(records, label_key))
   if not images:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples to load (max_examples={max_examples}).')
-  keep, labels = relabel(np.concatenate(labels), classes)
-  return np.concatenate(images)[keep], labels
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
 
 
 def caption_hash(seed: int, positions: np.ndarray) -> np.ndarray:
