@@ -317,7 +317,7 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
       argument_bytes=size('argument_size_in_bytes'), output_bytes=size('output_size_in_bytes'),
       alias_bytes=size('alias_size_in_bytes'), temp_bytes=size('temp_size_in_bytes'),
       state_bytes=prepared.state_bytes_per_device, memory_limit=memory_limit,
-      model_flops=prepared.task.flops_per_example * config.global_batch_size / len(devices),
+      model_flops=prepared.task.flops_per_example() * config.global_batch_size / len(devices),
       xla_flops=float(cost.get('flops', 0.0)) if counted else None,
       bytes_accessed=float(cost.get('bytes accessed', 0.0)) if counted else None,
       collectives=collective_bytes(compiled.as_text()) if compiled else dict.fromkeys(COLLECTIVES, 0),

@@ -696,6 +696,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   model = config.get(model_key) or {}
   matmul_dtype = model.get('matmul_dtype') or model.get('dtype') or 'float32'
   peak = metrics.peak_flops(jax.devices(), matmul_dtype)
+  flops_per_example = task.flops_per_example()
   if devices[0].platform == 'cpu' and matmul_dtype == 'bfloat16' and metrics.slow_bf16_matmuls():
     say(f'This CPU has no bf16 dot-product instructions (AVX512_BF16, AMX): bf16 matmul operands buy no speed here '
         f'and may cost some (benchmarks/README.md); --config.{model_key}.matmul_dtype=float32 keeps full precision.')
@@ -831,7 +832,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
             if k in logged:
               logged[k] = float(fetched[-1][k])
           if timed:  # the first interval after a (re)start includes compilation: not a throughput figure
-            logged.update(_throughput(elapsed / interval_steps, task, config, peak))
+            logged.update(_throughput(elapsed / interval_steps, task, flops_per_example, config, peak))
           else:
             logged['perf/first_step_s'] = first_step_s
           logged['perf/train_s'] = train_seconds()
@@ -868,7 +869,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     footprint = None
     if not interrupted and reached > start:  # what this process trained (a finished run's rerun trains nothing)
       footprint = metrics.footprint(devices, time.perf_counter() - launched, (reached - start)
-                                    * config.global_batch_size * task.flops_per_example, config.energy)
+                                    * config.global_batch_size * flops_per_example, config.energy)
       writer.write(reached, footprint)
     if best and best.step is not None and not interrupted:
       state = None  # the trained state is saved; the selected one takes its memory
@@ -931,10 +932,11 @@ def _param_counts(config, params, frozen) -> dict[str, int]:
   return {'params/trainable': trainable, 'params/total': sum(sizes) + sum(x.size for x in jax.tree.leaves(frozen))}
 
 
-def _throughput(step_time: float, task: tasks.Task, config, peak: float | None) -> dict[str, float]:
+def _throughput(step_time: float, task: tasks.Task, flops_per_example: float, config, peak: float | None
+                ) -> dict[str, float]:
   out = {'perf/step_time_s': step_time, 'perf/examples_per_sec': config.global_batch_size / step_time}
   if task.tokens_per_example:
     out['perf/tokens_per_sec'] = config.global_batch_size * task.tokens_per_example / step_time
-  if peak and task.flops_per_example:
-    out['perf/mfu'] = config.global_batch_size * task.flops_per_example / step_time / peak
+  if peak and flops_per_example:
+    out['perf/mfu'] = config.global_batch_size * flops_per_example / step_time / peak
   return out

@@ -2,6 +2,7 @@
 
 import copy
 import glob
+import json
 import os
 import random
 import warnings
@@ -41,6 +42,9 @@ def test_smoke_variant_trains(path, tfds_dir, tmp_path):
   assert results and all(v == v for v in results.values())  # logged something, and no NaN
   assert os.path.exists(tmp_path / 'config.json') and os.path.exists(tmp_path / 'metrics.jsonl')
   assert os.listdir(tmp_path / 'checkpoints')
+  # Every task counts its training FLOPs once it trains (the footprint at the end of the run).
+  logged = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['compute/model_flops'] > 0 for r in logged if 'compute/model_flops' in r] == [True]
 
 
 @pytest.mark.parametrize('path', CONFIGS)

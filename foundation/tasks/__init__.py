@@ -42,7 +42,9 @@ class Task(NamedTuple):
   # path) for config.init_from; the task resolves the name and reads the file through `sources.load_file`, which
   # pins it (and, checking a config dry, reads nothing).
   import_params: Callable[[str, Any, Any], Any] | None = None
-  flops_per_example: float = 0.0   # training model FLOPs per example, for MFU
+  # () -> training model FLOPs per example, for MFU and the footprint; called once a run starts training (counting
+  # a model's FLOPs traces it: a dry check of the config need not pay for that).
+  flops_per_example: Callable[[], float] = lambda: 0.0
   # True when the loss couples the examples of a batch (contrastive negatives): the loop then refuses the pmap path
   # and gradient accumulation, which would compute it on a device's share or a microbatch instead.
   batch_coupled_loss: bool = False

@@ -116,11 +116,13 @@ def build(config) -> Task:
       results.update(_forgetting(params['backbone'], ctx, config, model_cfg, source_probe))
     return results
 
-  abstract_params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-  one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  forward = metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), abstract_params, one_image)
+  def flops_per_example():
+    abstract_params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+    one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return 3 * metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), abstract_params, one_image)
+
   return Task(init=init, loss=loss, train_batches=labelled.train_batches, evaluate=evaluate,
-              flops_per_example=3 * forward)
+              flops_per_example=flops_per_example)
 
 
 def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:

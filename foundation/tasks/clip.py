@@ -109,13 +109,15 @@ def build(config) -> Task:
     results.update(representation(image_features, params, step, ctx))
     return results
 
-  abstract = nn.unbox(jax.eval_shape(init_all, jax.random.key(0)))
-  forward = metrics.forward_flops(lambda prm, x, t, m: model.apply({'params': prm}, x, t, m), abstract,
-                                  jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
-                                  jax.ShapeDtypeStruct((1, text_len), jnp.int32),
-                                  jax.ShapeDtypeStruct((1, text_len), jnp.float32))
+  def flops_per_example():
+    abstract = nn.unbox(jax.eval_shape(init_all, jax.random.key(0)))
+    return 3 * metrics.forward_flops(lambda prm, x, t, m: model.apply({'params': prm}, x, t, m), abstract,
+                                     jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+                                     jax.ShapeDtypeStruct((1, text_len), jnp.int32),
+                                     jax.ShapeDtypeStruct((1, text_len), jnp.float32))
+
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, batch_coupled_loss=True,
-              frozen=frozen if lock else None, flops_per_example=3 * forward)
+              frozen=frozen if lock else None, flops_per_example=flops_per_example)
 
 
 def _check_locked_encoder(workdir: str, model_cfg: TwoTowerConfig) -> None:

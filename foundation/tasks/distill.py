@@ -197,14 +197,17 @@ def build(config) -> Task:
       results['eval/kl'] = float(np.mean(np.sum(t_probs * (np.log(np.maximum(t_probs, 1e-30)) - log_q), -1)))
     return results
 
-  abstract_student = nn.unbox(jax.eval_shape(student.init, jax.random.key(0), one_view))['params']
-  one = jax.ShapeDtypeStruct(one_image.shape, jnp.float32)
-  flops = 3 * metrics.forward_flops(lambda p, x: student.apply({'params': p}, view(x)), abstract_student, one)
-  for model in teachers:  # a teacher's forward runs in every step (no backward)
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), one_image))['params']
-    flops += metrics.forward_flops(lambda p, x, m=model: m.apply({'params': p}, x), abstract, one)
+  def flops_per_example():
+    abstract_student = nn.unbox(jax.eval_shape(student.init, jax.random.key(0), one_view))['params']
+    one = jax.ShapeDtypeStruct(one_image.shape, jnp.float32)
+    flops = 3 * metrics.forward_flops(lambda p, x: student.apply({'params': p}, view(x)), abstract_student, one)
+    for model in teachers:  # a teacher's forward runs in every step (no backward)
+      abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), one_image))['params']
+      flops += metrics.forward_flops(lambda p, x, m=model: m.apply({'params': p}, x), abstract, one)
+    return flops
+
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
-              frozen=frozen if teachers else None, flops_per_example=flops,
+              frozen=frozen if teachers else None, flops_per_example=flops_per_example,
               batch_coupled_loss=bool(cfg.crd_weight))
 
 

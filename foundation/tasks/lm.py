@@ -125,7 +125,7 @@ def build(config) -> Task:
     return results
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
-              import_params=import_gguf(model_cfg), flops_per_example=flops_per_token(model_cfg, data.seq_len) * data.seq_len,
+              import_params=import_gguf(model_cfg), flops_per_example=lambda: flops_per_token(model_cfg, data.seq_len) * data.seq_len,
               tokens_per_example=data.seq_len)
 
 

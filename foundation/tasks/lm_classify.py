@@ -311,7 +311,7 @@ def build(config) -> Task:
   forward_flops = flops_per_token(model_cfg, int(mean_length)) / 3 * mean_length
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, frozen=frozen,
               import_params=import_gguf(model_cfg) if method in LM_TRAINED else None,
-              flops_per_example=passes * forward_flops, tokens_per_example=int(round(mean_length)))
+              flops_per_example=lambda: passes * forward_flops, tokens_per_example=int(round(mean_length)))
 
 
 def _lora_leaves(params: dict) -> dict:

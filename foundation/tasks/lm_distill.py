@@ -49,7 +49,7 @@ def build(config) -> Task:
     return total, {'weight': jnp.sum(weights.astype(jnp.float32))}
 
   teacher_flops = sum(flops_per_token(c, data.seq_len) / 3 * data.seq_len for c in teacher_cfgs)  # forward only
-  return base._replace(loss=loss, frozen=frozen, flops_per_example=base.flops_per_example + teacher_flops)
+  return base._replace(loss=loss, frozen=frozen, flops_per_example=lambda: base.flops_per_example() + teacher_flops)
 
 
 def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> TransformerConfig:

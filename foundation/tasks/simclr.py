@@ -56,9 +56,11 @@ def build(config) -> Task:
   def evaluate(params, frozen, step, ctx):
     return representation(encode, params, step, ctx)
 
-  abstract_params = jax.eval_shape(init, jax.random.key(0))
-  one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  two_views = 2 * metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), nn.unbox(abstract_params),
+  def flops_per_example():  # forward + backward of both views
+    abstract_params = jax.eval_shape(init, jax.random.key(0))
+    one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return 3 * 2 * metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), nn.unbox(abstract_params),
                                          one_image)
+
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, batch_coupled_loss=True,
-              flops_per_example=3 * two_views)  # forward + backward of both views
+              flops_per_example=flops_per_example)

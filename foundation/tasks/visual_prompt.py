@@ -115,13 +115,16 @@ def build(config) -> Task:
   def evaluate(params, frozen_params, step, ctx):
     return labelled.accuracies(predict, (params, frozen_params), ctx)
 
-  abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-  flops = lambda n: metrics.forward_flops(logits, abstract, source.abstract_params,
-                                          jax.ShapeDtypeStruct((n, *image_shape), jnp.float32))
-  forward = flops(2) - flops(1)  # per image: CLIP's class embeddings are computed once per batch
-  # The frozen weights get no gradient: a backward pass through the activations only, about one more forward.
+  def flops_per_example():
+    abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+    flops = lambda n: metrics.forward_flops(logits, abstract, source.abstract_params,
+                                            jax.ShapeDtypeStruct((n, *image_shape), jnp.float32))
+    forward = flops(2) - flops(1)  # per image: CLIP's class embeddings are computed once per batch
+    # The frozen weights get no gradient: a backward pass through the activations only, about one more forward.
+    return 2 * forward
+
   return Task(init=init, loss=loss, train_batches=labelled.train_batches, evaluate=evaluate, frozen=frozen,
-              flops_per_example=2 * forward)
+              flops_per_example=flops_per_example)
 
 
 class _Source:
