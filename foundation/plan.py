@@ -112,12 +112,7 @@ JAX_GPU_MEMORY_FRACTION = 0.75  # what JAX's allocator takes by default (XLA_PYT
 def gpu_devices(spec: str) -> tuple[list, Chip]:
   """The devices of NVIDIA GPUs named like 'h100:8' (one host) or 'h100:2x8' (hosts x GPUs per host), for compiling
   only, and their figures for the projection."""
-  kind, _, count = spec.partition(':')
-  shape = [int(n) for n in count.split('x')] if re.fullmatch(r'\d+(x\d+)?', count) else []
-  if kind not in GPUS or not shape or 0 in shape:
-    raise ValueError(f'--gpu={spec!r}: expected KIND:N or KIND:HOSTSxN with KIND one of {sorted(GPUS)}, e.g. '
-                     'h100:8 or h100:2x8.')
-  hosts, per_host = shape if len(shape) == 2 else (1, shape[0])
+  kind, hosts, per_host = _gpu_spec(spec)
   gpu = GPUS[kind]
   if os.path.isdir(GPU_COMPILER_DIR) and GPU_COMPILER_DIR not in sys.path:
     sys.path.append(GPU_COMPILER_DIR)
@@ -143,18 +138,50 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16':
                 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'c128': 16}
 
 
-def tpu_devices(topology: str, num_slices: int = 1) -> list:
-  """The devices of a TPU slice named like 'v5e:4x4' (chips, as gcloud's --accelerator-type counts them for v5e and
-  v6e; v4 and v5p give three dimensions), for compiling only."""
+def _gpu_spec(spec: str) -> tuple[str, int, int]:
+  """(kind, hosts, GPUs per host) of a --gpu like 'h100:8' or 'h100:2x8'."""
+  kind, _, count = spec.partition(':')
+  shape = [int(n) for n in count.split('x')] if re.fullmatch(r'\d+(x\d+)?', count) else []
+  if kind not in GPUS or not shape or 0 in shape:
+    raise ValueError(f'--gpu={spec!r}: expected KIND:N or KIND:HOSTSxN with KIND one of {sorted(GPUS)}, e.g. '
+                     'h100:8 or h100:2x8.')
+  hosts, per_host = shape if len(shape) == 2 else (1, shape[0])
+  return kind, hosts, per_host
+
+
+def _topology(topology: str) -> tuple[str, list[int]]:
+  """(generation, chips along each dimension) of a --topology like 'v5e:4x4' or 'v5p:2x2x4'."""
   generation, _, shape = topology.partition(':')
   if generation not in CHIPS or not re.fullmatch(r'\d+(x\d+)+', shape):
     raise ValueError(f'--topology={topology!r}: expected GENERATION:AxB[xC] with GENERATION one of {sorted(CHIPS)}, '
                      'e.g. v5e:4x4 or v5p:2x2x4.')
   dims = [int(d) for d in shape.split('x')]
+  if len(dims) != CHIPS[generation].dims:
+    raise ValueError(f'--topology={topology!r}: {generation} slices have {CHIPS[generation].dims} dimensions, e.g. '
+                     f'{generation}:{"x".join(["2"] * CHIPS[generation].dims)}.')
+  return generation, dims
+
+
+def check_target(topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, gpu: str = '') -> None:
+  """What to plan for, checked without importing jax: a refused flag costs no seconds of start-up."""
+  if hbm_gib < 0 or num_slices < 1:
+    raise ValueError(f'--hbm_gib={hbm_gib} and --num_slices={num_slices}: give a memory of 0 GiB (the chip\'s) or more, '
+                     'and 1 slice or more.')
+  if num_slices != 1 and not topology:
+    raise ValueError(f'--num_slices={num_slices} joins slices of a --topology; name one, e.g. --topology=v5e:4x4.')
+  if topology and gpu:
+    raise ValueError(f'--topology={topology} and --gpu={gpu}: plan for one of them at a time.')
+  if topology:
+    _topology(topology)
+  if gpu:
+    _gpu_spec(gpu)
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> list:
+  """The devices of a TPU slice named like 'v5e:4x4' (chips, as gcloud's --accelerator-type counts them for v5e and
+  v6e; v4 and v5p give three dimensions), for compiling only."""
+  generation, dims = _topology(topology)
   chip = CHIPS[generation]
-  if len(dims) != chip.dims:
-    raise ValueError(f'--topology={topology!r}: {generation} slices have {chip.dims} dimensions, e.g. '
-                     f'{generation}:{"x".join(["2"] * chip.dims)}.')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # not on a Cloud TPU VM: do not ask its metadata server
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', ACCELERATOR_TYPE[generation](math.prod(dims)))
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
@@ -404,13 +431,7 @@ def run(config, topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, p
   the step does not fit, the first proposal that does. Returns (the plan, the fitting changes or None, the plan with
   them or None)."""
   import jax  # pylint: disable=g-import-not-at-top
-  if hbm_gib < 0 or num_slices < 1:
-    raise ValueError(f'--hbm_gib={hbm_gib} and --num_slices={num_slices}: give a memory of 0 GiB (the chip\'s) or more, '
-                     'and 1 slice or more.')
-  if num_slices != 1 and not topology:
-    raise ValueError(f'--num_slices={num_slices} joins slices of a --topology; name one, e.g. --topology=v5e:4x4.')
-  if topology and gpu:
-    raise ValueError(f'--topology={topology} and --gpu={gpu}: plan for one of them at a time.')
+  check_target(topology, num_slices, hbm_gib, gpu)
   if topology:
     devices, chip = tpu_devices(topology, num_slices), CHIPS[topology.split(':')[0]]
     where = topology + (f' x {num_slices} slices' if num_slices > 1 else '')
@@ -455,14 +476,19 @@ def _define_flags():
 
 
 def main(argv):
-  from foundation import cli, train  # pylint: disable=g-import-not-at-top
+  from foundation import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; config fields are set with --config.name=value.', 2)
   if cli.CONFIG.value is None:
     cli.fail('--config=configs/....py[:variant] is needed.', 2)
+  f = flags.FLAGS
+  try:
+    check_target(f.topology, f.num_slices, f.hbm_gib, f.gpu)
+  except ValueError as e:
+    cli.fail(str(e), 2)
+  from foundation import train  # pylint: disable=g-import-not-at-top  (jax: seconds)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
   try:
     result, proposal, proposed = run(cli.CONFIG.value, f.topology, f.num_slices, f.hbm_gib, f.propose, gpu=f.gpu)
   except (train.ConfigError, ValueError) as e:
