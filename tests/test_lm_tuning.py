@@ -20,6 +20,7 @@ from foundation.models.gguf import load_gguf
 from foundation.models.transformer import Transformer, TransformerConfig
 from foundation.tasks import lm_classify as task_module
 import test_gguf
+from test_transformer import np_hidden
 from test_lm_classify import BYTES, movie_dir, smoke_config  # noqa: F401  (movie_dir is a fixture)
 from test_train import logged, run
 
@@ -98,9 +99,8 @@ def test_an_adapter_saves_only_itself_and_loads_onto_its_base_only(movie_dir, ti
 
 
 def reference_hidden(model, params, tokens):
-  """The final hidden state of the last token, one unpadded full forward."""
-  forward = jax.jit(lambda p, t: model.apply({'params': p}, t, return_hidden=True))
-  return np.asarray(forward(params, tokens[None]))[0, -1]
+  """The final hidden state of the last token, one unpadded full forward (the numpy decoder's)."""
+  return np_hidden(params, model.config, tokens)[-1]
 
 
 def test_head_classifies_the_last_tokens_hidden_state(movie_dir, tmp_path):

@@ -57,35 +57,38 @@ def np_rope(x, positions, base):
   return out
 
 
-def np_decoder(params, cfg, tokens):
+def np_hidden(params, cfg, seq):
+  """The final-normed hidden states [length, embed_dim] of one token sequence, in float64."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   group = cfg.num_heads // cfg.num_kv_heads
-  logits = []
-  for seq in np.asarray(tokens):
-    length = len(seq)
-    positions = np.arange(length, dtype=np.float64)
-    x = p['embedding'][seq]
-    for layer in range(cfg.num_layers):
-      lp = p[f'layers_{layer}']
-      h = np_rms_norm(x, lp['attention_norm']['scale'], cfg.norm_eps)
-      attn = np.zeros_like(x)
-      for head in range(cfg.num_heads):
-        q = np_rope(h @ lp['attention']['query'][:, head], positions, cfg.rope_base)
-        k = np_rope(h @ lp['attention']['key'][:, head // group], positions, cfg.rope_base)
-        v = h @ lp['attention']['value'][:, head // group]
-        scores = q @ k.T / np.sqrt(cfg.head_dim)
-        if cfg.causal:
-          scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
-        weights = np.exp(scores - scores.max(-1, keepdims=True))
-        weights /= weights.sum(-1, keepdims=True)
-        attn += (weights @ v) @ lp['attention']['out'][head]
-      x = x + attn
-      h = np_rms_norm(x, lp['mlp_norm']['scale'], cfg.norm_eps)
-      gate = h @ lp['mlp']['gate']
-      x = x + (gate / (1 + np.exp(-gate)) * (h @ lp['mlp']['up'])) @ lp['mlp']['down']
-    x = np_rms_norm(x, p['final_norm']['scale'], cfg.norm_eps)
-    logits.append(x @ (p['embedding'].T if cfg.tie_embeddings else p['lm_head']))
-  return np.stack(logits)
+  length = len(seq)
+  positions = np.arange(length, dtype=np.float64)
+  x = p['embedding'][np.asarray(seq)]
+  for layer in range(cfg.num_layers):
+    lp = p[f'layers_{layer}']
+    h = np_rms_norm(x, lp['attention_norm']['scale'], cfg.norm_eps)
+    attn = np.zeros_like(x)
+    for head in range(cfg.num_heads):
+      q = np_rope(h @ lp['attention']['query'][:, head], positions, cfg.rope_base)
+      k = np_rope(h @ lp['attention']['key'][:, head // group], positions, cfg.rope_base)
+      v = h @ lp['attention']['value'][:, head // group]
+      scores = q @ k.T / np.sqrt(cfg.head_dim)
+      if cfg.causal:
+        scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+      weights = np.exp(scores - scores.max(-1, keepdims=True))
+      weights /= weights.sum(-1, keepdims=True)
+      attn += (weights @ v) @ lp['attention']['out'][head]
+    x = x + attn
+    h = np_rms_norm(x, lp['mlp_norm']['scale'], cfg.norm_eps)
+    gate = h @ lp['mlp']['gate']
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ lp['mlp']['up'])) @ lp['mlp']['down']
+  return np_rms_norm(x, p['final_norm']['scale'], cfg.norm_eps)
+
+
+def np_decoder(params, cfg, tokens):
+  out = np.asarray(params['embedding'] if cfg.tie_embeddings else params['lm_head'], np.float64)
+  out = out.T if cfg.tie_embeddings else out
+  return np.stack([np_hidden(params, cfg, seq) @ out for seq in np.asarray(tokens)])
 
 
 @pytest.mark.parametrize('overrides', [
