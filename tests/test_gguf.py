@@ -212,6 +212,12 @@ def test_tiny_gguf_imports_to_reference_logits(tmp_path, tied):
     assert max_relative_error(logits[row], numpy_llama(weights, tokens[row], rope=rope_adjacent_pairs, **hyper)) < 1e-5
   # Without undoing llama.cpp's reordering the reference disagrees: the test can see the permutation.
   assert max_relative_error(logits[0], numpy_llama(weights, tokens[0], rope=rope_halves, **hyper)) > 1e-2
+  # The scanned layout: the layers' weights stacked, the same logits from a scanned model.
+  scanned_cfg = {**cfg, 'scan_layers': True}
+  _, scanned, _ = load_gguf(path, scan_layers=True)
+  assert [p.shape for p in jax.tree.leaves(scanned)] == [p.shape for p in jax.tree.leaves(init_params(scanned_cfg))]
+  assert jax.tree.structure(scanned) == jax.tree.structure(init_params(scanned_cfg))
+  assert max_relative_error(flax_logits(scanned_cfg, scanned, tokens), logits) < 1e-6
 
   endoftext, im_end = TOKENS.index('<|endoftext|>'), TOKENS.index('<|im_end|>')
   assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (

@@ -221,6 +221,8 @@ def smoke_config(movie_dir, variants='smoke', **overrides):
   config.lm.random_model.init_std = 0.3  # peaked predictions: both classes get predicted
   # The references here are float32 forwards: bf16 operands (the config's CPU default) are checked on their own.
   config.lm.matmul_dtype = 'float32'
+  # The references read the unrolled layers (layers_0, ...); test_lm_tuning runs the scanned layout against it.
+  config.lm.scan_layers = False
   config.update_from_flattened_dict(overrides)
   return config
 

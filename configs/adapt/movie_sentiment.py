@@ -81,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The weight matmuls' operands (float32 accumulation): on a CPU with AVX-512 BF16 they run 1.6x the float32
       # speed here (README, Results); None: in `dtype`.
       matmul_dtype='bfloat16',
+      # One compiled block scanned over the layers: tracing and compiling the step do not grow with SmolLM2's 30
+      # blocks. False: unrolled blocks (layers_0, ...), which freezing some blocks by name needs (:finetune_top).
+      scan_layers=True,
       random_model=dict(vocab_size=320, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
                         max_len=4096, init_std=0.02),
   )
@@ -191,6 +194,7 @@ def finetune_top(c):
   c.optim.lr = 1e-4
   # SmolLM2-135M has 30 blocks: everything below layers_28 is frozen, and the tied embedding (also the output).
   c.optim.freeze = ('^lm/(embedding|layers_([0-9]|1[0-9]|2[0-7])/)',)
+  c.lm.scan_layers = False  # blocks frozen by name
 
 
 def head(c):

