@@ -167,7 +167,7 @@ def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image'
 @functools.lru_cache(maxsize=4)
 def _decoded_split(name: str, data_dir: str, split: str, image_key: str, label_key: str,
                    max_examples: int | None) -> tuple[np.ndarray, np.ndarray]:
-  """load_split's records, decoded once per process and read-only: decoding Fashion-MNIST's 60,000 PNGs takes 5-10
+  """load_split's records, decoded once per process and read-only: decoding Fashion-MNIST's 60,000 records takes 5-10
   s, and a run can read a split several times (a distillation's transfer set and its evaluation, a probe)."""
   source = _data_source(name, data_dir, split)
   n = len(source) if max_examples is None else min(max_examples, len(source))
