@@ -19,8 +19,8 @@ import pytest
 from foundation.evaluate import lm_classify as lmc
 from foundation.models import adapters
 from foundation.models.transformer import (Transformer, TransformerConfig, is_lora_param, lora_target_names,
-                                           merge_lora)
-from test_transformer import np_rms_norm, np_rope, stack_layers
+                                           merge_lora, stack_layers)
+from test_transformer import np_rms_norm, np_rope
 
 TINY = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
                          max_len=64, init_std=0.25)

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from foundation.models.transformer import init_cache
 from foundation.models.transformer import (Transformer, TransformerConfig, apply_rope, flops_per_token,
-                                           low_precision_dot, param_count)
+                                           low_precision_dot, param_count, stack_layers)
 
 # A large init_std makes attention far from uniform, so a wrong mask or rotation shows up in the logits.
 TINY = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -29,13 +29,6 @@ def make(cfg=TINY, seed=0):
 def forward(cfg, params, tokens, **kwargs):
   # Compiled: running a model op by op is slower than compiling it, even at this size.
   return jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t, **kwargs))(params, tokens)
-
-
-def stack_layers(params, num_layers):
-  """Unscanned params (layers_0, layers_1, ...) -> the scanned layout (one 'layers' tree with a leading axis)."""
-  layers = [params[f'layers_{i}'] for i in range(num_layers)]
-  rest = {k: v for k, v in params.items() if not k.startswith('layers_')}
-  return {**rest, 'layers': jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
 # ---- an independent numpy decoder -------------------------------------------------------------------------------
