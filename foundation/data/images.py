@@ -165,6 +165,7 @@ def _read_split(name: str, data_dir: str, split: str, keys: Sequence[str], n: in
   TFDS's per-record conversion is skipped: Fashion-MNIST's 60,000 training records take ~3 s instead of ~9 s.
   Anything else (an encoded Image, a string) is decoded by TFDS."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
   check_prepared(name, data_dir, [split])
   features = tfds.builder(name, data_dir=data_dir).info.features
   stored = {key: features[key].get_serialized_info() for key in keys}
@@ -178,7 +179,6 @@ def _read_split(name: str, data_dir: str, split: str, keys: Sequence[str], n: in
   for start in range(0, n, _READ_CHUNK):
     records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
     if raw:
-      from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
       records = [tf_example_pb2.Example.FromString(record).features.feature for record in records]
       for key, info in stored.items():
         values = np.array([record[key].int64_list.value for record in records], info.np_dtype)
