@@ -143,8 +143,34 @@ def _num_classes(name: str, data_dir: str, label_key: str) -> int | None:
   return feature.num_classes if isinstance(feature, tfds.features.ClassLabel) else None
 
 
-def _images(records: Sequence[dict], image_key: str) -> np.ndarray:
-  return _channels(np.stack([np.asarray(record[image_key]) for record in records]), image_key)
+class _Reader:
+  """Features `keys` of a split's records, read by record id and stacked per feature.
+
+  When every one of them is stored as a plain list of integers (a ClassLabel; an integer Tensor of a fixed shape
+  without encoding, as this codebase's builders store images), the serialised tf.train.Examples are parsed here and
+  TFDS's per-record conversion to numpy is skipped: Fashion-MNIST's 60,000 training records take ~3 s instead of
+  ~9 s. Anything else (an encoded Image, a string) is decoded by TFDS."""
+
+  def __init__(self, name: str, data_dir: str, split: str, keys: Sequence[str]):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    check_prepared(name, data_dir, [split])
+    features = tfds.builder(name, data_dir=data_dir).info.features
+    self.stored = {key: features[key].get_serialized_info() for key in keys}
+    self.raw = all(isinstance(info, tfds.features.TensorInfo) and np.issubdtype(info.np_dtype, np.integer)
+                   and None not in info.shape for info in self.stored.values())
+    self.source = _data_source(name, data_dir, split, self.raw)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __call__(self, ids: Sequence[int]) -> list[np.ndarray]:
+    records = self.source.__getitems__(list(ids))
+    if not self.raw:
+      return [np.stack([np.asarray(record[key]) for record in records]) for key in self.stored]
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    records = [tf_example_pb2.Example.FromString(record).features.feature for record in records]
+    return [np.array([record[key].int64_list.value for record in records], info.np_dtype).reshape(
+        len(records), *info.shape) for key, info in self.stored.items()]
 
 
 def _channels(images: np.ndarray, image_key: str) -> np.ndarray:
@@ -153,40 +179,16 @@ def _channels(images: np.ndarray, image_key: str) -> np.ndarray:
   return images[..., None] if images.ndim == 3 else images  # [N, H, W] -> [N, H, W, 1]
 
 
-def _labels(records: Sequence[dict], label_key: str) -> np.ndarray:
-  return np.array([record[label_key] for record in records], np.int32)
-
-
 def _read_split(name: str, data_dir: str, split: str, keys: Sequence[str], n: int | None = None
                 ) -> list[np.ndarray]:
-  """Features `keys` of the first `n` records of `split` (all: None), each stacked over the records in stored order.
-  When every one of them is stored as a plain list of integers (a ClassLabel; an integer Tensor of a fixed shape
-  without encoding, as this codebase's builders store images), the serialised tf.train.Examples are parsed here and
-  TFDS's per-record conversion is skipped: Fashion-MNIST's 60,000 training records take ~3 s instead of ~9 s.
-  Anything else (an encoded Image, a string) is decoded by TFDS."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-  check_prepared(name, data_dir, [split])
-  features = tfds.builder(name, data_dir=data_dir).info.features
-  stored = {key: features[key].get_serialized_info() for key in keys}
-  raw = all(isinstance(info, tfds.features.TensorInfo) and np.issubdtype(info.np_dtype, np.integer)
-            and None not in info.shape for info in stored.values())
-  source = _data_source(name, data_dir, split, raw=raw)
-  if not len(source) or n == 0:
+  """Features `keys` of the first `n` records of `split` (all: None), each stacked over the records in stored order
+  (see _Reader)."""
+  reader = _Reader(name, data_dir, split, keys)
+  if not len(reader) or n == 0:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples to load (max_examples={n}).')
-  n = len(source) if n is None else min(n, len(source))
-  columns = {key: [] for key in keys}
-  for start in range(0, n, _READ_CHUNK):
-    records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
-    if raw:
-      records = [tf_example_pb2.Example.FromString(record).features.feature for record in records]
-      for key, info in stored.items():
-        values = np.array([record[key].int64_list.value for record in records], info.np_dtype)
-        columns[key].append(values.reshape(len(records), *info.shape))
-    else:
-      for key in keys:
-        columns[key].append(np.stack([np.asarray(record[key]) for record in records]))
-  return [np.concatenate(columns[key]) for key in keys]
+  n = len(reader) if n is None else min(n, len(reader))
+  chunks = [reader(range(start, min(n, start + _READ_CHUNK))) for start in range(0, n, _READ_CHUNK)]
+  return [np.concatenate(column) for column in zip(*chunks)]
 
 
 def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image', label_key: str = 'label',
@@ -245,14 +247,14 @@ def tokenize_captions(captions: Sequence[Sequence[str]], tokenizer: Tokenizer, t
 class _TrainBatch:
   """Global step -> this process's rows of global batch `step`."""
 
-  def __init__(self, source, *, seed: int, global_batch: int, first_row: int, rows: int, image_key: str,
-               label_key: str, captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-               subset: np.ndarray | None, label_map: np.ndarray | None):
-    self.source, self.seed, self.global_batch, self.first_row, self.rows = source, seed, global_batch, first_row, rows
-    self.image_key, self.label_key = image_key, label_key
+  def __init__(self, reader: _Reader, *, seed: int, global_batch: int, first_row: int, rows: int, image_key: str,
+               captions: tuple[np.ndarray, np.ndarray, np.ndarray] | None, subset: np.ndarray | None,
+               label_map: np.ndarray | None):
+    self.reader, self.seed, self.global_batch, self.first_row, self.rows = reader, seed, global_batch, first_row, rows
+    self.image_key = image_key
     self.captions = captions
     self.subset, self.label_map = subset, label_map
-    self.num_records = len(source) if subset is None else len(subset)
+    self.num_records = len(reader) if subset is None else len(subset)
     self._order = functools.lru_cache(maxsize=2)(self._order_uncached)
 
   def _order_uncached(self, epoch: int) -> np.ndarray:
@@ -269,11 +271,9 @@ class _TrainBatch:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     positions = step * self.global_batch + self.first_row + np.arange(self.rows, dtype=np.int64)
-    records = self.source.__getitems__(self.records(positions).tolist())
-    labels = _labels(records, self.label_key)
-    if self.label_map is not None:
-      labels = self.label_map[labels]
-    batch = {'image': _images(records, self.image_key), 'label': labels,
+    images, labels = self.reader(self.records(positions).tolist())
+    labels = labels.astype(np.int32) if self.label_map is None else self.label_map[labels]
+    batch = {'image': _channels(images, self.image_key), 'label': labels,
              # int32 wraps after 2**31 examples; it only keys augmentation, so a wrap merely repeats keys.
              'index': positions.astype(np.int32)}
     if self.captions is not None:
@@ -305,7 +305,7 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
     raise ValueError(f'global_batch={global_batch} must be a positive multiple of process_count={process_count}.')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count}).')
-  source = _data_source(name, data_dir, split)
+  reader = _Reader(name, data_dir, split, (image_key, label_key))
   caption_table = None
   if captions is not None:
     if tokenizer is None:
@@ -315,18 +315,18 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
     if num_classes is not None and num_classes != len(captions):
       raise ValueError(f'captions cover {len(captions)} classes but {name}[{label_key!r}] has {num_classes}.')
     caption_table = tokenize_captions(captions, tokenizer, text_len)
-  if len(source) < 1:
+  if len(reader) < 1:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples.')
   if classes and subset is None:
     raise ValueError('a class filter needs the records of those classes as `subset` (images.training_records).')
-  available = len(source) if subset is None else len(subset)
+  available = len(reader) if subset is None else len(subset)
   if global_batch > available:
     raise ValueError(f'global_batch={global_batch} is larger than the {available} training examples of '
                      f'{name}/{split}; lower it.')
   rows = global_batch // process_count
   return grain.MapDataset.range(2**40).map(_TrainBatch(
-      source, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,
-      label_key=label_key, captions=caption_table, subset=None if subset is None else np.asarray(subset, np.int64),
+      reader, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,
+      captions=caption_table, subset=None if subset is None else np.asarray(subset, np.int64),
       label_map=_label_map(classes)))
 
 
