@@ -28,7 +28,7 @@ import numpy as np
 from foundation.data.text import Tokenizer
 from foundation.data.text import check_prepared
 
-_READ_CHUNK = 1024  # records fetched per data-source call by load_split
+_READ_CHUNK = 1024  # records fetched per data-source call by _read_split
 
 
 def _data_source(name: str, data_dir: str, split: str, raw: bool = False):
@@ -204,8 +204,8 @@ def load_split(*, name: str, data_dir: str, split: str, image_key: str = 'image'
 @functools.lru_cache(maxsize=4)
 def _decoded_split(name: str, data_dir: str, split: str, image_key: str, label_key: str,
                    max_examples: int | None) -> tuple[np.ndarray, np.ndarray]:
-  """load_split's records, decoded once per process and read-only: decoding Fashion-MNIST's 60,000 records takes 5-10
-  s, and a run can read a split several times (a distillation's transfer set and its evaluation, a probe)."""
+  """load_split's records, read once per process and read-only: Fashion-MNIST's 60,000 take seconds, and a run can
+  read a split several times (a distillation's transfer set and its evaluation, a probe)."""
   images, labels = _read_split(name, data_dir, split, (image_key, label_key), max_examples)
   images, labels = _channels(images, image_key), labels.astype(np.int32)
   images.flags.writeable = labels.flags.writeable = False
