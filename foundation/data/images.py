@@ -32,7 +32,7 @@ _READ_CHUNK = 1024  # records fetched per data-source call by _read_split
 
 
 def _data_source(name: str, data_dir: str, split: str, raw: bool = False):
-  """The split's records, decoded by TFDS; with `raw`, their serialised bytes (see _read_split)."""
+  """The split's records, decoded by TFDS; with `raw`, their serialised bytes (see _Reader)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (keeps importing this module light)
   check_prepared(name, data_dir, [split])
   method = tfds.decode.DeserializeMethod.RAW_BYTES if raw else tfds.decode.DeserializeMethod.DESERIALIZE_AND_DECODE
