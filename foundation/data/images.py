@@ -157,7 +157,8 @@ class _Reader:
     features = tfds.builder(name, data_dir=data_dir).info.features
     self.stored = {key: features[key].get_serialized_info() for key in keys}
     self.raw = all(isinstance(info, tfds.features.TensorInfo) and np.issubdtype(info.np_dtype, np.integer)
-                   and None not in info.shape for info in self.stored.values())
+                   and info.np_dtype != np.uint64  # stored bit-cast to int64
+                   and None not in info.shape and not info.optional for info in self.stored.values())
     self.source = _data_source(name, data_dir, split, self.raw)
 
   def __len__(self) -> int:
@@ -184,7 +185,7 @@ def _read_split(name: str, data_dir: str, split: str, keys: Sequence[str], n: in
   """Features `keys` of the first `n` records of `split` (all: None), each stacked over the records in stored order
   (see _Reader)."""
   reader = _Reader(name, data_dir, split, keys)
-  if not len(reader) or n == 0:
+  if not len(reader) or n is not None and n < 1:
     raise ValueError(f'{name}/{split} in {data_dir} has no examples to load (max_examples={n}).')
   n = len(reader) if n is None else min(n, len(reader))
   chunks = [reader(range(start, min(n, start + _READ_CHUNK))) for start in range(0, n, _READ_CHUNK)]

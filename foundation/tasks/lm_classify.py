@@ -306,26 +306,33 @@ def build(config) -> Task:
     results['perf/eval_examples_per_sec'] = evaluated * len(prefixes) / seconds
     return results
 
-  # Model FLOPs of a training example (flops_per_token's convention, at the whole context): the blocks run over its
-  # body at the mean length it is padded to, over the label tokens fed after it (all but the first, per class), and
-  # over its share of the soft prompt and the template's head, which `loss` runs once per step as a one-row cache
-  # that every body reads (a prefix's keys and values are learned, not computed); the projection to the vocabulary
-  # runs only where a label token is predicted (the head method has none). Counting the soft prompt per example and
-  # that projection at every position overstated SmolLM2's FLOPs 1.9x for a 20-vector prompt and 1.4x for
-  # fine-tuning (MFU read 113-152% on a Zen 1 core pair). On the first four training batches this count is 0.84x
-  # XLA's count of the loss's forward, which adds the norms and softmaxes. A forward pass, plus for training the
-  # backward pass through the activations (x2) and, where the LM's weights train, their gradients (x3 in all).
+  # Model FLOPs of a training example (flops_per_token's convention, attention over the whole context): the blocks
+  # run over its body at the mean length it is padded to, over the label tokens fed after it (all but the first, per
+  # class; not for the head method), and over its share of what `loss` runs once per call for the whole batch (the
+  # global batch, or a microbatch, or a device's share on the pmap path): the template's head and the soft prompt,
+  # as a one-row cache that every body reads, and, forward only, the tokens a prefix starts from (init 'labels' or
+  # 'vocab' without the MLP). The projection to the vocabulary runs only where a label token is predicted (the head
+  # method has none). Counting the soft prompt per example and that projection at every position overstated
+  # SmolLM2's FLOPs 1.9x for a 20-vector prompt and 1.4x for fine-tuning (MFU read 113-152% on a Zen 1 core pair).
+  # On the first four training batches this count is 0.84x XLA's count of the loss's forward, which adds the norms
+  # and softmaxes. A forward pass, plus for training the backward pass through the activations (x2) and, where the
+  # LM's weights train, their gradients (x3 in all).
   body_length = float(np.mean([lmc.bucket_length(len(b)) for b in train_bodies]))
-  context = adapter_len + len(head_ids) + body_length
+  label_len = 1 if method == 'head' else label_tokens.shape[1]
+  fed_labels = (label_len - 1) * label_tokens.shape[0]
   shared = len(head_ids) + (adapter_len if method == 'prompt' else 0)
-  fed_labels = (label_tokens.shape[1] - 1) * label_tokens.shape[0]
+  prefix_start = adapter_len if method == 'prefix' and tune.init != 'uniform' and not tune.prefix_hidden else 0
   passes = 1 if method in ('none', 'probe') else 3 if method in LM_TRAINED else 2
 
   def flops_per_example():
+    per_call = config.global_batch_size / config.grad_accum_steps
+    per_call /= jax.device_count() if config.parallelism == 'pmap' else 1
     vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
-    blocks = flops_per_token(model_cfg, int(context + fed_labels)) / 3 - vocab
+    context = adapter_len + len(head_ids) + body_length + label_len - 1
+    blocks = flops_per_token(model_cfg, int(context)) / 3 - vocab
     predicted = 0 if method == 'head' else 1 + fed_labels
-    return passes * (blocks * (body_length + fed_labels + shared / config.global_batch_size) + vocab * predicted)
+    return (passes * (blocks * (body_length + fed_labels + shared / per_call) + vocab * predicted)
+            + blocks * prefix_start / per_call)
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, frozen=frozen,
               import_params=import_gguf(model_cfg) if method in LM_TRAINED else None,
