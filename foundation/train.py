@@ -399,8 +399,17 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
   base_rng = jax.random.key(config.seed)
   skip_budget = config.optim.get('skip_nonfinite', 0)
 
-  def weighted(params, frozen, batch, rng):
+  def loss_and_grads(params, frozen, batch, rng):
+    """The gradients of the parameters that train. Those config.optim.freeze holds are zeros that do not depend on
+    the loss (the optimizer discards them), so XLA computes none of them: under frozen bottom blocks the backward
+    pass stops at the lowest trained parameter, and train/grad_norm is the norm of what trains."""
     (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, frozen, batch, rng)
+    if config.optim.get('freeze'):
+      grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, optim.frozen_mask(config.optim, params))
+    return (loss, aux), grads
+
+  def weighted(params, frozen, batch, rng):
+    (loss, aux), grads = loss_and_grads(params, frozen, batch, rng)
     aux = dict(aux)
     weight = jax.lax.stop_gradient(jnp.asarray(aux.pop('weight', 1.0), jnp.float32))
     return jax.tree.map(lambda x: x * weight, (loss, aux, grads)), weight
@@ -408,7 +417,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
   def step(state, frozen, batch):
     rng = jax.random.fold_in(base_rng, state['step'])
     if config.grad_accum_steps == 1 and not axis_name:
-      (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state['params'], frozen, batch, rng)
+      (loss, aux), grads = loss_and_grads(state['params'], frozen, batch, rng)
       aux = {k: v for k, v in aux.items() if k != 'weight'}
     else:
       if config.grad_accum_steps == 1:

@@ -135,6 +135,20 @@ def test_top_blocks_fine_tuning_leaves_the_frozen_blocks_bitwise(movie_dir, tmp_
   assert steps[min(steps)]['params/trainable'] == trained
 
 
+def test_frozen_blocks_get_no_backward_pass_and_the_flops_count_follows(movie_dir, tmp_path):
+  """Under the top-block freeze the step's FLOPs (XLA's count of the lowered step, blocks unrolled so that it sees
+  each one) fall below full fine-tuning's, and the count behind MFU falls by the same factor."""
+  flops = {}
+  for variant in ('finetune', 'finetune_top'):
+    config = smoke_config(movie_dir, f'{variant},smoke', **{'lm.scan_layers': False})
+    prepared = train.prepare(config, str(tmp_path / variant), dry=True)
+    cost = train.lower_train_step(prepared, config).cost_analysis()
+    flops[variant] = ((cost[0] if isinstance(cost, list) else cost)['flops'],
+                      prepared.task.flops_per_example() * config.global_batch_size)
+  xla, ours = (flops['finetune_top'][i] / flops['finetune'][i] for i in (0, 1))
+  assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
+
+
 def test_probe_is_the_probe_suite_on_last_token_features(movie_dir, tmp_path):
   config = smoke_config(movie_dir, 'probe,smoke', **{'data.shots_per_class': 6, 'eval.max_examples': 12})
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))

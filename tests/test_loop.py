@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from foundation import checkpoint, host, metrics, tasks, train
+from foundation import checkpoint, config_base, host, metrics, optim, tasks, train
 
 
 def toy_config(**fields):
@@ -105,6 +105,44 @@ def test_skip_nonfinite_keeps_the_state_and_spends_its_budget():
   state, out = step(state, {}, jax.tree.map(jnp.asarray, bad))  # the budget is spent: applied, and reported
   assert not bool(out['update_skipped']) and int(out['train/skipped_updates']) == 1
   assert not np.isfinite(np.asarray(state['params']['w'])).all()
+
+
+def test_frozen_parameters_get_no_gradient_work_and_the_grad_norm_is_of_what_trains():
+  """Three stacked layers, the bottom two frozen: the update and train/grad_norm are those of the top layer alone
+  (numpy), and the compiled step does no backward work below it (XLA's FLOP count: the frozen step costs little
+  more than the forward pass, the unfrozen one about three times it)."""
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(64, 128)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+  params = {f'w{i}': jnp.asarray(rng.normal(size=(128, 128)).astype(np.float32) / 12) for i in (1, 2)}
+  params['w3'] = jnp.asarray(rng.normal(size=128).astype(np.float32) / 12)
+
+  def loss(p, frozen, batch, rng):
+    del frozen, rng
+    h = jnp.tanh(jnp.tanh(batch['x'] @ p['w1']) @ p['w2'])
+    return jnp.mean((h @ p['w3'] - batch['y']) ** 2), {}
+  task = tasks.Task(init=None, loss=loss, train_batches=None)
+  batch = {'x': jnp.asarray(x), 'y': jnp.asarray(y)}
+  flops = {}
+  for freeze in ((), ('^w[12]$',)):
+    config = toy_config(optim=config_base.optimizer(name='sgd', lr=0.1, b1=0.0, weight_decay=0.0, warmup_steps=0,
+                                                    schedule='constant', freeze=freeze,
+                                                    weight_decay_exclude=()))
+    tx, _ = optim.make_optimizer(config.optim, params, 10)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+             'skipped_updates': jnp.zeros((), jnp.int32)}
+    step = jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1), config, None))
+    new, out = step(state, {}, batch)
+    cost = step.lower(state, {}, batch).compile().cost_analysis()
+    flops[freeze] = (cost[0] if isinstance(cost, list) else cost)['flops']
+    if freeze:
+      h = np.tanh(np.tanh(x.astype(np.float64) @ np.asarray(params['w1'])) @ np.asarray(params['w2']))
+      grad = 2 * (h @ np.asarray(params['w3']) - y) @ h / len(y)
+      np.testing.assert_allclose(out['train/grad_norm'], np.linalg.norm(grad), rtol=1e-5)
+      np.testing.assert_allclose(new['params']['w3'], np.asarray(params['w3']) - 0.1 * grad, rtol=1e-5, atol=1e-7)
+      for name in ('w1', 'w2'):
+        np.testing.assert_array_equal(new['params'][name], params[name])
+  forward = 2 * 2 * 64 * 128 * 128  # the two 128 x 128 matmuls
+  assert flops[()] > 2.5 * forward and flops[('^w[12]$',)] < 1.3 * forward, flops
 
 
 def test_checksums_see_any_flipped_bit_or_swap_and_ignore_the_mesh():
