@@ -131,5 +131,14 @@ def frozen_mask(cfg: Any, params: Any) -> Any:
   return frozen
 
 
+def zero_frozen(cfg: Any, grads: Any, params: Any) -> Any:
+  """`grads` with the entries of the parameters cfg.freeze holds replaced by zeros that do not depend on the loss:
+  the optimizer discards those gradients, and so XLA computes none of them (under frozen bottom layers the backward
+  pass stops at the lowest trained weight)."""
+  if not cfg.get('freeze'):
+    return grads
+  return jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen_mask(cfg, params))
+
+
 def global_norm(tree: Any) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

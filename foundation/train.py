@@ -400,13 +400,10 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
   skip_budget = config.optim.get('skip_nonfinite', 0)
 
   def loss_and_grads(params, frozen, batch, rng):
-    """The gradients of the parameters that train. Those config.optim.freeze holds are zeros that do not depend on
-    the loss (the optimizer discards them), so XLA computes none of them: under frozen bottom blocks the backward
-    pass stops at the lowest trained parameter, and train/grad_norm is the norm of what trains."""
+    """The gradients of the parameters that train (optim.zero_frozen): no gradient work for the frozen ones, and
+    train/grad_norm is the norm of what trains."""
     (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, frozen, batch, rng)
-    if config.optim.get('freeze'):
-      grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, optim.frozen_mask(config.optim, params))
-    return (loss, aux), grads
+    return (loss, aux), optim.zero_frozen(config.optim, grads, params)
 
   def weighted(params, frozen, batch, rng):
     (loss, aux), grads = loss_and_grads(params, frozen, batch, rng)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation import checkpoint, files, metrics
+from foundation import checkpoint, files, metrics, optim
 from foundation.data import augment, images
 from foundation.evaluate import probes
 from foundation.evaluate.representation import RepresentationEval, encoder_features
@@ -119,7 +119,13 @@ def build(config) -> Task:
   def flops_per_example():
     abstract_params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
     one_image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return 3 * metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), abstract_params, one_image)
+    forward = lambda p, x: model.apply({'params': p}, x)
+    if not config.optim.freeze:
+      return 3 * metrics.forward_flops(forward, abstract_params, one_image)
+    # Frozen weights get no gradient work (train.make_train_step): XLA's count of the forward pass and of the
+    # backward pass as far as the trained weights need it.
+    trained_grads = lambda p, x: optim.zero_frozen(config.optim, jax.grad(lambda q: jnp.sum(forward(q, x)))(p), p)
+    return metrics.forward_flops(trained_grads, abstract_params, one_image)
 
   return Task(init=init, loss=loss, train_batches=labelled.train_batches, evaluate=evaluate,
               flops_per_example=flops_per_example)
