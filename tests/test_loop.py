@@ -128,8 +128,7 @@ def test_frozen_parameters_get_no_gradient_work_and_the_grad_norm_is_of_what_tra
                                                     schedule='constant', freeze=freeze,
                                                     weight_decay_exclude=()))
     tx, _ = optim.make_optimizer(config.optim, params, 10)
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-             'skipped_updates': jnp.zeros((), jnp.int32)}
+    state = train._state_of(params, tx)  # pylint: disable=protected-access
     step = jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1), config, None))
     new, out = step(state, {}, batch)
     cost = step.lower(state, {}, batch).compile().cost_analysis()
