@@ -21,6 +21,7 @@ from foundation.models.transformer import Transformer, TransformerConfig
 from foundation.tasks import lm_classify as task_module
 import test_gguf
 from test_transformer import np_hidden
+from test_configs import load as load_config
 from test_lm_classify import BYTES, movie_dir, smoke_config  # noqa: F401  (movie_dir is a fixture)
 from test_train import logged, run
 
@@ -146,6 +147,23 @@ def test_frozen_blocks_get_no_backward_pass_and_the_flops_count_follows(movie_di
     flops[variant] = ((cost[0] if isinstance(cost, list) else cost)['flops'],
                       prepared.task.flops_per_example() * config.global_batch_size)
   xla, ours = (flops['finetune_top'][i] / flops['finetune'][i] for i in (0, 1))
+  assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
+
+
+def test_a_language_model_under_a_freeze_counts_the_flops_it_runs(tfds_dir, tmp_path):
+  """Next-token training (configs/lm/shakespeare.py) with the embedding and the lower three of four blocks frozen:
+  the count behind MFU falls by the factor that XLA's count of the lowered step falls."""
+  flops = {}
+  for freeze in ((), ('^(embedding$|layers_[0-2]/)',)):
+    config = load_config('configs/lm/shakespeare.py').get_config('smoke')
+    config.data.data_dir = tfds_dir
+    config.model.num_layers = 4
+    config.optim.freeze = freeze
+    prepared = train.prepare(config, str(tmp_path / f'frozen{len(freeze)}'), dry=True)
+    cost = train.lower_train_step(prepared, config).cost_analysis()
+    flops[freeze] = ((cost[0] if isinstance(cost, list) else cost)['flops'],
+                     prepared.task.flops_per_example() * config.global_batch_size)
+  xla, ours = (flops[freeze][i] / flops[()][i] for i in (0, 1))
   assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
 
 

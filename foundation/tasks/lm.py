@@ -8,13 +8,14 @@ tokenizers) over the whole validation split, plus samples from a prompt, written
 
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint, files, losses, sharding
+from foundation import checkpoint, files, losses, optim, sharding
 from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate.generate import generate
@@ -125,9 +126,33 @@ def build(config) -> Task:
       _write_samples(model, params, tokenizer, prompt, config, step, ctx)
     return results
 
+  def flops_per_example():
+    per_token = flops_per_token(model_cfg, data.seq_len)  # forward and backward, every weight trained (x3)
+    if config.optim.freeze:
+      vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
+      block_passes, vocab_passes = passes_under_freeze(config.optim, nn.unbox(jax.eval_shape(init, jax.random.key(0))),
+                                                       model_cfg.num_layers)
+      per_token = block_passes * (per_token / 3 - vocab) + vocab_passes * vocab
+    return per_token * data.seq_len
+
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
-              import_params=import_gguf(model_cfg), flops_per_example=lambda: flops_per_token(model_cfg, data.seq_len) * data.seq_len,
+              import_params=import_gguf(model_cfg), flops_per_example=flops_per_example,
               tokens_per_example=data.seq_len)
+
+
+def passes_under_freeze(optim_cfg, params, num_layers: int, prefix: str = '') -> tuple[float, int]:
+  """Passes of a training step over a decoder's blocks (their mean) and over its projection to the vocabulary when
+  config.optim.freeze holds some of `params` (the decoder's under `prefix`): frozen weights get no gradient work
+  (train.make_train_step), so every block runs forward, the blocks from the lowest trained one up also run the
+  backward pass (x3), and the projection runs its weights' gradient only if the tied embedding trains (which also
+  takes the backward pass to block 0)."""
+  trained = [name for name, frozen in zip(jax.tree.leaves(optim.param_names(params)),
+                                          jax.tree.leaves(optim.frozen_mask(optim_cfg, params))) if not frozen]
+  if any(name.startswith((f'{prefix}embedding', f'{prefix}layers/')) for name in trained):  # the input, or scanned
+    return 3.0, 3
+  lowest = min((int(m.group(1)) for m in map(re.compile(rf'^{re.escape(prefix)}layers_(\d+)/').match, trained) if m),
+               default=num_layers)
+  return 1 + 2 * (num_layers - lowest) / num_layers, 2
 
 
 def _write_samples(model, params, tokenizer, prompt, config, step: int, ctx: EvalContext) -> None:

@@ -43,7 +43,6 @@ length within windows of `data.sort_window` batches, so they pad little.
 import dataclasses
 import functools
 import os
-import re
 import time
 
 import flax.linen as nn
@@ -52,7 +51,7 @@ import jax.numpy as jnp
 import grain
 import numpy as np
 
-from foundation import checkpoint, files, optim, sharding
+from foundation import checkpoint, files, sharding
 from foundation.data import text as text_data
 from foundation.data.tokenizers import ByteTokenizer
 from foundation.evaluate import lm_classify as lmc
@@ -62,7 +61,7 @@ from foundation.models.gguf import gguf_header, load_gguf, resolve_gguf
 from foundation.models.transformer import (Transformer, TransformerConfig, flops_per_token, is_lora_param,
                                            lora_target_names, merge_lora, param_count, stack_layers)
 from foundation.tasks import EvalContext, Task
-from foundation.tasks.lm import import_gguf
+from foundation.tasks.lm import import_gguf, passes_under_freeze
 
 RANDOM_SOURCE = 'random'  # lm.source for a small random Transformer on bytes (tests, smoke runs)
 PREFIX_MULTIPLE = 32      # prefix caches are padded to a multiple of this: one compiled shape for all draws
@@ -317,7 +316,7 @@ def build(config) -> Task:
   # SmolLM2's FLOPs 1.9x for a 20-vector prompt and 1.4x for fine-tuning (MFU read 113-152% on a Zen 1 core pair).
   # On the first four training batches this count is 0.84x XLA's count of the loss's forward, which adds the norms
   # and softmaxes. A forward pass, plus for training the backward pass through the activations (x2) and, where the
-  # LM's weights train, their gradients (x3 in all); under config.optim.freeze, see _passes_under_freeze.
+  # LM's weights train, their gradients (x3 in all); under config.optim.freeze, see passes_under_freeze.
   body_length = float(np.mean([lmc.bucket_length(len(b)) for b in train_bodies]))
   label_len = 1 if method == 'head' else label_tokens.shape[1]
   fed_labels = (label_len - 1) * label_tokens.shape[0]
@@ -330,7 +329,8 @@ def build(config) -> Task:
     per_call /= jax.device_count() if config.parallelism == 'pmap' else 1
     block_passes, vocab_passes = passes, passes
     if method in LM_TRAINED and config.optim.freeze:
-      block_passes, vocab_passes = _passes_under_freeze(config.optim, init, model_cfg.num_layers)
+      params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+      block_passes, vocab_passes = passes_under_freeze(config.optim, params, model_cfg.num_layers, prefix='lm/')
     vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
     context = adapter_len + len(head_ids) + body_length + label_len - 1
     blocks = flops_per_token(model_cfg, int(context)) / 3 - vocab
@@ -341,21 +341,6 @@ def build(config) -> Task:
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, frozen=frozen,
               import_params=import_gguf(model_cfg) if method in LM_TRAINED else None,
               flops_per_example=flops_per_example, tokens_per_example=int(round(body_length)))
-
-
-def _passes_under_freeze(optim_cfg, init, num_layers: int) -> tuple[float, int]:
-  """Passes of a training step over the LM's blocks (their mean) and over the projection to the vocabulary when
-  config.optim.freeze holds some weights: frozen weights get no gradient work (train.make_train_step), so every
-  block runs forward, the blocks from the lowest trained one up also run the backward pass (x3), and the projection
-  runs its weights' gradient only if the tied embedding trains (which also takes the backward pass to block 0)."""
-  params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-  trained = [name for name, frozen in zip(jax.tree.leaves(optim.param_names(params)),
-                                          jax.tree.leaves(optim.frozen_mask(optim_cfg, params))) if not frozen]
-  if any(name.startswith(('lm/embedding', 'lm/layers/')) for name in trained):  # the input, or scanned blocks
-    return 3.0, 3
-  lowest = min((int(m.group(1)) for m in map(re.compile(r'^lm/layers_(\d+)/').match, trained) if m),
-               default=num_layers)
-  return 1 + 2 * (num_layers - lowest) / num_layers, 2
 
 
 def _lora_leaves(params: dict) -> dict:
