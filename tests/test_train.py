@@ -110,11 +110,16 @@ def assert_same_numbers(a, b, keys=('train/loss', 'train/grad_norm', 'eval/loss'
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, tfds_dir):
+def reference_workdir(tmp_path_factory, tfds_dir):
   """The uninterrupted run on ONE device: what every other way of running must reproduce."""
   workdir = str(tmp_path_factory.mktemp('reference'))
   run(workdir, tfds_dir, *STEPS, devices=1)
-  return logged(workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def reference(reference_workdir):
+  return logged(reference_workdir)
 
 
 @pytest.fixture(scope='module')
@@ -125,7 +130,7 @@ def reference_8(tmp_path_factory, tfds_dir):
   return logged(workdir)
 
 
-def test_reference_run_learns_and_writes_its_outputs(reference, tmp_path_factory):
+def test_reference_run_learns_and_writes_its_outputs(reference, reference_workdir):
   losses = [reference[s]['train/loss'] for s in sorted(reference) if 'train/loss' in reference[s]]
   assert len(losses) == 12
   assert losses[-1] < losses[0] - 0.5  # byte LM from ln(320)=5.77 nats: the first steps drop it fast
@@ -146,6 +151,18 @@ def test_reference_run_learns_and_writes_its_outputs(reference, tmp_path_factory
   assert all(later > earlier for earlier, later in zip(train_s, train_s[1:]))
   assert train_s[0] >= reference[1]['perf/first_step_s']
   assert train_s[-1] < reference[12]['compute/device_hours'] * 3600
+  # A sample from the prompt at every evaluation: the prompt, then at most max_new_tokens bytes, each decoded to at
+  # most one character.
+  evaluated = [s for s in sorted(reference) if 'eval/loss' in reference[s]]
+  assert evaluated == [6, 12]
+  written = sorted(os.listdir(os.path.join(reference_workdir, 'samples')))
+  assert written == [f'step_{s:06d}.txt' for s in evaluated]
+  for name in written:
+    with open(os.path.join(reference_workdir, 'samples', name)) as f:
+      samples = f.read()[:-1].split('\n\n=====\n\n')
+    assert len(samples) == config.sample.num_samples
+    assert all(s.startswith(config.sample.prompt) for s in samples)
+    assert all(len(s) - len(config.sample.prompt) <= config.sample.max_new_tokens for s in samples)
 
 
 def test_sharded_mesh_equals_one_device(reference, tmp_path, tfds_dir):
