@@ -130,8 +130,7 @@ def build(config) -> Task:
     per_token = flops_per_token(model_cfg, data.seq_len)  # forward and backward, every weight trained (x3)
     if config.optim.freeze:
       vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
-      block_passes, vocab_passes = passes_under_freeze(config.optim, nn.unbox(jax.eval_shape(init, jax.random.key(0))),
-                                                       model_cfg.num_layers)
+      block_passes, vocab_passes = passes_under_freeze(config.optim, init, model_cfg.num_layers)
       per_token = block_passes * (per_token / 3 - vocab) + vocab_passes * vocab
     return per_token * data.seq_len
 
@@ -140,12 +139,13 @@ def build(config) -> Task:
               tokens_per_example=data.seq_len)
 
 
-def passes_under_freeze(optim_cfg, params, num_layers: int, prefix: str = '') -> tuple[float, int]:
+def passes_under_freeze(optim_cfg, init, num_layers: int, prefix: str = '') -> tuple[float, int]:
   """Passes of a training step over a decoder's blocks (their mean) and over its projection to the vocabulary when
-  config.optim.freeze holds some of `params` (the decoder's under `prefix`): frozen weights get no gradient work
-  (train.make_train_step), so every block runs forward, the blocks from the lowest trained one up also run the
-  backward pass (x3), and the projection runs its weights' gradient only if the tied embedding trains (which also
-  takes the backward pass to block 0)."""
+  config.optim.freeze holds some of the params that `init` makes (the decoder's under `prefix`): frozen weights get
+  no gradient work (train.make_train_step), so every block runs forward, the blocks from the lowest trained one up
+  also run the backward pass (x3), and the projection runs its weights' gradient only if the tied embedding trains
+  (which also takes the backward pass to block 0)."""
+  params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
   trained = [name for name, frozen in zip(jax.tree.leaves(optim.param_names(params)),
                                           jax.tree.leaves(optim.frozen_mask(optim_cfg, params))) if not frozen]
   if any(name.startswith((f'{prefix}embedding', f'{prefix}layers/')) for name in trained):  # the input, or scanned

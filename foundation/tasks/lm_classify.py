@@ -329,8 +329,7 @@ def build(config) -> Task:
     per_call /= jax.device_count() if config.parallelism == 'pmap' else 1
     block_passes, vocab_passes = passes, passes
     if method in LM_TRAINED and config.optim.freeze:
-      params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-      block_passes, vocab_passes = passes_under_freeze(config.optim, params, model_cfg.num_layers, prefix='lm/')
+      block_passes, vocab_passes = passes_under_freeze(config.optim, init, model_cfg.num_layers, prefix='lm/')
     vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
     context = adapter_len + len(head_ids) + body_length + label_len - 1
     blocks = flops_per_token(model_cfg, int(context)) / 3 - vocab
