@@ -25,6 +25,15 @@ def load(path):
   return module
 
 
+def step_flops(config, workdir) -> tuple[float, float]:
+  """(XLA's FLOP count of the config's lowered train step, the task's count behind MFU for the same global batch),
+  from a dry prepare: nothing is compiled or written."""
+  prepared = train.prepare(config, str(workdir), dry=True)
+  cost = train.lower_train_step(prepared, config).cost_analysis()
+  return ((cost[0] if isinstance(cost, list) else cost)['flops'],
+          prepared.task.flops_per_example() * config.global_batch_size)
+
+
 def test_there_are_configs():
   assert 'configs/lm/shakespeare.py' in CONFIGS
 

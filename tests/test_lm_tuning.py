@@ -21,7 +21,7 @@ from foundation.models.transformer import Transformer, TransformerConfig
 from foundation.tasks import lm_classify as task_module
 import test_gguf
 from test_transformer import np_hidden
-from test_configs import load as load_config
+from test_configs import load as load_config, step_flops
 from test_lm_classify import BYTES, movie_dir, smoke_config  # noqa: F401  (movie_dir is a fixture)
 from test_train import logged, run
 
@@ -141,11 +141,8 @@ def test_frozen_blocks_get_no_backward_pass_and_the_flops_count_follows(movie_di
   each one) fall below full fine-tuning's, and the count behind MFU falls by the same factor."""
   flops = {}
   for variant in ('finetune', 'finetune_top'):
-    config = smoke_config(movie_dir, f'{variant},smoke', **{'lm.scan_layers': False})
-    prepared = train.prepare(config, str(tmp_path / variant), dry=True)
-    cost = train.lower_train_step(prepared, config).cost_analysis()
-    flops[variant] = ((cost[0] if isinstance(cost, list) else cost)['flops'],
-                      prepared.task.flops_per_example() * config.global_batch_size)
+    flops[variant] = step_flops(smoke_config(movie_dir, f'{variant},smoke', **{'lm.scan_layers': False}),
+                                tmp_path / variant)
   xla, ours = (flops['finetune_top'][i] / flops['finetune'][i] for i in (0, 1))
   assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
 
@@ -159,10 +156,7 @@ def test_a_language_model_under_a_freeze_counts_the_flops_it_runs(tfds_dir, tmp_
     config.data.data_dir = tfds_dir
     config.model.num_layers = 4
     config.optim.freeze = freeze
-    prepared = train.prepare(config, str(tmp_path / f'frozen{len(freeze)}'), dry=True)
-    cost = train.lower_train_step(prepared, config).cost_analysis()
-    flops[freeze] = ((cost[0] if isinstance(cost, list) else cost)['flops'],
-                     prepared.task.flops_per_example() * config.global_batch_size)
+    flops[freeze] = step_flops(config, tmp_path / f'frozen{len(freeze)}')
   xla, ours = (flops[freeze][i] / flops[()][i] for i in (0, 1))
   assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
 
