@@ -100,10 +100,16 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
             sequence: the causal mask is not halved, and rematerialisation is not counted)
   training = 3 * forward (the backward pass costs twice the forward).
   """
+  return 3.0 * sum(forward_flops_per_token(cfg, seq_len))
+
+
+def forward_flops_per_token(cfg: TransformerConfig, seq_len: int) -> tuple[int, int]:
+  """flops_per_token's forward pass in two parts, (the blocks: their matmuls and attention, the projection to the
+  vocabulary), for counts where they run a different number of passes (frozen weights, positions without a label)."""
   attention = cfg.embed_dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  matmul_params = cfg.num_layers * (attention + 3 * cfg.embed_dim * cfg.mlp_dim) + cfg.embed_dim * cfg.vocab_size
+  blocks = 2 * cfg.num_layers * (attention + 3 * cfg.embed_dim * cfg.mlp_dim)
   attention_flops = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
-  return 3.0 * (2 * matmul_params + attention_flops)
+  return blocks + attention_flops, 2 * cfg.embed_dim * cfg.vocab_size
 
 
 # The projections LoRA can target, by path inside a block.

@@ -20,7 +20,7 @@ from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate.generate import generate
 from foundation.models import gguf
-from foundation.models.transformer import Transformer, TransformerConfig, flops_per_token
+from foundation.models.transformer import Transformer, TransformerConfig, forward_flops_per_token
 from foundation.tasks import EvalContext, Task
 
 
@@ -126,13 +126,11 @@ def build(config) -> Task:
       _write_samples(model, params, tokenizer, prompt, config, step, ctx)
     return results
 
-  def flops_per_example():
-    per_token = flops_per_token(model_cfg, data.seq_len)  # forward and backward, every weight trained (x3)
-    if config.optim.freeze:
-      vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
-      block_passes, vocab_passes = passes_under_freeze(config.optim, init, model_cfg.num_layers)
-      per_token = block_passes * (per_token / 3 - vocab) + vocab_passes * vocab
-    return per_token * data.seq_len
+  def flops_per_example():  # forward and backward (x3) where every weight trains: flops_per_token
+    blocks, vocab = forward_flops_per_token(model_cfg, data.seq_len)
+    block_passes, vocab_passes = (passes_under_freeze(config.optim, init, model_cfg.num_layers)
+                                  if config.optim.freeze else (3, 3))
+    return (block_passes * blocks + vocab_passes * vocab) * data.seq_len
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
               import_params=import_gguf(model_cfg), flops_per_example=flops_per_example,

@@ -58,7 +58,7 @@ from foundation.evaluate import lm_classify as lmc
 from foundation.evaluate import probes
 from foundation.models import adapters
 from foundation.models.gguf import gguf_header, load_gguf, resolve_gguf
-from foundation.models.transformer import (Transformer, TransformerConfig, flops_per_token, is_lora_param,
+from foundation.models.transformer import (Transformer, TransformerConfig, forward_flops_per_token, is_lora_param,
                                            lora_target_names, merge_lora, param_count, stack_layers)
 from foundation.tasks import EvalContext, Task
 from foundation.tasks.lm import import_gguf, passes_under_freeze
@@ -330,9 +330,8 @@ def build(config) -> Task:
     block_passes, vocab_passes = passes, passes
     if method in LM_TRAINED and config.optim.freeze:
       block_passes, vocab_passes = passes_under_freeze(config.optim, init, model_cfg.num_layers, prefix='lm/')
-    vocab = 2 * model_cfg.embed_dim * model_cfg.vocab_size
     context = adapter_len + len(head_ids) + body_length + label_len - 1
-    blocks = flops_per_token(model_cfg, int(context)) / 3 - vocab
+    blocks, vocab = forward_flops_per_token(model_cfg, int(context))
     predicted = 0 if method == 'head' else 1 + fed_labels
     return (block_passes * blocks * (body_length + fed_labels + shared / per_call) + vocab_passes * vocab * predicted
             + blocks * prefix_start / per_call)
