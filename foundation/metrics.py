@@ -150,14 +150,19 @@ def footprint_text(footprint: dict[str, float]) -> str:
 
 
 def forward_flops(fn, *args) -> float:
-  """FLOPs of one call of fn(*args) as XLA counts them (args may be ShapeDtypeStructs); compiles, runs nothing.
+  """FLOPs of one call of fn(*args) as XLA counts them (args may be ShapeDtypeStructs); lowers, runs nothing.
 
   For models without an analytic count (convolutions): training FLOPs ~ 3x this. XLA counts a scan's body once,
   so use it on unscanned models.
   """
-  cost = jax.jit(fn).lower(*args).cost_analysis()  # of the HLO before compilation: the same count, no compile
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  return float(xla_cost(jax.jit(fn).lower(*args)).get('flops', 0.0))  # the HLO before compiling: the same count
+
+
+def xla_cost(stage) -> dict | None:
+  """XLA's cost analysis of a lowered or compiled program as one dict ('flops', 'bytes accessed', ...); None where
+  the backend gives none (XLA's GPU compiler). Some jaxlib versions wrap it in a list of one dict per program."""
+  cost = stage.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def read_metrics(path: str, *, warn=print) -> list[dict]:

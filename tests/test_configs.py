@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from conftest import REPO
-from foundation import config_base, train
+from foundation import config_base, metrics, train
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'configs', '**', '*.py'),
                                                              recursive=True))
@@ -29,8 +29,7 @@ def step_flops(config, workdir) -> tuple[float, float]:
   """(XLA's FLOP count of the config's lowered train step, the task's count behind MFU for the same global batch),
   from a dry prepare: nothing is compiled or written."""
   prepared = train.prepare(config, str(workdir), dry=True)
-  cost = train.lower_train_step(prepared, config).cost_analysis()
-  return ((cost[0] if isinstance(cost, list) else cost)['flops'],
+  return (metrics.xla_cost(train.lower_train_step(prepared, config))['flops'],
           prepared.task.flops_per_example() * config.global_batch_size)
 
 
