@@ -190,6 +190,26 @@ def test_few_shot_training_rows_are_balanced_and_drawn_per_seed(movie_dir):
   assert seen[0] != seen[1]
 
 
+# The flags of the README's 16-per-class table, as its commands give them to each method.
+README_FEW_SHOT = {'data.shots_per_class': 16, 'num_train_steps': 60, 'eval_every': 20, 'checkpoint_every': 20,
+                   'optim.warmup_steps': 6, 'eval.splits': ('test', 'ood_tweets')}
+
+
+def test_the_few_shot_variant_gives_each_method_the_readme_tables_flags():
+  """`:few_shot` after a method (the sweep that regenerates the 16-per-class table) is the method with the flags
+  the table's commands name; the methods that train nothing keep their zero steps."""
+  module = load_config('configs/adapt/movie_sentiment.py')
+  for method in ('prompt', 'prefix', 'lora', 'finetune', 'finetune_top', 'head', 'probe', 'zero_shot'):
+    expected = module.get_config(method)
+    if expected.num_train_steps:
+      expected.update_from_flattened_dict(README_FEW_SHOT)
+    else:  # eval_every and the schedule do nothing without steps; zero-shot keeps validation, where it chooses
+      expected.data.shots_per_class = 16
+      expected.eval.splits = README_FEW_SHOT['eval.splits'] if method == 'probe' else (
+          'validation', 'test', 'ood_tweets')
+    assert module.get_config(f'{method},few_shot').to_dict() == expected.to_dict(), method
+
+
 def test_length_sorted_batches_cover_every_row_once_per_epoch_and_pad_less(movie_dir):
   config = smoke_config(movie_dir, 'prompt,smoke', **{'global_batch_size': 16, 'data.shots_per_class': 0})
   texts, _ = task_module.read_split(config.data, 'train', 0)
