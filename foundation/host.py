@@ -68,6 +68,14 @@ def cpu_flags() -> frozenset[str]:
   return frozenset(_cpuinfo().get('flags', '').split())
 
 
+def slow_bf16_matmuls() -> bool:
+  """Whether this CPU is known to lack bf16 dot-product instructions (AVX512_BF16, AMX): XLA's own bf16 dot then
+  runs at 0.6x float32's speed (a Zen 1 EPYC, benchmarks/README.md), so the transformer widens bf16-rounded operands
+  to float32 before multiplying (models/transformer.py, low_precision_dot). False where the flags are unknown."""
+  flags = cpu_flags()
+  return bool(flags) and not flags & {'avx512_bf16', 'amx_bf16'}
+
+
 def cpu_description() -> str:
   """The host CPU in a few words, for the start of a run's log, so that a timing can be traced to its machine (a VM
   may wake up on another host): model name, family, and its widest vector / bf16 instructions."""

@@ -55,14 +55,6 @@ def measure_matmul_flops(devices: Sequence[jax.Device], dtype: str = 'float32', 
   return n * 2 * size**3 / best
 
 
-def slow_bf16_matmuls() -> bool:
-  """Whether this CPU is known to lack bf16 dot-product instructions (AVX512_BF16, AMX): XLA then converts bf16
-  operands itself and bf16 matmuls buy no speed (on a Zen 1 EPYC SmolLM2's scoring ran 0.73x float32's speed and
-  the `:baby` LM's step about 1x, benchmarks/README.md). False where the flags are unknown."""
-  flags = host.cpu_flags()
-  return bool(flags) and not flags & {'avx512_bf16', 'amx_bf16'}
-
-
 def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
                    cache_path: str = os.path.expanduser('~/.cache/foundation/cpu_peak_flops.json')) -> float:
   """The CPU's matmul peak for MFU, for matmuls with `dtype` operands: $FOUNDATION_CPU_PEAK_FLOPS if set, else
@@ -72,6 +64,8 @@ def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
   """
   if os.environ.get('FOUNDATION_CPU_PEAK_FLOPS'):
     return float(os.environ['FOUNDATION_CPU_PEAK_FLOPS'])
+  if dtype == 'bfloat16' and host.slow_bf16_matmuls():
+    dtype = 'float32'  # the transformer's bf16 matmuls run as float32 ones here (transformer.low_precision_dot)
   # A VM can move to another host between runs: the key names the CPU's features, not only its count.
   features = hashlib.sha256(' '.join(sorted(host.cpu_flags())).encode()).hexdigest()[:8]
   key = (f'{os.cpu_count()} cpus (flags {features}), {len(devices)} devices, {dtype}, '

@@ -703,9 +703,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   matmul_dtype = model.get('matmul_dtype') or model.get('dtype') or 'float32'
   peak = metrics.peak_flops(jax.devices(), matmul_dtype)
   flops_per_example = task.flops_per_example()
-  if devices[0].platform == 'cpu' and matmul_dtype == 'bfloat16' and metrics.slow_bf16_matmuls():
-    say(f'This CPU has no bf16 dot-product instructions (AVX512_BF16, AMX): bf16 matmul operands buy no speed here '
-        f'and may cost some (benchmarks/README.md); --config.{model_key}.matmul_dtype=float32 keeps full precision.')
+  if devices[0].platform == 'cpu' and matmul_dtype == 'bfloat16' and host.slow_bf16_matmuls():
+    say(f'This CPU has no bf16 dot-product instructions (AVX512_BF16, AMX): bf16 matmul operands are multiplied as '
+        f'float32 here, at float32 speed (benchmarks/README.md); --config.{model_key}.matmul_dtype=float32 keeps '
+        'full precision at the same speed.')
 
   if config.parallelism == 'pmap':
     runner = _Pmap(make_train_step(task, tx, prepared.schedule, config, axis_name='batch'), mesh)

@@ -1,6 +1,7 @@
 """The decoder against a naive numpy decoder written here from the same weights, plus closed forms and invariants."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from foundation import host
 from foundation.models.transformer import init_cache
 from foundation.models.transformer import (Transformer, TransformerConfig, apply_rope, flops_per_token,
                                            low_precision_dot, param_count, stack_layers)
@@ -252,11 +254,19 @@ def round_to_bf16(x):
   return np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
 
 
+@pytest.mark.parametrize('flags', [{'avx512f', 'avx512_bf16'}, {'avx2'}], ids=['bf16_dots', 'no_bf16_dots'])
 @pytest.mark.parametrize('x_shape,w_shape,num_in', [((3, 5, 8), (8, 6), 1),            # a projection
                                                     ((2, 3, 4, 6), (4, 6, 7), 2),       # 'out': heads x head_dim
                                                     ((2, 5, 8), (8, 2, 3), 1)])         # 'query': [in, heads, dim]
-def test_low_precision_dot_and_its_gradients_against_numpy(x_shape, w_shape, num_in):
-  """Forward x.w, and dx = g.w^T, dw = x^T.g, each from operands rounded to bf16 and summed exactly (float64)."""
+def test_low_precision_dot_and_its_gradients_against_numpy(x_shape, w_shape, num_in, flags, monkeypatch):
+  """Forward x.w, and dx = g.w^T, dw = x^T.g, each from operands rounded to bf16 and summed exactly (float64): with
+  XLA's bf16 dot on a CPU that has bf16 dot instructions, and on one without them as float32 dots of the rounded
+  operands (XLA's own bf16 dot is slow there)."""
+  monkeypatch.setattr(host, 'cpu_flags', lambda: frozenset(flags))
+  lowered = jax.jit(jax.value_and_grad(lambda a, b: low_precision_dot(a, b, num_in, 'bfloat16').sum(), (0, 1))).lower(
+      jnp.zeros(x_shape), jnp.zeros(w_shape)).as_text()
+  operands = re.findall(r'stablehlo\.dot_general .*: \((tensor<[^)]*)\)', lowered)
+  assert len(operands) == 3 and all(('bf16' in o) == ('avx512_bf16' in flags) for o in operands), operands
   rng = np.random.default_rng(0)
   x, w = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=w_shape).astype(np.float32)
   out_shape = x_shape[:len(x_shape) - num_in] + w_shape[num_in:]

@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       source='smollm2-135m-instruct',  # a KNOWN_GGUF name, a GGUF path, or 'random' (random_model, byte tokenizer)
       dtype='float32',                 # compute dtype ('bfloat16' on a GPU or TPU)
       # The weight matmuls' operands (float32 accumulation): on a CPU with AVX-512 BF16 they run 1.6x the float32
-      # speed here (README, Results); None: in `dtype`.
+      # speed here (README, Results); on one without, at float32 speed (multiplied as float32); None: in `dtype`.
       matmul_dtype='bfloat16',
       # One compiled block scanned over the layers: tracing and compiling the step do not grow with SmolLM2's 30
       # blocks. False: unrolled blocks (layers_0, ...), which freezing some blocks by name needs (:finetune_top).
