@@ -30,9 +30,11 @@ as separate jobs; `--table_only` builds the tables once they have finished.
 The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. For every metric (default: every
 `eval/...` key logged) they give the mean and the sample standard deviation (ddof=1; undefined for a single seed)
 over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over
-the runs that have it), and n, the number of finished runs. A run counts as finished when its `metrics.jsonl` has
-a line at its config's `num_train_steps`, however it was run. The tables cover the cells of the latest sweep
-started or printed for the root (`ROOT/sweep.json`).
+the runs that have it; `a|b` takes each run's `a`, or its `b` where it has no `a`, so that
+`best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run that trains and the only evaluation of
+one that does not), and n, the number of finished runs. A run counts as finished when its `metrics.jsonl` has a
+line at its config's `num_train_steps`, however it was run. The tables cover the cells of the latest sweep started
+or printed for the root (`ROOT/sweep.json`).
 """
 
 import argparse
@@ -338,9 +340,14 @@ def collect(root: str, cells: list[Cell], seeds: int,
   rows = []
   for cell in cells:
     runs = finished.get(cell.name, [])
-    stats = {m: mean_and_std([float(last[m]) for last in runs if m in last]) for m in metrics}
+    stats = {m: mean_and_std([float(v) for last in runs if (v := _value(last, m)) is not None]) for m in metrics}
     rows.append(Row(cell, len(runs), stats))
   return rows, metrics, unfinished
+
+
+def _value(last: dict[str, float], metric: str) -> float | None:
+  """A run's value of `metric`: its first `|`-separated alternative that the run logged; None if none."""
+  return next((last[m] for m in metric.split('|') if m in last), None)
 
 
 def _format(mean: float, std: float) -> str:
@@ -350,7 +357,7 @@ def _format(mean: float, std: float) -> str:
 
 
 def markdown_table(rows: list[Row], fields: list[str], metrics: list[str]) -> str:
-  header = [*(fields or ['cell']), *metrics, 'n']
+  header = [*(fields or ['cell']), *(m.replace('|', r'\|') for m in metrics), 'n']  # a|b: the pipe escaped
   lines = ['| ' + ' | '.join(header) + ' |',
            '|' + '|'.join([' --- '] * len(fields or ['cell']) + [' ---: '] * (len(metrics) + 1)) + '|']
   for row in rows:
@@ -462,7 +469,8 @@ def parse_args(argv: list[str] | None = None):
   parser.add_argument('--seeds', type=int, default=1, help='runs per cell, with config.seed = 0, ..., seeds - 1')
   parser.add_argument('--root', required=True, help='directory of the sweep: a subdirectory per cell, the tables')
   parser.add_argument('--metrics', type=lambda s: [m for m in s.split(',') if m],
-                      help='comma-separated metrics of the tables (default: every eval/... key logged)')
+                      help='comma-separated metrics of the tables (default: every eval/... key logged); a|b: a, '
+                      'or b where a run has no a')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='set in every run (repeat for several fields)')
   parser.add_argument('--jobs', choices=('run', 'print'), default='run',

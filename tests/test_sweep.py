@@ -205,6 +205,28 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   assert 'not in the table (unfinished or not run)' in capsys.readouterr().err
 
 
+def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
+  """`best/eval/accuracy|eval/accuracy`: a run that trains reports its selected step's number, one that trains
+  nothing its only evaluation, and a run with both its first alternative; a run with neither is left out."""
+  root = str(tmp_path)
+  grid = 'optim.lr=0.01,0.001'
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=3', f'--root={root}', '--jobs=print']) == 0
+  cells = sweep.make_cells(sweep.parse_grid(grid))
+  logged = [[{'best/eval/accuracy': 0.8, 'eval/accuracy': 0.1}, {'eval/accuracy': 0.6}, {'eval/loss': 1.0}],
+            [{'best/eval/accuracy': 0.7}, {'best/eval/accuracy': 0.5}, {'eval/accuracy': 0.9}]]
+  for cell, finals in zip(cells, logged):
+    for seed, final in enumerate(finals):
+      fake_run(os.path.join(root, cell.name, f'seed_{seed}'), 10, {'train/loss': 1.0, **final}, {})
+  metric = 'best/eval/accuracy|eval/accuracy'
+  assert sweep.main([f'--root={root}', '--table_only', f'--metrics={metric}']) == 0
+  table = read_csv(os.path.join(root, 'table.csv'))
+  for cell, expected in zip(cells, ([0.8, 0.6], [0.7, 0.5, 0.9])):
+    np.testing.assert_allclose(float(table[cell.name][f'{metric} mean']), np.mean(expected), rtol=1e-12)
+    np.testing.assert_allclose(float(table[cell.name][f'{metric} std']), np.std(expected, ddof=1), rtol=1e-12)
+  header = next(line for line in open(os.path.join(root, 'table.md')).read().splitlines() if line.startswith('|'))
+  assert header.count(' | ') == 2 and r'best/eval/accuracy\|eval/accuracy' in header  # optim.lr, the metric, n
+
+
 def sweep_env():
   """One CPU device and the suite's compilation cache for the runs (they inherit the sweep's environment)."""
   return subprocess_env(1, FOUNDATION_CPU_PEAK_FLOPS='1e11')
