@@ -16,6 +16,7 @@ tcmalloc). Set FOUNDATION_DEFAULT_MALLOC=1 to leave glibc's defaults alone.
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import os
 import platform
@@ -48,6 +49,7 @@ def keep_freed_memory() -> bool:
              for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_ARENA_MAX, 1)))
 
 
+@functools.lru_cache(maxsize=1)
 def _cpuinfo() -> dict[str, str]:
   """The first processor's fields in /proc/cpuinfo (Linux); empty where that is unreadable."""
   fields = {}

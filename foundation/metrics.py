@@ -64,8 +64,6 @@ def cpu_peak_flops(devices: Sequence[jax.Device], dtype: str = 'float32',
   """
   if os.environ.get('FOUNDATION_CPU_PEAK_FLOPS'):
     return float(os.environ['FOUNDATION_CPU_PEAK_FLOPS'])
-  if dtype == 'bfloat16' and host.slow_bf16_matmuls():
-    dtype = 'float32'  # the transformer's bf16 matmuls run as float32 ones here (transformer.low_precision_dot)
   # A VM can move to another host between runs: the key names the CPU's features, not only its count.
   features = hashlib.sha256(' '.join(sorted(host.cpu_flags())).encode()).hexdigest()[:8]
   key = (f'{os.cpu_count()} cpus (flags {features}), {len(devices)} devices, {dtype}, '

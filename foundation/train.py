@@ -701,12 +701,18 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   model_key = 'model' if config.get('model') else 'lm'  # the LM classifier's model is `lm`
   model = config.get(model_key) or {}
   matmul_dtype = model.get('matmul_dtype') or model.get('dtype') or 'float32'
-  peak = metrics.peak_flops(jax.devices(), matmul_dtype)
+  slow_bf16 = devices[0].platform == 'cpu' and matmul_dtype == 'bfloat16' and host.slow_bf16_matmuls()
+  # bf16 operands of float32 activations are multiplied as float32 there (transformer.low_precision_dot).
+  widened = slow_bf16 and model.get('dtype', 'float32') != 'bfloat16'
+  peak = metrics.peak_flops(jax.devices(), 'float32' if widened else matmul_dtype)
   flops_per_example = task.flops_per_example()
-  if devices[0].platform == 'cpu' and matmul_dtype == 'bfloat16' and host.slow_bf16_matmuls():
+  if widened:
     say(f'This CPU has no bf16 dot-product instructions (AVX512_BF16, AMX): bf16 matmul operands are multiplied as '
         f'float32 here, at float32 speed (benchmarks/README.md); --config.{model_key}.matmul_dtype=float32 keeps '
         'full precision at the same speed.')
+  elif slow_bf16:
+    say(f'This CPU has no bf16 dot-product instructions (AVX512_BF16, AMX): bf16 matmuls run slower than float32 '
+        f'here (benchmarks/README.md); --config.{model_key}.dtype=float32 computes in float32.')
 
   if config.parallelism == 'pmap':
     runner = _Pmap(make_train_step(task, tx, prepared.schedule, config, axis_name='batch'), mesh)

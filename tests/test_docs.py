@@ -1,7 +1,7 @@
-"""Every `foundation.main` and `foundation.sweep` command in the README, the docs and the config files' docstrings
-resolves: its config file, variants and `--config.field=value` overrides load through the same loader
-`foundation.main` uses, and a sweep's grid and --set values pass the sweep's own checks. Nothing runs; a renamed
-variant or field fails here, naming the command."""
+"""Every `foundation.main`, `foundation.sweep` and `foundation.plan` command in the fenced code blocks of the
+README, the docs and the config files' docstrings resolves: its config file, variants and `--config.field=value`
+overrides load through the same loader `foundation.main` uses, and a sweep's grid and --set values pass the sweep's
+own checks; no value holds a line break. Nothing runs; a renamed variant or field fails here, naming the command."""
 
 import ast
 import glob
@@ -17,18 +17,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ['README.md', 'docs/*.md', 'benchmarks/*.md']
 
 
+def shell_line(lines: str) -> str:
+  """Continued lines as the shell joins them: a backslash-newline outside single quotes is removed (inside them it
+  stays, as in bash, and the test below refuses the value it lands in)."""
+  out, quote, i = '', None, 0
+  while i < len(lines):
+    char = lines[i]
+    if char == '\\' and quote != "'":
+      out += '' if lines[i + 1:i + 2] == '\n' else lines[i:i + 2]  # an escaped character stays escaped for shlex
+      i += 2
+      continue
+    if char in '\'"' and quote in (None, char):
+      quote = None if quote else char
+    out += char
+    i += 1
+  return out
+
+
 def fenced_commands(text: str) -> list[str]:
-  """The commands in a markdown file's fenced code blocks that run foundation.main or foundation.sweep, each with its
-  continuation lines joined (a line ending in `,\\` continues a value; one ending in ` \\` the command)."""
-  commands, block, inside = [], [], False
+  """The commands that run foundation.main, .sweep or .plan in a markdown file's fenced code blocks (indented ones
+  too), each with its continuation lines joined as the shell would."""
+  commands, lines, fence = [], [], None
   for line in text.splitlines():
-    if line.startswith('```'):
-      if inside:
-        joined = re.sub(r'\\\n\s*', ' ', re.sub(r',\\\n', ',', '\n'.join(block)))
-        commands += [c.strip() for c in joined.splitlines() if re.search(r'-m foundation\.(main|sweep) ', c)]
-      inside, block = not inside, []
-    elif inside:
-      block.append(line)
+    if line.lstrip().startswith('```'):
+      if fence is not None:
+        at = 0
+        while at < len(lines):
+          if re.search(r'-m foundation\.(main|sweep|plan) ', lines[at]) and not lines[at].lstrip().startswith('#'):
+            group = [lines[at]]
+            while group[-1].endswith('\\') and at + 1 < len(lines):
+              at += 1
+              group.append(lines[at])
+            commands.append(shell_line('\n'.join(group)).strip())
+          at += 1
+      fence, lines = (None if fence is not None else len(line) - len(line.lstrip())), []
+    elif fence is not None:
+      lines.append(line[fence:] if line[:fence].isspace() else line)
   return commands
 
 
@@ -70,8 +94,9 @@ def test_the_docs_hold_the_commands_this_test_reads():
 
 
 def _name(path: str, command: str) -> str:
-  flags = parse(command)[1]
-  return f"{path} {flags['--config'][0]} {(flags.get('--workdir') or flags.get('--root'))[0]}"
+  module, flags = parse(command)
+  where = (flags.get('--workdir') or flags.get('--root') or flags.get('--topology') or flags.get('--gpu') or [''])[0]
+  return f"{path} {module.split('.')[-1]} {flags['--config'][0]} {where}"
 
 
 @pytest.mark.parametrize('path, command', DOCUMENTED, ids=[_name(*d) for d in DOCUMENTED])
@@ -80,7 +105,9 @@ def test_a_documented_command_resolves(path, command, monkeypatch):
   monkeypatch.chdir(REPO)
   module, flags = parse(command)
   config = flags['--config'][0]
-  if module == 'foundation.main':
+  broken = [f'{name}={value}' for name, values in flags.items() for value in values if '\n' in value or '\\' in value]
+  assert not broken, f'a line break inside a value (a continuation inside quotes?): {broken}'
+  if module in ('foundation.main', 'foundation.plan'):  # the plan reads --config as main does
     overrides = {name[len('--config.'):]: values[-1] for name, values in flags.items()
                  if name.startswith('--config.')}
     sweep.load_config(config, overrides)

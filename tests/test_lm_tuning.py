@@ -197,7 +197,8 @@ README_FEW_SHOT = {'data.shots_per_class': 16, 'num_train_steps': 60, 'eval_ever
 
 def test_the_few_shot_variant_gives_each_method_the_readme_tables_flags():
   """`:few_shot` after a method (the sweep that regenerates the 16-per-class table) is the method with the flags
-  the table's commands name; the methods that train nothing keep their zero steps."""
+  the table's commands name; the methods that train nothing keep their zero steps. Named in another order, it is
+  refused."""
   module = load_config('configs/adapt/movie_sentiment.py')
   for method in ('prompt', 'prefix', 'lora', 'finetune', 'finetune_top', 'head', 'probe', 'zero_shot'):
     expected = module.get_config(method)
@@ -208,6 +209,9 @@ def test_the_few_shot_variant_gives_each_method_the_readme_tables_flags():
       expected.eval.splits = README_FEW_SHOT['eval.splits'] if method == 'probe' else (
           'validation', 'test', 'ood_tweets')
     assert module.get_config(f'{method},few_shot').to_dict() == expected.to_dict(), method
+  for misordered in ('few_shot,lora', 'prompt,smoke,few_shot'):  # the method would undo it, or it the smoke run
+    with pytest.raises(ValueError, match='name :few_shot after the method and before :smoke'):
+      module.get_config(misordered)
 
 
 def test_length_sorted_batches_cover_every_row_once_per_epoch_and_pad_less(movie_dir):

@@ -287,8 +287,7 @@ def test_cpu_peak_is_measured_again_on_a_cpu_with_other_features(tmp_path, monke
   assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 1  # read back, not measured
   assert not host.slow_bf16_matmuls() and host.cpu_description().endswith(', avx512_bf16')  # the log's host
   monkeypatch.setattr(host, 'cpu_flags', lambda: frozenset({'avx2'}))
-  # No bf16 dot instructions: the transformer's bf16 matmuls run as float32 ones, so float32's peak is theirs.
-  assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 2 and measured == ['bfloat16', 'float32']
+  assert metrics.cpu_peak_flops(jax.devices(), 'bfloat16', cache) == 2 and measured == ['bfloat16'] * 2
   assert host.slow_bf16_matmuls() and host.cpu_description().endswith(', avx2')
   monkeypatch.setattr(host, 'cpu_flags', frozenset)  # unknown flags (no /proc/cpuinfo): no claim either way
   assert not host.slow_bf16_matmuls()

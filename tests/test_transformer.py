@@ -261,12 +261,14 @@ def round_to_bf16(x):
 def test_low_precision_dot_and_its_gradients_against_numpy(x_shape, w_shape, num_in, flags, monkeypatch):
   """Forward x.w, and dx = g.w^T, dw = x^T.g, each from operands rounded to bf16 and summed exactly (float64): with
   XLA's bf16 dot on a CPU that has bf16 dot instructions, and on one without them as float32 dots of the rounded
-  operands (XLA's own bf16 dot is slow there)."""
+  operands (XLA's own bf16 dot is slow there); a program lowered on that CPU for a TPU keeps its bf16 dots."""
   monkeypatch.setattr(host, 'cpu_flags', lambda: frozenset(flags))
-  lowered = jax.jit(jax.value_and_grad(lambda a, b: low_precision_dot(a, b, num_in, 'bfloat16').sum(), (0, 1))).lower(
-      jnp.zeros(x_shape), jnp.zeros(w_shape)).as_text()
-  operands = re.findall(r'stablehlo\.dot_general .*: \((tensor<[^)]*)\)', lowered)
-  assert len(operands) == 3 and all(('bf16' in o) == ('avx512_bf16' in flags) for o in operands), operands
+  traced = jax.jit(jax.value_and_grad(lambda a, b: low_precision_dot(a, b, num_in, 'bfloat16').sum(), (0, 1))).trace(
+      jnp.zeros(x_shape), jnp.zeros(w_shape))
+  for platform, bf16_dots in (('cpu', 'avx512_bf16' in flags), ('tpu', True)):
+    lowered = traced.lower(lowering_platforms=(platform,)).as_text()
+    operands = re.findall(r'stablehlo\.dot_general .*: \((tensor<[^)]*)\)', lowered)
+    assert len(operands) == 3 and all(('bf16' in o) == bf16_dots for o in operands), (platform, operands)
   rng = np.random.default_rng(0)
   x, w = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=w_shape).astype(np.float32)
   out_shape = x_shape[:len(x_shape) - num_in] + w_shape[num_in:]

@@ -121,6 +121,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = dict(splits=('validation', 'test'), selection_splits=('validation',), selection_max_examples=0,
                 max_examples=0, batch_size=32)
   c.optim = config_base.optimizer(lr=1e-3, warmup_steps=0, weight_decay=0.0, weight_decay_exclude=())
+  names = [name.strip() for name in (arg or '').split(',')]
+  if 'few_shot' in names:  # it replaces the steps of the method before it, and :smoke shrinks them after it
+    at = names.index('few_shot')
+    if set(names[at + 1:]) & set(METHODS) or 'smoke' in names[:at]:
+      raise ValueError(f':{arg} applies its variants in order: name :few_shot after the method and before :smoke, '
+                       'e.g. :lora,few_shot or :lora,few_shot,smoke.')
   return config_base.apply_variants(c, arg, VARIANTS, __file__)
 
 
@@ -222,6 +228,7 @@ def few_shot(c):
   c.eval.splits = ('validation', 'test', 'ood_tweets') if c.tune.method == 'none' else ('test', 'ood_tweets')
 
 
+METHODS = ('zero_shot', 'icl', 'prompt', 'prefix', 'lora', 'finetune', 'finetune_top', 'head', 'probe')
 VARIANTS = {'zero_shot': zero_shot, 'icl': icl, 'prompt': prompt, 'prefix': prefix, 'lora': lora,
             'finetune': finetune, 'finetune_top': finetune_top, 'head': head, 'probe': probe, 'few_shot': few_shot,
             'smoke': smoke,

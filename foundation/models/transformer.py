@@ -208,9 +208,12 @@ def _dot_f32(a: Array, b: Array) -> Array:
   """a @ b accumulated in float32. bf16 operands on a CPU without bf16 dot-product instructions are widened to
   float32 first: the product of two bf16 values is exact in float32, so this is the same dot up to the order of the
   sum, at float32 speed instead of the 0.6x that XLA's own bf16 dot runs at there (host.slow_bf16_matmuls)."""
-  if a.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu' and host.slow_bf16_matmuls():
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+  dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  if a.dtype != jnp.bfloat16 or not host.slow_bf16_matmuls():
+    return dot(a, b)
+  # By the platform the program is lowered for: a TPU or GPU plan compiled on such a CPU keeps its bf16 dots.
+  return jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)),
+                                    default=dot)
 
 
 def _low_precision_dot_fwd(x, w, num_in, dtype):
