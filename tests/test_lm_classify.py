@@ -331,16 +331,20 @@ def test_icl_prompt_is_the_same_in_another_process(movie_dir):
 def test_in_context_chat_run_on_a_gguf_model_through_the_loop(movie_dir, tmp_path, monkeypatch):
   """A GGUF source, chat-wrapped, two demonstrations, num_train_steps=0: the model reads a ChatML conversation in
   which every demonstration is a user turn answered by its label word; evaluates once, pins the file's hash, saves
-  no checkpoint."""
+  no checkpoint. With data.shots_per_class=1 the demonstrations are the run's two labelled examples, not any others
+  of the training split."""
   monkeypatch.setitem(test_gguf.TINY, 'context', 1024)
   path = test_gguf.write_tiny_gguf(str(tmp_path / 'tiny.gguf'))
   config = smoke_config(movie_dir, 'smoke,zero_shot', **{'lm.source': path, 'prompt.chat': True,
                                                          'prompt.label_words': ('bad', 'good'), 'icl.shots': 2,
-                                                         'icl.draws': 1, 'eval.max_examples': 4})
+                                                         'icl.draws': 1, 'eval.max_examples': 4,
+                                                         'data.shots_per_class': 1})
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 0 <= results['eval/accuracy'] <= 1 and 'eval/validation/calibrated/accuracy' in results
   texts, labels = task_module.read_split(config.data, 'train', 0)
-  picks = lmc.demonstration_indices(labels, 2, 2, seed=config.seed, draw=0)
+  labelled = lmc.demonstration_indices(labels, 2, 2, seed=config.seed, draw=task_module.TRAIN_SUBSET_DRAW)
+  picks = labelled[lmc.demonstration_indices(labels[labelled], 2, 2, seed=config.seed, draw=0)]
+  assert sorted(labels[picks]) == [0, 1]
   query = task_module.read_split(config.data, config.eval.splits[0], 1)[0][0]
   user = lambda text: f'<|im_start|>user\n{lmc.fill(config.prompt.template, text)}<|im_end|>\n<|im_start|>assistant\n'
   conversation = ('<|im_start|>system\nBe brief.<|im_end|>\n'  # the tiny GGUF's chat template's default system turn
@@ -361,6 +365,8 @@ def test_in_context_chat_run_on_a_gguf_model_through_the_loop(movie_dir, tmp_pat
     ({'icl.shots': 16, 'lm.random_model.max_len': 2000},
      r'exceeds the model\'s context of 2000 tokens; about \d+ shots fit'),
     ({'prompt.chat': True}, 'byte tokenizer, without chat turns'),
+    ({'data.shots_per_class': 2, 'icl.shots': 6}, r'icl.shots=6 demonstrations come from the 2 training examples '
+                                                  r'per class of config.data.shots_per_class, 4 in all'),
     ({'eval.splits': ('validation', 'tset')}, r"no split\(s\) \['tset'\]"),
 ])
 def test_bad_input_is_one_line_before_anything_is_written(movie_dir, tmp_path, overrides, message):

@@ -218,9 +218,10 @@ def probe(c):
 
 def few_shot(c):
   """The README's 16-per-class table (LM-BFF's few-shot regime), after the method's variant: 16 training sentences
-  per class drawn by config.seed; a method that trains takes 60 steps of batch 16 (6 warmup) with its step chosen on
-  200 validation sentences every 20 steps. The result reads test and the out-of-domain tweets, and the whole
-  validation split only where it chooses something at the end: zero-shot and in-context (the prompt)."""
+  per class drawn by config.seed (`:icl` draws its demonstrations from them); a method that trains takes 60 steps
+  of batch 16 (6 warmup) with its step chosen on 200 validation sentences every 20 steps. The result reads test and
+  the out-of-domain tweets, and the whole validation split only where it chooses something at the end: zero-shot
+  and in-context (the prompt)."""
   c.data.shots_per_class = 16
   if c.num_train_steps:
     c.update(num_train_steps=60, eval_every=20, checkpoint_every=20)
@@ -228,8 +229,7 @@ def few_shot(c):
   c.eval.splits = ('validation', 'test', 'ood_tweets') if c.tune.method == 'none' else ('test', 'ood_tweets')
 
 
-METHODS = ('zero_shot', 'icl', 'prompt', 'prefix', 'lora', 'finetune', 'finetune_top', 'head', 'probe')
-VARIANTS = {'zero_shot': zero_shot, 'icl': icl, 'prompt': prompt, 'prefix': prefix, 'lora': lora,
-            'finetune': finetune, 'finetune_top': finetune_top, 'head': head, 'probe': probe, 'few_shot': few_shot,
-            'smoke': smoke,
+METHODS = {'zero_shot': zero_shot, 'icl': icl, 'prompt': prompt, 'prefix': prefix, 'lora': lora,
+           'finetune': finetune, 'finetune_top': finetune_top, 'head': head, 'probe': probe}
+VARIANTS = {**METHODS, 'few_shot': few_shot, 'smoke': smoke,
             **{name: functools.partial(_prompt, name) for name in PROMPTS}}

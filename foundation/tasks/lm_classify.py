@@ -20,7 +20,8 @@ The soft prompt and the prefix are a one-row KV cache in front of the prompt, in
 (foundation/models/adapters.py). For prompt, prefix and lora the LM is `Task.frozen` (a GGUF file, pinned by its
 sha256 in config.json, or a small random model for tests): sharded like trained weights, without optimizer state,
 never in the run's checkpoints, so an adapter's checkpoint holds the adapter alone and records its base.
-`data.shots_per_class` trains on that many examples per class, drawn by config.seed.
+`data.shots_per_class` trains on that many examples per class, drawn by config.seed; the in-context demonstrations
+of such a run come from the same examples.
 
 Evaluation, per split of `eval.splits` (metric names: test has no split segment, `validation/`, `ood/tweets/`, ...):
   eval/accuracy, eval/calibrated/accuracy, eval/generate/accuracy, eval/generate/unparseable (the share of answers
@@ -95,6 +96,17 @@ def build(config) -> Task:
   new_tokens = config.generate.max_new_tokens if method not in ('head', 'probe') else 0
 
   train_texts, train_labels = read_split(data, data.train_split, 0)
+  # The labelled examples a run may read: every training text, or shots_per_class of each class. Training rows and
+  # in-context demonstrations both come from them (LM-BFF draws a few-shot run's demonstrations from its training
+  # set), so a few-shot figure never reads more labels than it says.
+  if data.shots_per_class and icl.shots > data.shots_per_class * len(class_names):
+    raise ValueError(f'config.icl.shots={icl.shots} demonstrations come from the {data.shots_per_class} training '
+                     f'examples per class of config.data.shots_per_class, {data.shots_per_class * len(class_names)} '
+                     f'in all: lower icl.shots to at most that, or raise shots_per_class.')
+  train_picks = (lmc.demonstration_indices(train_labels, data.shots_per_class * len(class_names), len(class_names),
+                                           seed=config.seed, draw=TRAIN_SUBSET_DRAW)
+                 if data.shots_per_class else np.arange(len(train_labels)))
+  train_texts, train_labels = [train_texts[i] for i in train_picks], train_labels[train_picks]
   eval_rows, eval_labels, splits = [], {}, {}
   eval_texts = []
   for split in read_splits:
@@ -131,11 +143,8 @@ def build(config) -> Task:
   rows_of = lambda slices: np.concatenate([np.arange(len(eval_rows))[r] for r in [*slices, content_free]])
   eval_batches = {True: batches_of(rows_of(result.values())), False: batches_of(rows_of(selection.values()))}
 
-  # Training rows: the zero-shot prompt (no demonstrations) of every training text, or of shots_per_class of each.
-  train_picks = (lmc.demonstration_indices(train_labels, data.shots_per_class * len(class_names), len(class_names),
-                                           seed=config.seed, draw=TRAIN_SUBSET_DRAW)
-                 if data.shots_per_class else np.arange(len(train_labels)))
-  train_bodies = [body(train_texts[i]) for i in train_picks]
+  # Training rows: the zero-shot prompt (no demonstrations) of each labelled example.
+  train_bodies = [body(t) for t in train_texts]
   train_length = lmc.bucket_length(max(map(len, train_bodies)))
   if adapter_len + len(head_ids) + train_length + label_tokens.shape[1] > model_cfg.max_len:
     raise ValueError(f'the longest training prompt ({adapter_len + len(head_ids) + train_length} tokens padded, with '
@@ -243,7 +252,7 @@ def build(config) -> Task:
 
   def train_batches(process_index, process_count):
     return grain.MapDataset.range(2**40).map(_TrainRows(
-        train_bodies, train_labels[train_picks], tokenizer.pad_id, seed=config.seed,
+        train_bodies, train_labels, tokenizer.pad_id, seed=config.seed,
         global_batch=config.global_batch_size, sort_window=data.sort_window, process_index=process_index,
         process_count=process_count))
 
@@ -273,7 +282,7 @@ def build(config) -> Task:
       if method == 'probe':
         features = lambda bodies: _features(read, resized, lm, learned, bodies, tokenizer.pad_id, ev.batch_size,
                                             tune.pooling, ctx.mesh)
-        results = _probe_metrics(features(train_bodies), train_labels[train_picks], features(eval_rows), result,
+        results = _probe_metrics(features(train_bodies), train_labels, features(eval_rows), result,
                                  eval_labels, num_classes)
         per_draw = None
       for prefix in prefixes if per_draw is not None else ():
