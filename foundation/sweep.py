@@ -357,12 +357,12 @@ def _format(mean: float, std: float) -> str:
 
 
 def markdown_table(rows: list[Row], fields: list[str], metrics: list[str]) -> str:
-  header = [*(fields or ['cell']), *(m.replace('|', r'\|') for m in metrics), 'n']  # a|b: the pipe escaped
-  lines = ['| ' + ' | '.join(header) + ' |',
+  line = lambda cells: '| ' + ' | '.join(str(c).replace('|', r'\|') for c in cells) + ' |'  # a|b, a regex's pipe
+  lines = [line([*(fields or ['cell']), *metrics, 'n']),
            '|' + '|'.join([' --- '] * len(fields or ['cell']) + [' ---: '] * (len(metrics) + 1)) + '|']
   for row in rows:
     keys = [row.cell.overrides[f] for f in fields] if fields else [row.cell.name]
-    lines.append('| ' + ' | '.join([*keys, *(_format(*row.stats[m]) for m in metrics), str(row.n)]) + ' |')
+    lines.append(line([*keys, *(_format(*row.stats[m]) for m in metrics), row.n]))
   return '\n'.join(lines) + '\n'
 
 

@@ -207,9 +207,10 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
 
 def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
   """`best/eval/accuracy|eval/accuracy`: a run that trains reports its selected step's number, one that trains
-  nothing its only evaluation, and a run with both its first alternative; a run with neither is left out."""
+  nothing its only evaluation, and a run with both its first alternative; a run with neither is left out. The
+  markdown table escapes the pipes of the metric and of a grid value (a regex)."""
   root = str(tmp_path)
-  grid = 'optim.lr=0.01,0.001'
+  grid = "optim.freeze='^embed|^head',''"
   assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=3', f'--root={root}', '--jobs=print']) == 0
   cells = sweep.make_cells(sweep.parse_grid(grid))
   logged = [[{'best/eval/accuracy': 0.8, 'eval/accuracy': 0.1}, {'eval/accuracy': 0.6}, {'eval/loss': 1.0}],
@@ -223,8 +224,10 @@ def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
   for cell, expected in zip(cells, ([0.8, 0.6], [0.7, 0.5, 0.9])):
     np.testing.assert_allclose(float(table[cell.name][f'{metric} mean']), np.mean(expected), rtol=1e-12)
     np.testing.assert_allclose(float(table[cell.name][f'{metric} std']), np.std(expected, ddof=1), rtol=1e-12)
-  header = next(line for line in open(os.path.join(root, 'table.md')).read().splitlines() if line.startswith('|'))
-  assert header.count(' | ') == 2 and r'best/eval/accuracy\|eval/accuracy' in header  # optim.lr, the metric, n
+  header, _, *rows = [line for line in open(os.path.join(root, 'table.md')).read().splitlines() if line[:1] == '|']
+  assert header == r'| optim.freeze | best/eval/accuracy\|eval/accuracy | n |'
+  assert rows[0] == rf'| ^embed\|^head | {np.mean([0.8, 0.6]):.4g} ({np.std([0.8, 0.6], ddof=1):.2g}) | 3 |'
+  assert rows[1].startswith('|  | ') and rows[1].count(' | ') == 2
 
 
 def sweep_env():
