@@ -161,22 +161,38 @@ def test_a_language_model_under_a_freeze_counts_the_flops_it_runs(tfds_dir, tmp_
   assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
 
 
-def test_probe_is_the_probe_suite_on_last_token_features(movie_dir, tmp_path):
-  config = smoke_config(movie_dir, 'probe,smoke', **{'data.shots_per_class': 6, 'eval.max_examples': 12})
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+@pytest.mark.parametrize('chat', [False, True])
+def test_probe_is_the_probe_suite_on_last_token_features(movie_dir, tiny_gguf, tmp_path, chat):
+  """The ridge probe of the frozen LM's last-token features, against features of unpadded full forwards. A chat
+  prompt's features are read after the chat turn's start, as the other methods read their prompts. An evaluation
+  before the end reads the selection split's first eval.selection_max_examples, never test."""
+  overrides = {'data.shots_per_class': 6, 'eval.max_examples': 12}
+  config = (gguf_config(movie_dir, 'probe', tiny_gguf('base.gguf'), **{'prompt.chat': True, **overrides}) if chat
+            else smoke_config(movie_dir, 'probe,smoke', **overrides))
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
   task = tasks.build(config)
   lm = nn.unbox(task.frozen(checkpoint.Sources()))['lm']
-  model = Transformer(TransformerConfig.from_dict(config.lm.random_model))
-  feature = lambda text: reference_hidden(model, lm, np.asarray(BYTES.encode(lmc.fill(config.prompt.template, text)),
-                                                                np.int32))
+  model_cfg, tokenizer = task_module._language_model(config.lm)  # pylint: disable=protected-access
+  head, tail = tokenizer.chat_parts()[:2] if chat else ('', '')
+  encode = lambda s: np.asarray(tokenizer.encode(s), np.int32).reshape(-1)
+  feature = lambda text: np_hidden(lm, model_cfg, np.concatenate(
+      [encode(head), encode(lmc.fill(config.prompt.template, text) + tail)]))[-1]
   texts, labels = task_module.read_split(config.data, 'train', 0)
   picks = lmc.demonstration_indices(labels, 12, 2, seed=config.seed, draw=task_module.TRAIN_SUBSET_DRAW)
   train_x = np.stack([feature(texts[i]) for i in picks])
+
+  def probe(split, n):
+    split_texts, split_labels = task_module.read_split(config.data, split, n)
+    return probes.ridge_probe(train_x, labels[picks], np.stack([feature(t) for t in split_texts]), split_labels,
+                              num_classes=2)
+
   for split, at in (('validation', 'validation/'), ('test', '')):
-    split_texts, split_labels = task_module.read_split(config.data, split, 12)
-    expected = probes.ridge_probe(train_x, labels[picks], np.stack([feature(t) for t in split_texts]), split_labels,
-                                  num_classes=2)
-    assert results[f'eval/{at}accuracy'] == pytest.approx(expected), split
+    assert results[f'eval/{at}accuracy'] == pytest.approx(probe(split, 12)), split
+  during = logged(workdir)[config.eval_every]
+  assert {k.split('/')[1] for k in during if k.startswith('eval/')} == {'validation'}
+  assert during['eval/validation/accuracy'] == pytest.approx(probe('validation', config.eval.selection_max_examples
+                                                                   or 12))
 
 
 def test_few_shot_training_rows_are_balanced_and_drawn_per_seed(movie_dir):
@@ -236,6 +252,13 @@ def test_length_sorted_batches_cover_every_row_once_per_epoch_and_pad_less(movie
     ('prompt', {'tune.length': 5000}, "exceeds the model's context"),
     ('finetune_top', {'optim.freeze': ('.*',)}, 'leaves nothing trainable'),
     ('head', {'icl.shots': 4}, 'set --config.icl.shots=0'),
+    ('lora', {'icl.shots': 4}, r'training reads zero-shot prompts.*--config.num_train_steps=0'),
+    ('prompt', {'early_stopping.metric': 'eval/accuracy'},
+     r"early_stopping.metric='eval/accuracy' is not among .*\['eval/validation/accuracy', "
+     r"'eval/validation/calibrated/accuracy'"),
+    ('head', {'early_stopping.metric': 'eval/validation/calibrated/accuracy'},
+     r"choose one of \['eval/validation/accuracy'\]"),
+    ('prompt', {'eval.selection_splits': ('test',)}, 'not test: it is read for the result only'),
 ])
 def test_bad_tuning_input_is_one_line_before_anything_is_written(movie_dir, tmp_path, variant, overrides, message):
   config = smoke_config(movie_dir, f'{variant},smoke', **overrides)

@@ -94,11 +94,12 @@ def build(config) -> Task:
     raise ValueError(f'config.prompt.label_words={label_words!r}: a word encodes to no tokens.')
   label_tokens, label_mask = lmc.pad(label_ids, max(map(len, label_ids)), tokenizer.pad_id, left=False)
   new_tokens = config.generate.max_new_tokens if method not in ('head', 'probe') else 0
+  _check_selection_metric(config, method, new_tokens)
 
   train_texts, train_labels = read_split(data, data.train_split, 0)
-  # The labelled examples a run may read: every training text, or shots_per_class of each class. Training rows and
+  # The training labels a run may read: every training text, or shots_per_class of each class. Training rows and
   # in-context demonstrations both come from them (LM-BFF draws a few-shot run's demonstrations from its training
-  # set), so a few-shot figure never reads more labels than it says.
+  # set). Choosing a step reads validation labels besides: eval.selection_max_examples of them.
   if data.shots_per_class and icl.shots > data.shots_per_class * len(class_names):
     raise ValueError(f'config.icl.shots={icl.shots} demonstrations come from the {data.shots_per_class} training '
                      f'examples per class of config.data.shots_per_class, {data.shots_per_class * len(class_names)} '
@@ -279,17 +280,25 @@ def build(config) -> Task:
     per_draw = []
     with nn.logical_axis_rules(()):  # the batch's sharding is set on the inputs; XLA propagates it
       learned = start_of(params, lm)
-      if method == 'probe':
-        features = lambda bodies: _features(read, resized, lm, learned, bodies, tokenizer.pad_id, ev.batch_size,
+
+      def shared_start(prefix):
+        """The cache every body of a draw reads after: the learned start, then the prefix (chat turn, demos)."""
+        if not prefix_slots:
+          return learned
+        tokens, mask = lmc.pad([prefix], prefix_slots, tokenizer.pad_id, left=False)
+        return prefill(resized(prefix_slots), lm, jnp.asarray(tokens), jnp.asarray(mask), learned)
+
+      if method == 'probe':  # one draw: no demonstrations, at most the chat turn's start
+        cache = shared_start(prefixes[0])
+        features = lambda bodies: _features(read, resized, lm, cache, bodies, tokenizer.pad_id, ev.batch_size,
                                             tune.pooling, ctx.mesh)
-        results = _probe_metrics(features(train_bodies), train_labels, features(eval_rows), result,
-                                 eval_labels, num_classes)
+        rows = np.concatenate([np.arange(len(eval_rows))[r] for r in reported.values()])
+        eval_x = np.zeros((len(eval_rows), model_cfg.embed_dim), np.float32)
+        eval_x[rows] = features([eval_rows[i] for i in rows])
+        results = _probe_metrics(features(train_bodies), train_labels, eval_x, reported, labels, num_classes)
         per_draw = None
       for prefix in prefixes if per_draw is not None else ():
-        cache = learned
-        if prefix_slots:
-          tokens, mask = lmc.pad([prefix], prefix_slots, tokenizer.pad_id, left=False)
-          cache = prefill(resized(prefix_slots), lm, jnp.asarray(tokens), jnp.asarray(mask), learned)
+        cache = shared_start(prefix)
         scores = np.zeros((len(eval_rows), num_classes), np.float64)
         answers = np.full(len(eval_rows), -1)
         for rows, tokens, mask in batches:
@@ -407,6 +416,10 @@ def _check_method(config, model_cfg) -> str:
   if tune.method in ('head', 'probe') and config.icl.shots:
     raise ValueError(f'config.tune.method={tune.method!r} classifies features, not label words: set '
                      '--config.icl.shots=0.')
+  if tune.method not in ('none', 'probe') and config.num_train_steps and config.icl.shots:
+    raise ValueError(f'config.icl.shots={config.icl.shots}: training reads zero-shot prompts, so demonstrations '
+                     'would only change the evaluation; set --config.icl.shots=0 to train, or evaluate a trained '
+                     'run in context with --config.num_train_steps=0 and its workdir as --config.init_from.source.')
   if tune.pooling not in ('last', 'mean'):
     raise ValueError(f'config.tune.pooling={tune.pooling!r}; choose last or mean.')
   if tune.method == 'lora' and (not isinstance(tune.lora_rank, int) or tune.lora_rank < 1):
@@ -435,10 +448,26 @@ def _check_fields(config) -> None:
       raise ValueError(f'config.{name}={value!r} must be a whole number of at least {least}.')
   if not ev.splits or len(set(ev.splits)) != len(ev.splits):
     raise ValueError(f'config.eval.splits={tuple(ev.splits)!r} must name at least one split, each once.')
-  if len(set(ev.selection_splits)) != len(ev.selection_splits):
-    raise ValueError(f'config.eval.selection_splits={tuple(ev.selection_splits)!r} must name each split once.')
+  if len(set(ev.selection_splits)) != len(ev.selection_splits) or 'test' in ev.selection_splits:
+    raise ValueError(f'config.eval.selection_splits={tuple(ev.selection_splits)!r} must name each split once, and '
+                     'not test: it is read for the result only.')
   if not all(isinstance(t, str) for t in config.calibration.content_free) or not config.calibration.content_free:
     raise ValueError(f'config.calibration.content_free={config.calibration.content_free!r} must be one or more texts.')
+
+
+def _check_selection_metric(config, method: str, new_tokens: int) -> None:
+  """config.early_stopping.metric names an accuracy that the evaluations during training give, checked before the
+  run writes anything (not at its first evaluation)."""
+  metric = (config.get('early_stopping') or {}).get('metric')
+  if not metric or not config.num_train_steps:
+    return
+  names = ['accuracy'] if method in ('head', 'probe') else ['accuracy', 'calibrated/accuracy'] + ['generate/accuracy'] * bool(
+      new_tokens)
+  given = [f'eval/{_split_prefix(split)}{name}' for split in config.eval.selection_splits for name in names]
+  if metric not in given:
+    raise ValueError(f'config.early_stopping.metric={metric!r} is not among the accuracies that the evaluations '
+                     f'during training give (eval.selection_splits={tuple(config.eval.selection_splits)!r}): choose '
+                     f'one of {given}.')
 
 
 def _class_names(data) -> tuple[str, ...]:
