@@ -213,8 +213,15 @@ def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, j
     if model_cfg.scan_layers:
       raise ValueError(f'{workdir} scans its layers (one stacked tree); pruning reads each layer\'s inputs from '
                        'the unrolled model: retrain with --config.model.scan_layers=False.')
+    if model_cfg.lora_rank:
+      raise ValueError(f'{workdir} trains LoRA factors beside its weights, which pruning the weights alone would '
+                       'leave dense: prune a run without LoRA (--config.model.lora_rank=0).')
     return saved, Transformer(model_cfg), jnp.zeros((1, saved['data']['seq_len']), jnp.int32)
   saved, model = distill.saved_classifier(workdir, data_dir)
+  encoder = saved['model'][saved['model']['encoder']]
+  if encoder.get('scan_layers'):
+    raise ValueError(f'{workdir} scans its encoder\'s blocks (one stacked tree); pruning reads each layer\'s inputs '
+                     'from the unrolled model: retrain with the encoder\'s scan_layers=False.')
   return saved, model, jnp.zeros((1, *saved['data']['image_shape']), jnp.float32)
 
 
@@ -253,13 +260,13 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
       raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
     saved, model, example = _saved_model(args.workdir, args.data_dir or None)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), example))['params']
+    # The step the run reports: the one early stopping selected, else the newest.
+    params, step = checkpoint.restore_params(args.workdir, 'params', abstract,
+                                             step=checkpoint.selected_step(args.workdir))
   except (ValueError, FileNotFoundError) as e:
     print(f'foundation.compress: {e}', file=sys.stderr)
     return 2
-  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), example))['params']
-  # The step the run reports: the one early stopping selected, else the newest.
-  params, step = checkpoint.restore_params(args.workdir, 'params', abstract,
-                                           step=checkpoint.selected_step(args.workdir))
   x = _calibration(saved, args.data_dir or saved['data']['data_dir'], args.calibration_examples)
   pruned, report = prune_model(model, params, x, method=args.method,
                                sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)
@@ -270,7 +277,8 @@ def main(argv=None) -> int:
   ckpt.save(step, {'params': pruned}, {'pruned_from': os.path.abspath(args.workdir)})
   ckpt.close()
   nonzero = sum(int(np.count_nonzero(v)) for v in jax.tree.leaves(pruned))
-  summary = dict(source=os.path.abspath(args.workdir), step=step, method=args.method, sparsity=args.sparsity,
+  summary = dict(source=os.path.abspath(args.workdir), step=step, method=args.method,
+                 sparsity=1 - pattern[0] / pattern[1] if pattern else args.sparsity,  # what each row is asked for
                  pattern=args.pattern, calibration_examples=len(x), damp=args.damp, rounds=args.rounds,
                  nonzero_params=nonzero, total_params=sum(int(v.size) for v in jax.tree.leaves(pruned)),
                  layers=report)

@@ -48,8 +48,9 @@ def loop(task: str, **fields) -> ml_collections.ConfigDict:
   c.prefetch_batches = 4
   c.restore_step = 0                        # 0: resume from the newest readable checkpoint; N: from step N
   # Initialise (part of) the trainable params from pretrained weights at the first start (a resume reads its own
-  # checkpoint): source = a workdir (its checkpoint `step`, 0 = newest, subtree `params_path`) or a weight file the
-  # task imports (e.g. a GGUF name); target = where it lands in the params ('' = all of them, 'backbone', ...).
+  # checkpoint): source = a workdir (its checkpoint `step`, 0 = the step it reports: the one its early stopping
+  # selected, else the newest; subtree `params_path`) or a weight file the task imports (e.g. a GGUF name); target =
+  # where it lands in the params ('' = all of them, 'backbone', ...).
   c.init_from = dict(source='', step=0, params_path='params', target='')
   # Select the step to report by a validation metric ('' = the last step): every evaluation that improves `metric`
   # (`mode` max or min) is checkpointed and kept; after `patience` evaluations without improvement the run stops

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from foundation import compress, train
+from foundation import compress, config_base, train
 from test_configs import load
 
 
@@ -92,9 +92,10 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   config.data.data_dir = tfds_dir
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   out = tmp_path / 'pruned'
-  assert compress.main([f'--workdir={tmp_path / "run"}', '--method=obs', '--pattern=2:4', f'--out={out}',
-                        '--calibration_examples=64']) == 0
+  assert compress.main([f'--workdir={tmp_path / "run"}', '--method=obs', '--pattern=2:4', '--sparsity=0.9',
+                        f'--out={out}', '--calibration_examples=64']) == 0
   summary = json.loads((out / 'compress.json').read_text())
+  assert summary['sparsity'] == 0.5  # the pattern's, which overrides --sparsity
   # Every conv and dense kernel is 2:4 sparse (half of it zero), but the stem conv with its 9 inputs.
   layers = summary['layers']
   assert sorted(name for name, layer in layers.items() if 'skipped' in layer) == ['backbone/stem/kernel']
@@ -112,6 +113,16 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   for args, message in (([f'--out={out}'], 'exists'), (['--sparsity=1.0', f'--out={tmp_path / "x"}'], '[0, 1)'),
                         (['--pattern=4:2', f'--out={tmp_path / "x"}'], '0 < N < M')):
     assert compress.main([f'--workdir={tmp_path / "run"}', *args]) == 2
+    assert message in capsys.readouterr().err
+  # Runs whose saved weights pruning cannot read layer by layer, or that read other inputs than whole images.
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  scanned = {**config_base.fashion_vit(), 'scan_layers': True}
+  vit = {**saved, 'model': {**saved['model'], 'encoder': 'vit', 'vit': scanned}}
+  pool4 = {**saved, 'distill': {**saved['distill'], 'student_view': 'pool4'}}
+  for name, changed, message in (('vit', vit, "scans its encoder's blocks"), ('pool4', pool4, "'pool4' views")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps(changed))
+    assert compress.main([f'--workdir={tmp_path / name}', f'--out={tmp_path / "x"}']) == 2
     assert message in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
 

@@ -58,22 +58,28 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   """A source classifier on Fashion-MNIST classes 5-9 with 2 labels each: a 5-way head, evaluated on those classes'
   test images relabelled 0-4 (against its saved params). Fine-tuned onto mnist5k, intermediate evaluations read the
   validation split alone; the final one adds test and the source task's ridge probe with the encoder before (the
-  source's own backbone, recomputed here) and after adaptation. Bad filters, budgets and encoders are one line
-  before anything is written."""
+  source's own backbone, recomputed here) and after adaptation. Bad filters, budgets, overlapping splits, an
+  early-stopping metric without a validation split and bad encoders are one line before anything is written."""
   from foundation.data import images
   from foundation.evaluate import probes
   from foundation.models.image_encoders import classifier
+  from foundation.tasks import distill
   from test_train import logged
   classes = (5, 6, 7, 8, 9)
   source = load('configs/classify/fashion_mnist.py').get_config('smoke')
   source.data.update(data_dir=tfds_dir, classes=classes, shots_per_class=2)
   source.eval.representation = False
   source.update(global_batch_size=8, num_train_steps=2)
-  for field, value, message in [('classes', (5, 5), 'at least two distinct class ids'),
-                                ('shots_per_class', 6001, 'class 5 has only 6000'),
-                                ('shots_per_class', 1, 'global_batch=8 is larger than the 5 training examples')]:
+  for field, value, message in [
+      ('data.classes', (5, 5), 'at least two distinct class ids'),
+      ('data.shots_per_class', 6001, 'class 5 has only 6000'),
+      ('data.shots_per_class', 1, 'global_batch_size=8 is larger than the 5 training examples .* at most 5'),
+      ('data.validation_split', 'train[40000:]', r"train_split='train' and config.data.validation_split="
+                                                 r"'train\[40000:\]' share 20,000 examples"),
+      ('data.eval_split', 'train[:10]', 'share 10 examples'),
+      ('early_stopping.metric', 'eval/accuracy', 'before the end give \\(none: the config has no validation split')]:
     bad = source.copy_and_resolve_references()
-    bad.data[field] = value
+    bad.update_from_flattened_dict({field: value})
     with pytest.raises(train.ConfigError, match=message):
       train.prepare(bad, str(tmp_path / 'bad'))
     assert not (tmp_path / 'bad').exists()
@@ -81,6 +87,7 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   params = _latest_state(tmp_path / 'source')['params']
   assert {leaf.shape[-1] for leaf in jax.tree.leaves(params['head'])} == {5}
   model = classifier('cnn', source.model.cnn, 5)
+  assert distill.saved_classifier(str(tmp_path / 'source'))[1].head == model.head  # 5-way for a teacher, a pruning
   tx, ty = images.load_split(name='fashion_mnist_offline', data_dir=tfds_dir, split=source.data.eval_split)
   tx, ty = tx[np.isin(ty, classes)], ty[np.isin(ty, classes)] - 5
   logits = np.asarray(jax.jit(model.apply)({'params': params}, tx.astype(np.float32) / 255))

@@ -322,8 +322,9 @@ def train_batches(*, name: str, data_dir: str, split: str, image_key: str = 'ima
     raise ValueError('a class filter needs the records of those classes as `subset` (images.training_records).')
   available = len(reader) if subset is None else len(subset)
   if global_batch > available:
-    raise ValueError(f'global_batch={global_batch} is larger than the {available} training examples of '
-                     f'{name}/{split}; lower it.')
+    raise ValueError(f'config.global_batch_size={global_batch} is larger than the {available} training examples of '
+                     f'{name}/{split}{" in the class filter and label budget" if subset is not None else ""}: lower '
+                     f'it to at most {available}.')
   rows = global_batch // process_count
   return grain.MapDataset.range(2**40).map(_TrainBatch(
       reader, seed=seed, global_batch=global_batch, first_row=process_index * rows, rows=rows, image_key=image_key,

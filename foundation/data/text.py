@@ -72,6 +72,24 @@ def check_prepared(name: str, data_dir: str, splits: Sequence[str]) -> None:
                             f'but tfds.data_source needs array_record. Rebuild it with:\n  {command}')
 
 
+def check_disjoint(name: str, data_dir: str, splits: dict[str, str]) -> None:
+  """Raises ValueError when two of `splits` ({config field: split spec}, prepared ones) share examples: 'train' and
+  'train[50000:]' do, 'train[:50000]' and 'train[50000:]' do not."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  infos = tfds.builder(name, data_dir=data_dir).info.splits
+  ranges = {field: [(a.splitname, a.from_ or 0, infos[a.splitname].num_examples if a.to is None else a.to)
+                    for a in tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)]
+            for field, spec in splits.items() if spec}
+  fields = list(ranges)
+  for i, first in enumerate(fields):
+    for second in fields[i + 1:]:
+      shared = sum(max(0, min(b, d) - max(a, c)) for base, a, b in ranges[first] for other, c, d in ranges[second]
+                   if base == other)
+      if shared:
+        raise ValueError(f'{first}={splits[first]!r} and {second}={splits[second]!r} share {shared:,} examples of '
+                         f'{name}: choose splits apart from each other (e.g. train[:50000] and train[50000:]).')
+
+
 def _data_source(name: str, data_dir: str, split: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   check_prepared(name, data_dir, [split])

@@ -35,6 +35,10 @@ class Task(NamedTuple):
   train_batches: Callable[[int, int], Any]
   # (params, frozen, step, EvalContext) -> {metric name: scalar}; called on every process.
   evaluate: Callable[[Any, Any, int, EvalContext], dict] | None = None
+  # The metrics every evaluation before the final one gives, none of them read from the test split: what
+  # config.early_stopping.metric may name, checked before the run writes anything. None: not declared (the first
+  # evaluation checks the name).
+  selection_metrics: tuple[str, ...] | None = None
   # (checkpoint.Sources) -> params that are used but never optimized nor checkpointed with the trainable state
   # (teachers, locked towers, backbones). Read other runs through `sources.load(...)`, which pins them.
   frozen: Callable[[Any], Any] | None = None

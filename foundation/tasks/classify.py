@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from foundation import checkpoint, files, metrics, optim
-from foundation.data import augment, images
+from foundation.data import augment, images, text
 from foundation.evaluate import probes
 from foundation.evaluate.representation import RepresentationEval, encoder_features
 from foundation.models.image_encoders import classifier, encoder_config, image_encoder
@@ -42,12 +42,16 @@ class LabelledImages(NamedTuple):
   # (predict, params, ctx) -> eval/validation/accuracy every time (with a validation split) and eval/accuracy, the
   # test split, at the final evaluation only (every time without one); predict: jitted (params, uint8 images) -> ids
   accuracies: Callable[[Callable, Any, Any], dict]
+  selection_metrics: tuple[str, ...]  # Task.selection_metrics: the validation accuracy, if there is a validation split
 
 
 def labelled_images(config) -> LabelledImages:
   data = config.data
   validation = data.validation_split
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split, *[validation] * bool(validation)])
+  text.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split,
+                                                 'config.data.validation_split': validation,
+                                                 'config.data.eval_split': data.eval_split})
   num_classes = len(images.class_names(data.name, data.data_dir, classes=data.classes))
   records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                     classes=data.classes, shots_per_class=data.shots_per_class, seed=config.seed)
@@ -75,7 +79,8 @@ def labelled_images(config) -> LabelledImages:
       results['eval/accuracy'] = accuracy(predict, params, data.eval_split, ctx)
     return results
 
-  return LabelledImages(num_classes, image_shape, train_batches, accuracies)
+  return LabelledImages(num_classes, image_shape, train_batches, accuracies,
+                        ('eval/validation/accuracy',) if validation else ())
 
 
 def build(config) -> Task:
@@ -128,7 +133,7 @@ def build(config) -> Task:
     return metrics.forward_flops(trained_grads, abstract_params, one_image)
 
   return Task(init=init, loss=loss, train_batches=labelled.train_batches, evaluate=evaluate,
-              flops_per_example=flops_per_example)
+              selection_metrics=labelled.selection_metrics, flops_per_example=flops_per_example)
 
 
 def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """Image classification with frozen teachers: soft targets (Hinton et al. 2015), ensembles, contrastive
 representation distillation (CRD, Tian et al. 2020) and feature hints (FitNets), on the one loop.
 
-The student is an encoder with a linear head (the `classify` model, so any trained student can itself be a teacher
-or an `init_from` source). Teachers are other runs' workdirs (`config.teachers`, comma-separated), each an image
+The student is an encoder with a linear head (the `classify` model, so a student trained on whole images without
+CRD or hints, whose saved params are that model's alone, can itself be a teacher; any student's encoder can be an
+`init_from` source). Teachers are other runs' workdirs (`config.teachers`, comma-separated), each an image
 classifier of this codebase whose architecture is read from its own config.json. They are restored once through the
 loop's frozen sources: never optimized, not in the student's checkpoints, pinned in config.json by step and content
 hash, so a resumed run reads exactly the teachers it started with. With no teachers this task trains the student on
@@ -251,15 +252,19 @@ def saved_classifier(workdir: str, data_dir: str | None = None) -> tuple[dict, E
   saved = checkpoint.run_config(workdir, ('classify', 'distill'),
                                 'an image classifier run (configs/distill/fashion_mnist.py:teacher)')
   model, data = saved['model'], saved['data']
+  view = (saved.get('distill') or {}).get('student_view', 'image')
+  if view != 'image':
+    raise ValueError(f'{workdir} was trained on {view!r} views of its images (config.distill.student_view), but a '
+                     'teacher or a model to prune reads whole images: name a run trained on whole images.')
   kind = model['encoder']
-  num_classes = len(images.class_names(data['name'], data_dir or data['data_dir']))
+  num_classes = len(images.class_names(data['name'], data_dir or data['data_dir'], classes=data.get('classes') or ()))
   return saved, classifier(kind, model[kind], num_classes)
 
 
 def _teacher_model(workdir: str, data_name: str, data_dir: str, class_names: list[str]) -> EncoderWithHead:
   """The classifier a teacher workdir trained; its classes must be the student's."""
   saved, model = saved_classifier(workdir, data_dir)
-  theirs = images.class_names(saved['data']['name'], data_dir)
+  theirs = images.class_names(saved['data']['name'], data_dir, classes=saved['data'].get('classes') or ())
   if theirs != class_names:
     raise ValueError(f'teacher {workdir!r} classifies {saved["data"]["name"]!r} ({len(theirs)} classes), not the '
                      f'{len(class_names)} classes of {data_name!r}; distil from a teacher of the same classes.')

@@ -94,7 +94,11 @@ def build(config) -> Task:
     raise ValueError(f'config.prompt.label_words={label_words!r}: a word encodes to no tokens.')
   label_tokens, label_mask = lmc.pad(label_ids, max(map(len, label_ids)), tokenizer.pad_id, left=False)
   new_tokens = config.generate.max_new_tokens if method not in ('head', 'probe') else 0
-  _check_selection_metric(config, method, new_tokens)
+  # What early stopping may select by: the accuracies of the selection splits (not every example's, not test).
+  accuracies = ['accuracy'] if method in ('head', 'probe') else ['accuracy', 'calibrated/accuracy'] + [
+      'generate/accuracy'] * bool(new_tokens)
+  selection_metrics = tuple(f'eval/{_split_prefix(split)}{name}' for split in ev.selection_splits
+                            for name in accuracies)
 
   train_texts, train_labels = read_split(data, data.train_split, 0)
   # The training labels a run may read: every training text, or shots_per_class of each class. Training rows and
@@ -355,6 +359,7 @@ def build(config) -> Task:
             + blocks * prefix_start / per_call)
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, frozen=frozen,
+              selection_metrics=selection_metrics,
               import_params=import_gguf(model_cfg) if method in LM_TRAINED else None,
               flops_per_example=flops_per_example, tokens_per_example=int(round(body_length)))
 
@@ -453,21 +458,6 @@ def _check_fields(config) -> None:
                      'not test: it is read for the result only.')
   if not all(isinstance(t, str) for t in config.calibration.content_free) or not config.calibration.content_free:
     raise ValueError(f'config.calibration.content_free={config.calibration.content_free!r} must be one or more texts.')
-
-
-def _check_selection_metric(config, method: str, new_tokens: int) -> None:
-  """config.early_stopping.metric names an accuracy that the evaluations during training give, checked before the
-  run writes anything (not at its first evaluation)."""
-  metric = (config.get('early_stopping') or {}).get('metric')
-  if not metric or not config.num_train_steps:
-    return
-  names = ['accuracy'] if method in ('head', 'probe') else ['accuracy', 'calibrated/accuracy'] + ['generate/accuracy'] * bool(
-      new_tokens)
-  given = [f'eval/{_split_prefix(split)}{name}' for split in config.eval.selection_splits for name in names]
-  if metric not in given:
-    raise ValueError(f'config.early_stopping.metric={metric!r} is not among the accuracies that the evaluations '
-                     f'during training give (eval.selection_splits={tuple(config.eval.selection_splits)!r}): choose '
-                     f'one of {given}.')
 
 
 def _class_names(data) -> tuple[str, ...]:

@@ -124,7 +124,7 @@ def build(config) -> Task:
     return 2 * forward
 
   return Task(init=init, loss=loss, train_batches=labelled.train_batches, evaluate=evaluate, frozen=frozen,
-              flops_per_example=flops_per_example)
+              selection_metrics=labelled.selection_metrics, flops_per_example=flops_per_example)
 
 
 class _Source:
