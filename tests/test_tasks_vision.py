@@ -101,6 +101,16 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   wrong.model.cnn.widths = (8, 32)
   with pytest.raises(train.ConfigError, match=r'another architecture; to restore it, set --config\.model\.cnn\.widths'):
     train.prepare(wrong, str(tmp_path / 'wrong'))
+  saved = json.loads((tmp_path / 'source' / 'config.json').read_text())
+  saved['data']['name'] = 'unprepared_images'  # forgetting reads the source's task at the end: refused at the start
+  (tmp_path / 'elsewhere').mkdir()
+  (tmp_path / 'elsewhere' / 'config.json').write_text(json.dumps(saved))
+  (tmp_path / 'elsewhere' / 'checkpoints').symlink_to(tmp_path / 'source' / 'checkpoints')
+  moved = config.copy_and_resolve_references()
+  moved.init_from.source = str(tmp_path / 'elsewhere')
+  with pytest.raises(train.ConfigError, match="'unprepared_images' is not prepared"):
+    train.prepare(moved, str(tmp_path / 'moved'))
+  assert not (tmp_path / 'moved').exists() and not (tmp_path / 'wrong').exists()
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   steps = logged(str(tmp_path / 'run'))
   assert 'eval/validation/accuracy' in steps[2] and 'eval/accuracy' not in steps[2]

@@ -11,8 +11,8 @@ Evaluation: with `data.validation_split`, `eval/validation/accuracy` at every ev
 `eval/accuracy` at the final one only (selection never reads test); without it, `eval/accuracy` every time.
 `eval.representation` adds the probe suite on the encoder's features. `eval.source_probe_examples` > 0 (with an
 `init_from` workdir) measures forgetting at the final evaluation: a ridge probe on the source run's own task (its
-dataset and classes; that many training images, its whole test split), with the encoder before adaptation
-(`eval/forgetting/source_probe_before`) and after (`eval/forgetting/source_probe`).
+dataset and classes; those of the first that many images of its training split, its whole test split), with the
+encoder before adaptation (`eval/forgetting/source_probe_before`) and after (`eval/forgetting/source_probe`).
 """
 
 import json
@@ -98,6 +98,9 @@ def build(config) -> Task:
   if source_probe and not (source and config.init_from.target == 'backbone'):
     raise ValueError('config.eval.source_probe_examples measures forgetting of an encoder restored by '
                      'config.init_from (a workdir, target backbone); set it to 0 or name the source run.')
+  if source_probe:  # the source task's data, read at the final evaluation, must be here before training starts
+    theirs = json.loads(files.read_text(os.path.join(source, 'config.json')))['data']
+    images.check_prepared(theirs['name'], config.data.data_dir, [theirs['train_split'], theirs['eval_split']])
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
