@@ -7,11 +7,15 @@ import os
 import random
 import warnings
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
 from conftest import REPO
-from foundation import config_base, metrics, train
+from foundation import config_base, metrics, optim, train
+from foundation.models.image_encoders import classifier
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'configs', '**', '*.py'),
                                                              recursive=True))
@@ -140,3 +144,20 @@ def test_the_fashion_mnist_configs_share_one_encoder():
               load('configs/transfer/fashion.py').get_config().model.cnn]
   assert all(e.to_dict() == want for e in encoders)
   assert load('configs/classify/fashion_mnist.py').get_config('vit').model.vit.to_dict() == config_base.fashion_vit()
+
+
+@pytest.mark.parametrize('path', ['configs/transfer/fashion.py', 'configs/transfer/digits.py'])
+def test_top_stage_fine_tuning_trains_the_top_stage_and_the_head_alone(path):
+  """:finetune_top freezes the stem and every stage but the last, on the full CNN and on the smoke one (whose two
+  stages a fixed pattern for three would freeze whole, making it the probe)."""
+  for arg in ('finetune_top', 'finetune_top,smoke'):
+    config = load(path).get_config(arg)
+    model = classifier('cnn', config.model.cnn, 10)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params'])
+    by_part = {}  # 'stem', 'stage0', ..., 'classifier' -> {frozen or not, for each of its params}
+    for name, frozen in zip(jax.tree.leaves(optim.param_names(params)),
+                            jax.tree.leaves(optim.frozen_mask(config.optim, params))):
+      by_part.setdefault(name.split('/')[1].split('_')[0], set()).add(bool(frozen))
+    top = f'stage{len(config.model.cnn.widths) - 1}'
+    assert by_part.pop(top) == {False} and by_part.pop('classifier') == {False}, (arg, by_part)
+    assert by_part and all(v == {True} for v in by_part.values()) and 'stem' in by_part, (arg, by_part)

@@ -53,9 +53,14 @@ def probe(c):
   c.optim.freeze = ('^backbone/',)
 
 
+def _below_top_stage(cnn) -> tuple[str]:
+  """optim.freeze of the CNN's stem and every stage but its last: the top stage and the head train."""
+  return (f'^backbone/(stem|{"|".join(f"stage{i}" for i in range(len(cnn.widths) - 1))})',)
+
+
 def finetune_top(c):
   _pretrained(c)
-  c.optim.freeze = ('^backbone/(stem|stage0|stage1)',)  # the top stage (stage2 of the CNN) and the head train
+  c.optim.freeze = _below_top_stage(c.model.cnn)
 
 
 def finetune(c):
@@ -90,7 +95,10 @@ def patch(c):
 
 def smoke(c):
   if c.task != 'visual_prompt':
+    top_stage = tuple(c.optim.freeze) == _below_top_stage(c.model.cnn)  # :finetune_top, on the smaller CNN too
     c.model = config_base.load(CLASSIFY_CONFIG, 'smoke').model
+    if top_stage:
+      c.optim.freeze = _below_top_stage(c.model.cnn)
   config_base.smoke_loop(c, steps=4, batch=16)
   c.data.update(shots_per_class=2, **config_base.FASHION_SMOKE_SPLITS)
   c.eval.update(batch_size=400, source_probe_examples=min(c.eval.source_probe_examples, 400))
