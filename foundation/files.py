@@ -15,9 +15,15 @@ Object stores differ from a disk in two ways that matter to a run, and each func
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import IO
+
+# Written into a run's directory as the loop's very last act once the run has finished (its final evaluation, or the
+# selected step's, done; early stopping included), and removed when a run starts that trains further: what tells a
+# finished run from one that crashed or was stopped (foundation.sweep reads it).
+FINISHED_FILE = 'finished.json'
 
 from etils import epath
 import fsspec
@@ -123,3 +129,19 @@ def append(path: str, text: str) -> None:
   else:
     with open(path, 'a') as f:  # pylint: disable=unspecified-encoding
       f.write(text)
+
+
+def read_records(path: str, *, warn=print) -> list[dict]:
+  """The records of a JSON-lines file (a run's metrics.jsonl). A last line cut short by a crash mid-write is
+  dropped with a warning; a bad line anywhere else means the file was damaged otherwise, and is an error naming the
+  line."""
+  lines = read_text(path).splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise ValueError(f'{path} line {number} is not JSON ({line[:60]!r}); repair or remove that line.') from None
+      warn(f'WARNING: dropped the last line of {path}, cut short by an interrupted write: {line[:60]!r}')
+  return records

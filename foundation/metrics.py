@@ -157,21 +157,6 @@ def xla_cost(stage) -> dict | None:
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
-def read_metrics(path: str, *, warn=print) -> list[dict]:
-  """The records of a metrics.jsonl. A last line cut short by a crash mid-write is dropped with a warning; a bad
-  line anywhere else means the file was damaged otherwise, and is an error naming the line."""
-  lines = files.read_text(path).splitlines()
-  records = []
-  for number, line in enumerate(lines, 1):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if number < len(lines):
-        raise ValueError(f'{path} line {number} is not JSON ({line[:60]!r}); repair or remove that line.') from None
-      warn(f'WARNING: dropped the last line of {path}, cut short by an interrupted write: {line[:60]!r}')
-  return records
-
-
 class MetricWriter:
   """metrics.jsonl and TensorBoard events in the workdir (process 0 only).
 
@@ -187,7 +172,7 @@ class MetricWriter:
     if not enabled:
       return
     if resume_step is not None and files.exists(self._path):
-      kept = [r for r in read_metrics(self._path, warn=warn) if r['step'] <= resume_step]
+      kept = [r for r in files.read_records(self._path, warn=warn) if r['step'] <= resume_step]
       files.write_atomically(self._path, ''.join(json.dumps(r) + '\n' for r in kept))
     elif files.exists(self._path):
       files.remove(self._path)  # no checkpoint: the run starts over, and so do its metrics

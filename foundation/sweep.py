@@ -19,8 +19,9 @@ Everything is checked before any run starts or anything is written: the config l
 value parses into it through the same loader `foundation.main` uses (`config_flags`), so a typo fails here, once,
 with exit status 2, instead of in every run.
 
-Runs go one after another as subprocesses that print to this terminal. A run that exits 0 having logged its last
-step gets a `.sweep_done` marker holding its command; rerunning the sweep skips the runs whose marker matches and
+Runs go one after another as subprocesses that print to this terminal. A run that exits 0 having finished (the
+loop's `finished.json`: its final evaluation written, early stopping included) gets a `.sweep_done` marker holding
+its command; rerunning the sweep skips the runs whose marker matches and
 reruns the others, which resume from their checkpoints. (A run whose command changed, say by another `--set`, is
 rerun, and `foundation.main` refuses a workdir that holds another config: give a changed sweep a new root.) A
 failing run does not stop the sweep: it is reported at the end, and the exit status is 1. `--jobs=print` prints
@@ -32,9 +33,9 @@ The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. Fo
 over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over
 the runs that have it; `a|b` takes each run's `a`, or its `b` where it has no `a`, so that
 `best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run that trains and the only evaluation of
-one that does not), and n, the number of finished runs. A run counts as finished when its `metrics.jsonl` has a
-line at its config's `num_train_steps`, however it was run. The tables cover the cells of the latest sweep started
-or printed for the root (`ROOT/sweep.json`).
+one that does not), and n, the number of finished runs. A run counts as finished when it wrote `finished.json`,
+however it was run (a run that crashed in its final evaluation, or was stopped, has not). The tables cover the cells
+of the latest sweep started or printed for the root (`ROOT/sweep.json`).
 """
 
 import argparse
@@ -54,6 +55,8 @@ import time
 from typing import NamedTuple
 
 from absl import flags
+
+from foundation import files
 
 MANIFEST = 'sweep.json'  # what --table_only needs to find the runs again: config, fields, cells, seeds
 DONE_MARKER = '.sweep_done'
@@ -193,8 +196,8 @@ def load_config(config: str, overrides: dict[str, str]):
   return flag_values.config
 
 
-def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seeds: int) -> dict[str, int]:
-  """Loads every cell's config as main would; returns num_train_steps by cell name. Raises SweepError."""
+def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seeds: int) -> None:
+  """Loads every cell's config as main would. Raises SweepError."""
   path = config.split(':', 1)[0]
   if not os.path.isfile(path):
     raise SweepError(f'--config={config}: no such file {path}')
@@ -218,8 +221,8 @@ def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seed
   for field, values in grid.items():  # one value at a time, so an error names the value at fault
     for value in values:
       load({**sets, field: value}, f'grid value {field}={value}')
-  return {cell.name: int(load({**sets, **cell.overrides}, f'cell {cell.name}').num_train_steps)
-          for cell in make_cells(grid)}
+  for cell in make_cells(grid):
+    load({**sets, **cell.overrides}, f'cell {cell.name}')
 
 
 def with_variant(config: str, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -245,15 +248,15 @@ def _workdir(root: str, cell_name: str, seed: int) -> str:
 # ------------------------------------------------------------------------------------------------ the runs
 
 def read_metrics(workdir: str) -> list[dict]:
-  try:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      return [json.loads(line) for line in f if line.strip()]
-  except FileNotFoundError:
-    return []
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return files.read_records(path, warn=lambda m: print(m, file=sys.stderr)) if os.path.exists(path) else []
 
 
-def reached_step(workdir: str, step: int) -> bool:
-  return any(record.get('step') == step for record in read_metrics(workdir))
+def finished(workdir: str) -> bool:
+  """Whether the run ended with its result written (the loop's last act: its finished.json), early stopping
+  included; a run that crashed in its final evaluation, or was stopped, has not. A run this sweep saw exit 0 before
+  the loop wrote that file (its marker) counts too."""
+  return any(os.path.exists(os.path.join(workdir, name)) for name in (files.FINISHED_FILE, DONE_MARKER))
 
 
 def _marked_done(workdir: str, command: list[str]) -> bool:
@@ -265,8 +268,7 @@ def _marked_done(workdir: str, command: list[str]) -> bool:
     return False
 
 
-def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], seeds: int,
-            steps: dict[str, int]) -> list[str]:
+def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], seeds: int) -> list[str]:
   """Runs every unfinished run in turn; returns one line per failed run."""
   failures = []
   total = len(cells) * seeds
@@ -280,8 +282,8 @@ def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], see
     returncode = subprocess.run(command).returncode
     if returncode != 0:
       failures.append(f'{workdir}: exit status {returncode}')
-    elif not reached_step(workdir, steps[cell.name]):
-      failures.append(f'{workdir}: exited 0 but metrics.jsonl has no line at step {steps[cell.name]}')
+    elif not os.path.exists(os.path.join(workdir, files.FINISHED_FILE)):
+      failures.append(f'{workdir}: exited 0 but did not finish (no {files.FINISHED_FILE})')
     else:
       with open(os.path.join(workdir, DONE_MARKER), 'w') as f:
         json.dump({'args': command[1:], 'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S')}, f, indent=1)
@@ -304,14 +306,6 @@ def last_values(records: list[dict]) -> dict[str, float]:
   return last
 
 
-def _finished_step(workdir: str) -> int | None:
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      return int(json.load(f)['num_train_steps'])
-  except (OSError, ValueError, KeyError):
-    return None
-
-
 def mean_and_std(values: list[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (ddof=1): the spread a new seed would show; NaN for fewer values."""
   if not values:
@@ -325,21 +319,19 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 def collect(root: str, cells: list[Cell], seeds: int,
             metrics: list[str] | None) -> tuple[list[Row], list[str], list[str]]:
   """Rows of the table, the metrics shown, and the runs that have not finished (missing from the table)."""
-  finished, unfinished = {}, []
+  done, unfinished = {}, []
   for cell, seed in itertools.product(cells, range(seeds)):
     workdir = _workdir(root, cell.name, seed)
-    step = _finished_step(workdir)
-    records = read_metrics(workdir)
-    if step is not None and any(r.get('step') == step for r in records):
-      finished.setdefault(cell.name, []).append(last_values(records))
+    if finished(workdir):
+      done.setdefault(cell.name, []).append(last_values(read_metrics(workdir)))
     else:
       unfinished.append(workdir)
   if metrics is None:  # every eval metric logged, in the order they were logged
-    metrics = list(dict.fromkeys(k for runs in finished.values() for last in runs for k in last
+    metrics = list(dict.fromkeys(k for runs in done.values() for last in runs for k in last
                                  if k.startswith('eval/')))
   rows = []
   for cell in cells:
-    runs = finished.get(cell.name, [])
+    runs = done.get(cell.name, [])
     stats = {m: mean_and_std([float(v) for last in runs if (v := _value(last, m)) is not None]) for m in metrics}
     rows.append(Row(cell, len(runs), stats))
   return rows, metrics, unfinished
@@ -489,7 +481,7 @@ def sweep(args) -> int:
     if not args.config or args.grid is None:
       raise SweepError('--config and --grid are required (or --table_only)')
     grid, sets = parse_grid(args.grid), parse_sets(args.set)
-    steps = validate(args.config, grid, sets, args.seeds)
+    validate(args.config, grid, sets, args.seeds)
     cells = make_cells(grid)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, MANIFEST), 'w') as f:
@@ -503,7 +495,7 @@ def sweep(args) -> int:
       print(f'When they have finished: python -m foundation.sweep --root={shlex.quote(root)} --table_only',
             file=sys.stderr)
       return 0
-    failures = run_all(args.config, root, sets, cells, args.seeds, steps)
+    failures = run_all(args.config, root, sets, cells, args.seeds)
     rows, unfinished = write_tables(root, args.metrics)
     if failures:
       print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)

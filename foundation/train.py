@@ -685,6 +685,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       say(f'Checkpoints {later} are newer than restore_step={start}; moved to {ckpt.quarantine(later, "superseded")}.')
   best = _Best(config.early_stopping, record) if config.early_stopping.get('metric') else None
   _write_config(prepared, workdir, start if restored else None)
+  if is_writer and files.exists(os.path.join(workdir, files.FINISHED_FILE)) and not (best and best.stopped) and (
+      start < config.num_train_steps):
+    files.remove(os.path.join(workdir, files.FINISHED_FILE))  # finished before, now trained further (more steps)
   frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}
   if is_writer:
     sharding.warn_replicated(state['params'], mesh)
@@ -904,6 +907,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     stop.close()
     ckpt.close()
     writer.close()
+  if is_writer and not interrupted:  # every save and record is written: the run is finished
+    files.write_atomically(os.path.join(workdir, files.FINISHED_FILE), json.dumps(
+        {'step': reached, 'stopped_early': bool(best and best.stopped)}) + '\n')
   return last
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from foundation import checkpoint, config_base, host, metrics, optim, tasks, train
+from foundation import checkpoint, config_base, files, host, metrics, optim, tasks, train
 
 
 def toy_config(**fields):
@@ -262,7 +262,7 @@ def test_metrics_drop_a_truncated_last_line_only(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
   warnings = []
-  assert [r['step'] for r in metrics.read_metrics(str(path), warn=warnings.append)] == [1, 2]
+  assert [r['step'] for r in files.read_records(str(path), warn=warnings.append)] == [1, 2]
   assert len(warnings) == 1 and 'cut short' in warnings[0]
   writer = metrics.MetricWriter(str(tmp_path), enabled=True, resume_step=1, warn=warnings.append)
   writer.write(2, {'a': 5.0})
@@ -271,7 +271,7 @@ def test_metrics_drop_a_truncated_last_line_only(tmp_path):
                                                                           {'step': 2, 'a': 5.0}]
   path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
   with pytest.raises(ValueError, match='line 2 is not JSON'):
-    metrics.read_metrics(str(path))
+    files.read_records(str(path))
 
 
 def test_cpu_peak_is_measured_again_on_a_cpu_with_other_features(tmp_path, monkeypatch):
@@ -350,11 +350,13 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
   with open(os.path.join(workdir, checkpoint.BEST_FILE)) as f:
     best = json.load(f)
   assert best['step'] == 3 and best['value'] == pytest.approx(scores(closed_form(3))['eval/validation/score'])
-  last = metrics.read_metrics(os.path.join(workdir, 'metrics.jsonl'))[-1]
+  last = files.read_records(os.path.join(workdir, 'metrics.jsonl'))[-1]
   assert last['step'] == 6 and last['best/step'] == 3
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert 3 in ckpt.steps() and max(ckpt.steps()) == 6  # max_checkpoints=1 prunes the others, never the best
   ckpt.close()
+  with open(os.path.join(workdir, files.FINISHED_FILE)) as f:  # finished (what a sweep counts), though at step 6
+    assert json.load(f) == {'step': 6, 'stopped_early': True}
 
   descending.clear()  # the same command again: the run is finished, it only reports the best step again
   again = train.train_and_evaluate(descending_config(), workdir)
@@ -362,7 +364,7 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
   assert {k: again[k] for k in expected} == pytest.approx(expected, rel=1e-5)
 
   descending.clear()  # --eval_only: the selected step by default, or a named one, as a final evaluation
-  files = sorted(os.listdir(workdir))
+  listed = sorted(os.listdir(workdir))
   only = train.evaluate_checkpoint(descending_config(), workdir)
   assert only == {k[len('best/'):]: again[k] for k in expected}  # exactly the run's reported numbers
   assert train.evaluate_checkpoint(descending_config(), workdir, step=6) == pytest.approx(
@@ -370,7 +372,7 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
   assert [(s, f) for s, f, _ in descending] == [(3, True), (6, True)]
   with open(os.path.join(workdir, train.EVAL_ONLY_DIR, 'step_3.json')) as f:
     assert json.load(f) == {'step': 3, **only}
-  assert sorted(os.listdir(workdir)) == sorted(files + [train.EVAL_ONLY_DIR])
+  assert sorted(os.listdir(workdir)) == sorted(listed + [train.EVAL_ONLY_DIR])
   with pytest.raises(train.ConfigError, match=r'no checkpoint of step 5 \(it has \[3, 6\]\)'):
     train.evaluate_checkpoint(descending_config(), workdir, step=5)
   with pytest.raises(train.ConfigError, match='different config'):
@@ -389,10 +391,12 @@ def test_a_run_stopped_before_the_best_is_known_resumes_to_the_same_selection(de
   monkeypatch.setattr(train._StopRequest, '__call__', lambda self, step: step == 4 or asked(self, step))
   workdir = str(tmp_path / 'cut')
   train.train_and_evaluate(descending_config(), workdir)  # a preemption after step 4: best so far is 3
+  assert not os.path.exists(os.path.join(workdir, files.FINISHED_FILE))
   monkeypatch.setattr(train._StopRequest, '__call__', asked)
   descending.clear()
   resumed = train.train_and_evaluate(descending_config(), workdir)
   assert [(s, f) for s, f, _ in descending] == [(5, False), (6, False), (3, True)]
+  assert os.path.exists(os.path.join(workdir, files.FINISHED_FILE))
   assert {k: v for k, v in resumed.items() if k.startswith('best/')} == {
       k: v for k, v in whole.items() if k.startswith('best/')}
 
@@ -461,7 +465,7 @@ def test_profile_steps_write_a_trace_and_bad_ones_are_refused(descending, tmp_pa
   # The header counts the state the loop holds: one float32 param, its SGD state is empty; the summary the steps.
   assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1} (jit) | params 1 trainable of 1 |" in out
   assert 'Done at step 4 (4 steps in' in out and 'Profile of steps 2-3' in out and 'First step done' in out
-  first = [r for r in metrics.read_metrics(str(workdir / 'metrics.jsonl')) if 'perf/first_step_s' in r]
+  first = [r for r in files.read_records(str(workdir / 'metrics.jsonl')) if 'perf/first_step_s' in r]
   assert [r['step'] for r in first] == [1] and first[0]['perf/first_step_s'] > 0  # with the first log line
   traces = list((workdir / train.PROFILE_DIR).rglob('*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().st_size > 0

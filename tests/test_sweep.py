@@ -139,8 +139,10 @@ def test_bad_sweeps_fail_with_exit_2_before_anything_is_written(tmp_path, capsys
   assert not root.exists()
 
 
-def fake_run(workdir, num_train_steps, final: dict[str, float] | None, earlier: dict[str, float]):
-  """A run's outputs as foundation.main writes them: train and eval lines of one step as separate objects."""
+def fake_run(workdir, num_train_steps, final: dict[str, float] | None, earlier: dict[str, float],
+             finished: bool | None = None, tail: str = ''):
+  """A run's outputs as foundation.main writes them: train and eval lines of one step as separate objects, and
+  finished.json once it has a final line (unless `finished` says otherwise); `tail` is appended to metrics.jsonl."""
   os.makedirs(workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump({'num_train_steps': num_train_steps, 'seed': 0}, f)
@@ -150,6 +152,10 @@ def fake_run(workdir, num_train_steps, final: dict[str, float] | None, earlier: 
               {'step': num_train_steps, **{k: v for k, v in final.items() if k != 'train/loss'}}]
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     f.writelines(json.dumps(line) + '\n' for line in lines)
+    f.write(tail)
+  if final is not None if finished is None else finished:
+    with open(os.path.join(workdir, 'finished.json'), 'w') as f:
+      json.dump({'step': num_train_steps, 'stopped_early': False}, f)
 
 
 @pytest.mark.parametrize('grid', ['optim.lr=0.01,0.001;model.num_layers=1,2',        # a numeric field: lines
@@ -168,9 +174,13 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
       if i == 3 and seed > 0:
         continue  # never ran: this cell has one seed, whose std is undefined
       if i == 0 and seed == 2:
-        fake_run(workdir, 10, None, {'eval/loss': 0.0})  # stopped early: not in the table
+        fake_run(workdir, 10, None, {'eval/loss': 0.0})  # stopped before its end: not in the table
         continue
-      fake_run(workdir, 10, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5})
+      if i == 1 and seed == 2:  # its last step logged, then a crash in the final evaluation: not in the table
+        fake_run(workdir, 10, final, {'eval/loss': 0.0}, finished=False)
+        continue
+      # A last line cut short by a killed write is dropped (with a warning), as the loop drops it on resume.
+      fake_run(workdir, 10, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5}, tail='{"step": 11, "eval/lo')
       finals.append(final)
     expected[cell.name] = finals
 
@@ -181,7 +191,7 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
                                               'eval/accuracy mean', 'eval/accuracy std', 'n']
   for cell in cells:
     row, finals = table[cell.name], expected[cell.name]
-    assert int(row['n']) == len(finals) == (2 if cell == cells[0] else 1 if cell == cells[3] else 3)
+    assert int(row['n']) == len(finals) == (2 if cell in cells[:2] else 1 if cell == cells[3] else 3)
     for metric in ('eval/loss', 'eval/accuracy'):
       values = np.array([final[metric] for final in finals])
       np.testing.assert_allclose(float(row[f'{metric} mean']), values.mean(), rtol=1e-12)
