@@ -15,12 +15,11 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export; default t
 
 
 def export_workdir(workdir: str, out_dir: str, step: int | None = None) -> None:
-  from foundation.data.tokenizers import get_tokenizer
   from foundation.models.hf_export import export_llama
-  from foundation.tasks.lm import restore_run
+  from foundation.tasks.lm import restore_run, tokenizer_for
 
   config, model_cfg, params, _ = restore_run(workdir, step)
-  export_llama(params, model_cfg, get_tokenizer(config['data']['tokenizer']), out_dir)
+  export_llama(params, model_cfg, tokenizer_for(config['data']['tokenizer']), out_dir)
 
 
 def main(argv):

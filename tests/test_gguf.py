@@ -322,13 +322,31 @@ def test_export_of_imported_gguf(tmp_path):
   reread = BPETokenizer.from_file(os.path.join(out_dir, 'tokenizer.json'))
   assert (reread.bos_id, reread.eos_id, reread.pad_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
   np.testing.assert_array_equal(reread.chat('hi'), tokenizer.chat('hi'))
+  # A run trained on from the GGUF (its tokenizer named 'gguf:PATH'), exported by the CLI's function: the same files.
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  (workdir / 'config.json').write_text(json.dumps({'task': 'lm', 'model': cfg,
+                                                   'data': {'tokenizer': f'gguf:{tmp_path / "tiny.gguf"}'}}))
+  saver = checkpoint.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
+  saver.save(1, {'step': np.int32(1), 'params': params}, {})
+  saver.close()
+  export_workdir(str(workdir), str(tmp_path / 'hf_run'))
+  for name in ('config.json', 'tokenizer.json'):
+    assert (tmp_path / 'hf_run' / name).read_text() == (tmp_path / 'hf' / name).read_text(), name
 
 
-def test_export_of_scanned_byte_model_through_the_cli(tmp_path):
-  """A run as training leaves it (scanned layers, untied head, byte tokenizer), exported by the CLI's function."""
+@pytest.mark.parametrize('lora', [0, 2])
+def test_export_of_scanned_byte_model_through_the_cli(tmp_path, lora):
+  """A run as training leaves it (scanned layers, untied head, byte tokenizer), exported by the CLI's function; with
+  LoRA factors (B nonzero, as after training) the exported Llama computes the adapted model."""
   model_cfg = dict(vocab_size=264, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=16,
-                   rope_base=100.0, tie_embeddings=False, scan_layers=True, init_std=0.2)
+                   rope_base=100.0, tie_embeddings=False, scan_layers=True, init_std=0.2, lora_rank=lora,
+                   lora_targets='attention/(query|out)|mlp/down')
   params = init_params(model_cfg)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: rng.normal(0, 0.2, x.shape).astype(x.dtype) if str(path[-1]).endswith("_lora_b']") else x,
+      params)
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'config.json').write_text(json.dumps({'task': 'lm', 'model': model_cfg, 'data': {'tokenizer': 'byte'}}))

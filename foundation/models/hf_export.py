@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from foundation.models.transformer import TransformerConfig
+from foundation.models.transformer import TransformerConfig, merge_lora
 
 
 def _layers(params: Mapping[str, Any], cfg: TransformerConfig):
@@ -85,12 +85,14 @@ def export_llama(params: Mapping[str, Any], model_config: TransformerConfig | Ma
                  out_dir: str) -> None:
   """Writes `out_dir`/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json}.
 
-  params: the (unboxed) `Transformer` params, unrolled or scanned; model_config: its TransformerConfig or config
-  dict; tokenizer: a tokenizer of foundation/data/tokenizers.py (ByteTokenizer becomes a merge-free byte-level BPE
-  with the same ids).
+  params: the (unboxed) `Transformer` params, unrolled or scanned (LoRA factors are merged into their weights);
+  model_config: its TransformerConfig or config dict; tokenizer: a tokenizer of foundation/data/tokenizers.py
+  (ByteTokenizer becomes a merge-free byte-level BPE with the same ids).
   """
   from safetensors.numpy import save_file
   cfg = model_config if isinstance(model_config, TransformerConfig) else TransformerConfig.from_dict(model_config)
+  if cfg.lora_rank:  # a Llama has no low-rank factors: fold them into the weights they adapt
+    params, cfg = merge_lora(params, cfg)
   if not cfg.causal:
     raise ValueError('a bidirectional (causal=False) Transformer is not a LlamaForCausalLM; refusing to export it.')
   if tokenizer.vocab_size > cfg.vocab_size:
