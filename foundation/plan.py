@@ -331,6 +331,9 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
     compiled, refused = None, str(e).strip().splitlines()[0]
   compile_s = time.perf_counter() - started
   memory = compiled.memory_analysis() if compiled else None
+  if compiled and memory is None:  # without its figures 'fits' would read a footprint of 0 bytes
+    raise ValueError(f'XLA\'s compiler for {devices[0].device_kind} gives no memory analysis of the step, so this '
+                     'plan cannot say whether it fits.')
   cost = metrics.xla_cost(compiled) if compiled else {}
   counted = cost is not None  # XLA's GPU compiler gives no cost analysis
   cost = cost or {}

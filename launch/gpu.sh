@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 config=${1:?usage: bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]}
 workdir=${2:?usage: bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]}
 shift 2
+for arg in "$config" "$workdir"; do
+  if [[ "$arg" == -* ]]; then
+    echo "error: $arg is in the place of CONFIG or WORKDIR; overrides come after both." >&2
+    exit 2
+  fi
+done
 if [ -z "${CUDA_EXTRA:-}" ]; then
   if ! command -v nvidia-smi >/dev/null; then
     echo "error: nvidia-smi is not on PATH: no NVIDIA driver here (set CUDA_EXTRA=cuda12 or cuda13 to choose)." >&2
@@ -39,6 +45,9 @@ if [ -n "${DRY_RUN:-}" ]; then
   printf '%q ' "${run[@]}"; echo
   exit 0
 fi
+# The tasks of a SLURM step (or several runs) on one host share this checkout: one sets up while the others wait.
+exec 9>.setup.lock
+flock 9
 bash launch/setup.sh
 case "$workdir" in gs://*) .venv/bin/python -m pip install --quiet -r requirements-gcs.txt ;; esac  # gcsfs
 stamp=".venv/.jax-$CUDA_EXTRA-$jax_version"
@@ -47,4 +56,6 @@ if [ ! -f "$stamp" ]; then
   "${install[@]}"
   touch "$stamp"
 fi
+flock -u 9
+exec 9>&-
 exec "${run[@]}"

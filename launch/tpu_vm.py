@@ -165,8 +165,9 @@ def start_command(argv: list[str], bucket: str | None) -> str:
   detached = f'cd {CODE} && {main}; echo $? > {LOGS}/exit_status'
   steps = [f'mkdir -p {LOGS}', f'rm -f {LOGS}/exit_status']
   if bucket:
-    steps.append('sudo mkdir -p /mnt/bucket && sudo chown "$USER" /mnt/bucket && (mountpoint -q /mnt/bucket || '
-                 f'gcsfuse --implicit-dirs --rename-dir-limit=200000 {shlex.quote(bucket)} /mnt/bucket)')
+    # Mounted by an earlier run, the directory is the user's FUSE mount, which even root may not chown: test first.
+    steps.append('(mountpoint -q /mnt/bucket || (sudo mkdir -p /mnt/bucket && sudo chown "$USER" /mnt/bucket && '
+                 f'gcsfuse --implicit-dirs --rename-dir-limit=200000 {shlex.quote(bucket)} /mnt/bucket))')
   steps.append(f'{{ setsid nohup bash -c {shlex.quote(detached)} > {LOGS}/run.log 2>&1 < /dev/null & }}')
   return ' && '.join(steps)
 
@@ -231,11 +232,11 @@ def status(g: Gcloud) -> None:
     print(f'worker {worker}: {worker_report(g, worker, 0)[0]}')
 
 
-def delete(g: Gcloud, direct: bool) -> None:
+def delete(g: Gcloud, direct: bool, check: bool = True) -> None:
   if direct:
-    g('compute', 'tpus', 'tpu-vm', 'delete', g.name, '--quiet')
+    g('compute', 'tpus', 'tpu-vm', 'delete', g.name, '--quiet', check=check)
   else:
-    g('compute', 'tpus', 'queued-resources', 'delete', g.name, '--force', '--quiet')
+    g('compute', 'tpus', 'queued-resources', 'delete', g.name, '--force', '--quiet', check=check)
 
 
 def recover(g: Gcloud, args) -> None:
@@ -244,7 +245,7 @@ def recover(g: Gcloud, args) -> None:
     raise SystemExit(f'error: {_state_path(g.name)} does not record a create and a run of {g.name}; use create '
                      'and run.')
   created, ran = state['create'], state['run']
-  delete(g, created['direct'])
+  delete(g, created['direct'], check=False)  # gone already when an earlier recover failed after deleting it
   create(g, argparse.Namespace(**created, poll_seconds=args.poll_seconds))
   run(g, argparse.Namespace(commit=ran['commit'], bucket=ran['bucket']), ran['argv'])
 

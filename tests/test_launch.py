@@ -240,6 +240,10 @@ def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, bann
   assert install == ['.venv/bin/python', '-m', 'pip', 'install', '--quiet', f'jax[{extra}]=={JAX_VERSION}']
   assert run == ['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:large',
                  '--workdir=wd', override]
+  # An override where the workdir goes is refused, not taken for a workdir.
+  misplaced = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:large',
+                              override], env=env, capture_output=True, text=True, check=False)
+  assert misplaced.returncode == 2 and 'is in the place of CONFIG or WORKDIR' in misplaced.stderr
 
 
 # ----- SkyPilot (launch/sky) ------------------------------------------------------------------------------------

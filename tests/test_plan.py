@@ -214,3 +214,12 @@ def test_footprint_is_flops_hours_and_the_power_table():
   cfg.device_watts = 0.0
   assert metrics.footprint(cpus, 3600, 1.0, cfg)['compute/energy_kwh'] == pytest.approx(
       metrics.CPU_WATTS_PER_CORE * os.cpu_count() / 1000 * 1.2)
+
+
+def test_a_compiler_without_memory_figures_is_not_reported_as_fitting(tfds_dir, monkeypatch):
+  """No memory analysis would read as 0 bytes per device, which always fits: the plan refuses to say instead."""
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.data.data_dir = tfds_dir
+  monkeypatch.setattr(jax.stages.Compiled, 'memory_analysis', lambda self: None)
+  with pytest.raises(ValueError, match='gives no memory analysis of the step'):
+    plan.plan(config, jax.devices())
