@@ -22,17 +22,14 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
   import jax.numpy as jnp
   import numpy as np
 
-  from foundation.evaluate.generate import generate
+  from foundation.evaluate.generate import check_sampling, generate
   from foundation.models.transformer import Transformer
   from foundation.tasks.lm import restore_run, saved_lm, tokenizer_for
 
   if num_samples < 1 or max_new_tokens < 1:
     raise ValueError(f'--num_samples={num_samples} and --max_new_tokens={max_new_tokens} must be at least 1.')
-  if not greedy and temperature <= 0:
-    raise ValueError(f'--temperature={temperature} must be positive (or pass --greedy).')
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f'need --top_k >= 0 and 0 < --top_p <= 1; got {top_k} and {top_p}.')
   config, model_cfg = saved_lm(workdir)  # the prompt is checked against the run's config before its checkpoint is read
+  check_sampling(temperature, top_k, top_p, model_cfg.vocab_size, greedy=greedy, prefix='--')
   tokenizer = tokenizer_for(config['data']['tokenizer'])
   ids = np.asarray(tokenizer.encode(prompt), np.int32)
   context = min(config['data'].get('seq_len') or model_cfg.max_len, model_cfg.max_len)

@@ -172,6 +172,7 @@ def test_sampling_a_workdir_reads_its_selected_step_and_continues_greedily(tmp_p
   several, _ = sample_workdir(str(workdir), 'To be', max_new_tokens=8, num_samples=3, temperature=2.0, seed=1)
   assert len(several) == 3 and all(s.startswith('To be') for s in several) and len(set(several)) > 1
   for settings, message in (({'max_new_tokens': 20}, 'exceeds the 24 tokens the model was trained on'),
-                            ({'temperature': 0.0}, 'must be positive'), ({'num_samples': 0}, 'at least 1')):
+                            ({'temperature': 0.0}, 'must be positive'), ({'num_samples': 0}, 'at least 1'),
+                            ({'top_k': 10**6}, r'--top_k=1000000 must be between 0 \(off\) and the vocabulary')):
     with pytest.raises(ValueError, match=message):
       sample_workdir(str(workdir), 'To be', **settings)

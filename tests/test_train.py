@@ -258,6 +258,7 @@ BAD_INPUT = [
     (('--config.parallelism=pmap', '--config.mesh.tensor=2'), 'data-parallel only'),
     (('--config.checkpoint_every=3', '--config.log_every=2'), 'multiple of config.log_every'),
     (('--config.sample.max_new_tokens=40',), 'exceeds the trained context config.data.seq_len=32'),
+    (('--config.sample.top_p=0',), 'config.sample.top_p=0.0 must be in (0, 1]'),
     (('--config.optim.freeze=("no_such_param",)',), "pattern 'no_such_param' matches no parameter"),
     (('--config.optim.weight_decay_exclude=("nope",)',), "pattern 'nope' matches no parameter"),
     (('--config.optim.name=adamz',), "config.optim.name='adamz'; choose adamw or sgd"),
@@ -270,7 +271,7 @@ BAD_INPUT = [
 ]
 
 # foundation.main's command line (flag parsing, then main) once per JSON argv list in argv[1], in one process: the
-# cases below pay for importing jax once, not 17 times. Prints [[exit status, stderr], ...].
+# cases below pay for importing jax once, not once each. Prints [[exit status, stderr], ...].
 COMMAND_LINES_MAIN = """
 import contextlib, io, json, sys, traceback
 from absl import flags

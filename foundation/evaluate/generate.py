@@ -47,6 +47,18 @@ def sample_logits(logits: Array, rng: Array, *, temperature: float = 1.0, top_k:
   return jax.random.categorical(rng, logits, axis=-1)
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int, *, greedy: bool = False,
+                   prefix: str = '') -> None:
+  """Raises ValueError naming the setting (`prefix` + its name: '--' on a command line, 'config.sample.' in a
+  config) that `generate` cannot sample with."""
+  if not greedy and not temperature > 0:
+    raise ValueError(f'{prefix}temperature={temperature} must be positive (greedy decoding takes the argmax).')
+  if not 0 <= top_k <= vocab_size:
+    raise ValueError(f'{prefix}top_k={top_k} must be between 0 (off) and the vocabulary size, {vocab_size}.')
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f'{prefix}top_p={top_p} must be in (0, 1] (1: off).')
+
+
 def generate(model: Transformer, params, prompt_tokens: Array, *, max_new_tokens: int, rng: Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Array:
   """Continues each prompt (int [batch, prompt_len], all the same length) by max_new_tokens sampled tokens.
@@ -62,10 +74,7 @@ def generate(model: Transformer, params, prompt_tokens: Array, *, max_new_tokens
   if prompt_len + max_new_tokens > cfg.max_len:
     raise ValueError(f'prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model max_len '
                      f'{cfg.max_len}, the size of its KV cache; shorten the prompt or generate fewer tokens.')
-  if not greedy and temperature <= 0:
-    raise ValueError(f'temperature {temperature} must be positive; use greedy=True for argmax decoding.')
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f'need top_k >= 0 and 0 < top_p <= 1; got top_k {top_k}, top_p {top_p}.')
+  check_sampling(temperature, top_k, top_p, cfg.vocab_size, greedy=greedy)
   return _generate(model, params, prompt_tokens, rng, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, greedy=greedy)
 

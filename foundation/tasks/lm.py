@@ -18,7 +18,7 @@ import numpy as np
 from foundation import checkpoint, files, losses, optim, sharding
 from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
-from foundation.evaluate.generate import generate
+from foundation.evaluate.generate import check_sampling, generate
 from foundation.models import gguf
 from foundation.models.transformer import Transformer, TransformerConfig, forward_flops_per_token
 from foundation.tasks import EvalContext, Task
@@ -76,6 +76,9 @@ def build(config) -> Task:
   if data.seq_len > model_cfg.max_len:
     raise ValueError(f'config.data.seq_len={data.seq_len} exceeds config.model.max_len={model_cfg.max_len}.')
   prompt = tokenizer.encode(config.sample.prompt)
+  if config.sample.num_samples:  # checked here, not at the first evaluation after eval_every steps
+    check_sampling(config.sample.temperature, config.sample.top_k, config.sample.top_p, model_cfg.vocab_size,
+                   prefix='config.sample.')
   # The model never sees a position past seq_len in training, and rotary attention does not extrapolate: samples
   # that run past it turn to noise, so they are held to the trained context.
   if config.sample.num_samples and len(prompt) + config.sample.max_new_tokens > data.seq_len:
