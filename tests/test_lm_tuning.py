@@ -147,18 +147,24 @@ def test_frozen_blocks_get_no_backward_pass_and_the_flops_count_follows(movie_di
   assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
 
 
-def test_a_language_model_under_a_freeze_counts_the_flops_it_runs(tfds_dir, tmp_path):
-  """Next-token training (configs/lm/shakespeare.py) with the embedding and the lower three of four blocks frozen:
-  the count behind MFU falls by the factor that XLA's count of the lowered step falls."""
+# The input's gradient alone through a frozen block costs XLA about 1.2 forward passes (attention's backward), which
+# the count takes as 1: the last case, where only that runs through the blocks, is held to 10%.
+@pytest.mark.parametrize('tied, frozen, rel', [(True, '^(embedding$|layers_[0-2]/)', 0.05),  # the top block trains
+                                               (False, '^(embedding$|layers_[0-2]/)', 0.05),  # and lm_head
+                                               (False, '^(lm_head$|layers_)', 0.1)])  # the input embedding, norms
+def test_a_language_model_under_a_freeze_counts_the_flops_it_runs(tfds_dir, tmp_path, tied, frozen, rel):
+  """Next-token training (configs/lm/shakespeare.py, four blocks) with some weights frozen: the count behind MFU
+  falls by the factor that XLA's count of the lowered step falls, with the output projection tied to the embedding
+  or not."""
   flops = {}
-  for freeze in ((), ('^(embedding$|layers_[0-2]/)',)):
+  for freeze in ((), (frozen,)):
     config = load_config('configs/lm/shakespeare.py').get_config('smoke')
     config.data.data_dir = tfds_dir
-    config.model.num_layers = 4
+    config.model.update(num_layers=4, tie_embeddings=tied)
     config.optim.freeze = freeze
     flops[freeze] = step_flops(config, tmp_path / f'frozen{len(freeze)}')
-  xla, ours = (flops[freeze][i] / flops[()][i] for i in (0, 1))
-  assert xla < 0.75 and ours == pytest.approx(xla, rel=0.05), flops
+  xla, ours = (flops[(frozen,)][i] / flops[()][i] for i in (0, 1))
+  assert xla < 0.9 and ours == pytest.approx(xla, rel=rel), flops
 
 
 @pytest.mark.parametrize('chat', [False, True])

@@ -131,7 +131,8 @@ def build(config) -> Task:
 
   def flops_per_example():  # forward and backward (x3) where every weight trains: flops_per_token
     blocks, vocab = forward_flops_per_token(model_cfg, data.seq_len)
-    block_passes, vocab_passes = (passes_under_freeze(config.optim, init, model_cfg.num_layers)
+    block_passes, vocab_passes = (passes_under_freeze(config.optim, init, model_cfg.num_layers,
+                                                      tied=model_cfg.tie_embeddings)
                                   if config.optim.freeze else (3, 3))
     return (block_passes * blocks + vocab_passes * vocab) * data.seq_len
 
@@ -140,20 +141,26 @@ def build(config) -> Task:
               tokens_per_example=data.seq_len)
 
 
-def passes_under_freeze(optim_cfg, init, num_layers: int, prefix: str = '') -> tuple[float, int]:
+def passes_under_freeze(optim_cfg, init, num_layers: int, prefix: str = '', tied: bool = True) -> tuple[float, int]:
   """Passes of a training step over a decoder's blocks (their mean) and over its projection to the vocabulary when
-  config.optim.freeze holds some of the params that `init` makes (the decoder's under `prefix`): frozen weights get
-  no gradient work (train.make_train_step), so every block runs forward, the blocks from the lowest trained one up
-  also run the backward pass (x3), and the projection runs its weights' gradient only if the tied embedding trains
-  (which also takes the backward pass to block 0)."""
+  config.optim.freeze holds some of the params that `init` makes (the decoder's under `prefix`). Frozen weights get
+  no gradient work (train.make_train_step): every block runs forward, the blocks from the lowest trained one up the
+  backward pass too, the ones below it their input's gradient when the input embedding trains. The projection runs
+  its input's gradient when anything below it trains, and its weight's when that (the embedding if `tied`, else
+  lm_head) trains. Scanned blocks train all together."""
   params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
   trained = [name for name, frozen in zip(jax.tree.leaves(optim.param_names(params)),
                                           jax.tree.leaves(optim.frozen_mask(optim_cfg, params))) if not frozen]
-  if any(name.startswith((f'{prefix}embedding', f'{prefix}layers/')) for name in trained):  # the input, or scanned
-    return 3.0, 3
-  lowest = min((int(m.group(1)) for m in map(re.compile(rf'^{re.escape(prefix)}layers_(\d+)/').match, trained) if m),
-               default=num_layers)
-  return 1 + 2 * (num_layers - lowest) / num_layers, 2
+  trains = lambda *starts: any(name.startswith(tuple(prefix + s for s in starts)) for name in trained)
+  head = 'embedding' if tied else 'lm_head'
+  vocab_passes = 1 + any(not name.startswith(prefix + 'lm_head') for name in trained) + trains(head)
+  if trains('layers/'):
+    return 3.0, vocab_passes
+  lowest = next((i for i in range(num_layers) if trains(f'layers_{i}/')), num_layers)
+  # From the lowest trained block up, XLA's count of the lowered step shows the full backward pass; below it, the
+  # input's gradient alone when the embedding trains.
+  below = 2 if trains('embedding') else 1
+  return (lowest * below + 3 * (num_layers - lowest)) / num_layers, vocab_passes
 
 
 def _write_samples(model, params, tokenizer, prompt, config, step: int, ctx: EvalContext) -> None:

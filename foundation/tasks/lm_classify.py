@@ -351,7 +351,8 @@ def build(config) -> Task:
     per_call /= jax.device_count() if config.parallelism == 'pmap' else 1
     block_passes, vocab_passes = passes, passes
     if method in LM_TRAINED and config.optim.freeze:
-      block_passes, vocab_passes = passes_under_freeze(config.optim, init, model_cfg.num_layers, prefix='lm/')
+      block_passes, vocab_passes = passes_under_freeze(config.optim, init, model_cfg.num_layers, prefix='lm/',
+                                                     tied=model_cfg.tie_embeddings)
     context = adapter_len + len(head_ids) + body_length + label_len - 1
     blocks, vocab = forward_flops_per_token(model_cfg, int(context))
     predicted = 0 if method == 'head' else 1 + fed_labels
