@@ -29,7 +29,7 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
   if num_samples < 1 or max_new_tokens < 1:
     raise ValueError(f'--num_samples={num_samples} and --max_new_tokens={max_new_tokens} must be at least 1.')
   config, model_cfg = saved_lm(workdir)  # the prompt is checked against the run's config before its checkpoint is read
-  check_sampling(temperature, top_k, top_p, model_cfg.vocab_size, greedy=greedy, prefix='--')
+  check_sampling(temperature, top_k, top_p, model_cfg.vocab_size, greedy=greedy, prefix='--', greedy_option='--greedy')
   tokenizer = tokenizer_for(config['data']['tokenizer'])
   ids = np.asarray(tokenizer.encode(prompt), np.int32)
   context = min(config['data'].get('seq_len') or model_cfg.max_len, model_cfg.max_len)

@@ -48,11 +48,12 @@ def sample_logits(logits: Array, rng: Array, *, temperature: float = 1.0, top_k:
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int, *, greedy: bool = False,
-                   prefix: str = '') -> None:
+                   prefix: str = '', greedy_option: str = 'greedy=True') -> None:
   """Raises ValueError naming the setting (`prefix` + its name: '--' on a command line, 'config.sample.' in a
-  config) that `generate` cannot sample with."""
+  config) that `generate` cannot sample with; `greedy_option` ('' where there is none) decodes by argmax."""
   if not greedy and not temperature > 0:
-    raise ValueError(f'{prefix}temperature={temperature} must be positive (greedy decoding takes the argmax).')
+    raise ValueError(f'{prefix}temperature={temperature} must be positive'
+                     + (f'; {greedy_option} decodes by argmax.' if greedy_option else '.'))
   if not 0 <= top_k <= vocab_size:
     raise ValueError(f'{prefix}top_k={top_k} must be between 0 (off) and the vocabulary size, {vocab_size}.')
   if not 0.0 < top_p <= 1.0:

@@ -78,7 +78,7 @@ def build(config) -> Task:
   prompt = tokenizer.encode(config.sample.prompt)
   if config.sample.num_samples:  # checked here, not at the first evaluation after eval_every steps
     check_sampling(config.sample.temperature, config.sample.top_k, config.sample.top_p, model_cfg.vocab_size,
-                   prefix='config.sample.')
+                   prefix='config.sample.', greedy_option='')
   # The model never sees a position past seq_len in training, and rotary attention does not extrapolate: samples
   # that run past it turn to noise, so they are held to the trained context.
   if config.sample.num_samples and len(prompt) + config.sample.max_new_tokens > data.seq_len:
