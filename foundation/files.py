@@ -20,13 +20,13 @@ import os
 import shutil
 from typing import IO
 
+from etils import epath
+import fsspec
+
 # Written into a run's directory as the loop's very last act once the run has finished (its final evaluation, or the
 # selected step's, done; early stopping included), and removed when a run starts that trains further: what tells a
 # finished run from one that crashed or was stopped (foundation.sweep reads it).
 FINISHED_FILE = 'finished.json'
-
-from etils import epath
-import fsspec
 
 
 def is_remote(path: str) -> bool:
