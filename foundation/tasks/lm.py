@@ -8,7 +8,6 @@ tokenizers) over the whole validation split, plus samples from a prompt, written
 
 import math
 import os
-import re
 
 import flax.linen as nn
 import jax
