@@ -35,7 +35,9 @@ the runs that have it; `a|b` takes each run's `a`, or its `b` where it has no `a
 `best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run that trains and the only evaluation of
 one that does not), and n, the number of finished runs. A run counts as finished when it wrote `finished.json`,
 however it was run (a run that crashed in its final evaluation, or was stopped, has not). The tables cover the cells
-of the latest sweep started or printed for the root (`ROOT/sweep.json`).
+of the latest sweep started or printed for the root (`ROOT/sweep.json`); a finished run whose `config.json` differs
+from the config its cell's command resolves to now (another `--set`, an edited config file) is left out of them,
+with the fields that differ, as `foundation.main` would refuse to resume it.
 """
 
 import argparse
@@ -316,16 +318,40 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
   return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def collect(root: str, cells: list[Cell], seeds: int,
+def other_config(workdir: str, config: str, sets: dict[str, str], cell: Cell, seed: int) -> str | None:
+  """Why the finished run in `workdir` is not the run of this cell and seed: the fields in which its config.json
+  differs from the config the cell's command resolves to today (as `foundation.main` would refuse to resume it);
+  None if it is that run."""
+  from foundation import train  # pylint: disable=import-outside-toplevel  (jax: only for tables)
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    return f'its config.json cannot be read ({e})'
+  try:
+    resolved = json.loads(load_config(config, {**sets, **cell.overrides, 'seed': str(seed)}).to_json_best_effort())
+  except Exception as e:  # pylint: disable=broad-except  (as validate: config_flags raises several kinds)
+    raise SweepError(f'cell {cell.name}: {_one_line(e)}') from None
+  differences = train.config_differences(recorded, resolved)
+  if not differences:
+    return None
+  return 'another config (' + ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in list(differences.items())[:3]) + ')'
+
+
+def collect(root: str, manifest: dict,
             metrics: list[str] | None) -> tuple[list[Row], list[str], list[str]]:
-  """Rows of the table, the metrics shown, and the runs that have not finished (missing from the table)."""
-  done, unfinished = {}, []
-  for cell, seed in itertools.product(cells, range(seeds)):
+  """Rows of the table, the metrics shown, and the runs left out of it: not finished, or finished with another
+  config than their cell's (a changed --set or config file), each with the reason."""
+  cells = [Cell(c['name'], c['overrides']) for c in manifest['cells']]
+  done, left_out = {}, []
+  for cell, seed in itertools.product(cells, range(manifest['seeds'])):
     workdir = _workdir(root, cell.name, seed)
-    if finished(workdir):
-      done.setdefault(cell.name, []).append(last_values(read_metrics(workdir)))
+    if not finished(workdir):
+      left_out.append(f'{workdir} (unfinished or not run)')
+    elif reason := other_config(workdir, manifest['config'], manifest['set'], cell, seed):
+      left_out.append(f'{workdir} ({reason})')
     else:
-      unfinished.append(workdir)
+      done.setdefault(cell.name, []).append(last_values(read_metrics(workdir)))
   if metrics is None:  # every eval metric logged, in the order they were logged
     metrics = list(dict.fromkeys(k for runs in done.values() for last in runs for k in last
                                  if k.startswith('eval/')))
@@ -334,7 +360,7 @@ def collect(root: str, cells: list[Cell], seeds: int,
     runs = done.get(cell.name, [])
     stats = {m: mean_and_std([float(v) for last in runs if (v := _value(last, m)) is not None]) for m in metrics}
     rows.append(Row(cell, len(runs), stats))
-  return rows, metrics, unfinished
+  return rows, metrics, left_out
 
 
 def _value(last: dict[str, float], metric: str) -> float | None:
@@ -427,15 +453,15 @@ def plot(path: str, rows: list[Row], fields: list[str], metrics: list[str], titl
 
 
 def write_tables(root: str, metrics: list[str] | None) -> tuple[list[Row], list[str]]:
-  """Writes table.md, table.csv and table.png from the runs under `root`; returns the rows and unfinished runs."""
+  """Writes table.md, table.csv and table.png from the runs under `root`; returns the rows and the runs left out,
+  each with its reason."""
   try:
     with open(os.path.join(root, MANIFEST)) as f:
       manifest = json.load(f)
   except OSError:
     raise SweepError(f'{root} holds no {MANIFEST}: run the sweep (or --jobs=print) first') from None
   fields = list(manifest['grid'])
-  cells = [Cell(c['name'], c['overrides']) for c in manifest['cells']]
-  rows, metrics, unfinished = collect(root, cells, manifest['seeds'], metrics or manifest['metrics'])
+  rows, metrics, left_out = collect(root, manifest, metrics or manifest['metrics'])
   sets = ''.join(f' --set={k}={v}' for k, v in manifest['set'].items())
   title = f'{manifest["config"]}{sets}, {manifest["seeds"]} seeds'
   with open(os.path.join(root, 'table.md'), 'w') as f:
@@ -448,7 +474,7 @@ def write_tables(root: str, metrics: list[str] | None) -> tuple[list[Row], list[
     plot(png, rows, fields, metrics, title)
   elif os.path.exists(png):
     os.remove(png)  # nothing to plot: an old figure would contradict the table
-  return rows, unfinished
+  return rows, left_out
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -475,7 +501,7 @@ def sweep(args) -> int:
   """Validates, runs (or prints) the runs, writes the tables; returns the exit status."""
   root = os.path.normpath(args.root)  # one spelling of each workdir, as the markers record it
   if args.table_only:
-    rows, unfinished = write_tables(root, args.metrics)
+    rows, left_out = write_tables(root, args.metrics)
     failures = []
   else:
     if not args.config or args.grid is None:
@@ -496,13 +522,13 @@ def sweep(args) -> int:
             file=sys.stderr)
       return 0
     failures = run_all(args.config, root, sets, cells, args.seeds)
-    rows, unfinished = write_tables(root, args.metrics)
+    rows, left_out = write_tables(root, args.metrics)
     if failures:
       print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
   print(f'[sweep] {sum(r.n for r in rows)} finished run(s) in {os.path.join(root, "table.md")} and table.csv'
         + (', table.png' if os.path.exists(os.path.join(root, 'table.png')) else ''))
-  if unfinished:
-    print(f'[sweep] not in the table (unfinished or not run): {", ".join(unfinished)}', file=sys.stderr)
+  if left_out:
+    print('[sweep] not in the table:\n  ' + '\n  '.join(left_out), file=sys.stderr)
   return 1 if failures else 0
 
 

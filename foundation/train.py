@@ -140,6 +140,14 @@ def _is_within(name: str, fields) -> bool:
   return any(name == f or name.startswith(f + '.') for f in fields)
 
 
+def config_differences(recorded: dict, resolved: dict) -> dict[str, list]:
+  """Dotted field -> [recorded value, resolved value] for each field in which a run's config.json and a resolved
+  config (as JSON) differ, sorted; runtime fields and the record's own fields are not the config's."""
+  old, new = _flatten({k: v for k, v in recorded.items() if k not in RECORD_FIELDS}), _flatten(resolved)
+  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not _is_within(k, RUNTIME_FIELDS)}
+
+
 def _code_version() -> str:
   try:
     return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=os.path.dirname(__file__), text=True,
@@ -265,15 +273,13 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   resolved = json.loads(config.to_json_best_effort())
   changes = {}
   if previous is not None:
-    old, new = _flatten({k: v for k, v in previous.items() if k not in RECORD_FIELDS}), _flatten(resolved)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not _is_within(k, RUNTIME_FIELDS))
-    refused = [k for k in changed if not _is_within(k, allow_config_change)]
+    changes = config_differences(previous, resolved)
+    refused = [k for k in changes if not _is_within(k, allow_config_change)]
     if refused:
-      shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in refused[:6])
+      shown = ', '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in refused[:6])
       raise ConfigError(f'{workdir} holds a run with a different config ({shown}). Rerun with the same config to '
                         f'resume it, pick a new --workdir, or accept the change with '
                         f'--allow_config_change={",".join(sorted({k.split(".")[0] for k in refused}))}.')
-    changes = {k: [old.get(k), new.get(k)] for k in changed}
   record = {**resolved, 'frozen_sources': {**(previous or {}).get('frozen_sources', {}), **sources.recorded},
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,

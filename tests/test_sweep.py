@@ -139,13 +139,17 @@ def test_bad_sweeps_fail_with_exit_2_before_anything_is_written(tmp_path, capsys
   assert not root.exists()
 
 
-def fake_run(workdir, num_train_steps, final: dict[str, float] | None, earlier: dict[str, float],
+def fake_run(root, cell, seed, final: dict[str, float] | None, earlier: dict[str, float],
              finished: bool | None = None, tail: str = ''):
-  """A run's outputs as foundation.main writes them: train and eval lines of one step as separate objects, and
-  finished.json once it has a final line (unless `finished` says otherwise); `tail` is appended to metrics.jsonl."""
+  """The outputs foundation.main writes for a smoke run of `cell` and `seed`: its resolved config, train and eval
+  lines of one step as separate objects, and finished.json once it has a final line (unless `finished` says
+  otherwise); `tail` is appended to metrics.jsonl."""
+  workdir = os.path.join(root, cell.name, f'seed_{seed}')
   os.makedirs(workdir)
+  config = json.loads(sweep.load_config(SMOKE, {**cell.overrides, 'seed': str(seed)}).to_json_best_effort())
+  num_train_steps = config['num_train_steps']
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump({'num_train_steps': num_train_steps, 'seed': 0}, f)
+    json.dump({**config, 'foundation_version': {'commit': 'test'}}, f)
   lines = [{'step': 5, 'train/loss': 9.0}, {'step': 5, **earlier}]
   if final is not None:
     lines += [{'step': num_train_steps, 'train/loss': final['train/loss']},
@@ -169,18 +173,17 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   for i, cell in enumerate(cells):
     finals = []
     for seed in range(3):
-      workdir = os.path.join(root, cell.name, f'seed_{seed}')
       final = {'train/loss': rng.uniform(1, 2), 'eval/loss': rng.uniform(1, 2), 'eval/accuracy': rng.uniform()}
       if i == 3 and seed > 0:
         continue  # never ran: this cell has one seed, whose std is undefined
       if i == 0 and seed == 2:
-        fake_run(workdir, 10, None, {'eval/loss': 0.0})  # stopped before its end: not in the table
+        fake_run(root, cell, seed, None, {'eval/loss': 0.0})  # stopped before its end: not in the table
         continue
       if i == 1 and seed == 2:  # its last step logged, then a crash in the final evaluation: not in the table
-        fake_run(workdir, 10, final, {'eval/loss': 0.0}, finished=False)
+        fake_run(root, cell, seed, final, {'eval/loss': 0.0}, finished=False)
         continue
       # A last line cut short by a killed write is dropped (with a warning), as the loop drops it on resume.
-      fake_run(workdir, 10, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5}, tail='{"step": 11, "eval/lo')
+      fake_run(root, cell, seed, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5}, tail='{"step": 11, "eval/lo')
       finals.append(final)
     expected[cell.name] = finals
 
@@ -212,7 +215,18 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   train_loss = [final['train/loss'] for final in expected[cells[2].name]]
   np.testing.assert_allclose(float(table[cells[2].name]['train/loss mean']), np.mean(train_loss), rtol=1e-12)
   assert 'eval/loss mean' not in table[cells[2].name]
-  assert 'not in the table (unfinished or not run)' in capsys.readouterr().err
+  error = capsys.readouterr().err
+  assert f'{os.path.join(root, cells[0].name, "seed_2")} (unfinished or not run)' in error, error
+
+  # The sweep's --set changed since these runs: none of them is a run of the new cells, each is named with why.
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=3', f'--root={root}', '--jobs=print',
+                     '--set=num_train_steps=7']) == 0
+  capsys.readouterr()
+  assert sweep.main([f'--root={root}', '--table_only']) == 0
+  assert {row['n'] for row in read_csv(os.path.join(root, 'table.csv')).values()} == {'0'}
+  error = capsys.readouterr().err
+  steps = sweep.load_config(SMOKE, {}).num_train_steps
+  assert error.count(f'another config (num_train_steps: {steps} -> 7)') == sum(map(len, expected.values())), error
 
 
 def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
@@ -227,7 +241,7 @@ def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
             [{'best/eval/accuracy': 0.7}, {'best/eval/accuracy': 0.5}, {'eval/accuracy': 0.9}]]
   for cell, finals in zip(cells, logged):
     for seed, final in enumerate(finals):
-      fake_run(os.path.join(root, cell.name, f'seed_{seed}'), 10, {'train/loss': 1.0, **final}, {})
+      fake_run(root, cell, seed, {'train/loss': 1.0, **final}, {})
   metric = 'best/eval/accuracy|eval/accuracy'
   assert sweep.main([f'--root={root}', '--table_only', f'--metrics={metric}']) == 0
   table = read_csv(os.path.join(root, 'table.csv'))
