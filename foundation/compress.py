@@ -9,7 +9,8 @@ and down projections of every decoder layer (not the embedding). The calibration
 (a conv's im2col patches), H = 2 X X^T / n + lambda I with lambda = --damp times the mean of H's diagonal, and each
 output row w of the kernel loses its weights by the OBS rule of Hassibi & Stork: remove the q that minimises
 w_q^2 / [H^-1]_qq, move the remaining weights of the row by -w_q / [H^-1]_qq * H^-1[:, q], and take q out of H^-1.
-So every row keeps the same share of its weights (`sparsity` of them are zero), and with --pattern=2:4 every four
+So every row keeps the same share of its weights (`sparsity` of them are zero, to the nearest weight, and at
+least one weight kept), and with --pattern=2:4 every four
 consecutive input weights of a row keep two. --rounds > 1 removes a row's weights in that many batches (see
 obs_prune). Magnitude pruning zeroes the smallest |w| of each row under the same constraints, without updating the
 rest. Under N:M, a layer whose input size is not a multiple of M (the first
@@ -63,8 +64,10 @@ def _removable(pruned: np.ndarray, pattern: tuple[int, int] | None) -> np.ndarra
 
 
 def _num_removed(d: int, sparsity: float, pattern: tuple[int, int] | None) -> int:
+  """Weights each row of d inputs loses: the nearest whole share (halves up, the same rule for every layer), but
+  never the whole row, which would silence the output (--sparsity is below 1)."""
   if pattern is None:
-    return int(round(sparsity * d))
+    return min(int(sparsity * d + 0.5), d - 1)
   keep, group = pattern
   if d % group:
     raise ValueError(f'a layer with {d} inputs cannot be pruned {keep}:{group}; its input size is not a multiple '

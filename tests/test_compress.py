@@ -69,6 +69,20 @@ def test_obs_output_error_is_below_magnitude_pruning_and_patterns_hold(pattern):
   np.testing.assert_array_equal(magnitude[kept], w[kept])
 
 
+@pytest.mark.parametrize('d, sparsity, removed', [(9, 0.95, 8),   # a grayscale stem: 8.55, and one weight stays
+                                                  (9, 0.5, 5), (11, 0.5, 6),  # halves go up in every layer
+                                                  (10, 0.3, 3), (20, 0.95, 19)])
+def test_each_row_loses_the_nearest_count_but_keeps_a_weight(d, sparsity, removed):
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(64, d))
+  w = rng.normal(size=(d, 5))
+  magnitude = compress.magnitude_prune(w, sparsity)
+  want = np.where(np.abs(w) >= np.sort(np.abs(w), axis=0)[removed], w, 0)  # each output's d - removed largest
+  np.testing.assert_array_equal(magnitude, want)
+  obs = compress.obs_prune(w, 2 * x.T @ x / len(x), sparsity)
+  assert np.all(np.sum(obs == 0, axis=0) == removed) and np.all(np.any(obs != 0, axis=0))
+
+
 def test_layer_inputs_are_what_each_kernel_multiplies():
   """im2col patches of a strided conv times its flattened kernel give the conv's output (before the bias)."""
   class Net(nn.Module):
