@@ -222,7 +222,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
                       "a step by; set --config.early_stopping.metric=''.")
   if metric and config.num_train_steps and task.selection_metrics is not None and metric not in task.selection_metrics:
     raise ConfigError(f'config.early_stopping.metric={metric!r} is not among the metrics that the evaluations before '
-                      f'the end give ({", ".join(task.selection_metrics) or "none: the config has no validation split"}'
+                      f'the end give ({", ".join(task.selection_metrics) or "none: no evaluation before the end reads a validation split"}'
                       "); name one of them, or set --config.early_stopping.metric=''.")
   if task.batch_coupled_loss and (config.parallelism == 'pmap' or config.grad_accum_steps > 1):
     raise ConfigError(f'config.task={config.task!r} contrasts every example with the whole global batch, but '

@@ -134,6 +134,29 @@ def test_fuzzed_overrides_run_or_fail_with_one_clear_line_before_writing(tfds_di
   assert outcomes['refused'] >= 40 and outcomes['accepted'] >= 20, outcomes
 
 
+NO_VALIDATION = 'before the end give \\(none: no evaluation before the end reads a validation split\\)'
+
+
+@pytest.mark.parametrize('path, metric, message', [
+    # Every evaluation of a contrastive run probes the test split: no metric may choose its step.
+    ('configs/contrastive/simclr_fashion_mnist.py', 'eval/linear_probe/accuracy', NO_VALIDATION),
+    ('configs/contrastive/clip_fashion_mnist.py', 'eval/zero_shot/accuracy', NO_VALIDATION),
+    ('configs/distill/fashion_mnist.py', 'eval/accuracy', r'\(eval/train_accuracy, eval/validation/accuracy\)'),
+    ('configs/lm/shakespeare.py', 'eval/accuracy', r'\(eval/loss, eval/perplexity, eval/nats_per_byte\)'),
+    ('configs/lm/shakespeare.py', 'eval/loss', None),  # the validation loss: accepted
+])
+def test_early_stopping_names_a_metric_of_the_evaluations_before_the_end(path, metric, message, tfds_dir, tmp_path):
+  config = load(path).get_config('smoke')
+  config.data.data_dir = tfds_dir
+  config.early_stopping.update(metric=metric, mode='min' if 'loss' in metric else 'max')
+  if message is None:
+    train.prepare(config, str(tmp_path / 'run'), dry=True)
+  else:
+    with pytest.raises(train.ConfigError, match=f'early_stopping.metric={metric!r} is not among .*{message}'):
+      train.prepare(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_the_fashion_mnist_configs_share_one_encoder():
   """SimCLR against supervised, a LiT tower, a fine-tuned backbone, a distillation teacher: one architecture."""
   want = config_base.fashion_cnn()

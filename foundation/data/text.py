@@ -90,6 +90,11 @@ def check_disjoint(name: str, data_dir: str, splits: dict[str, str]) -> None:
                          f'{name}: choose splits apart from each other (e.g. train[:50000] and train[50000:]).')
 
 
+def reads_test(spec: str) -> bool:
+  """Whether a split spec reads any of the test split ('test', 'test[:400]', 'train[:10]+test')."""
+  return any(part.split('[')[0].strip() == 'test' for part in spec.split('+'))
+
+
 def _data_source(name: str, data_dir: str, split: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   check_prepared(name, data_dir, [split])

@@ -209,6 +209,7 @@ def build(config) -> Task:
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
               frozen=frozen if teachers else None, flops_per_example=flops_per_example,
+              selection_metrics=('eval/train_accuracy', 'eval/validation/accuracy'),
               batch_coupled_loss=bool(cfg.crd_weight))
 
 

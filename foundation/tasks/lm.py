@@ -46,6 +46,8 @@ def import_gguf(model_cfg: TransformerConfig):
 
 # The tasks whose runs hold a decoder under params (config.model, config.data.tokenizer).
 LM_TASKS = ('lm', 'lm_distill')
+# What every evaluation gives, from data.eval_split: nats per token, its exponential, nats per byte of text.
+EVAL_METRICS = ('eval/loss', 'eval/perplexity', 'eval/nats_per_byte')
 
 
 def saved_lm(workdir: str) -> tuple[dict, TransformerConfig]:
@@ -122,8 +124,7 @@ def build(config) -> Task:
     for batch in eval_cache['batches']:
       sums = eval_sums(params, sharding.global_batch(batch, ctx.mesh))
       total, count, num_bytes = (a + float(b) for a, b in zip((total, count, num_bytes), sums))
-    results = {'eval/loss': total / count, 'eval/perplexity': math.exp(total / count),
-               'eval/nats_per_byte': total / num_bytes}
+    results = dict(zip(EVAL_METRICS, (total / count, math.exp(total / count), total / num_bytes)))
     if config.sample.num_samples:
       _write_samples(model, params, tokenizer, prompt, config, step, ctx)
     return results
@@ -136,6 +137,7 @@ def build(config) -> Task:
     return (block_passes * blocks + vocab_passes * vocab) * data.seq_len
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
+              selection_metrics=() if text.reads_test(data.eval_split) else tuple(EVAL_METRICS),
               import_params=import_gguf(model_cfg), flops_per_example=flops_per_example,
               tokens_per_example=data.seq_len)
 
