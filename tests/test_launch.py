@@ -1,6 +1,6 @@
-"""The launchers. launch/gpu.sh's choice of CUDA build, with a fake `nvidia-smi`. launch/tpu_vm.py against a fake
-`gcloud` on PATH: the commands it issues (checked against gcloud's documented forms), and a run on a fake two-worker
-slice, on this machine: create -> run (one process per worker, the two forming one mesh) -> logs -> a preemption
+"""The launchers. launch/gpu.sh's choice of CUDA build, and launch/local.sh's hand-over to it, with a fake
+`nvidia-smi`. launch/tpu_vm.py against a fake `gcloud` on PATH: the commands it issues (checked against gcloud's
+documented forms), and a run on a fake two-worker slice, on this machine: create -> run (one process per worker, the two forming one mesh) -> logs -> a preemption
 (both killed with SIGKILL mid-run) -> recover, whose resumed run logs the losses of an uninterrupted one.
 
 The fake records every call. `ssh` runs the remote command in each worker's home directory under bash, as the real
@@ -13,6 +13,7 @@ JAX_PROCESS_ID), with 4 CPU devices per worker: JAX's Cloud TPU detection itself
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -244,6 +245,20 @@ def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, bann
   misplaced = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:large',
                               override], env=env, capture_output=True, text=True, check=False)
   assert misplaced.returncode == 2 and 'is in the place of CONFIG or WORKDIR' in misplaced.stderr
+  # launch/local.sh hands a host with a driver to gpu.sh, its default workdir named after the config and variants.
+  # (Run from a copy holding the two launchers alone: were the hand-over broken, no set-up or job could start.)
+  copy = tmp_path / 'checkout'
+  (copy / 'launch').mkdir(parents=True)
+  for name in ('launch/local.sh', 'launch/gpu.sh', 'requirements.txt'):
+    shutil.copy(os.path.join(REPO, name), copy / name)
+  local = lambda *args: subprocess.run(['bash', copy / 'launch' / 'local.sh', *args], env=env,
+                                       capture_output=True, text=True, check=False)
+  handed = local('configs/lm/shakespeare.py:large,smoke')
+  assert shlex.split(handed.stdout.splitlines()[1]) == [
+      '.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:large,smoke',
+      '--workdir=workdirs/shakespeare_large_smoke'], handed.stderr
+  refused = local('configs/lm/shakespeare.py', override)
+  assert refused.returncode == 2 and 'is in the place of CONFIG or WORKDIR' in refused.stderr and not refused.stdout
 
 
 # ----- SkyPilot (launch/sky) ------------------------------------------------------------------------------------
