@@ -1,7 +1,8 @@
 """The launchers. launch/gpu.sh's choice of CUDA build, and launch/local.sh's hand-over to it, with a fake
 `nvidia-smi`. launch/tpu_vm.py against a fake `gcloud` on PATH: the commands it issues (checked against gcloud's
-documented forms), and a run on a fake two-worker slice, on this machine: create -> run (one process per worker, the two forming one mesh) -> logs -> a preemption
-(both killed with SIGKILL mid-run) -> recover, whose resumed run logs the losses of an uninterrupted one.
+documented forms), and a run on a fake two-worker slice, on this machine: create -> run (one process per worker,
+the two forming one mesh) -> logs -> a preemption (both killed with SIGKILL mid-run) -> recover, whose resumed run
+logs the losses of an uninterrupted one.
 
 The fake records every call. `ssh` runs the remote command in each worker's home directory under bash, as the real
 one does, except the set-up (uv, the requirements, jax[tpu]: network installs), which is recorded only: the workers'
