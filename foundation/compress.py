@@ -213,19 +213,20 @@ def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, j
                                'an image classifier or language-model run')['task']
   if task in lm.LM_TASKS:
     saved, model_cfg = lm.saved_lm(workdir)
-    if model_cfg.scan_layers:
-      raise ValueError(f'{workdir} scans its layers (one stacked tree); pruning reads each layer\'s inputs from '
-                       'the unrolled model: retrain with --config.model.scan_layers=False.')
     if model_cfg.lora_rank:
       raise ValueError(f'{workdir} trains LoRA factors beside its weights, which pruning the weights alone would '
                        'leave dense: prune a run without LoRA (--config.model.lora_rank=0).')
-    return saved, Transformer(model_cfg), jnp.zeros((1, saved['data']['seq_len']), jnp.int32)
-  saved, model = distill.saved_classifier(workdir, data_dir)
-  encoder = saved['model'][saved['model']['encoder']]
-  if encoder.get('scan_layers'):
-    raise ValueError(f'{workdir} scans its encoder\'s blocks (one stacked tree); pruning reads each layer\'s inputs '
-                     'from the unrolled model: retrain with the encoder\'s scan_layers=False.')
-  return saved, model, jnp.zeros((1, *saved['data']['image_shape']), jnp.float32)
+    model, example = Transformer(model_cfg), jnp.zeros((1, saved['data']['seq_len']), jnp.int32)
+    scan_field = 'model.scan_layers' if model_cfg.scan_layers else None
+  else:
+    saved, model = distill.saved_classifier(workdir, data_dir)
+    example = jnp.zeros((1, *saved['data']['image_shape']), jnp.float32)
+    kind = saved['model']['encoder']
+    scan_field = f'model.{kind}.scan_layers' if saved['model'][kind].get('scan_layers') else None
+  if scan_field:
+    raise ValueError(f'{workdir} scans its blocks (one stacked tree); pruning reads each layer\'s inputs from the '
+                     f'unrolled model: retrain with --config.{scan_field}=False.')
+  return saved, model, example
 
 
 def _calibration(saved: dict, data_dir: str, n: int) -> jax.Array:

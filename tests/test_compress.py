@@ -133,7 +133,9 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   scanned = {**config_base.fashion_vit(), 'scan_layers': True}
   vit = {**saved, 'model': {**saved['model'], 'encoder': 'vit', 'vit': scanned}}
   pool4 = {**saved, 'distill': {**saved['distill'], 'student_view': 'pool4'}}
-  for name, changed, message in (('vit', vit, "scans its encoder's blocks"), ('pool4', pool4, "'pool4' views")):
+  vit_message = ("scans its blocks (one stacked tree); pruning reads each layer's inputs from the unrolled model: "
+                 'retrain with --config.model.vit.scan_layers=False.')
+  for name, changed, message in (('vit', vit, vit_message), ('pool4', pool4, "'pool4' views")):
     (tmp_path / name).mkdir()
     (tmp_path / name / 'config.json').write_text(json.dumps(changed))
     assert compress.main([f'--workdir={tmp_path / name}', f'--out={tmp_path / "x"}']) == 2
@@ -141,7 +143,7 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   assert not (tmp_path / 'x').exists()
 
 
-def test_decoder_projections_are_pruned_from_their_own_inputs(tfds_dir, tmp_path):
+def test_decoder_projections_are_pruned_from_their_own_inputs(tfds_dir, tmp_path, capsys):
   config = load('configs/lm/shakespeare.py').get_config('smoke')
   config.data.data_dir = tfds_dir
   train.train_and_evaluate(config, str(tmp_path / 'lm'))
@@ -161,6 +163,12 @@ def test_decoder_projections_are_pruned_from_their_own_inputs(tfds_dir, tmp_path
   np.testing.assert_allclose(inputs[('layers_0', 'attention', 'query')], normed, rtol=1e-4, atol=1e-5)
 
   out = tmp_path / 'pruned'
+  scanned = json.loads((tmp_path / 'lm' / 'config.json').read_text())
+  scanned['model']['scan_layers'] = True
+  (tmp_path / 'scanned').mkdir()
+  (tmp_path / 'scanned' / 'config.json').write_text(json.dumps(scanned))
+  assert compress.main([f'--workdir={tmp_path / "scanned"}', f'--out={out}']) == 2
+  assert 'retrain with --config.model.scan_layers=False.' in capsys.readouterr().err and not out.exists()
   assert compress.main([f'--workdir={tmp_path / "lm"}', '--sparsity=0.5', f'--out={out}',
                         '--calibration_examples=16']) == 0
   layers = json.loads((out / 'compress.json').read_text())['layers']
