@@ -10,11 +10,11 @@ and down projections of every decoder layer (not the embedding). The calibration
 output row w of the kernel loses its weights by the OBS rule of Hassibi & Stork: remove the q that minimises
 w_q^2 / [H^-1]_qq, move the remaining weights of the row by -w_q / [H^-1]_qq * H^-1[:, q], and take q out of H^-1.
 So every row keeps the same share of its weights (`sparsity` of them are zero, to the nearest weight, and at
-least one weight kept), and with --pattern=2:4 every four
-consecutive input weights of a row keep two. --rounds > 1 removes a row's weights in that many batches (see
-obs_prune). Magnitude pruning zeroes the smallest |w| of each row under the same constraints, without updating the
-rest. Under N:M, a layer whose input size is not a multiple of M (the first
-conv of a grayscale image: 9 inputs) stays dense, as N:M hardware kernels leave it; compress.json says so.
+least one weight kept), and with --pattern=2:4 every four consecutive input weights of a row keep two. --rounds > 1
+removes a row's weights in that many batches (see obs_prune). Magnitude pruning zeroes the smallest |w| of each row
+under the same constraints, without updating the rest. Under N:M, a layer whose input size is not a multiple of M
+(the first conv of a grayscale image: 9 inputs) stays dense, as N:M hardware kernels leave it; compress.json says
+so.
 
 PRUNED is a workdir holding RUN's config.json, one checkpoint of the pruned params (at RUN's step) and
 compress.json (what was done, the sparsity and the relative output error ||WX - W'X||^2 / ||WX||^2 of every

@@ -137,7 +137,7 @@ def build(config) -> Task:
     return (block_passes * blocks + vocab_passes * vocab) * data.seq_len
 
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate,
-              selection_metrics=() if text.reads_test(data.eval_split) else tuple(EVAL_METRICS),
+              selection_metrics=() if text.reads_test(data.eval_split) else EVAL_METRICS,
               import_params=import_gguf(model_cfg), flops_per_example=flops_per_example,
               tokens_per_example=data.seq_len)
 
