@@ -176,10 +176,13 @@ def content_hash(tree: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def restore_params(workdir: str, path: str, abstract: Any, step: int | None = None) -> tuple[Any, int]:
+def restore_params(workdir: str, path: str, abstract: Any, step: int | None = None,
+                   without: Collection[str] = ()) -> tuple[Any, int]:
   """The subtree `path` ('/'-separated, e.g. 'params/backbone') of another run's checkpoint `step` (default: its
-  newest), shaped like `abstract`, as host arrays; returns (tree, step). For restoring a pretrained part (a LiT image
-  tower, a teacher, a fine-tuning backbone); the whole state is read on the host, which is fine at these sizes.
+  newest), less its top-level keys `without` where it has them (the projection heads a distillation student trains
+  beside its classifier), shaped like `abstract`, as host arrays; returns (tree, step). For restoring a pretrained
+  part (a LiT image tower, a teacher, a fine-tuning backbone); the whole state is read on the host, which is fine at
+  these sizes.
   """
   directory = os.path.join(files.absolute(workdir), 'checkpoints')
   if not files.isdir(directory):
@@ -209,6 +212,8 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
       raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has '
                        f'{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}.')
     tree = tree[key]
+  if without and isinstance(tree, dict):
+    tree = {k: v for k, v in tree.items() if k not in without}
   differences = tree_differences(tree, abstract)
   if differences:
     raise ValueError(f'{path!r} of step {step} in {workdir} does not fit this model: {differences}.')
@@ -263,16 +268,18 @@ class Sources:
     self.recorded: dict[str, dict] = {}
     self._dry = dry
 
-  def load(self, name: str, workdir: str, path: str, abstract: Any, step: int | None = None) -> Any:
-    """The subtree `path` of checkpoint `step` of another run, pinned; by default the step that run selected by
-    early stopping, else its newest. Where `abstract` is boxed with logical axis names (an init's eval_shape), so is
-    the result: the loop then shards it by them."""
+  def load(self, name: str, workdir: str, path: str, abstract: Any, step: int | None = None,
+           without: Collection[str] = ()) -> Any:
+    """The subtree `path` of checkpoint `step` of another run (less its top-level keys `without`: restore_params),
+    pinned by the hash of what is read; by default the step that run selected by early stopping, else its newest.
+    Where `abstract` is boxed with logical axis names (an init's eval_shape), so is the result: the loop then shards
+    it by them."""
     if self._dry:
       return abstract
     boxes, abstract = abstract, nn.unbox(abstract)
     pin = self.pinned.get(name)
     step = pin['step'] if pin else step or selected_step(workdir)
-    tree, step = restore_params(workdir, path, abstract, step=step)
+    tree, step = restore_params(workdir, path, abstract, step=step, without=without)
     digest = content_hash(tree)
     if pin and digest != pin['hash']:
       raise ValueError(f'{name}: the checkpoint of step {step} in {workdir} is not the one this run was built from '

@@ -267,7 +267,8 @@ def main(argv=None) -> int:
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), example))['params']
     # The step the run reports: the one early stopping selected, else the newest.
     params, step = checkpoint.restore_params(args.workdir, 'params', abstract,
-                                             step=checkpoint.selected_step(args.workdir))
+                                             step=checkpoint.selected_step(args.workdir),
+                                             without=distill.AUXILIARY_HEADS)
   except (ValueError, FileNotFoundError) as e:
     print(f'foundation.compress: {e}', file=sys.stderr)
     return 2

@@ -288,3 +288,32 @@ def test_cross_modal_student_sees_block_averages_and_no_labels(tfds_dir, teacher
   want = np.array([[[[x[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4, 0].mean()] for j in range(7)] for i in range(7)]
                    for b in range(2)])
   np.testing.assert_allclose(distill._student_view('pool4', jnp.asarray(x)), want, rtol=1e-5)
+
+
+def test_a_student_trained_with_crd_and_hints_is_a_teacher_and_can_be_pruned(tfds_dir, teacher, tmp_path):
+  """Its checkpoint holds CRD's projections and the hint regressor beside the classifier. As a teacher only the
+  classifier is read, pinned by the hash of those params, and it scores on test what its own run reported; pruning
+  reads the same params."""
+  from foundation import compress
+  crd = tmp_path / 'crd'
+  config = _config(tfds_dir, 'crd,smoke', teachers=teacher)
+  config.distill.feature_weight = 0.5
+  reported = train.train_and_evaluate(config, str(crd))
+  params = _latest_state(crd)['params']
+  assert {'crd', 'hint'} <= set(params) and np.isfinite(reported['best/eval/accuracy'])
+  classifier = {k: v for k, v in params.items() if k not in ('crd', 'hint')}
+
+  results = train.train_and_evaluate(_config(tfds_dir, 'kd,smoke', teachers=str(crd)), str(tmp_path / 'kd'))
+  pin = json.loads((tmp_path / 'kd' / 'config.json').read_text())['frozen_sources']['teacher_0']
+  assert pin['step'] == 4 and pin['hash'] == checkpoint.content_hash(classifier)
+  assert results['best/eval/teacher/accuracy'] == pytest.approx(reported['best/eval/accuracy'], abs=1e-9)
+
+  out = tmp_path / 'pruned'
+  assert compress.main([f'--workdir={crd}', '--method=magnitude', '--sparsity=0.5', f'--out={out}',
+                        '--calibration_examples=8']) == 0
+  pruned = _latest_state(out)['params']
+  assert sorted(pruned) == sorted(classifier)
+  head_kernel = lambda tree: next(x for path, x in jax.tree_util.tree_flatten_with_path(tree['head'])[0]
+                                  if 'kernel' in jax.tree_util.keystr(path))
+  kernel, dense = head_kernel(pruned), head_kernel(classifier)
+  assert np.mean(kernel == 0) == 0.5 and np.all(kernel[kernel != 0] == dense[kernel != 0])

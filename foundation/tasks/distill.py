@@ -1,13 +1,14 @@
 """Image classification with frozen teachers: soft targets (Hinton et al. 2015), ensembles, contrastive
 representation distillation (CRD, Tian et al. 2020) and feature hints (FitNets), on the one loop.
 
-The student is an encoder with a linear head (the `classify` model, so a student trained on whole images without
-CRD or hints, whose saved params are that model's alone, can itself be a teacher; any student's encoder can be an
-`init_from` source). Teachers are other runs' workdirs (`config.teachers`, comma-separated), each an image
-classifier of this codebase whose architecture is read from its own config.json. They are restored once through the
-loop's frozen sources: never optimized, not in the student's checkpoints, pinned in config.json by step and content
-hash, so a resumed run reads exactly the teachers it started with. With no teachers this task trains the student on
-the labels alone (the `:teacher` and `:student` variants), evaluated like every distilled run.
+The student is an encoder with a linear head (the `classify` model; CRD and hints train projection heads beside it,
+under `params` as AUXILIARY_HEADS, which a run that reads the student as a classifier leaves out). So a student
+trained on whole images can itself be a teacher or be pruned, and its encoder can be an `init_from` source.
+Teachers are other runs' workdirs (`config.teachers`, comma-separated), each an image classifier of this codebase
+whose architecture is read from its own config.json. They are restored once through the loop's frozen sources:
+never optimized, not in the student's checkpoints, pinned in config.json by step and content hash, so a resumed run
+reads exactly the teachers it started with. With no teachers this task trains the student on the labels alone (the
+`:teacher` and `:student` variants), evaluated like every distilled run.
 
 The loss, with the weights of `config.distill`:
   alpha * T^2 * KL(teachers_T || student_T) + (1 - alpha) * CE(student, labels)        (soft targets, alpha > 0)
@@ -54,6 +55,9 @@ def _student_view(kind: str, x: jax.Array) -> jax.Array:
 STUDENT_VIEWS = ('image', 'pool4')
 
 
+# The params a student trains beside its classifier: CRD's two projections and the hint regressor.
+AUXILIARY_HEADS = ('crd', 'hint')
+
 def build(config) -> Task:
   data, model_cfg, cfg = config.data, config.model, config.distill
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
@@ -96,7 +100,7 @@ def build(config) -> Task:
   def init(rng):
     keys = jax.random.split(rng, 4)
     params = dict(student.init(keys[0], one_view)['params'])
-    if cfg.crd_weight:
+    if cfg.crd_weight:  # the AUXILIARY_HEADS
       params['crd'] = {'student': _projection(cfg.crd_dim).init(keys[1], jnp.zeros((1, student_dim)))['params'],
                        'teacher': _projection(cfg.crd_dim).init(keys[2], jnp.zeros((1, teacher_dim)))['params']}
     if cfg.feature_weight:
@@ -106,11 +110,12 @@ def build(config) -> Task:
   def frozen(sources):
     # Boxed with the model's logical axis names, so the loop lays teachers out on the mesh like trained params.
     return {'teachers': [sources.load(f'teacher_{i}', workdir, 'params',
-                                      jax.eval_shape(model.init, jax.random.key(0), one_image)['params'])
+                                      jax.eval_shape(model.init, jax.random.key(0), one_image)['params'],
+                                      without=AUXILIARY_HEADS)
                          for i, (workdir, model) in enumerate(zip(teacher_dirs, teachers))]}
 
   def student_params(params):
-    return {k: v for k, v in params.items() if k not in ('crd', 'hint')}
+    return {k: v for k, v in params.items() if k not in AUXILIARY_HEADS}
 
   def forward(model, params, x):
     """(features, logits) of one image batch."""
