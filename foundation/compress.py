@@ -19,7 +19,8 @@ so.
 PRUNED is a workdir holding RUN's config.json, one checkpoint of the pruned params (at RUN's step) and
 compress.json (what was done, the sparsity and the relative output error ||WX - W'X||^2 / ||WX||^2 of every
 layer). Evaluate it, or fine-tune or distil from it, through `--config.init_from.source=PRUNED` (with
-`--config.num_train_steps=0`: evaluation only), or name it as a teacher.
+`--config.num_train_steps=0`: evaluation only), or name it as a teacher. A distilled student's CRD and hint
+projections (distill.AUXILIARY_HEADS) are not kept: load its pruned classifier into a config without them.
 """
 
 import argparse
@@ -67,7 +68,7 @@ def _num_removed(d: int, sparsity: float, pattern: tuple[int, int] | None) -> in
   """Weights each row of d inputs loses: the nearest whole share (halves up, the same rule for every layer), but
   never the whole row, which would silence the output (--sparsity is below 1)."""
   if pattern is None:
-    return min(int(sparsity * d + 0.5), d - 1)
+    return min(int(round(sparsity * d, 9) + 0.5), d - 1)  # 0.35 * 90 is 31.4999...: 32, as 0.35 * 10 gives 4
   keep, group = pattern
   if d % group:
     raise ValueError(f'a layer with {d} inputs cannot be pruned {keep}:{group}; its input size is not a multiple '

@@ -36,8 +36,9 @@ the runs that have it; `a|b` takes each run's `a`, or its `b` where it has no `a
 one that does not), and n, the number of finished runs. A run counts as finished when it wrote `finished.json`,
 however it was run (a run that crashed in its final evaluation, or was stopped, has not). The tables cover the cells
 of the latest sweep started or printed for the root (`ROOT/sweep.json`); a finished run whose `config.json` differs
-from the config its cell's command resolves to now (another `--set`, an edited config file) is left out of them,
-with the fields that differ, as `foundation.main` would refuse to resume it.
+from the config its cell's command resolves to now (another `--set`, an edited config file or default, a resume
+with `--allow_config_change`) is left out of them, with the fields that differ; fields added to the code after the
+run are not compared. Build the tables from the directory the sweep ran in (its --config path is relative).
 """
 
 import argparse
@@ -320,8 +321,8 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 
 def other_config(workdir: str, config: str, sets: dict[str, str], cell: Cell, seed: int) -> str | None:
   """Why the finished run in `workdir` is not the run of this cell and seed: the fields in which its config.json
-  differs from the config the cell's command resolves to today (as `foundation.main` would refuse to resume it);
-  None if it is that run."""
+  differs from the config the cell's command resolves to now (a field its config.json lacks, added to the code
+  since, is not compared), or that command's config does not load here; None if it is that run."""
   from foundation import train  # pylint: disable=import-outside-toplevel  (jax: only for tables)
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
@@ -331,8 +332,8 @@ def other_config(workdir: str, config: str, sets: dict[str, str], cell: Cell, se
   try:
     resolved = json.loads(load_config(config, {**sets, **cell.overrides, 'seed': str(seed)}).to_json_best_effort())
   except Exception as e:  # pylint: disable=broad-except  (as validate: config_flags raises several kinds)
-    raise SweepError(f'cell {cell.name}: {_one_line(e)}') from None
-  differences = train.config_differences(recorded, resolved)
+    return f'the cell\'s config does not load here: {_one_line(e)}'
+  differences = train.config_differences(recorded, resolved, new_fields=False)
   if not differences:
     return None
   return 'another config (' + ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in list(differences.items())[:3]) + ')'

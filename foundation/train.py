@@ -140,11 +140,12 @@ def _is_within(name: str, fields) -> bool:
   return any(name == f or name.startswith(f + '.') for f in fields)
 
 
-def config_differences(recorded: dict, resolved: dict) -> dict[str, list]:
+def config_differences(recorded: dict, resolved: dict, *, new_fields: bool = True) -> dict[str, list]:
   """Dotted field -> [recorded value, resolved value] for each field in which a run's config.json and a resolved
-  config (as JSON) differ, sorted; runtime fields and the record's own fields are not the config's."""
+  config (as JSON) differ, sorted; runtime fields and the record's own fields are not the config's. new_fields=False
+  leaves out the fields the record lacks (added to the code after the run)."""
   old, new = _flatten({k: v for k, v in recorded.items() if k not in RECORD_FIELDS}), _flatten(resolved)
-  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new) if new_fields else set(old))
           if old.get(k) != new.get(k) and not _is_within(k, RUNTIME_FIELDS)}
 
 

@@ -71,7 +71,8 @@ def test_obs_output_error_is_below_magnitude_pruning_and_patterns_hold(pattern):
 
 @pytest.mark.parametrize('d, sparsity, removed', [(9, 0.95, 8),   # a grayscale stem: 8.55, and one weight stays
                                                   (9, 0.5, 5), (11, 0.5, 6),  # halves go up in every layer
-                                                  (10, 0.3, 3), (20, 0.95, 19)])
+                                                  (10, 0.3, 3), (20, 0.95, 19),
+                                                  (90, 0.35, 32)])  # 0.35 * 90 is 31.4999... in floats
 def test_each_row_loses_the_nearest_count_but_keeps_a_weight(d, sparsity, removed):
   rng = np.random.default_rng(2)
   x = rng.normal(size=(64, d))

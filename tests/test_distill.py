@@ -153,6 +153,7 @@ def test_kill_9_of_a_distillation_run_resumes_to_the_uninterrupted_numbers(tfds_
     ('kd,smoke', {'teachers': 'TEACHER', 'distill.alpha': 1.5}, r'alpha=1.5 must be in \[0, 1\]'),
     ('kd,smoke', {'teachers': 'OTHER_CLASSES'}, r"classifies 'movie_sentiment' \(2 classes\), not the 10"),
     ('crd,smoke', {'teachers': 'TEACHER', 'parallelism': 'pmap'}, '--config.parallelism=jit'),
+    ('kd,smoke', {'teachers': 'TEACHER', 'data.validation_split': 'test[:100]'}, 'share 100 examples'),
 ])
 def test_bad_distillation_input_is_one_line_before_anything_is_written(tfds_dir, teacher, tmp_path, variant,
                                                                        overrides, message):

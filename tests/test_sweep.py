@@ -140,14 +140,17 @@ def test_bad_sweeps_fail_with_exit_2_before_anything_is_written(tmp_path, capsys
 
 
 def fake_run(root, cell, seed, final: dict[str, float] | None, earlier: dict[str, float],
-             finished: bool | None = None, tail: str = ''):
-  """The outputs foundation.main writes for a smoke run of `cell` and `seed`: its resolved config, train and eval
-  lines of one step as separate objects, and finished.json once it has a final line (unless `finished` says
-  otherwise); `tail` is appended to metrics.jsonl."""
+             finished: bool | None = None, tail: str = '', older: bool = False):
+  """The outputs foundation.main writes for a smoke run of `cell` and `seed`: its resolved config (`older`: without
+  the field `sample`, as code before that field would have written it), train and eval lines of one step as
+  separate objects, and finished.json once it has a final line (unless `finished` says otherwise); `tail` is
+  appended to metrics.jsonl."""
   workdir = os.path.join(root, cell.name, f'seed_{seed}')
   os.makedirs(workdir)
   config = json.loads(sweep.load_config(SMOKE, {**cell.overrides, 'seed': str(seed)}).to_json_best_effort())
   num_train_steps = config['num_train_steps']
+  if older:
+    del config['sample']
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump({**config, 'foundation_version': {'commit': 'test'}}, f)
   lines = [{'step': 5, 'train/loss': 9.0}, {'step': 5, **earlier}]
@@ -183,7 +186,8 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
         fake_run(root, cell, seed, final, {'eval/loss': 0.0}, finished=False)
         continue
       # A last line cut short by a killed write is dropped (with a warning), as the loop drops it on resume.
-      fake_run(root, cell, seed, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5}, tail='{"step": 11, "eval/lo')
+      fake_run(root, cell, seed, final, {'eval/loss': 7.0, 'eval/accuracy': 0.5}, tail='{"step": 11, "eval/lo',
+               older=seed == 1)  # a run from before a field existed is still its cell's
       finals.append(final)
     expected[cell.name] = finals
 
@@ -227,6 +231,13 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   error = capsys.readouterr().err
   steps = sweep.load_config(SMOKE, {}).num_train_steps
   assert error.count(f'another config (num_train_steps: {steps} -> 7)') == sum(map(len, expected.values())), error
+  # A config that does not load here (moved, or a relative path from another directory): every run is left out.
+  manifest = json.loads(open(os.path.join(root, sweep.MANIFEST)).read())
+  with open(os.path.join(root, sweep.MANIFEST), 'w') as f:
+    json.dump({**manifest, 'config': 'configs/lm/moved.py:smoke'}, f)
+  assert sweep.main([f'--root={root}', '--table_only']) == 0
+  error = capsys.readouterr().err
+  assert error.count("the cell's config does not load here") == sum(map(len, expected.values())), error
 
 
 def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):

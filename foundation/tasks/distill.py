@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from foundation import checkpoint, losses, metrics
-from foundation.data import augment, images
+from foundation.data import augment, images, text
 from foundation.evaluate.representation import encoder_features
 from foundation.models.image_encoders import EncoderWithHead, classifier, encoder_config
 from foundation.tasks import EvalContext, Task
@@ -58,10 +58,14 @@ STUDENT_VIEWS = ('image', 'pool4')
 # The params a student trains beside its classifier: CRD's two projections and the hint regressor.
 AUXILIARY_HEADS = ('crd', 'hint')
 
+
 def build(config) -> Task:
   data, model_cfg, cfg = config.data, config.model, config.distill
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.validation_split, data.eval_split])
+  text.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split,
+                                                 'config.data.validation_split': data.validation_split,
+                                                 'config.data.eval_split': data.eval_split})
   class_names = images.class_names(data.name, data.data_dir)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
   aug = augment.check_options(config.augment)
