@@ -222,9 +222,9 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
     raise ConfigError(f'config.early_stopping.metric is set, but task {config.task!r} has no evaluation to select '
                       "a step by; set --config.early_stopping.metric=''.")
   if metric and config.num_train_steps and task.selection_metrics is not None and metric not in task.selection_metrics:
+    given = ', '.join(task.selection_metrics) or 'none: no evaluation before the end reads a validation split'
     raise ConfigError(f'config.early_stopping.metric={metric!r} is not among the metrics that the evaluations before '
-                      f'the end give ({", ".join(task.selection_metrics) or "none: no evaluation before the end reads a validation split"}'
-                      "); name one of them, or set --config.early_stopping.metric=''.")
+                      f"the end give ({given}); name one of them, or set --config.early_stopping.metric=''.")
   if task.batch_coupled_loss and (config.parallelism == 'pmap' or config.grad_accum_steps > 1):
     raise ConfigError(f'config.task={config.task!r} contrasts every example with the whole global batch, but '
                       f'parallelism={config.parallelism!r} with grad_accum_steps={config.grad_accum_steps} would '

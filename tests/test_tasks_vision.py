@@ -77,7 +77,8 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
       ('data.validation_split', 'train[40000:]', r"train_split='train' and config.data.validation_split="
                                                  r"'train\[40000:\]' share 20,000 examples"),
       ('data.eval_split', 'train[:10]', 'share 10 examples'),
-      ('early_stopping.metric', 'eval/accuracy', 'before the end give \\(none: no evaluation before the end reads a validation split')]:
+      ('early_stopping.metric', 'eval/accuracy',
+       'before the end give \\(none: no evaluation before the end reads a validation split')]:
     bad = source.copy_and_resolve_references()
     bad.update_from_flattened_dict({field: value})
     with pytest.raises(train.ConfigError, match=message):
