@@ -30,15 +30,16 @@ as separate jobs; `--table_only` builds the tables once they have finished.
 
 The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. For every metric (default: every
 `eval/...` key logged) they give the mean and the sample standard deviation (ddof=1; undefined for a single seed)
-over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over
-the runs that have it; `a|b` takes each run's `a`, or its `b` where it has no `a`, so that
-`best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run that trains and the only evaluation of
-one that does not), and n, the number of finished runs. A run counts as finished when it wrote `finished.json`,
-however it was run (a run that crashed in its final evaluation, or was stopped, has not). The tables cover the cells
-of the latest sweep started or printed for the root (`ROOT/sweep.json`); a finished run whose `config.json` differs
-from the config its cell's command resolves to now (another `--set`, an edited config file or default, a resume
-with `--allow_config_change`) is left out of them, with the fields that differ; fields added to the code after the
-run are not compared. Build the tables from the directory the sweep ran in (its --config path is relative).
+over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over the
+runs that have it: the CSV's `<metric> n`, and `[k of n]` in the markdown; `a|b` takes each run's `a`, or its `b`
+where it has no `a`, so that `best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run that trains
+and the only evaluation of one that does not), and n, the number of finished runs. A run counts as finished when it
+wrote `finished.json`, however it was run (a run that crashed in its final evaluation, or was stopped, has not). The
+tables cover the cells of the latest sweep started or printed for the root (`ROOT/sweep.json`); a finished run whose
+`config.json` differs from the config its cell's command resolves to now (another `--set`, an edited config file or
+default, a resume with `--allow_config_change`) is left out of them, with the fields that differ; fields added to
+the code after the run are not compared. Build the tables from the directory the sweep ran in (its --config path is
+relative).
 """
 
 import argparse
@@ -299,6 +300,7 @@ class Row(NamedTuple):
   cell: Cell
   n: int                                     # finished runs
   stats: dict[str, tuple[float, float]]      # metric -> (mean, sample std); NaN where undefined
+  counts: dict[str, int]                     # metric -> how many of the n runs logged it
 
 
 def last_values(records: list[dict]) -> dict[str, float]:
@@ -359,8 +361,9 @@ def collect(root: str, manifest: dict,
   rows = []
   for cell in cells:
     runs = done.get(cell.name, [])
-    stats = {m: mean_and_std([float(v) for last in runs if (v := _value(last, m)) is not None]) for m in metrics}
-    rows.append(Row(cell, len(runs), stats))
+    values = {m: [float(v) for last in runs if (v := _value(last, m)) is not None] for m in metrics}
+    rows.append(Row(cell, len(runs), {m: mean_and_std(v) for m, v in values.items()},
+                    {m: len(v) for m, v in values.items()}))
   return rows, metrics, left_out
 
 
@@ -369,10 +372,12 @@ def _value(last: dict[str, float], metric: str) -> float | None:
   return next((last[m] for m in metric.split('|') if m in last), None)
 
 
-def _format(mean: float, std: float) -> str:
+def _format(mean: float, std: float, count: int, n: int) -> str:
+  """mean (std), and how many of the cell's n runs it is over where some did not log the metric."""
   if math.isnan(mean):
     return '-'
-  return f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ({std:.2g})'
+  text = f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ({std:.2g})'
+  return text if count == n else f'{text} [{count} of {n}]'
 
 
 def markdown_table(rows: list[Row], fields: list[str], metrics: list[str]) -> str:
@@ -381,7 +386,7 @@ def markdown_table(rows: list[Row], fields: list[str], metrics: list[str]) -> st
            '|' + '|'.join([' --- '] * len(fields or ['cell']) + [' ---: '] * (len(metrics) + 1)) + '|']
   for row in rows:
     keys = [row.cell.overrides[f] for f in fields] if fields else [row.cell.name]
-    lines.append(line([*keys, *(_format(*row.stats[m]) for m in metrics), row.n]))
+    lines.append(line([*keys, *(_format(*row.stats[m], row.counts[m], row.n) for m in metrics), row.n]))
   return '\n'.join(lines) + '\n'
 
 
@@ -389,10 +394,10 @@ def write_csv(path: str, rows: list[Row], fields: list[str], metrics: list[str])
   number = lambda x: '' if math.isnan(x) else repr(x)  # full precision; empty where undefined
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['cell', *fields, *(f'{m} {s}' for m in metrics for s in ('mean', 'std')), 'n'])
+    writer.writerow(['cell', *fields, *(f'{m} {s}' for m in metrics for s in ('mean', 'std', 'n')), 'n'])
     for row in rows:
       writer.writerow([row.cell.name, *(row.cell.overrides[f] for f in fields),
-                       *(number(x) for m in metrics for x in row.stats[m]), row.n])
+                       *(x for m in metrics for x in (*map(number, row.stats[m]), row.counts[m])), row.n])
 
 
 def _as_number(value: str) -> float | None:

@@ -195,13 +195,15 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   table = read_csv(os.path.join(root, 'table.csv'))
   assert list(table) == [c.name for c in cells]
   assert list(next(iter(table.values()))) == ['cell', *sweep.parse_grid(grid), 'eval/loss mean', 'eval/loss std',
-                                              'eval/accuracy mean', 'eval/accuracy std', 'n']
+                                              'eval/loss n', 'eval/accuracy mean', 'eval/accuracy std',
+                                              'eval/accuracy n', 'n']
   for cell in cells:
     row, finals = table[cell.name], expected[cell.name]
     assert int(row['n']) == len(finals) == (2 if cell in cells[:2] else 1 if cell == cells[3] else 3)
     for metric in ('eval/loss', 'eval/accuracy'):
       values = np.array([final[metric] for final in finals])
       np.testing.assert_allclose(float(row[f'{metric} mean']), values.mean(), rtol=1e-12)
+      assert row[f'{metric} n'] == row['n']
       if len(values) > 1:
         np.testing.assert_allclose(float(row[f'{metric} std']), values.std(ddof=1), rtol=1e-12)
       else:
@@ -259,9 +261,11 @@ def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
   for cell, expected in zip(cells, ([0.8, 0.6], [0.7, 0.5, 0.9])):
     np.testing.assert_allclose(float(table[cell.name][f'{metric} mean']), np.mean(expected), rtol=1e-12)
     np.testing.assert_allclose(float(table[cell.name][f'{metric} std']), np.std(expected, ddof=1), rtol=1e-12)
+    assert table[cell.name][f'{metric} n'] == str(len(expected)) and table[cell.name]['n'] == '3'
   header, _, *rows = [line for line in open(os.path.join(root, 'table.md')).read().splitlines() if line[:1] == '|']
   assert header == r'| optim.freeze | best/eval/accuracy\|eval/accuracy | n |'
-  assert rows[0] == rf'| ^embed\|^head | {np.mean([0.8, 0.6]):.4g} ({np.std([0.8, 0.6], ddof=1):.2g}) | 3 |'
+  # Two of the cell's three runs logged the metric, and the cell says so.
+  assert rows[0] == rf'| ^embed\|^head | {np.mean([0.8, 0.6]):.4g} ({np.std([0.8, 0.6], ddof=1):.2g}) [2 of 3] | 3 |'
   assert rows[1].startswith('|  | ') and rows[1].count(' | ') == 2
 
 
