@@ -155,6 +155,19 @@ def checksums(tree: Any) -> list[jax.Array]:
   return [one(x) for x in jax.tree.leaves(tree)]
 
 
+def host_checksums(tree: Any) -> list[int]:
+  """`checksums` of host arrays, in numpy: the same bits, row-major positions and uint32 wrap-around, so the same
+  numbers, without placing anything on a device (another run's weights are read whole, whatever mesh is current)."""
+  sums = []
+  for x in jax.tree.leaves(tree):
+    x = np.asarray(x)
+    bits = x.astype(np.uint32) if x.dtype == np.bool_ else x.view(
+        {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint32)
+    position = np.arange(x.size, dtype=np.uint32).reshape(x.shape)
+    sums.append(int(np.sum(bits * (position * np.uint32(2654435761) + np.uint32(1)), dtype=np.uint32)))
+  return sums
+
+
 def all_finite(tree: Any) -> jax.Array:
   flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
@@ -184,12 +197,9 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
   part (a LiT image tower, a teacher, a fine-tuning backbone); the whole state is read on the host, which is fine at
   these sizes.
   """
-  directory = os.path.join(files.absolute(workdir), 'checkpoints')
-  if not files.isdir(directory):
+  if not files.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ to restore {path!r} from; train that run first.')
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                                                 'record': ocp.JsonCheckpointHandler()})
+  manager = _reader(workdir)
   try:
     steps = manager.all_steps()
     if step is None:
@@ -203,10 +213,17 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
     # target sharding keeps orbax from reading, and warning about, the saved one).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), metadata)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args), record=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  tree = jax.tree.map(np.asarray, state.state)
+  tree = jax.tree.map(np.asarray, restored.state)
+  # The saved checksums follow the saving run's tree order; this tree is orbax's rebuilding of it (namedtuples as
+  # dicts, so another order): the two are compared as multisets, which any damaged leaf still changes.
+  saved = restored.record.get('checksums')
+  if saved is not None and sorted(saved) != sorted(host_checksums(tree)):
+    raise ValueError(f'the checkpoint of step {step} in {workdir} is damaged: its arrays do not match the checksums '
+                     'saved with them.')
   for key in path.split('/'):
     if not isinstance(tree, dict) or key not in tree:
       raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has '
@@ -220,11 +237,17 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
   return tree, step
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Each leaf's shape by its path as 'a/b/0/c': the same names for a tree and for orbax's rebuilding of it from a
+  checkpoint, where a namedtuple comes back as a dict and a tuple as a list."""
+  def name(path):
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+  return {name(p): tuple(getattr(x, 'shape', np.shape(x))) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def tree_differences(found: Any, want: Any, limit: int = 4) -> str:
   """'' if `found` has the structure and leaf shapes of `want`; else the first differing leaves, named."""
-  flat_found = {jax.tree_util.keystr(p): tuple(getattr(x, 'shape', np.shape(x)))
-                for p, x in jax.tree_util.tree_flatten_with_path(found)[0]}
-  flat_want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+  flat_found, flat_want = _leaf_shapes(found), _leaf_shapes(want)
   lines = [f'{k} is {flat_found[k]}, the model has {flat_want[k]}'
            for k in flat_want if k in flat_found and flat_found[k] != flat_want[k]]
   lines += [f'{k} is missing' for k in flat_want if k not in flat_found]
@@ -232,14 +255,58 @@ def tree_differences(found: Any, want: Any, limit: int = 4) -> str:
   return '; '.join(lines[:limit]) + (f' (and {len(lines) - limit} more)' if len(lines) > limit else '')
 
 
+def state_differences(workdir: str, step: int, abstract_state: Any) -> str:
+  """How the training state saved at `step` in `workdir` differs in structure or shapes from `abstract_state`, read
+  from the checkpoint's metadata alone ('' if it does not, or if its metadata cannot be read: then restoring it
+  fails, and the checkpoint counts as damaged)."""
+  manager = _reader(workdir)
+  try:
+    metadata = manager.item_metadata(step).state
+  except Exception:  # pylint: disable=broad-except  (damage of any kind: the restore finds and reports it)
+    return ''
+  finally:
+    manager.close()
+  return tree_differences(metadata, abstract_state) if metadata is not None else ''
+
+
+def saved_record(workdir: str, step: int) -> dict:
+  """The JSON record saved with the checkpoint of `step` ({} if it cannot be read)."""
+  manager = _reader(workdir)
+  try:
+    return dict(manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record or {})
+  except Exception:  # pylint: disable=broad-except  (a damaged record is the restore's to report)
+    return {}
+  finally:
+    manager.close()
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  """A read-only manager of `workdir`'s checkpoints, for reading another run's (or, before a run writes, this run's)
+  state, record or metadata without the loop's Checkpointer."""
+  return ocp.CheckpointManager(os.path.join(files.absolute(workdir), 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                                              'record': ocp.JsonCheckpointHandler()})
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+# What orbax writes into a step's directory when its save is complete, on every filesystem. On one without atomic
+# renames (gs://) a save goes straight into its step's directory, so a save that was killed leaves one without it,
+# which orbax deletes when it next opens the directory.
+COMMIT_FILE = 'commit_success.txt'
+
+
 def saved_steps(workdir: str) -> list[int]:
-  """The steps of the checkpoints in `workdir`/checkpoints (its step directories), read without orbax."""
+  """The steps of the completed checkpoints in `workdir`/checkpoints (step directories that hold COMMIT_FILE), read
+  without orbax."""
   directory = os.path.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in files.listdir(directory) if d.isdigit()) if files.isdir(directory) else []
+  if not files.isdir(directory):
+    return []
+  return sorted(int(d) for d in files.listdir(directory)
+                if d.isdigit() and files.exists(os.path.join(directory, d, COMMIT_FILE)))
 
 
 # Written at the end of a run with config.early_stopping: {step, metric, value} of the selected step.

@@ -175,6 +175,7 @@ class Prepared:
   batch: Any              # the global batch's shapes and dtypes (jax.ShapeDtypeStruct)
   abstract_state: Any     # the train state's shapes and dtypes (jax.ShapeDtypeStruct), without shardings
   traced_step: jax.stages.Traced | None  # the jit path's train step, traced for these shapes and shardings
+  restore_step: int = 0   # the checkpoint to go back to (config.restore_step, unless a run already went back to it)
 
 
 def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
@@ -251,8 +252,9 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   frozen = task.frozen(sources) if task.frozen else {}
   frozen_shardings = sharding.param_shardings(frozen, mesh, rules)
   frozen = nn.unbox(frozen)
-  resuming = bool(checkpoint.saved_steps(workdir))
-  init_params = None if resuming else _init_from(config, task, abstract_params, sources)
+  saved = checkpoint.saved_steps(workdir)
+  restore_step = config.restore_step if dry else _check_resume(workdir, config.restore_step, saved, abstract_state)
+  init_params = None if saved else _init_from(config, task, abstract_params, sources)
   try:
     batch = task.train_batches(jax.process_index(), jax.process_count())[0]  # checks shards against the batch
   except MemoryError as e:
@@ -285,8 +287,37 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
                   frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes,
-                  traced_step=traced_step,
-                  state_bytes_per_device=state_bytes, batch=global_batch, abstract_state=abstract_state)
+                  traced_step=traced_step, state_bytes_per_device=state_bytes, batch=global_batch,
+                  abstract_state=abstract_state, restore_step=restore_step)
+
+
+def _check_resume(workdir: str, restore_step: int, saved: list[int], abstract_state) -> int:
+  """The checkpoint step to go back to (0: resume the newest readable one), checked before anything is written.
+
+  config.restore_step must name a saved checkpoint; but once a run has gone back to it and trained on (its newer
+  checkpoints record that), the same command resumes that run's newest checkpoint instead of going back again: a
+  preempted job rerun as it was launched must keep its progress. And the checkpoint must hold the training state
+  that this config builds: a change accepted by --allow_config_change that alters the state (a step added to the
+  optimizer, a frozen part, a shape) is refused here, rather than taken for damage and its checkpoints set aside.
+  """
+  if restore_step and saved and saved[-1] > restore_step and (
+      checkpoint.saved_record(workdir, saved[-1]).get('restored_from') == restore_step):
+    if jax.process_index() == 0:
+      print(f'config.restore_step={restore_step} was applied by an earlier run of {workdir}, which trained on to step '
+            f'{saved[-1]}: resuming from there (to go back to step {restore_step} again, move the newer checkpoints '
+            'out of checkpoints/).')
+    restore_step = 0
+  if restore_step and restore_step not in saved:
+    raise ConfigError(f'config.restore_step={restore_step}: {workdir} has no checkpoint of that step (it has '
+                      f'{saved or "none"}); name one of those, or 0 for the newest.')
+  if saved:
+    step = restore_step or saved[-1]
+    differences = checkpoint.state_differences(workdir, step, abstract_state)
+    if differences:
+      raise ConfigError(f'the checkpoint of step {step} in {workdir} holds another training state than this config '
+                        f'builds ({differences}), so the run cannot resume with this change. Pick a new --workdir, '
+                        f'with --config.init_from.source={workdir} to start from its params.')
+  return restore_step
 
 
 def _subtree(tree: Any, target: str, what: str) -> Any:
@@ -672,7 +703,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch_batches)))
   init_state = lambda rng: _init_state(task, tx, rng)
   abstract_state = checkpoint.abstract_with_shardings(prepared.abstract_state, shardings)
-  restored = ckpt.restore_newest_readable(abstract_state, step=config.restore_step, warn=say)
+  restored = ckpt.restore_newest_readable(abstract_state, step=prepared.restore_step, warn=say)
   interval = []  # metrics of the steps since the last log line (restored when a stop cut an interval short)
   record = {}
   if restored is None:
@@ -690,11 +721,22 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     later = [s for s in ckpt.steps() if s > start]
     if later:  # an explicit restore_step: the checkpoints after it are kept aside, not overwritten
       say(f'Checkpoints {later} are newer than restore_step={start}; moved to {ckpt.quarantine(later, "superseded")}.')
+  # Carried in every later checkpoint, so that a rerun of the command that went back does not go back again.
+  restored_from = {'restored_from': prepared.restore_step or record.get('restored_from')}
   best = _Best(config.early_stopping, record) if config.early_stopping.get('metric') else None
+  if best and best.step is not None and best.step not in ckpt.steps():
+    # Retention keeps the best step's checkpoint, but a checkpoint saved before a better step (and resumed from
+    # after a non-finite stop set that one aside) names a best step since deleted: selection starts over.
+    say(f'WARNING: the checkpoint of the best step so far ({best.step}) is gone; the step to keep is chosen again '
+        'from the evaluations after this one.')
+    best = _Best(config.early_stopping, {})
   _write_config(prepared, workdir, start if restored else None)
-  if is_writer and files.exists(os.path.join(workdir, files.FINISHED_FILE)) and not (best and best.stopped) and (
-      start < config.num_train_steps):
-    files.remove(os.path.join(workdir, files.FINISHED_FILE))  # finished before, now trained further (more steps)
+  if is_writer and not (best and best.stopped) and start < config.num_train_steps:
+    # Finished before and now trained further (more steps), or gone back to an older step: the end and the step
+    # selected then are no longer this run's (best.json names the step that --eval_only and init_from read).
+    for name in (files.FINISHED_FILE, checkpoint.BEST_FILE):
+      if files.exists(os.path.join(workdir, name)):
+        files.remove(os.path.join(workdir, name))
   frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}
   if is_writer:
     sharding.warn_replicated(state['params'], mesh)
@@ -798,7 +840,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   def save(step, pending_interval):
     nonlocal paused
     began = time.perf_counter()
-    record = {'data': data_iter.get_state(), 'interval': pending_interval, **(best.record() if best else {})}
+    record = {'data': data_iter.get_state(), 'interval': pending_interval, **(best.record() if best else {}),
+              **restored_from}
     if not ckpt.save(step, runner.to_global(state), record):
       stop_nonfinite('the params or optimizer state are not finite at a checkpoint', step, step)
     ckpt.prune(config.max_checkpoints, {good, best.step if best else None})

@@ -135,19 +135,29 @@ def test_fuzzed_overrides_run_or_fail_with_one_clear_line_before_writing(tfds_di
 
 
 NO_VALIDATION = 'before the end give \\(none: no evaluation before the end reads a validation split\\)'
+# A contrastive run whose probes read a validation split carved from train.
+VALIDATION = {'data.train_split': 'train[:50000]', 'data.eval_split': 'train[50000:50400]'}
+PROBES = 'eval/linear_probe/accuracy, eval/fewshot_1shot/accuracy, eval/fewshot_5shot/accuracy, eval/knn/accuracy'
 
 
-@pytest.mark.parametrize('path, metric, message', [
+@pytest.mark.parametrize('path, metric, message, overrides', [
     # Every evaluation of a contrastive run probes the test split: no metric may choose its step.
-    ('configs/contrastive/simclr_fashion_mnist.py', 'eval/linear_probe/accuracy', NO_VALIDATION),
-    ('configs/contrastive/clip_fashion_mnist.py', 'eval/zero_shot/accuracy', NO_VALIDATION),
-    ('configs/distill/fashion_mnist.py', 'eval/accuracy', r'\(eval/train_accuracy, eval/validation/accuracy\)'),
-    ('configs/lm/shakespeare.py', 'eval/accuracy', r'\(eval/loss, eval/perplexity, eval/nats_per_byte\)'),
-    ('configs/lm/shakespeare.py', 'eval/loss', None),  # the validation loss: accepted
+    ('configs/contrastive/simclr_fashion_mnist.py', 'eval/linear_probe/accuracy', NO_VALIDATION, {}),
+    ('configs/contrastive/clip_fashion_mnist.py', 'eval/zero_shot/accuracy', NO_VALIDATION, {}),
+    # Probing validation, they may: a misspelt metric is refused before training, not at the first evaluation.
+    ('configs/contrastive/simclr_fashion_mnist.py', 'eval/linear_probe/acuracy', rf'\({PROBES}\)', VALIDATION),
+    ('configs/contrastive/simclr_fashion_mnist.py', 'eval/knn/accuracy', None, VALIDATION),
+    ('configs/contrastive/clip_fashion_mnist.py', 'eval/zero_shot/acuracy', rf'\(eval/zero_shot/accuracy, {PROBES}\)',
+     VALIDATION),
+    ('configs/distill/fashion_mnist.py', 'eval/accuracy', r'\(eval/train_accuracy, eval/validation/accuracy\)', {}),
+    ('configs/lm/shakespeare.py', 'eval/accuracy', r'\(eval/loss, eval/perplexity, eval/nats_per_byte\)', {}),
+    ('configs/lm/shakespeare.py', 'eval/loss', None, {}),  # the validation loss: accepted
 ])
-def test_early_stopping_names_a_metric_of_the_evaluations_before_the_end(path, metric, message, tfds_dir, tmp_path):
+def test_early_stopping_names_a_metric_of_the_evaluations_before_the_end(path, metric, message, overrides, tfds_dir,
+                                                                           tmp_path):
   config = load(path).get_config('smoke')
   config.data.data_dir = tfds_dir
+  config.update_from_flattened_dict(overrides)
   config.early_stopping.update(metric=metric, mode='min' if 'loss' in metric else 'max')
   if message is None:
     train.prepare(config, str(tmp_path / 'run'), dry=True)

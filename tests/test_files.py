@@ -60,13 +60,15 @@ def _calls_a_run_makes(root: str) -> list:
   files.write_atomically(os.path.join(run, 'fewshot.png'), b'\x89PNG\x00\xff')
   with files.open_file(os.path.join(run, 'fewshot.png'), 'rb') as f:
     seen.append(f.read())
-  for step in (7, 12):
+  for step in (7, 12, 15):  # 15: a save killed before it completed (no commit file) is not a checkpoint
     files.makedirs(os.path.join(run, 'checkpoints', str(step)))
     files.write_atomically(os.path.join(run, 'checkpoints', str(step), 'state'), f'state {step}')
+    if step != 15:
+      files.write_atomically(os.path.join(run, 'checkpoints', str(step), checkpoint.COMMIT_FILE), 'done')
   seen.append(checkpoint.saved_steps(run))
   files.makedirs(os.path.join(run, 'checkpoints_unreadable'))
   files.move(os.path.join(run, 'checkpoints', '7'), os.path.join(run, 'checkpoints_unreadable', '7'))
-  seen += [checkpoint.saved_steps(run), files.listdir(os.path.join(run, 'checkpoints_unreadable', '7')),
+  seen += [checkpoint.saved_steps(run), sorted(files.listdir(os.path.join(run, 'checkpoints_unreadable', '7'))),
            files.read_text(os.path.join(run, 'checkpoints_unreadable', '7', 'state'))]
   files.remove(os.path.join(run, 'metrics.jsonl'))
   seen += [files.exists(os.path.join(run, 'metrics.jsonl')), files.isdir(run),
@@ -75,8 +77,9 @@ def _calls_a_run_makes(root: str) -> list:
 
 
 def test_a_gs_workdir_reads_back_what_a_local_one_does(tmp_path, bucket):
-  want = [False, True, '{"lr": 2}\n', '{"step": 1}\n{"step": 2}\n', b'\x89PNG\x00\xff', [7, 12], [12], ['state'],
-          'state 7', False, True, False, ['checkpoints', 'checkpoints_unreadable', 'config.json', 'fewshot.png']]
+  want = [False, True, '{"lr": 2}\n', '{"step": 1}\n{"step": 2}\n', b'\x89PNG\x00\xff', [7, 12], [12],
+          [checkpoint.COMMIT_FILE, 'state'], 'state 7', False, True, False,
+          ['checkpoints', 'checkpoints_unreadable', 'config.json', 'fewshot.png']]
   assert _calls_a_run_makes(str(tmp_path)) == want
   assert _calls_a_run_makes('gs://bucket') == want
   assert bucket['/bucket/run/config.json'].getvalue() == b'{"lr": 2}\n'

@@ -7,6 +7,7 @@ each can have its own device count (1 or 8 fake CPU devices) or be two cooperati
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -268,6 +269,7 @@ BAD_INPUT = [
     (('--config.eval.batch_size=4',), 'config.eval.batch_size=4 must be a positive multiple'),
     (('--config.zzz=1',), "'zzz' is not a field of the config"),
     (('--config.restore_step=-1',), 'config.restore_step=-1'),
+    (('--config.restore_step=4',), 'config.restore_step=4: '),  # a new workdir has no checkpoint to go back to
 ]
 
 # foundation.main's command line (flag parsing, then main) once per JSON argv list in argv[1], in one process: the
@@ -323,6 +325,7 @@ def test_bad_input_fails_early_and_writes_nothing(bad_input_results, overrides, 
 def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
   run(tmp_path, tfds_dir, '--config.num_train_steps=4')
   before = (tmp_path / 'metrics.jsonl').read_text()
+  listing = os.listdir(tmp_path)
   result = run(tmp_path, tfds_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', check=False)
   assert result.returncode == 2 and "different config (optim.lr: 0.01 -> 0.0001)" in result.stderr, result.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == before
@@ -331,6 +334,16 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
   os.symlink(tfds_dir, moved)
   rerun = run(tmp_path, str(moved), '--config.num_train_steps=4')
   assert rerun.returncode == 0 and (tmp_path / 'metrics.jsonl').read_text() == before
+  # An accepted change that alters the training state (frozen embeddings have no optimizer state) cannot resume:
+  # refused before anything is written, and no checkpoint is taken for damaged and set aside.
+  from foundation import train
+  steps = saved_steps(tmp_path)
+  config = _smoke_config(tfds_dir, num_train_steps=4)
+  config.optim.freeze = ('embed',)
+  with pytest.raises(train.ConfigError, match=rf'the checkpoint of step {steps[-1]} .* holds another training state '
+                                              r'than this config builds \(opt_state/.*init_from.source='):
+    train.prepare(config, str(tmp_path), allow_config_change=('optim',))
+  assert saved_steps(tmp_path) == steps and sorted(os.listdir(tmp_path)) == sorted(listing)
 
 
 def test_a_workdir_url_that_cannot_be_written_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -405,6 +418,33 @@ def test_restore_step_resumes_from_an_older_checkpoint_and_keeps_the_newer(refer
   assert 'Resuming from the checkpoint at step 4' in resumed.stdout
   assert saved_steps(tmp_path, 'checkpoints_superseded') == [8, 12]
   assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
+  # The same command again (a preempted job requeued as it was launched) resumes that run, not step 4 again.
+  again = run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3', '--config.restore_step=4')
+  assert 'was applied by an earlier run' in again.stdout and 'Resuming from the checkpoint at step 12' in again.stdout
+  assert sorted(os.listdir(tmp_path / 'checkpoints_superseded')) == ['12', '8'], again.stdout[-3000:]
+  assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
+
+
+def test_a_run_trained_on_drops_its_selected_step_and_one_whose_checkpoint_is_gone(tmp_path, tfds_dir):
+  """Early stopping by a metric that never improves after step 2 (eval loss, maximised): every later checkpoint's
+  record names step 2 as the best. With step 2's checkpoint gone (a non-finite stop can set aside the checkpoint
+  that a resumed one's record names), a resumed run selects again rather than failing to restore it at the end; a
+  run that trains on from a finished one drops best.json, which named a step of the run as it was."""
+  selecting = ('--config.early_stopping.metric=eval/loss', '--config.early_stopping.mode=max', '--config.eval_every=2',
+               '--config.checkpoint_every=2', '--config.max_checkpoints=1', '--config.model.matmul_dtype=float32')
+  run(tmp_path, tfds_dir, '--config.num_train_steps=6', *selecting)
+  assert json.loads((tmp_path / 'best.json').read_text())['step'] == 2
+  assert saved_steps(tmp_path)[0] == 2 and saved_steps(tmp_path)[-1] == 6
+  shutil.rmtree(tmp_path / 'checkpoints' / '2')
+  longer = ('--config.num_train_steps=10', '--allow_config_change=num_train_steps', *selecting)
+  killed = run(tmp_path, tfds_dir, *longer, kill_at_step=8, check=False)
+  assert killed.returncode != 0 and 'the checkpoint of the best step so far (2) is gone' in killed.stdout
+  assert not (tmp_path / 'best.json').exists() and not (tmp_path / 'finished.json').exists()
+  run(tmp_path, tfds_dir, *longer)
+  evaluated = logged(tmp_path)
+  best = max((s for s in (8, 10)), key=lambda s: evaluated[s]['eval/loss'])
+  assert json.loads((tmp_path / 'best.json').read_text())['step'] == best == evaluated[10]['best/step']
+  assert evaluated[10]['best/eval/loss'] == evaluated[best]['eval/loss']
 
 
 def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_dir):
@@ -469,6 +509,37 @@ def test_init_from_a_workdir_pins_it_and_a_resume_does_not_read_it_again(tmp_pat
   with pytest.raises(train.ConfigError, match="does not fit"):
     train.prepare(config, str(tmp_path / 'refused'))
   assert not (tmp_path / 'refused').exists()
+
+
+def test_restoring_params_from_a_damaged_checkpoint_is_refused(tmp_path):
+  """What init_from, teachers and --eval_only read checks the checksums saved beside the arrays, as a resume does:
+  orbax reads flipped bytes without complaint."""
+  import optax
+  from foundation import checkpoint, train
+  weights = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+  params = {'w': jax.numpy.asarray(weights), 'b': jax.numpy.ones((8,))}
+  saver = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  saver.save(6, train._state_of(params, optax.adamw(1e-3)), {'data': {}})  # pylint: disable=protected-access
+  saver.close()
+  abstract = jax.eval_shape(lambda: params)
+  tree, step = checkpoint.restore_params(str(tmp_path), 'params', abstract)
+  assert step == 6 and np.array_equal(tree['w'], weights)
+  # The host's checksums are the devices' (what a save records), for every dtype a state holds.
+  leaves = {'f32': weights, 'bf16': weights[:3].astype(jax.numpy.bfloat16), 'i32': np.arange(-5, 70, dtype=np.int32),
+            'bool': weights[0] > 0, 'scalar': np.float32(2.5), 'u8': np.arange(300).astype(np.uint8).reshape(3, 100)}
+  assert checkpoint.host_checksums(leaves) == [int(c) for c in jax.device_get(checkpoint.checksums(leaves))]
+  damaged = 0
+  for root, _, names in os.walk(tmp_path / 'checkpoints' / '6' / 'state'):
+    for name in names:
+      path = os.path.join(root, name)
+      if os.sep + 'd' in root and os.path.getsize(path) > 10_000:  # the array data, not its metadata
+        data = bytearray(open(path, 'rb').read())
+        data[len(data) // 2] ^= 0xFF
+        open(path, 'wb').write(bytes(data))
+        damaged += 1
+  assert damaged
+  with pytest.raises(ValueError, match='step 6 .* is damaged: its arrays do not match the checksums'):
+    checkpoint.restore_params(str(tmp_path), 'params', abstract)
 
 
 def test_init_from_a_gguf_file_and_another_architecture_is_refused(tmp_path, tfds_dir):

@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 
 from foundation import files, sharding
 from foundation.data import images as image_data
+from foundation.data import text as text_data
 from foundation.evaluate import probes, report
 
 
@@ -64,6 +65,14 @@ class RepresentationEval:
     self._cfg = config.eval
     self._name = config.eval.name
     self._data = None
+
+  @property
+  def selection_metrics(self) -> tuple[str, ...]:
+    """The probes' accuracies that early stopping may select a step by: none while they read the test split (every
+    evaluation probes data.eval_split, so a step chosen by one that reads test would be chosen on test)."""
+    if text_data.reads_test(self._data_cfg.eval_split):
+      return ()
+    return tuple(f'eval/{k}' for k in _columns(self._cfg.shots))
 
   def _load(self):
     d, e = self._data_cfg, self._cfg

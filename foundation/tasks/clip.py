@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from foundation import losses, metrics
-from foundation.data import augment, captions, images, text
+from foundation.data import augment, captions, images
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate import zero_shot
 from foundation.evaluate.representation import RepresentationEval, encoder_features
@@ -116,9 +116,10 @@ def build(config) -> Task:
                                      jax.ShapeDtypeStruct((1, text_len), jnp.int32),
                                      jax.ShapeDtypeStruct((1, text_len), jnp.float32))
 
-  # Every evaluation reads data.eval_split: a step chosen by one that reads test would be chosen on test.
+  # Zero-shot accuracy reads data.eval_split, as the probes do: selectable where they are.
+  probes = representation.selection_metrics
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, batch_coupled_loss=True,
-              selection_metrics=() if text.reads_test(data.eval_split) else None,
+              selection_metrics=probes and ('eval/zero_shot/accuracy', *probes),
               frozen=frozen if lock else None, flops_per_example=flops_per_example)
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from foundation import losses, metrics
-from foundation.data import augment, images, text
+from foundation.data import augment, images
 from foundation.evaluate.representation import RepresentationEval
 from foundation.models.heads import ProjectionHead
 from foundation.models.image_encoders import EncoderWithHead, encoder_config
@@ -62,7 +62,6 @@ def build(config) -> Task:
     return 3 * 2 * metrics.forward_flops(lambda p, x: model.apply({'params': p}, x), nn.unbox(abstract_params),
                                          one_image)
 
-  # Every evaluation probes data.eval_split: a step chosen by one that reads test would be chosen on test.
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, batch_coupled_loss=True,
-              selection_metrics=() if text.reads_test(data.eval_split) else None,
+              selection_metrics=representation.selection_metrics,
               flops_per_example=flops_per_example)
