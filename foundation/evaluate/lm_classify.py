@@ -80,10 +80,15 @@ def demonstration_indices(labels: np.ndarray, shots: int, num_classes: int, *, s
 
 def prefix_text(template: str, label_words: Sequence[str], texts: Sequence[str], labels: Sequence[int],
                 separator: str, head: str = '', tail: str = '') -> str:
-  """`head` (the chat turn's start, or '') then each demonstration: filled template, `tail`, label word, separator.
-  In a chat, tail ends the user's turn and starts the assistant's, and the separator ends the assistant's reply and
-  starts the next user turn: every demonstration is an exchange, as the query will be."""
-  return head + ''.join(fill(template, t) + tail + label_words[y] + separator for t, y in zip(texts, labels))
+  """`head` (the chat turn's start, or '') then the demonstrations, each a filled template, `tail` and label word,
+  joined by `separator`. In a chat, tail ends the user's turn and starts the assistant's, and the separator ends the
+  assistant's reply and starts the next user turn: every demonstration is an exchange, as the query will be.
+
+  The separator after the last demonstration starts the query's own tokens instead (see `query_start` in
+  tasks/lm_classify.py): a BPE tokenizer encodes whitespace at the end of a text otherwise than before a word
+  (SmolLM2: '\n\n' is one token at the end, two before 'Movie'), and the query must follow the tokens that the
+  demonstrations follow."""
+  return head + separator.join(fill(template, t) + tail + label_words[y] for t, y in zip(texts, labels))
 
 
 # ----- scores -----------------------------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ def build(config) -> Task:
   chat_parts = tokenizer.chat_parts() if prompt.chat else None
   head, tail = chat_parts[:2] if chat_parts else ('', '')
   encode = lambda s: np.asarray(tokenizer.encode(s), np.int32)
-  body = lambda t: encode(lmc.fill(prompt.template, t) + tail)
+  body = lambda t: encode(lmc.fill(prompt.template, t) + tail)  # a training row's: never after demonstrations
+  start = query_start(config, chat_parts)
+  eval_body = lambda t: encode(start + lmc.fill(prompt.template, t) + tail)
 
   label_ids = [encode(w) for w in label_words]
   if not all(len(ids) for ids in label_ids):
@@ -118,10 +120,15 @@ def build(config) -> Task:
     texts, labels = read_split(data, split, ev.max_examples)
     eval_texts += texts
     splits[split] = slice(len(eval_rows), len(eval_rows) + len(texts))
-    eval_rows += [body(t) for t in texts]
+    eval_rows += [eval_body(t) for t in texts]
     eval_labels[split] = labels
   content_free = slice(len(eval_rows), len(eval_rows) + len(config.calibration.content_free))
-  eval_rows += [body(t) for t in config.calibration.content_free]
+  eval_rows += [eval_body(t) for t in config.calibration.content_free]
+  empty = [t for t, row in zip([*eval_texts, *config.calibration.content_free], eval_rows) if not len(row)]
+  if empty:  # its row would be all padding: the label words scored after a pad token, not after the prompt
+    raise ValueError(f'config.prompt.template={prompt.template!r} around the text {empty[0]!r} leaves no token '
+                     'to score the label words after: put words around {text}, or leave that text out of '
+                     'config.calibration.content_free.')
 
   # The learned start of every prompt (soft prompt or prefix), before the chat turn and the demonstrations.
   adapter_len = tune.length if method in ('prompt', 'prefix') else 0
@@ -129,7 +136,7 @@ def build(config) -> Task:
                                                   [ids.tolist() for ids in label_ids], config.seed))
   prefix_texts = demonstration_prefixes(config, train_texts, train_labels, chat_parts)
   prefixes = [encode(p) for p in prefix_texts]
-  first_body = lmc.fill(prompt.template, eval_texts[0]) + tail
+  first_body = start + lmc.fill(prompt.template, eval_texts[0]) + tail
   head_ids = encode(head)
   _check_context(prefixes, len(head_ids), max(map(len, eval_rows)), label_tokens.shape[1], new_tokens,
                  model_cfg.max_len - adapter_len, icl.shots)
@@ -493,12 +500,20 @@ def _read_split(name: str, data_dir: str, text_key: str, label_key: str, split: 
   return tuple(texts), np.asarray([r[label_key] for r in records], np.int32)
 
 
+def query_start(config, chat_parts: tuple[str, str, str] | None = None) -> str:
+  """The text that starts every evaluated prompt's own part, after its draw's shared prefix: the separator that
+  follows the last demonstration (in a chat, the turn change), or '' without demonstrations."""
+  if not config.icl.shots:
+    return ''
+  return chat_parts[2] if chat_parts else config.icl.separator
+
+
 def demonstration_prefixes(config, train_texts: list[str], train_labels: np.ndarray,
                            chat_parts: tuple[str, str, str] | None = None) -> list[str]:
-  """The shared start of every prompt, one per draw: the draw's demonstrations, each followed by icl.separator. One
-  draw of no demonstrations when icl.shots is 0. With the tokenizer's `chat_parts` (a chat prompt) the prefix opens
-  the chat and every demonstration is a user turn answered by the assistant with the label word, the turns in place
-  of icl.separator."""
+  """The shared start of every prompt, one per draw: the draw's demonstrations, joined by icl.separator (the one
+  after the last starts the query: `query_start`). One draw of no demonstrations when icl.shots is 0. With the
+  tokenizer's `chat_parts` (a chat prompt) the prefix opens the chat and every demonstration is a user turn answered
+  by the assistant with the label word, the turns in place of icl.separator."""
   head, tail, separator = chat_parts or ('', '', config.icl.separator)
   prefixes = []
   for draw in range(config.icl.draws if config.icl.shots else 1):
