@@ -203,8 +203,9 @@ def prune_model(model: nn.Module, params, calibration: np.ndarray, *, method: st
       new = magnitude_prune(w, sparsity, pattern)
     node[path[-1]] = new.reshape(kernel.shape)
     before, after = x @ w, x @ new
+    scale = np.sum(before ** 2)  # 0 for a layer whose output is zero (a zero-initialised head): nothing to lose
     report['/'.join(path)] = {'sparsity': float(np.mean(new == 0)),
-                              'relative_error': float(np.sum((before - after) ** 2) / np.sum(before ** 2))}
+                              'relative_error': float(np.sum((before - after) ** 2) / scale) if scale else 0.0}
   return pruned, report
 
 
@@ -260,8 +261,9 @@ def main(argv=None) -> int:
     pattern = parse_pattern(args.pattern)
     if not 0 <= args.sparsity < 1:
       raise ValueError(f'--sparsity={args.sparsity} must be in [0, 1).')
-    if args.calibration_examples < 1 or args.damp < 0 or args.rounds < 1:
-      raise ValueError('--calibration_examples and --rounds must be positive, and --damp >= 0.')
+    if args.calibration_examples < 1 or args.damp <= 0 or args.rounds < 1:
+      # Without damping, a layer input that is always zero (a dead ReLU channel) makes H singular.
+      raise ValueError('--calibration_examples, --rounds and --damp must be positive.')
     if os.path.exists(args.out):
       raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
     saved, model, example = _saved_model(args.workdir, args.data_dir or None)
@@ -270,10 +272,13 @@ def main(argv=None) -> int:
     params, step = checkpoint.restore_params(args.workdir, 'params', abstract,
                                              step=checkpoint.selected_step(args.workdir),
                                              without=distill.AUXILIARY_HEADS)
+    try:
+      x = _calibration(saved, args.data_dir or saved['data']['data_dir'], args.calibration_examples)
+    except ValueError as e:  # the text pipeline's refusal names its own batch, not this flag
+      raise ValueError(f'--calibration_examples={args.calibration_examples}: {e}') from e
   except (ValueError, FileNotFoundError) as e:
     print(f'foundation.compress: {e}', file=sys.stderr)
     return 2
-  x = _calibration(saved, args.data_dir or saved['data']['data_dir'], args.calibration_examples)
   pruned, report = prune_model(model, params, x, method=args.method,
                                sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)
   os.makedirs(args.out)

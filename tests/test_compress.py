@@ -100,6 +100,11 @@ def test_layer_inputs_are_what_each_kernel_multiplies():
   np.testing.assert_allclose(inputs[('conv', 'kernel')] @ np.asarray(params['conv']['kernel']).reshape(27, 5),
                              np.asarray(conv_out).reshape(-1, 5), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(inputs[('dense', 'kernel')], np.asarray(conv_out).reshape(2, -1), rtol=1e-6)
+  # A zero-initialised layer (a fresh classifier head) has no output to lose: its error is 0, not 0/0.
+  params = {**params, 'dense': {'kernel': jnp.zeros_like(params['dense']['kernel'])}}
+  _, report = compress.prune_model(Net(), params, np.asarray(x), method='obs', sparsity=0.5, pattern=None, damp=0.01,
+                                   rounds=4)
+  assert report['dense/kernel']['relative_error'] == 0.0 and 0 < report['conv/kernel']['relative_error'] < 1
 
 
 def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp_path, capsys):
@@ -126,7 +131,8 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   assert any('eval/accuracy' in record for record in logged)
   # Refused before anything is written: the output exists, a sparsity outside [0, 1), a bad pattern.
   for args, message in (([f'--out={out}'], 'exists'), (['--sparsity=1.0', f'--out={tmp_path / "x"}'], '[0, 1)'),
-                        (['--pattern=4:2', f'--out={tmp_path / "x"}'], '0 < N < M')):
+                        (['--pattern=4:2', f'--out={tmp_path / "x"}'], '0 < N < M'),
+                        (['--damp=0', f'--out={tmp_path / "x"}'], '--damp must be positive')):
     assert compress.main([f'--workdir={tmp_path / "run"}', *args]) == 2
     assert message in capsys.readouterr().err
   # Runs whose saved weights pruning cannot read layer by layer, or that read other inputs than whole images.
@@ -170,6 +176,10 @@ def test_decoder_projections_are_pruned_from_their_own_inputs(tfds_dir, tmp_path
   (tmp_path / 'scanned' / 'config.json').write_text(json.dumps(scanned))
   assert compress.main([f'--workdir={tmp_path / "scanned"}', f'--out={out}']) == 2
   assert 'retrain with --config.model.scan_layers=False.' in capsys.readouterr().err and not out.exists()
+  # More calibration sequences than the training split holds: one line naming the flag.
+  assert compress.main([f'--workdir={tmp_path / "lm"}', f'--out={out}', '--calibration_examples=10000000']) == 2
+  assert capsys.readouterr().err.startswith('foundation.compress: --calibration_examples=10000000: ')
+  assert not out.exists()
   assert compress.main([f'--workdir={tmp_path / "lm"}', '--sparsity=0.5', f'--out={out}',
                         '--calibration_examples=16']) == 0
   layers = json.loads((out / 'compress.json').read_text())['layers']

@@ -220,6 +220,14 @@ def test_lm_student_initialised_as_its_teacher_has_zero_token_kl(tfds_dir, lm_te
   with pytest.raises(ValueError, match='token-level distillation needs one vocabulary.*foundation.sample_corpus'):
     train.train_and_evaluate(other, str(tmp_path / 'other'))
   assert not (tmp_path / 'other').exists()
+  longer = load(LM_CONFIG).get_config('kd,smoke')
+  longer.data.data_dir = tfds_dir
+  longer.teachers = lm_teacher
+  longer.data.seq_len = config.data.seq_len + 1  # past the teacher's trained context
+  with pytest.raises(ValueError, match=rf'seq_len={longer.data.seq_len} is longer than the context teacher .* was '
+                                       rf'trained on \({config.data.seq_len} tokens\)'):
+    train.train_and_evaluate(longer, str(tmp_path / 'longer'))
+  assert not (tmp_path / 'longer').exists()
 
 
 def test_teacher_samples_continue_each_chunk_from_the_trained_context(lm_teacher):

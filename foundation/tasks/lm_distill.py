@@ -28,7 +28,7 @@ def build(config) -> Task:
   if not teacher_dirs:
     return base  # the student alone: the LM task itself
   student_cfg = TransformerConfig.from_dict(config.model)
-  teacher_cfgs = [_teacher_config(d, data.tokenizer, student_cfg.vocab_size) for d in teacher_dirs]
+  teacher_cfgs = [_teacher_config(d, data.tokenizer, student_cfg.vocab_size, data.seq_len) for d in teacher_dirs]
   student = Transformer(student_cfg)
   teachers = [Transformer(c) for c in teacher_cfgs]
   tokens = jnp.zeros((1, data.seq_len), jnp.int32)
@@ -52,8 +52,14 @@ def build(config) -> Task:
   return base._replace(loss=loss, frozen=frozen, flops_per_example=lambda: base.flops_per_example() + teacher_flops)
 
 
-def _teacher_config(workdir: str, tokenizer: str, vocab_size: int) -> TransformerConfig:
+def _teacher_config(workdir: str, tokenizer: str, vocab_size: int, seq_len: int) -> TransformerConfig:
   saved, model_cfg = lm.saved_lm(workdir)
+  # Positions past the teacher's trained context: rotary attention does not extrapolate, so its targets there would
+  # be noise (as lm.build holds samples to that context).
+  if seq_len > saved['data']['seq_len']:
+    raise ValueError(f'config.data.seq_len={seq_len} is longer than the context teacher {workdir!r} was trained on '
+                     f'({saved["data"]["seq_len"]} tokens), where its soft targets mean nothing: set '
+                     f'--config.data.seq_len={saved["data"]["seq_len"]} or less.')
   theirs = saved['data']['tokenizer']
   if theirs != tokenizer or model_cfg.vocab_size != vocab_size:
     raise ValueError(f'teacher {workdir!r} uses tokenizer {theirs!r} (vocab {model_cfg.vocab_size}), the '
