@@ -30,7 +30,7 @@ import numpy as np
 
 from foundation import checkpoint
 from foundation.data import teacher_samples, text
-from foundation.evaluate.generate import generate
+from foundation.evaluate.generate import check_sampling, generate
 from foundation.models.transformer import Transformer
 from foundation.tasks import lm
 
@@ -97,17 +97,21 @@ def main(argv=None) -> int:
     if args.batch % data['num_shards']:
       raise ValueError(f'--batch={args.batch} must be a multiple of the teacher\'s data.num_shards='
                        f'{data["num_shards"]} (prompts are windows of its training pipeline).')
+    check_sampling(args.temperature, args.top_k, args.top_p, model_cfg.vocab_size, prefix='--', greedy_option='')
     data_dir = args.data_dir or data['data_dir']
     text.check_prepared(data['name'], data_dir, [data['train_split'], data['eval_split']])
+    tokenizer = lm.tokenizer_for(data['tokenizer'])
+    try:  # the prompts: windows of the teacher's training pipeline (checks the shards against --batch)
+      prompts = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
+                                   text_key=data['text_key'], tokenizer=tokenizer, seq_len=seq_len,
+                                   global_batch=args.batch, num_shards=data['num_shards'], seed=args.seed)
+    except ValueError as e:  # the pipeline's refusal names its own batch, not this flag
+      raise ValueError(f'--batch={args.batch}: {e}') from e
   except (ValueError, FileNotFoundError) as e:
     print(f'foundation.sample_corpus: {e}', file=sys.stderr)
     return 2
-  tokenizer = lm.tokenizer_for(data['tokenizer'])
   model = Transformer(model_cfg)
   _, _, params, step = lm.restore_run(args.teacher)
-  prompts = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
-                               text_key=data['text_key'], tokenizer=tokenizer, seq_len=seq_len,
-                               global_batch=args.batch, num_shards=data['num_shards'], seed=args.seed)
   start, train_texts, generated = time.time(), [], 0
   rounds = -(-args.tokens // (args.batch * args.tokens_per_row))
   with nn.logical_axis_rules(()):  # one device, no activation constraints (as the LM task's samples)

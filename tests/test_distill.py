@@ -255,7 +255,8 @@ def test_teacher_samples_continue_each_chunk_from_the_trained_context(lm_teacher
       np.testing.assert_array_equal(got[:, i:i + chunk], want)
 
 
-def test_sequence_level_distillation_trains_another_tokenizer_on_the_teachers_text(tfds_dir, lm_teacher, tmp_path):
+def test_sequence_level_distillation_trains_another_tokenizer_on_the_teachers_text(tfds_dir, lm_teacher, tmp_path,
+                                                                                      capsys):
   from foundation import sample_corpus
   from foundation.data import text
   from foundation.data.tokenizers import ByteTokenizer
@@ -273,6 +274,13 @@ def test_sequence_level_distillation_trains_another_tokenizer_on_the_teachers_te
   assert text.read_texts('teacher_samples', out, 'validation', 'text') == text.read_texts(
       'shakespeare_plays', tfds_dir, 'validation', 'text')  # the student is evaluated on the real text
   assert sample_corpus.main(args) == 2  # --out exists: refused, nothing overwritten
+  # Settings it cannot sample with, and more prompts than the shards hold: one line each, before the teacher is read.
+  capsys.readouterr()
+  for bad, message in (('--temperature=0', '--temperature=0.0 must be positive.'),
+                       ('--top_p=1.5', '--top_p=1.5 must be in (0, 1]'), ('--batch=800000', '--batch=800000: ')):
+    assert sample_corpus.main([*args[:-3], f'--out={tmp_path / "bad"}', bad, f'--data_dir={tfds_dir}']) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f'foundation.sample_corpus: {message}')
+  assert not (tmp_path / 'bad').exists()
   config = load(LM_CONFIG).get_config('seqkd,bpe,smoke')
   with pytest.raises(ValueError, match='data_dir is empty.*foundation.sample_corpus'):
     train.train_and_evaluate(config, str(tmp_path / 'no_data'))
