@@ -72,6 +72,10 @@ def validate(config, num_devices: int) -> None:
   if config.global_batch_size % jax.process_count():
     raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by the '
                      f'{jax.process_count()} processes.')
+  if replicas % jax.process_count():  # else processes that feed different rows would share one batch shard
+    raise ValueError(f'the mesh has {replicas} data-parallel replicas (data={data} x fsdp={fsdp}) for '
+                     f'{jax.process_count()} processes, each of which feeds rows of its own: make data x fsdp a '
+                     f'multiple of the process count (config.mesh.tensor={tensor} spans processes).')
   if per_replica % config.grad_accum_steps:
     raise ValueError(f'config.grad_accum_steps={config.grad_accum_steps} does not divide the {int(per_replica)} '
                      'examples each data-parallel replica gets per step.')

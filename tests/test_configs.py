@@ -167,6 +167,17 @@ def test_early_stopping_names_a_metric_of_the_evaluations_before_the_end(path, m
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.parametrize('path', ['configs/contrastive/simclr_fashion_mnist.py',
+                                  'configs/contrastive/clip_fashion_mnist.py'])
+def test_probes_scored_on_training_images_are_refused(path, tfds_dir, tmp_path):
+  config = load(path).get_config('smoke')
+  config.data.update(data_dir=tfds_dir, eval_split='train[:10]')
+  with pytest.raises(train.ConfigError,
+                     match=r"train_split='train' and config.data.eval_split='train\[:10\]' share 10"):
+    train.prepare(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_the_fashion_mnist_configs_share_one_encoder():
   """SimCLR against supervised, a LiT tower, a fine-tuned backbone, a distillation teacher: one architecture."""
   want = config_base.fashion_cnn()

@@ -270,6 +270,7 @@ BAD_INPUT = [
     (('--config.zzz=1',), "'zzz' is not a field of the config"),
     (('--config.restore_step=-1',), 'config.restore_step=-1'),
     (('--config.restore_step=4',), 'config.restore_step=4: '),  # a new workdir has no checkpoint to go back to
+    (('--config.data.eval_split=train[:10]',), "train_split='train' and config.data.eval_split='train[:10]' share 10"),
 ]
 
 # foundation.main's command line (flag parsing, then main) once per JSON argv list in argv[1], in one process: the
@@ -445,6 +446,20 @@ def test_a_run_trained_on_drops_its_selected_step_and_one_whose_checkpoint_is_go
   best = max((s for s in (8, 10)), key=lambda s: evaluated[s]['eval/loss'])
   assert json.loads((tmp_path / 'best.json').read_text())['step'] == best == evaluated[10]['best/step']
   assert evaluated[10]['best/eval/loss'] == evaluated[best]['eval/loss']
+
+
+def test_a_tensor_axis_across_processes_is_refused(tfds_dir, monkeypatch):
+  """Each process feeds its own rows of the batch; where the tensor axis spans processes, two of them would feed
+  one data shard."""
+  from foundation import train
+  config = _smoke_config(tfds_dir)
+  config.mesh.update(data=-1, fsdp=1, tensor=8)
+  train.validate(config, 8)  # one process: fine
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'1 data-parallel replicas \(data=1 x fsdp=1\) for 2 processes'):
+    train.validate(config, 8)
+  config.mesh.tensor = 4
+  train.validate(config, 8)  # 2 replicas, one per process
 
 
 def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_dir):

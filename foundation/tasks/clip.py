@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from foundation import losses, metrics
-from foundation.data import augment, captions, images
+from foundation.data import augment, captions, images, text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate import zero_shot
 from foundation.evaluate.representation import RepresentationEval, encoder_features
@@ -27,6 +27,9 @@ def build(config) -> Task:
   data = config.data
   model_cfg = TwoTowerConfig.from_dict(config.model)
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
+  # The probes fit on train_split's labels and score eval_split: one example in both would be scored on its own fit.
+  text.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split,
+                                                 'config.data.eval_split': data.eval_split})
   class_names = images.class_names(data.name, data.data_dir, classes=data.classes)
   records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.train_split,
                                     classes=data.classes)

@@ -87,6 +87,9 @@ def build(config) -> Task:
                      f'{config.sample.max_new_tokens} exceeds the trained context config.data.seq_len={data.seq_len}; '
                      f'lower max_new_tokens to {data.seq_len - len(prompt)} or less.')
   text.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
+  # Validation loss chooses steps (early stopping): it must not read what the model trains on.
+  text.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split,
+                                                 'config.data.eval_split': data.eval_split})
   model = Transformer(model_cfg)
   source = dict(name=data.name, data_dir=data.data_dir, text_key=data.text_key, tokenizer=tokenizer,
                 seq_len=data.seq_len)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from foundation import losses, metrics
-from foundation.data import augment, images
+from foundation.data import augment, images, text
 from foundation.evaluate.representation import RepresentationEval
 from foundation.models.heads import ProjectionHead
 from foundation.models.image_encoders import EncoderWithHead, encoder_config
@@ -24,6 +24,9 @@ def build(config) -> Task:
     if not isinstance(model_cfg[name], int) or model_cfg[name] < 1:
       raise ValueError(f'config.model.{name}={model_cfg[name]!r} must be a whole number of at least 1.')
   images.check_prepared(data.name, data.data_dir, [data.train_split, data.eval_split])
+  # The probes fit on train_split's labels and score eval_split: one example in both would be scored on its own fit.
+  text.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split,
+                                                 'config.data.eval_split': data.eval_split})
   model = EncoderWithHead(model_cfg.encoder, tuple(sorted(model_cfg[model_cfg.encoder].items())),
                           ProjectionHead(model_cfg.head_hidden, model_cfg.head_out))
   aug = augment.check_options(config.augment)
