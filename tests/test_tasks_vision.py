@@ -148,6 +148,22 @@ def test_frozen_encoder_layers_get_no_backward_pass_and_the_flops_count_follows(
   assert flops[('^backbone/',)] < flops[('^backbone/(stem|stage0)',)] < 0.7 * flops[()], flops
 
 
+def test_with_a_validation_split_a_classifier_probes_test_at_the_end_alone(tfds_dir, tmp_path):
+  from foundation import config_base
+  config = load('configs/classify/fashion_mnist.py').get_config('smoke')
+  config.data.update(data_dir=tfds_dir, train_split='train[:50000]',
+                     validation_split=config_base.FASHION_SMOKE_SPLITS['validation_split'])
+  config.eval_every = 2
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  evaluated = {}
+  for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    evaluated.setdefault(record.pop('step'), set()).update(k for k in record if k.startswith('eval/'))
+  assert 'eval/validation/accuracy' in evaluated[2]
+  assert not {'eval/accuracy', 'eval/linear_probe/accuracy'} & evaluated[2]
+  assert {'eval/accuracy', 'eval/linear_probe/accuracy', 'eval/validation/accuracy'} <= evaluated[4]
+
+
 def test_class_level_retrieval_counts_any_item_of_the_right_class():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 4, size=40)

@@ -118,7 +118,8 @@ def build(config) -> Task:
 
   def evaluate(params, frozen, step, ctx):
     results = labelled.accuracies(predict, params, ctx)
-    if representation is not None:
+    # The probes score data.eval_split; with a validation split to select by, test is read at the end alone.
+    if representation is not None and (ctx.final or not labelled.selection_metrics):
       results.update(representation(encode, params, step, ctx))
     if source_probe and ctx.final:
       results.update(_forgetting(params['backbone'], ctx, config, model_cfg, source_probe))
