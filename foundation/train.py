@@ -629,10 +629,12 @@ class _StopRequest:
   same one; there the handlers are left to JAX.
   """
 
-  def __init__(self):
+  def __init__(self, *, steps: bool = True):
+    """steps=False: a run that takes no step (evaluation only) has nothing to save, so the signals keep their
+    default effect and stop it at once, rather than after its evaluation (which then reported the run finished)."""
     self.signal_name = None
     self._previous = {}
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if steps and jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -867,7 +869,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
           {'step': best.step, 'metric': best.metric, 'value': best.value}) + '\n')
     return out
 
-  stop = _StopRequest()
+  stop = _StopRequest(steps=start < config.num_train_steps)
   last = {}
   profile, tracing = tuple(config.get('profile_steps') or ()), False
   try:

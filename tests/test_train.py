@@ -67,8 +67,26 @@ app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 
+# Runs foundation.main, but sends itself SIGNAL as its first evaluation begins.
+SIGNAL_IN_EVAL_MAIN = """
+import os, signal, sys
+from absl import app
+from foundation import cli, main, tasks
+build = tasks.build
+def build_then_signal(config):
+  task = build(config)
+  def evaluate(*args, **kwargs):
+    os.kill(os.getpid(), getattr(signal, os.environ['SIGNAL']))
+    return task.evaluate(*args, **kwargs)
+  return task._replace(evaluate=evaluate)
+tasks.build = build_then_signal
+sys.argv[0] = 'foundation.main'
+app.run(main.main, flags_parser=cli.parse_flags)
+"""
+
+
 def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=None, process=None, check=True,
-        signal_at=None):
+        signal_at=None, signal_in_eval=None):
   env = subprocess_env(devices)
   args = [f'--config={config}', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *overrides]
   if kill_at_step is not None:
@@ -77,6 +95,9 @@ def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=Non
   elif signal_at is not None:  # (signal name, step)
     env['SIGNAL'], env['SIGNAL_AT_STEPS'] = signal_at[0], str(signal_at[1])
     cmd = [sys.executable, '-c', SIGNALLING_MAIN, *args]
+  elif signal_in_eval is not None:  # a signal name
+    env['SIGNAL'] = signal_in_eval
+    cmd = [sys.executable, '-c', SIGNAL_IN_EVAL_MAIN, *args]
   else:
     cmd = [sys.executable, '-m', 'foundation.main', *args]
   if process is not None:  # (coordinator port, number of processes, this process's id): start, don't wait
@@ -389,6 +410,14 @@ def test_sigterm_saves_the_step_it_was_on_then_kill_9_anywhere_resumes_exactly(r
   resumed = run(tmp_path, tfds_dir, *STEPS_2, devices=2)
   assert 'Resuming from the checkpoint at step' in resumed.stdout
   assert_same_numbers(logged(tmp_path), reference_2, rtol=1e-6)
+
+
+def test_sigterm_stops_an_evaluation_only_run_at_once(tmp_path, tfds_dir):
+  """A run that takes no step has nothing to save: SIGTERM ends it during its evaluation, unfinished (it was
+  swallowed until the evaluation ended, and the run then reported itself finished)."""
+  stopped = run(tmp_path, tfds_dir, '--config.num_train_steps=0', devices=1, signal_in_eval='SIGTERM', check=False)
+  assert stopped.returncode == -signal.SIGTERM, stopped.stdout[-2000:]
+  assert not (tmp_path / 'finished.json').exists()
 
 
 def test_damaged_files_resume_with_a_warning_and_the_right_numbers(reference_8, tmp_path, tfds_dir):
