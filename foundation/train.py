@@ -183,17 +183,19 @@ class Prepared:
 
 
 def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
-            devices: Sequence[jax.Device] | None = None) -> Prepared:
+            devices: Sequence[jax.Device] | None = None, resume: bool = True) -> Prepared:
   """Every check that can fail because of the config, data or workdir, before anything is written.
 
   Raises ConfigError with one line that says what to change. In a multi-process run every process prepares and
   they agree: if one refuses, all do. `dry=True` reads no other run's checkpoint (frozen sources stay abstract),
   for checking configs whose sources do not exist here. `devices` (default: all of this run's) are those the mesh
-  spans: foundation.plan passes a TPU topology's, whose memory it checks itself against the chip's.
+  spans: foundation.plan passes a TPU topology's, whose memory it checks itself against the chip's. `resume=False`
+  (an evaluation of a saved checkpoint) skips what only resuming training needs: the restore step and the saved
+  training state's structure.
   """
   error = None
   try:
-    prepared = _prepare(config, workdir, tuple(allow_config_change), dry, devices)
+    prepared = _prepare(config, workdir, tuple(allow_config_change), dry, devices, resume)
   except ConfigError as e:
     error = e
   except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, NotADirectoryError) as e:
@@ -212,7 +214,7 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
   return prepared
 
 
-def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, devices) -> Prepared:
+def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, devices, resume: bool) -> Prepared:
   files.require(workdir)  # its ValueError becomes prepare's one-line ConfigError
   local = devices is None
   devices = jax.devices() if local else list(devices)
@@ -257,7 +259,6 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   frozen_shardings = sharding.param_shardings(frozen, mesh, rules)
   frozen = nn.unbox(frozen)
   saved = checkpoint.saved_steps(workdir)
-  restore_step = config.restore_step if dry else _check_resume(workdir, config.restore_step, saved, abstract_state)
   init_params = None if saved else _init_from(config, task, abstract_params, sources)
   try:
     batch = task.train_batches(jax.process_index(), jax.process_count())[0]  # checks shards against the batch
@@ -287,6 +288,7 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
       raise ConfigError(f'{workdir} holds a run with a different config ({shown}). Rerun with the same config to '
                         f'resume it, pick a new --workdir, or accept the change with '
                         f'--allow_config_change={",".join(sorted({k.split(".")[0] for k in refused}))}.')
+  restore_step = _check_resume(workdir, config.restore_step, saved, abstract_state) if resume else 0
   record = {**resolved, 'frozen_sources': {**(previous or {}).get('frozen_sources', {}), **sources.recorded},
             'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
@@ -869,13 +871,13 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
           {'step': best.step, 'metric': best.metric, 'value': best.value}) + '\n')
     return out
 
-  stop = _StopRequest(steps=start < config.num_train_steps)
+  end = start if best and best.stopped else config.num_train_steps  # a run that stopped early is finished
+  stop = _StopRequest(steps=end > start)
   last = {}
   profile, tracing = tuple(config.get('profile_steps') or ()), False
   try:
     if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
       last.update(evaluate(0, final=config.num_train_steps == 0))
-    end = start if best and best.stopped else config.num_train_steps  # a run that stopped early is finished
     reached, interrupted = start, False
     pending: list[tuple[int, Any, bool]] = list(interval)  # (step, metrics, already on the host)
     timed = False
@@ -980,7 +982,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
     raise ConfigError(str(e)) from None
   if not files.exists(os.path.join(workdir, 'config.json')):
     raise ConfigError(f'{workdir} holds no run (no config.json): --eval_only evaluates a run that saved a checkpoint.')
-  prepared = prepare(config, workdir)
+  prepared = prepare(config, workdir, resume=False)  # reads params alone: a pruned run saved nothing else
   task = prepared.task
   if task.evaluate is None:
     raise ConfigError(f'task {config.task!r} has no evaluation.')

@@ -121,14 +121,17 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   assert sorted(name for name, layer in layers.items() if 'skipped' in layer) == ['backbone/stem/kernel']
   assert len(layers) > 5 and all(abs(layer['sparsity'] - 0.5) < 1e-9 for name, layer in layers.items()
                                  if name != 'backbone/stem/kernel')
+  # --eval_only reads the pruned workdir's params, all it saved: the same accuracy as a run initialised from them.
+  only = train.evaluate_checkpoint(config, str(out))
   evaluation = load('configs/distill/fashion_mnist.py').get_config('teacher,smoke')
   evaluation.data.data_dir = tfds_dir
   evaluation.update(num_train_steps=0)
   evaluation.early_stopping.metric = ''
   evaluation.init_from.source = str(out)
-  train.train_and_evaluate(evaluation, str(tmp_path / 'eval'))
+  results = train.train_and_evaluate(evaluation, str(tmp_path / 'eval'))
   logged = [json.loads(line) for line in (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines()]
   assert any('eval/accuracy' in record for record in logged)
+  assert only['eval/accuracy'] == pytest.approx(results['eval/accuracy'], abs=1e-6)
   # Refused before anything is written: the output exists, a sparsity outside [0, 1), a bad pattern.
   for args, message in (([f'--out={out}'], 'exists'), (['--sparsity=1.0', f'--out={tmp_path / "x"}'], '[0, 1)'),
                         (['--pattern=4:2', f'--out={tmp_path / "x"}'], '0 < N < M'),

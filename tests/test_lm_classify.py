@@ -401,7 +401,8 @@ def test_in_context_chat_run_on_a_gguf_model_through_the_loop(movie_dir, tmp_pat
                                                   r'per class of config.data.shots_per_class, 4 in all'),
     ({'eval.splits': ('validation', 'tset')}, r"no split\(s\) \['tset'\]"),
     ({'prompt.template': '{text}'}, r"around the text '' leaves no token to score the label words after"),
-    ({'eval.splits': ('validation', 'train[:5]')}, r"train_split='train' and config.eval.splits='train\[:5\]' share 5"),
+    ({'eval.splits': ('validation', 'train[:5]'), 'icl.shots': 2},
+     r"train_split='train' and config.eval.splits='train\[:5\]' share 5"),
 ])
 def test_bad_input_is_one_line_before_anything_is_written(movie_dir, tmp_path, overrides, message):
   config = smoke_config(movie_dir, **overrides)

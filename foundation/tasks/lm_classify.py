@@ -77,9 +77,9 @@ def build(config) -> Task:
   _check_fields(config)
   read_splits = list(dict.fromkeys([*ev.splits, *ev.selection_splits]))
   text_data.check_prepared(data.name, data.data_dir, [data.train_split, *read_splits])
-  for split in read_splits:  # demonstrations and training rows come from train_split
-    text_data.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split,
-                                                        'config.eval.splits': split})
+  for split in read_splits if icl.shots or config.num_train_steps else ():  # what demonstrations, training read
+    field = 'config.eval.splits' if split in ev.splits else 'config.eval.selection_splits'
+    text_data.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split, field: split})
   class_names = _class_names(data)
   label_words = tuple(prompt.label_words)
   lmc.check_prompt(prompt.template, label_words, class_names)
