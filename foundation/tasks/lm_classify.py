@@ -92,7 +92,7 @@ def build(config) -> Task:
   encode = lambda s: np.asarray(tokenizer.encode(s), np.int32)
   body = lambda t: encode(lmc.fill(prompt.template, t) + tail)  # a training row's: never after demonstrations
   start = query_start(config, chat_parts)
-  eval_body = lambda t: encode(start + lmc.fill(prompt.template, t) + tail)
+  query = lambda t: start + lmc.fill(prompt.template, t) + tail  # an evaluated row's text, after its draw's prefix
 
   label_ids = [encode(w) for w in label_words]
   if not all(len(ids) for ids in label_ids):
@@ -123,10 +123,10 @@ def build(config) -> Task:
     texts, labels = read_split(data, split, ev.max_examples)
     eval_texts += texts
     splits[split] = slice(len(eval_rows), len(eval_rows) + len(texts))
-    eval_rows += [eval_body(t) for t in texts]
+    eval_rows += [encode(query(t)) for t in texts]
     eval_labels[split] = labels
   content_free = slice(len(eval_rows), len(eval_rows) + len(config.calibration.content_free))
-  eval_rows += [eval_body(t) for t in config.calibration.content_free]
+  eval_rows += [encode(query(t)) for t in config.calibration.content_free]
   empty = [t for t, row in zip([*eval_texts, *config.calibration.content_free], eval_rows) if not len(row)]
   if empty:  # its row would be all padding: the label words scored after a pad token, not after the prompt
     raise ValueError(f'config.prompt.template={prompt.template!r} around the text {empty[0]!r} leaves no token '
@@ -139,7 +139,7 @@ def build(config) -> Task:
                                                   [ids.tolist() for ids in label_ids], config.seed))
   prefix_texts = demonstration_prefixes(config, train_texts, train_labels, chat_parts)
   prefixes = [encode(p) for p in prefix_texts]
-  first_body = start + lmc.fill(prompt.template, eval_texts[0]) + tail
+  first_body = query(eval_texts[0])
   head_ids = encode(head)
   _check_context(prefixes, len(head_ids), max(map(len, eval_rows)), label_tokens.shape[1], new_tokens,
                  model_cfg.max_len - adapter_len, icl.shots)
