@@ -256,6 +256,7 @@ def test_length_sorted_batches_cover_every_row_once_per_epoch_and_pad_less(movie
 @pytest.mark.parametrize('variant, overrides, message', [
     ('lora', {'tune.lora_targets': 'attention/qkv'}, 'matches no projection'),
     ('prompt', {'tune.length': 5000}, "exceeds the model's context"),
+    ('prefix', {'tune.prefix_hidden': 8}, r"tune.init='vocab' does not apply .* set --config.tune.init=uniform"),
     ('finetune_top', {'optim.freeze': ('.*',)}, 'leaves nothing trainable'),
     ('head', {'icl.shots': 4}, 'set --config.icl.shots=0'),
     ('lora', {'icl.shots': 4}, r'training reads zero-shot prompts.*--config.num_train_steps=0'),

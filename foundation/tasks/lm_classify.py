@@ -221,7 +221,7 @@ def build(config) -> Task:
     if method == 'prompt':
       return {'prompt': soft_prompt.init(rng, no_initial)['params']}
     if method == 'prefix':
-      return {'prefix': prefix_module.init(rng, None if tune.prefix_hidden else no_initial)['params']}
+      return {'prefix': prefix_module.init(rng, no_initial)['params']}
     return {}  # zero-shot, in-context, probe: nothing trains
 
   def language_model(params, frozen_params, *, merged: bool):
@@ -240,7 +240,7 @@ def build(config) -> Task:
       return adapters.prompt_cache(resized(adapter_len), lm, soft_prompt.apply({'params': params['prompt']},
                                                                                 initial(lm)))
     if method == 'prefix':
-      kv = prefix_module.apply({'params': params['prefix']}, None if tune.prefix_hidden else initial(lm))
+      kv = prefix_module.apply({'params': params['prefix']}, initial(lm))
       return adapters.prefix_cache(resized(adapter_len), *kv)
     return None
 
@@ -353,7 +353,7 @@ def build(config) -> Task:
   label_len = 1 if method == 'head' else label_tokens.shape[1]
   fed_labels = (label_len - 1) * label_tokens.shape[0]
   shared = len(head_ids) + (adapter_len if method == 'prompt' else 0)
-  prefix_start = adapter_len if method == 'prefix' and tune.init != 'uniform' and not tune.prefix_hidden else 0
+  prefix_start = adapter_len if method == 'prefix' and tune.init != 'uniform' else 0
   passes = 1 if method in ('none', 'probe') else 3 if method in LM_TRAINED else 2
 
   def flops_per_example():
@@ -436,6 +436,10 @@ def _check_method(config, model_cfg) -> str:
     raise ValueError(f'config.icl.shots={config.icl.shots}: training reads zero-shot prompts, so demonstrations '
                      'would only change the evaluation; set --config.icl.shots=0 to train, or evaluate a trained '
                      'run in context with --config.num_train_steps=0 and its workdir as --config.init_from.source.')
+  if tune.method == 'prefix' and tune.prefix_hidden and tune.init != 'uniform':
+    raise ValueError(f'config.tune.init={tune.init!r} does not apply to a prefix trained through the MLP '
+                     f'(config.tune.prefix_hidden={tune.prefix_hidden}), which starts from random embeddings: set '
+                     '--config.tune.init=uniform.')
   if tune.pooling not in ('last', 'mean'):
     raise ValueError(f'config.tune.pooling={tune.pooling!r}; choose last or mean.')
   if tune.method == 'lora' and (not isinstance(tune.lora_rank, int) or tune.lora_rank < 1):
