@@ -335,13 +335,14 @@ def test_export_of_imported_gguf(tmp_path):
     assert (tmp_path / 'hf_run' / name).read_text() == (tmp_path / 'hf' / name).read_text(), name
 
 
-@pytest.mark.parametrize('lora', [0, 2])
-def test_export_of_scanned_byte_model_through_the_cli(tmp_path, lora):
+@pytest.mark.parametrize('lora, param_dtype', [(0, 'float32'), (2, 'float32'), (2, 'bfloat16')])
+def test_export_of_scanned_byte_model_through_the_cli(tmp_path, lora, param_dtype):
   """A run as training leaves it (scanned layers, untied head, byte tokenizer), exported by the CLI's function; with
-  LoRA factors (B nonzero, as after training) the exported Llama computes the adapted model."""
+  LoRA factors (B nonzero, as after training) the exported Llama computes the adapted model, also when the params
+  are bfloat16 (the merge must not round the adapter's term into them)."""
   model_cfg = dict(vocab_size=264, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=16,
                    rope_base=100.0, tie_embeddings=False, scan_layers=True, init_std=0.2, lora_rank=lora,
-                   lora_targets='attention/(query|out)|mlp/down')
+                   lora_targets='attention/(query|out)|mlp/down', param_dtype=param_dtype)
   params = init_params(model_cfg)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map_with_path(

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from foundation.models.transformer import TransformerConfig, merge_lora
@@ -91,8 +92,9 @@ def export_llama(params: Mapping[str, Any], model_config: TransformerConfig | Ma
   """
   from safetensors.numpy import save_file
   cfg = model_config if isinstance(model_config, TransformerConfig) else TransformerConfig.from_dict(model_config)
-  if cfg.lora_rank:  # a Llama has no low-rank factors: fold them into the weights they adapt
-    params, cfg = merge_lora(params, cfg)
+  if cfg.lora_rank:  # a Llama has no low-rank factors: fold them into the weights they adapt, in float32 (the
+    # file's dtype), so that bfloat16 params do not round away the adapter that training added unrounded
+    params, cfg = merge_lora(jax.tree.map(lambda v: np.asarray(v, np.float32), params), cfg)
   if not cfg.causal:
     raise ValueError('a bidirectional (causal=False) Transformer is not a LlamaForCausalLM; refusing to export it.')
   if tokenizer.vocab_size > cfg.vocab_size:
