@@ -259,15 +259,21 @@ def read_metrics(workdir: str) -> list[dict]:
 def finished(workdir: str) -> bool:
   """Whether the run ended with its result written (the loop's last act: its finished.json), early stopping
   included; a run that crashed in its final evaluation, or was stopped, has not. A run this sweep saw exit 0 before
-  the loop wrote that file (its marker) counts too."""
-  return any(os.path.exists(os.path.join(workdir, name)) for name in (files.FINISHED_FILE, DONE_MARKER))
+  the loop wrote that file counts by the sweep's marker, while its metrics.jsonl is not newer than the marker (a
+  later run in the workdir, which trains on or goes back to an older step, rewrites it)."""
+  if os.path.exists(os.path.join(workdir, files.FINISHED_FILE)):
+    return True
+  marker, metrics = (os.path.join(workdir, name) for name in (DONE_MARKER, 'metrics.jsonl'))
+  return (os.path.exists(marker) and os.path.exists(metrics)
+          and os.path.getmtime(metrics) <= os.path.getmtime(marker))
 
 
 def _marked_done(workdir: str, command: list[str]) -> bool:
-  """Whether this exact run (its arguments; not the interpreter's path) finished under the sweep before."""
+  """Whether this exact run (its arguments; not the interpreter's path) finished under the sweep before, and is
+  still finished."""
   try:
     with open(os.path.join(workdir, DONE_MARKER)) as f:
-      return json.load(f)['args'] == command[1:]
+      return json.load(f)['args'] == command[1:] and finished(workdir)
   except (OSError, ValueError, KeyError):
     return False
 
@@ -354,7 +360,12 @@ def collect(root: str, manifest: dict,
     elif reason := other_config(workdir, manifest['config'], manifest['set'], cell, seed):
       left_out.append(f'{workdir} ({reason})')
     else:
-      done.setdefault(cell.name, []).append(last_values(read_metrics(workdir)))
+      try:
+        last = last_values(read_metrics(workdir))
+      except ValueError as e:  # a damaged line before the last: the other runs still make their table
+        left_out.append(f'{workdir} (its metrics.jsonl cannot be read: {_one_line(e)})')
+        continue
+      done.setdefault(cell.name, []).append(last)
   if metrics is None:  # every eval metric logged, in the order they were logged
     metrics = list(dict.fromkeys(k for runs in done.values() for last in runs for k in last
                                  if k.startswith('eval/')))
@@ -528,9 +539,11 @@ def sweep(args) -> int:
             file=sys.stderr)
       return 0
     failures = run_all(args.config, root, sets, cells, args.seeds)
-    rows, left_out = write_tables(root, args.metrics)
-    if failures:
-      print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
+    try:
+      rows, left_out = write_tables(root, args.metrics)
+    finally:  # the failed runs are reported even if building the tables fails
+      if failures:
+        print(f'[sweep] {len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
   print(f'[sweep] {sum(r.n for r in rows)} finished run(s) in {os.path.join(root, "table.md")} and table.csv'
         + (', table.png' if os.path.exists(os.path.join(root, 'table.png')) else ''))
   if left_out:

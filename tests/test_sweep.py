@@ -242,6 +242,41 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   assert error.count("the cell's config does not load here") == sum(map(len, expected.values())), error
 
 
+def test_a_marker_counts_while_its_run_is_unchanged_and_a_damaged_run_is_left_out(tmp_path, capsys):
+  """A run the sweep saw finish before the loop wrote finished.json counts by the sweep's marker, until a later run
+  in its workdir rewrites metrics.jsonl (trained on, or went back to an older step, and was stopped): then it is
+  unfinished, and --jobs=print lists it again. A run whose metrics.jsonl is damaged before its last line is left
+  out with the reason, and the other runs still make the table."""
+  root, grid = str(tmp_path), 'optim.lr=0.01,0.001'
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=2', f'--root={root}', '--jobs=print']) == 0
+  capsys.readouterr()
+  cells = sweep.make_cells(sweep.parse_grid(grid))
+  finals = {(c, s): {'train/loss': 1.0, 'eval/loss': 1.0 + c + s / 10} for c in (0, 1) for s in (0, 1)}
+  for (c, s), final in finals.items():
+    fake_run(root, cells[c], s, final, {'eval/loss': 9.0}, finished=c == 1)
+  workdir = lambda c, s: os.path.join(root, cells[c].name, f'seed_{s}')
+  for s, metrics_age in ((0, -10), (1, +10)):  # seed 1's metrics.jsonl was rewritten after its marker
+    marker = os.path.join(workdir(0, s), sweep.DONE_MARKER)
+    with open(marker, 'w') as f:
+      json.dump({'args': sweep.run_command(SMOKE, workdir(0, s), {}, cells[0], s)[1:]}, f)
+    os.utime(os.path.join(workdir(0, s), 'metrics.jsonl'), (1e9 + metrics_age,) * 2)
+    os.utime(marker, (1e9,) * 2)
+  with open(os.path.join(workdir(1, 0), 'metrics.jsonl'), 'r+') as f:
+    f.write('#')  # the first line is no longer JSON
+
+  assert sweep.main([f'--root={root}', '--table_only', '--metrics=eval/loss']) == 0
+  table = read_csv(os.path.join(root, 'table.csv'))
+  assert [table[cells[c].name]['n'] for c in (0, 1)] == ['1', '1']
+  for c, s in ((0, 0), (1, 1)):
+    assert float(table[cells[c].name]['eval/loss mean']) == finals[(c, s)]['eval/loss']
+  error = capsys.readouterr().err
+  assert f'{workdir(0, 1)} (unfinished or not run)' in error, error
+  assert f'{workdir(1, 0)} (its metrics.jsonl cannot be read: ' in error and 'line 1 is not JSON' in error, error
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=2', f'--root={root}', '--jobs=print']) == 0
+  printed = capsys.readouterr().out
+  assert f'--workdir={workdir(0, 1)}' in printed and f'--workdir={workdir(0, 0)}' not in printed, printed
+
+
 def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
   """`best/eval/accuracy|eval/accuracy`: a run that trains reports its selected step's number, one that trains
   nothing its only evaluation, and a run with both its first alternative; a run with neither is left out. The
