@@ -88,6 +88,12 @@ def fashion_vit(**changes) -> dict:
                    mlp_dim=256, pool='mean'), **changes)
 
 
+def below_top_stage(num_stages: int) -> str:
+  """The optim.freeze regex of a classifier's `backbone` CNN of `num_stages` stages: its stem and every stage but
+  its last, so that the top stage and the head train (`:finetune_top`)."""
+  return f'^backbone/({"|".join(["stem", *(f"stage{i}" for i in range(num_stages - 1))])})'
+
+
 def smoke_loop(c: ml_collections.ConfigDict, *, steps: int, batch: int, checkpoint_every: int = 2) -> None:
   """The loop of a `:smoke` variant: a few steps of a small batch, logged every 2, evaluated at the end."""
   c.update(num_train_steps=steps, global_batch_size=batch, log_every=2, eval_every=steps,

@@ -190,6 +190,11 @@ def test_training_records_and_batches_of_a_class_filter_with_a_label_budget(tfds
   assert images.training_records(**kwargs) is None  # no filter, no budget: every record
   with pytest.raises(ValueError, match='shots_per_class=301, but class 0 has only 300'):
     images.training_records(**kwargs, shots_per_class=301)
+  # A cut-down split that lacks a class (mnist5k's train split holds the digits in class order) is refused, not
+  # trained on the classes it has.
+  first = int(np.flatnonzero(all_y == 9)[0])
+  with pytest.raises(ValueError, match='shots_per_class=1, but class 9 has only 0 training examples; train on a'):
+    images.training_records(**{**kwargs, 'split': f'train[:{first}]'}, shots_per_class=1)
   # The same draw in another process.
   code = ('import sys; from foundation.data import images; print(images.training_records(name="mnist5k", '
           'data_dir=sys.argv[1], split="train", shots_per_class=10, seed=3).tolist())')

@@ -102,6 +102,20 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   wrong.model.cnn.widths = (8, 32)
   with pytest.raises(train.ConfigError, match=r'another architecture; to restore it, set --config\.model\.cnn\.widths'):
     train.prepare(wrong, str(tmp_path / 'wrong'))
+  # :finetune_top's freeze is made for the widths the variant saw; wider ones given after it would train a lower
+  # stage. And a negative forgetting probe would fail only after training.
+  top = load('configs/transfer/digits.py').get_config('finetune_top,smoke')
+  top.init_from.source = config.init_from.source
+  top.data.data_dir = tfds_dir
+  for field, value, message in [
+      ('model.cnn.widths', (8, 16, 32), r"the top-stage freeze of a 2-stage CNN, but config.model.cnn.widths=\(8, 16, "
+                                        r"32\) has 3 stages: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0\|"
+                                        r"stage1\)',\)\""),
+      ('eval.source_probe_examples', -1, 'source_probe_examples=-1 must be a whole number of at least 0')]:
+    bad = top.copy_and_resolve_references()
+    bad.update_from_flattened_dict({field: value})
+    with pytest.raises(train.ConfigError, match=message):
+      train.prepare(bad, str(tmp_path / 'wrong'))
   saved = json.loads((tmp_path / 'source' / 'config.json').read_text())
   saved['data']['name'] = 'unprepared_images'  # forgetting reads the source's task at the end: refused at the start
   (tmp_path / 'elsewhere').mkdir()

@@ -54,8 +54,8 @@ def probe(c):
 
 
 def _below_top_stage(cnn) -> tuple[str]:
-  """optim.freeze of the CNN's stem and every stage but its last: the top stage and the head train."""
-  return (f'^backbone/(stem|{"|".join(f"stage{i}" for i in range(len(cnn.widths) - 1))})',)
+  return (config_base.below_top_stage(len(cnn.widths)),)  # made for these widths: another --config.model.cnn.widths
+  # is refused by the task (foundation/tasks/classify.py), with the freeze that fits it
 
 
 def finetune_top(c):

@@ -94,20 +94,21 @@ def split_labels(name: str, data_dir: str, split: str, label_key: str = 'label')
   return labels
 
 
-def few_shot_subset(labels: np.ndarray, shots_per_class: int, seed: int) -> np.ndarray:
-  """Sorted positions of `shots_per_class` records of every class in `labels` (0: all records). Class c's records
-  are ordered by np.random.default_rng([seed, c]) and the first `shots_per_class` taken, so the draw depends on the
-  seed alone (not on the run), and the subsets of one seed nest: the 1-shot set is inside the 10-shot set."""
+def few_shot_subset(labels: np.ndarray, shots_per_class: int, seed: int, class_ids: Sequence[int]) -> np.ndarray:
+  """Sorted positions of `shots_per_class` records of each class of `class_ids` in `labels` (0: all records); a
+  class with fewer records (none, in a cut-down split) is an error. Class c's records are ordered by
+  np.random.default_rng([seed, c]) and the first `shots_per_class` taken, so the draw depends on the seed alone
+  (not on the run), and the subsets of one seed nest: the 1-shot set is inside the 10-shot set."""
   if shots_per_class < 0:
     raise ValueError(f'config.data.shots_per_class={shots_per_class} must be >= 0 (0: every training example).')
   if shots_per_class == 0:
     return np.arange(len(labels))
   chosen = []
-  for c in np.unique(labels):
+  for c in class_ids:
     ids = np.flatnonzero(labels == c)
     if len(ids) < shots_per_class:
       raise ValueError(f'config.data.shots_per_class={shots_per_class}, but class {c} has only {len(ids)} training '
-                       'examples; lower it.')
+                       'examples; ' + ('lower it.' if len(ids) else 'train on a split that has every class.'))
     chosen.append(ids[np.random.default_rng([seed, int(c)]).permutation(len(ids))[:shots_per_class]])
   return np.sort(np.concatenate(chosen))
 
@@ -119,11 +120,13 @@ def training_records(*, name: str, data_dir: str, split: str, classes: Sequence[
   class ids, so a class filter keeps the draw of each of its classes. The filter is checked (check_classes)."""
   if not classes and not shots_per_class:
     return None
+  num_classes = len(class_names(name, data_dir, label_key))
   if classes:
-    check_classes(classes, len(class_names(name, data_dir, label_key)))
+    check_classes(classes, num_classes)
   labels = split_labels(name, data_dir, split, label_key)
   keep, _ = relabel(labels, classes)
-  return keep[few_shot_subset(labels[keep], shots_per_class, seed)]  # drawn by the dataset's class ids
+  # Drawn by the dataset's class ids, each class of the task's.
+  return keep[few_shot_subset(labels[keep], shots_per_class, seed, classes or range(num_classes))]
 
 
 def check_image_shape(name: str, data_dir: str, image_shape, image_key: str = 'image') -> tuple[int, int, int]:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation import checkpoint, files, metrics, optim
+from foundation import checkpoint, config_base, files, metrics, optim
 from foundation.data import augment, images, text
 from foundation.evaluate import probes
 from foundation.evaluate.representation import RepresentationEval, encoder_features
@@ -86,6 +86,7 @@ def labelled_images(config) -> LabelledImages:
 def build(config) -> Task:
   model_cfg = config.model
   encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder])
+  _check_top_stage_freeze(config)
   labelled = labelled_images(config)
   image_shape = labelled.image_shape
   model = classifier(model_cfg.encoder, model_cfg[model_cfg.encoder], labelled.num_classes)
@@ -95,6 +96,9 @@ def build(config) -> Task:
     check_saved_encoder(source, model_cfg.encoder, encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder]),
                         'config.model.encoder', f'config.model.{model_cfg.encoder}', 'config.init_from.source')
   source_probe = config.eval.source_probe_examples
+  if not isinstance(source_probe, int) or isinstance(source_probe, bool) or source_probe < 0:
+    raise ValueError(f'config.eval.source_probe_examples={source_probe!r} must be a whole number of at least 0 '
+                     '(0: no forgetting probe).')
   if source_probe and not (source and config.init_from.target == 'backbone'):
     raise ValueError('config.eval.source_probe_examples measures forgetting of an encoder restored by '
                      'config.init_from (a workdir, target backbone); set it to 0 or name the source run.')
@@ -140,6 +144,21 @@ def build(config) -> Task:
               selection_metrics=labelled.selection_metrics, flops_per_example=flops_per_example)
 
 
+def _check_top_stage_freeze(config) -> None:
+  """A `:finetune_top` freeze made for another number of CNN stages (the variant runs before the command line's
+  --config.model.cnn.widths) would train a lower stage, or only the head: refused, with the freeze that fits."""
+  if config.model.encoder != 'cnn':
+    return
+  stages = len(config.model.cnn.widths)
+  fitting = config_base.below_top_stage(stages)
+  for pattern in config.optim.freeze:
+    made_for = [n for n in range(1, 33) if n != stages and pattern == config_base.below_top_stage(n)]
+    if made_for:
+      raise ValueError(f'config.optim.freeze holds {pattern!r}, the top-stage freeze of a {made_for[0]}-stage CNN, '
+                       f'but config.model.cnn.widths={tuple(config.model.cnn.widths)} has {stages} stages: add '
+                       f'--config.optim.freeze="(\'{fitting}\',)".')
+
+
 def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:
   """The source run's task probed (ridge) with the encoder it gave this run, and with the adapted one."""
   read = lambda workdir: json.loads(files.read_text(os.path.join(workdir, 'config.json')))
@@ -150,8 +169,9 @@ def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, f
   (train_x, train_y), (test_x, test_y) = load(theirs['train_split'], max_train), load(theirs['eval_split'])
   encoder = image_encoder(model_cfg.encoder, model_cfg[model_cfg.encoder])
   encode = jax.jit(lambda p, x: encoder.apply({'params': p}, augment.to_float(x)))
-  before, _ = checkpoint.restore_params(pin['workdir'], pin['path'], jax.tree.map(np.asarray, backbone),
-                                        step=pin['step'])
+  # Shapes only: the adapted backbone may be sharded over several hosts.
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone)
+  before, _ = checkpoint.restore_params(pin['workdir'], pin['path'], shapes, step=pin['step'])
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   results = {}
   for key, params in (('source_probe_before', before), ('source_probe', backbone)):
