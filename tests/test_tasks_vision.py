@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from foundation import checkpoint, train
+from foundation import checkpoint, tasks, train
 from foundation.evaluate import zero_shot
 from foundation.tasks import clip
 from test_configs import load, step_flops
@@ -41,6 +41,17 @@ def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, t
   lit_state = _latest_state(tmp_path / 'lit')
   assert 'image_encoder' not in lit_state['params']  # not trained, not saved with the trainable state
   assert 'text_encoder' in lit_state['params']
+
+  # A padding prompt on the LiT run's zero-shot classifier reads its text tower from it and the image tower it
+  # locked, from the run that tower came from.
+  prompt = load('configs/transfer/fashion.py').get_config('padding,smoke')
+  prompt.data.data_dir = tfds_dir
+  prompt.prompt.source = str(tmp_path / 'lit')
+  sources = checkpoint.Sources()
+  both = tasks.build(prompt).frozen(sources)
+  jax.tree.map(np.testing.assert_array_equal, both.pop('image_encoder'), saved)
+  jax.tree.map(np.testing.assert_array_equal, both, lit_state['params'])
+  assert sources.recorded['prompt_source_image_tower'] == pin
 
 
 @pytest.mark.parametrize('path', ['configs/contrastive/simclr_fashion_mnist.py', 'configs/contrastive/clip_fashion_mnist.py'])

@@ -64,6 +64,10 @@ def build(config) -> Task:
                      f'are {image_shape}: pick a source trained on images of this size.')
   aug = augment.check_options(config.augment)
   source = _Source(saved, cfg.source, config.data.data_dir, cfg.method)
+  tower = saved.get('frozen_sources', {}).get('lock_image_tower') if saved.get('lock_image_tower') else None
+  if saved.get('lock_image_tower') and not tower:
+    raise ValueError(f'the LiT run in {cfg.source} records no image tower in its config.json (frozen_sources); '
+                     'train it first, or prompt a run whose tower is its own.')
   num_classes = labelled.num_classes
 
   if cfg.method in VPT:
@@ -108,7 +112,21 @@ def build(config) -> Task:
     return jnp.mean(xent), {'accuracy': jnp.mean(jnp.argmax(out, -1) == batch['label'])}
 
   def frozen(sources):
-    return sources.load('prompt_source', cfg.source, source.params_path, source.abstract_params)
+    if not tower:
+      return sources.load('prompt_source', cfg.source, source.params_path, source.abstract_params)
+    # A LiT run saved no image tower: it is the one that run locked, at the step and content its config.json pins.
+    vpt = cfg.method in VPT
+    abstract = source.abstract_params if vpt else source.abstract_params['image_encoder']
+    encoder = sources.load('prompt_source_image_tower', tower['workdir'], tower['path'], abstract, step=tower['step'])
+    read = sources.recorded.get('prompt_source_image_tower')  # none in a dry run, which reads nothing
+    if read and read['hash'] != tower['hash']:
+      raise ValueError(f'the image tower that the LiT run in {cfg.source} locked (step {tower["step"]} of '
+                       f'{tower["workdir"]}) has changed since (content hash {read["hash"]}, recorded '
+                       f'{tower["hash"]}): restore that run, or prompt a run whose tower is its own.')
+    if vpt:
+      return encoder
+    rest = {k: v for k, v in source.abstract_params.items() if k != 'image_encoder'}
+    return {**sources.load('prompt_source', cfg.source, 'params', rest), 'image_encoder': encoder}
 
   predict = jax.jit(lambda both, x: jnp.argmax(logits(*both, augment.to_float(x)), -1))
 
