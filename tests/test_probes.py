@@ -63,10 +63,11 @@ def test_ridge_separates_gaussian_blobs():
   assert probes.ridge_probe(train_x, train_y, test_x, test_y, num_classes=10) >= 0.99
 
 
-@pytest.mark.parametrize('n, dim', [(60, 8), (30, 50)], ids=['primal', 'dual'])
+@pytest.mark.parametrize('n, dim', [(60, 8), (30, 50), (3, 50)], ids=['primal', 'dual', 'one_shot'])
 def test_ridge_chooses_l2_by_brute_force_leave_one_out(n, dim):
   """l2=None must pick the grid value a refit-without-each-example loop picks (larger l2 on ties). The refit keeps
-  the standardisation and the penalty n * l2 of the full set, which is what leave-one-out of that fit means."""
+  the standardisation and the penalty n * l2 of the full set, which is what leave-one-out of that fit means. With
+  one example per class (3 of 3 classes) every held-out prediction is wrong, so the largest l2 is the choice."""
   rng = np.random.default_rng(2)
   # 2000 test points: enough that the predictions of neighbouring grid values differ, so a wrong choice shows.
   (train_x, train_y), (test_x, _) = gaussian_blobs(rng, n, dim, num_classes=3, separation=0.6, num_test=2000)

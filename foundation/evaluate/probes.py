@@ -54,8 +54,9 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: int, l2: float
 
   l2=None picks the value from RIDGE_L2_GRID with the best leave-one-out accuracy on the training set (ties go to
   the larger l2). Leave-one-out rather than a held-out split: for a linear smoother it is exact and costs one
-  matrix product per grid value on top of the same eigendecomposition, it uses every example, it needs no split
-  seed, and it stays defined for 1-shot sets where any split would remove whole classes.
+  matrix product per grid value on top of the same eigendecomposition, it uses every example, and it needs no
+  split seed. It cannot choose for a 1-shot set: leaving out a class's only example removes the class, so no
+  held-out prediction is right at any l2; such a set (one example per class) takes the grid's largest l2.
   """
   train_y = _check_labels(train_y, num_classes, 'train_y')
   test_y = _check_labels(test_y, num_classes, 'test_y')
@@ -93,7 +94,10 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: int, l2: float
 
 
 def _leave_one_out_l2(train_basis, hat_right, eigvals, coeffs, targets, target_mean, train_y) -> float:
-  """The grid value whose leave-one-out predictions are most often right (the larger l2 on ties)."""
+  """The grid value whose leave-one-out predictions are most often right (the larger l2 on ties); the largest for a
+  set of one example per class, where every held-out prediction is wrong."""
+  if np.bincount(train_y).max() < 2:
+    return max(RIDGE_L2_GRID)
   n = len(train_y)
   leverage_terms = train_basis * hat_right
   best_l2, best_accuracy = None, -1.0
