@@ -20,7 +20,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with each mistake (an unknown --config. key, a wrong type, a missing file or variant) reported
   as one line and exit status 2 instead of a traceback through ml_collections."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if CONFIG.value is not None:
+      CONFIG.value.get('task')  # a config file that did not load (a wrong path) raises here: ml_collections defers it
+    return rest
+  except OSError as e:
+    if '--verbose' in argv:
+      raise
+    cause = str(e.__cause__ or e).strip().splitlines()
+    fail(f'the --config file does not load: {cause[-1].strip() if cause else type(e).__name__}', 2)
   except flags.Error as e:
     message = str(e).strip()
     fail(re.sub(r'^\w+Error: ', '', message.splitlines()[-1]) if '--verbose' not in argv else message, 2)

@@ -40,6 +40,11 @@ def main(argv):
     cli.fail(f'unexpected arguments {argv[1:]}; config fields are set with --config.name=value.', 2)
   if cli.CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):
     cli.fail('both --config=configs/....py[:variant] and --workdir=DIR are needed (--dry_run needs no workdir).', 2)
+  if _EVAL_STEP.value and not _EVAL_ONLY.value:
+    cli.fail(f'--eval_step={_EVAL_STEP.value} names the checkpoint that --eval_only evaluates: add --eval_only (a '
+             'run without it trains on).', 2)
+  if _EVAL_ONLY.value and _DRY_RUN.value:
+    cli.fail('--eval_only and --dry_run are two modes (evaluate a checkpoint; compile the train step): pick one.', 2)
   from foundation import host
   host.keep_freed_memory()  # CPU only; before jax starts its threads and allocates
   # Imported here so that --help and flag errors do not pay for importing jax.
@@ -59,7 +64,7 @@ def main(argv):
     if _DRY_RUN.value:
       from foundation import plan
       if _WORKDIR.value:  # the checks a start in that workdir would make (a resume's config, pinned sources)
-        train.prepare(cli.CONFIG.value, _WORKDIR.value, dry=True)
+        train.prepare(cli.CONFIG.value, _WORKDIR.value, dry=True, allow_config_change=_ALLOW_CHANGE.value)
       result, _, _ = plan.run(cli.CONFIG.value, propose=False)
       if not result.fits:
         cli.fail('the train step does not fit in this machine\'s memory; python -m foundation.plan proposes changes '

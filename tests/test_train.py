@@ -289,6 +289,10 @@ BAD_INPUT = [
     (('--config.model.num_heads=3',), 'embed_dim 32 is not divisible by num_heads 3'),
     (('--config.eval.batch_size=4',), 'config.eval.batch_size=4 must be a positive multiple'),
     (('--config.zzz=1',), "'zzz' is not a field of the config"),
+    (('--eval_step=3',), '--eval_step=3 names the checkpoint that --eval_only evaluates: add --eval_only'),
+    (('--eval_only', '--dry_run'), '--eval_only and --dry_run are two modes'),
+    (('--config=configs/lm/shakespear.py',), "the --config file does not load: [Errno 2] No such file or directory: "
+                                             "'configs/lm/shakespear.py'"),
     (('--config.restore_step=-1',), 'config.restore_step=-1'),
     (('--config.restore_step=4',), 'config.restore_step=4: '),  # a new workdir has no checkpoint to go back to
     (('--config.data.eval_split=train[:10]',), "train_split='train' and config.data.eval_split='train[:10]' share 10"),
@@ -351,6 +355,10 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
   result = run(tmp_path, tfds_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', check=False)
   assert result.returncode == 2 and "different config (optim.lr: 0.01 -> 0.0001)" in result.stderr, result.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == before
+  # A dry run checks the change as the run would: accepted with --allow_config_change, and still writes nothing.
+  dry = run(tmp_path, tfds_dir, '--config.num_train_steps=4', '--config.optim.lr=1e-4', '--allow_config_change=optim',
+            '--dry_run', devices=1)
+  assert 'memory per device' in dry.stdout and sorted(os.listdir(tmp_path)) == sorted(listing)
   # Where the data lives is not part of what is computed: a run moved to another machine resumes.
   moved = tmp_path.parent / 'moved_tfds'
   os.symlink(tfds_dir, moved)
