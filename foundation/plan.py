@@ -362,8 +362,9 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
 def proposals(config, num_devices: int) -> list[dict[str, Any]]:
   """Config changes that lower memory per device, each adding to the one before: the parameters and optimizer state
   sharded over every device, rematerialised blocks (models that have them), then 2, 4 and 8 microbatches."""
+  from foundation import sharding  # pylint: disable=g-import-not-at-top
   changes, out = {}, []
-  if config.mesh.fsdp != num_devices and config.mesh.fsdp != -1:
+  if sharding.mesh_shape(config.mesh, num_devices) != (1, num_devices, 1):
     changes = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
     out.append(dict(changes))
   if config.get('model', {}).get('remat', 'full') != 'full':
@@ -488,6 +489,9 @@ def main(argv):
     check_target(f.topology, f.num_slices, f.hbm_gib, f.gpu)
   except ValueError as e:
     cli.fail(str(e), 2)
+  json_dir = os.path.dirname(os.path.abspath(f.json)) if f.json else ''
+  if json_dir and not (os.path.isdir(json_dir) and os.access(json_dir, os.W_OK)):
+    cli.fail(f'--json={f.json}: {json_dir} is not a directory this process can write to.', 2)
   from foundation import train  # pylint: disable=g-import-not-at-top  (jax: seconds)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)

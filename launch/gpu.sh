@@ -23,9 +23,10 @@ if [ -z "${CUDA_EXTRA:-}" ]; then
     exit 2
   fi
   # The newest CUDA the driver supports, from nvidia-smi's banner ("CUDA Version: 12.4").
-  cuda=$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1)
+  # A failing nvidia-smi (a driver that is not loaded) must reach the error below, not end the script silently.
+  cuda=$( (nvidia-smi 2>&1 || true) | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1)
   if [ -z "$cuda" ]; then
-    echo "error: nvidia-smi does not report a CUDA version; set CUDA_EXTRA=cuda12 or cuda13." >&2
+    echo "error: nvidia-smi does not report a CUDA version (is the driver loaded?); set CUDA_EXTRA=cuda12 or cuda13." >&2
     exit 2
   elif [ "$cuda" -ge 13 ]; then
     CUDA_EXTRA=cuda13
@@ -36,6 +37,10 @@ if [ -z "${CUDA_EXTRA:-}" ]; then
     exit 2
   fi
 fi
+case "$CUDA_EXTRA" in  # pip only warns about an extra that jax lacks, and would install no CUDA at all
+  cuda12|cuda13) ;;
+  *) echo "error: CUDA_EXTRA=$CUDA_EXTRA; choose cuda12 or cuda13." >&2; exit 2 ;;
+esac
 jax_version=$(sed -n 's/^jax==//p' requirements.txt)
 install=(.venv/bin/python -m pip install --quiet "jax[$CUDA_EXTRA]==$jax_version")
 run=(.venv/bin/python -m foundation.main --config="$config" --workdir="$workdir" "$@")

@@ -22,7 +22,7 @@ if command -v nvidia-smi >/dev/null; then
   exec bash launch/gpu.sh "$config" "$workdir" "$@"  # the CUDA build of jax; setup.sh installs the CPU one
 fi
 bash launch/setup.sh
-if [ ! -e /dev/accel0 ] && [[ "${XLA_FLAGS:-}" != *device_count* ]]; then
+if [ ! -e /dev/accel0 ] && [ ! -e /dev/vfio/0 ] && [[ "${XLA_FLAGS:-}" != *device_count* ]]; then  # no TPU (as host.py)
   # CPU only: one XLA device per core, trained data parallel. XLA runs each fused elementwise loop (augmentations,
   # norms, activations) on one thread per device, so splitting the batch over devices is what uses every core:
   # 1.85x on SimCLR's CNN, ~1.15x on the LM (benchmarks/README.md).

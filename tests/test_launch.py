@@ -222,21 +222,29 @@ def test_the_run_command_quotes_every_argument_once():
                                                                   'foundation.main', *argv]
 
 
+DRIVER_NOT_LOADED = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+
+
 @pytest.mark.parametrize('banner, extra', [('CUDA Version: 12.4', 'cuda12'), ('CUDA Version: 13.0', 'cuda13'),
-                                           ('CUDA Version: 11.8', None), ('', None), (None, None)])
+                                           ('CUDA Version: 11.8', None), ('', None), (None, None),
+                                           (DRIVER_NOT_LOADED, None)])
 def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, banner, extra):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   if banner is not None:
     smi = bin_dir / 'nvidia-smi'
-    smi.write_text(f'#!/bin/sh\necho "| NVIDIA-SMI 580.0   Driver Version: 580.0   {banner} |"\n')
+    smi.write_text(f'#!/bin/sh\necho "{banner}"\nexit 9\n' if banner == DRIVER_NOT_LOADED else
+                   f'#!/bin/sh\necho "| NVIDIA-SMI 580.0   Driver Version: 580.0   {banner} |"\n')
     smi.chmod(0o755)
   env = dict(os.environ, PATH=f'{bin_dir}:/usr/bin:/bin', DRY_RUN='1')
+  bad_extra = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'c.py', 'wd'],
+                             env=dict(env, CUDA_EXTRA='cuda11'), capture_output=True, text=True, check=False)
+  assert bad_extra.returncode == 2 and 'CUDA_EXTRA=cuda11; choose cuda12 or cuda13' in bad_extra.stderr
   override = "--config.optim.freeze=('layers_[01]/', 'a b')"
   result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:large', 'wd',
                            override], env=env, capture_output=True, text=True, check=False)
   if extra is None:
-    assert result.returncode == 2 and result.stderr.startswith('error: ')
+    assert result.returncode == 2 and result.stderr.startswith('error: ') and not result.stdout, result.stderr
     return
   install, run = [shlex.split(line) for line in result.stdout.splitlines()]
   assert install == ['.venv/bin/python', '-m', 'pip', 'install', '--quiet', f'jax[{extra}]=={JAX_VERSION}']

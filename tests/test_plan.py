@@ -189,6 +189,21 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
     result, _ = run_plan(tmp_path, tfds_dir, *flags)
     assert result.returncode == 2 and message in result.stderr, (flags, result.stderr[-2000:])
     assert len(result.stderr.strip().splitlines()) == 1
+  # A --json that cannot be written is refused before anything compiles.
+  result = subprocess.run([sys.executable, '-m', 'foundation.plan', f'--config={SMOKE}', '--topology=v5e:2x2',
+                           '--json=/nonexistent/plan.json'], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2 and result.stderr == (
+      'error: --json=/nonexistent/plan.json: /nonexistent is not a directory this process can write to.\n')
+
+
+@pytest.mark.parametrize('mesh, sharded', [((2, -1, 1), False), ((-1, 2, 1), False), ((1, -1, 1), True),
+                                           ((1, 8, 1), True), ((1, 4, 2), False)])
+def test_the_first_proposal_shards_the_state_over_every_device_unless_it_is(mesh, sharded):
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  first = plan.proposals(config, 8)[0]
+  assert (first.get('mesh.fsdp') != -1) == sharded, first
 
 
 def test_dry_run_plans_the_local_devices_and_writes_nothing(tmp_path, tfds_dir):
