@@ -245,6 +245,15 @@ def test_tiny_gguf_tokenizer(tmp_path):
   tokenizer.to_tokenizers().save(str(tmp_path / 'tokenizer.json'))  # no tokenizer_config.json beside it
   with pytest.raises(ValueError, match='not exactly one special token'):
     BPETokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+  # A SentencePiece-style BPE ('▁' for a space, <0x0A> byte tokens) does not spell its bytes: bytes per token, and
+  # so nats/byte, would be wrong. It is refused.
+  metaspace = tokenizers.Tokenizer(tokenizers.models.BPE({'▁': 0, 'a': 1, '<0x0A>': 2}, [], byte_fallback=True))
+  metaspace.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  metaspace.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.Replace('▁', ' '),
+                                                   tokenizers.decoders.ByteFallback()])
+  metaspace.save(str(tmp_path / 'tokenizer.json'))
+  with pytest.raises(ValueError, match=r"is not a byte-level BPE tokenizer \(model BPE, pre-tokenizer \['Metaspace'\]"):
+    BPETokenizer.from_file(str(tmp_path / 'tokenizer.json'))
 
 
 def test_file_reader_matches_the_gguf_package(tmp_path):

@@ -281,6 +281,8 @@ BAD_INPUT = [
     (('--config.checkpoint_every=3', '--config.log_every=2'), 'multiple of config.log_every'),
     (('--config.sample.max_new_tokens=40',), 'exceeds the trained context config.data.seq_len=32'),
     (('--config.sample.top_p=0',), 'config.sample.top_p=0.0 must be in (0, 1]'),
+    (('--config.sample.prompt=',), 'needs a non-empty config.sample.prompt and config.sample.max_new_tokens >= 1'),
+    (('--config.sample.max_new_tokens=0',), 'config.sample.max_new_tokens >= 1 (it is 0)'),
     (('--config.optim.freeze=("no_such_param",)',), "pattern 'no_such_param' matches no parameter"),
     (('--config.optim.weight_decay_exclude=("nope",)',), "pattern 'nope' matches no parameter"),
     (('--config.optim.name=adamz',), "config.optim.name='adamz'; choose adamw or sgd"),
@@ -536,6 +538,22 @@ def _smoke_config(tfds_dir, **fields):
   config.data.data_dir = tfds_dir
   config.update(fields)
   return config
+
+
+def test_a_diverged_lm_evaluates_to_an_infinite_perplexity_not_a_crash(tmp_path, tfds_dir):
+  """Past ~709.8 nats per token exp() overflows a float: the perplexity is inf, and the loss is still logged."""
+  import flax.linen as nn
+  from foundation import sharding, tasks
+  config = _smoke_config(tfds_dir)
+  config.eval.max_batches, config.sample.num_samples = 1, 0
+  task = tasks.build(config)
+  params = nn.unbox(task.init(jax.random.key(0)))
+  huge = jax.tree_util.tree_map_with_path(  # the output projection x 1e4: logits of ~1e4, a loss in the thousands
+      lambda path, x: x * 1e4 if any(getattr(k, 'key', '') in ('embedding', 'lm_head') for k in path) else x, params)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+  results = task.evaluate(huge, {}, 0, tasks.EvalContext(mesh=mesh, workdir=str(tmp_path), is_writer=True))
+  assert results['eval/loss'] > 710 and results['eval/perplexity'] == float('inf')
+  assert np.isfinite(results['eval/nats_per_byte'])
 
 
 def test_init_from_a_workdir_pins_it_and_a_resume_does_not_read_it_again(tmp_path, tfds_dir):

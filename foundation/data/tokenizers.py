@@ -145,6 +145,7 @@ class BPETokenizer:
     token (GPT-2's <|endoftext|>) uses it for all three; guessing among several is refused."""
     import tokenizers
     hf = tokenizers.Tokenizer.from_file(path)
+    _check_byte_level(json.loads(hf.to_str()), path)
     config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
     config = {}
     if os.path.exists(config_path):
@@ -209,6 +210,27 @@ class BPETokenizer:
 
   def __repr__(self) -> str:
     return f'BPETokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})'
+
+
+def _check_byte_level(spec: dict, path: str) -> None:
+  """Refuses a tokenizer.json that is not GPT-2-style byte-level BPE (a BPE model, a ByteLevel pre-tokenizer that
+  adds no space, a ByteLevel decoder, no normalizer). byte_lengths reads each token as spelled in the byte
+  alphabet, so a SentencePiece-style one (Metaspace, byte-fallback tokens) would give wrong bytes per token and
+  a wrong nats/byte, silently."""
+  def parts(part, key):  # a component, or the members of a Sequence of them
+    return [p for inner in part.get(key, []) for p in parts(inner, key)] if part and key in part else [part or {}]
+
+  pre = parts(spec.get('pre_tokenizer'), 'pretokenizers')
+  byte_level = [p for p in pre if p.get('type') == 'ByteLevel']
+  found = (f"model {spec['model'].get('type')}, pre-tokenizer {[p.get('type') for p in pre]}, decoder "
+           f"{[p.get('type') for p in parts(spec.get('decoder'), 'decoders')]}, normalizer "
+           f"{(spec.get('normalizer') or {}).get('type')}")
+  if (spec['model'].get('type') != 'BPE' or not byte_level or any(p.get('add_prefix_space') for p in byte_level)
+      or 'ByteLevel' not in [p.get('type') for p in parts(spec.get('decoder'), 'decoders')]
+      or spec.get('normalizer')):
+    raise ValueError(f'{path} is not a byte-level BPE tokenizer ({found}); foundation reads GPT-2-style ones only '
+                     '(a ByteLevel pre-tokenizer without add_prefix_space and decoder, no normalizer), whose tokens '
+                     'spell their bytes.')
 
 
 def _chatml_default_system(template: str) -> str | None:

@@ -8,6 +8,7 @@ tokenizers) over the whole validation split, plus samples from a prompt, written
 
 import math
 import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -78,6 +79,10 @@ def build(config) -> Task:
     raise ValueError(f'config.data.seq_len={data.seq_len} exceeds config.model.max_len={model_cfg.max_len}.')
   prompt = tokenizer.encode(config.sample.prompt)
   if config.sample.num_samples:  # checked here, not at the first evaluation after eval_every steps
+    if not len(prompt) or config.sample.max_new_tokens < 1:
+      raise ValueError(f'config.sample.num_samples={config.sample.num_samples} needs a non-empty config.sample.prompt '
+                       f'and config.sample.max_new_tokens >= 1 (it is {config.sample.max_new_tokens}); or set '
+                       'num_samples=0.')
     check_sampling(config.sample.temperature, config.sample.top_k, config.sample.top_p, model_cfg.vocab_size,
                    prefix='config.sample.', greedy_option='')
   # The model never sees a position past seq_len in training, and rotary attention does not extrapolate: samples
@@ -127,7 +132,9 @@ def build(config) -> Task:
     for batch in eval_cache['batches']:
       sums = eval_sums(params, sharding.global_batch(batch, ctx.mesh))
       total, count, num_bytes = (a + float(b) for a, b in zip((total, count, num_bytes), sums))
-    results = dict(zip(EVAL_METRICS, (total / count, math.exp(total / count), total / num_bytes)))
+    mean = total / count  # past ~709.8 nats per token (a diverged run) the perplexity is inf, not an OverflowError
+    perplexity = math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
+    results = dict(zip(EVAL_METRICS, (mean, perplexity, total / num_bytes)))
     if config.sample.num_samples:
       _write_samples(model, params, tokenizer, prompt, config, step, ctx)
     return results
