@@ -167,6 +167,22 @@ def test_early_stopping_names_a_metric_of_the_evaluations_before_the_end(path, m
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.parametrize('path, overrides, message', [
+    ('configs/contrastive/simclr_fashion_mnist.py', {'eval.probe': 'logistc'},
+     r"config.eval.probe='logistc'; choose one of \['logistic', 'ridge'\]"),
+    ('configs/contrastive/clip_fashion_mnist.py', {'eval.shots': (0, 5)}, r'config.eval.shots=\(0, 5\) must be whole'),
+    ('configs/classify/fashion_mnist.py', {'eval.fewshot_seeds': 0}, 'config.eval.fewshot_seeds=0 must be a whole'),
+])
+def test_probe_settings_are_checked_before_training(path, overrides, message, tfds_dir, tmp_path):
+  """Not at the first evaluation, which for some runs comes after training."""
+  config = load(path).get_config('smoke')
+  config.data.data_dir = tfds_dir
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(train.ConfigError, match=message):
+    train.prepare(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.parametrize('path', ['configs/contrastive/simclr_fashion_mnist.py',
                                   'configs/contrastive/clip_fashion_mnist.py'])
 def test_probes_scored_on_training_images_are_refused(path, tfds_dir, tmp_path):

@@ -147,6 +147,15 @@ def test_knn_matches_brute_force(k, temperature):
 # ---- few-shot and the suite ----------------------------------------------------------------------------------------
 
 
+def test_knn_refuses_mismatched_rows_and_meaningless_settings():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(20, 4)), np.arange(20) % 2
+  for args, kwargs in [((x, y[:10], x, y), {}), ((x, y, x[:, :3], y), {}), ((x, y, x, y), {'k': 0}),
+                       ((x, y, x, y), {'temperature': -0.1})]:
+    with pytest.raises(ValueError, match='k-NN needs'):
+      probes.knn_accuracy(*args, num_classes=2, **kwargs)
+
+
 def test_fewshot_draws_exactly_shots_per_class_reproducibly():
   labels = np.repeat(np.arange(4), [7, 12, 5, 30])
   first = probes.fewshot_indices(labels, shots=5, num_classes=4, seed=0)

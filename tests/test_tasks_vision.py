@@ -201,3 +201,10 @@ def test_class_level_retrieval_counts_any_item_of_the_right_class():
     for k in (1, 3):
       hits = [np.any(labels[np.argsort(-sims[i], kind='stable')[:k]] == labels[i]) for i in range(40)]
       assert recall[f'{direction}_recall_at_{k}'] == np.mean(hits)
+  # A collapsed encoder ties every candidate: as for aligned pairs, a tie counts against the relevant ones, so a
+  # query's class is found only when k covers every item of the other classes.
+  others = len(labels) - np.bincount(labels)[labels]  # per query
+  collapsed = zero_shot.retrieval_recall(np.ones((40, 8)), np.ones((40, 8)), ks=(1, others.min(), others.max() + 1),
+                                         labels=labels, batch_size=7)
+  for direction in ('image_to_text', 'text_to_image'):
+    assert [collapsed[f'{direction}_recall_at_{k}'] for k in (1, others.min(), others.max() + 1)] == [0.0, 0.0, 1.0]

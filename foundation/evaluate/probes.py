@@ -184,6 +184,12 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, k: int =
   """
   train_y = _check_labels(train_y, num_classes, 'train_y')
   test_y = _check_labels(test_y, num_classes, 'test_y')
+  if len(train_x) != len(train_y) or len(test_x) != len(test_y) or np.shape(train_x)[1:] != np.shape(test_x)[1:]:
+    raise ValueError(f'k-NN needs one label per feature row and the same width: train {np.shape(train_x)} with '
+                     f'{len(train_y)} labels, test {np.shape(test_x)} with {len(test_y)}.')
+  if not (isinstance(k, int) and k >= 1 and temperature > 0 and batch_size >= 1):
+    raise ValueError(f'k-NN needs k >= 1, temperature > 0 and batch_size >= 1; got {k}, {temperature}, '
+                     f'{batch_size}.')
   k = min(k, len(train_y))
   train = _l2_normalise(jnp.asarray(train_x, jnp.float32))
   test = _l2_normalise(jnp.asarray(test_x, jnp.float32))

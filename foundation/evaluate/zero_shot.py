@@ -55,17 +55,22 @@ def retrieval_recall(image_emb, text_emb, ks=(1, 5), *, labels=None, batch_size:
     if labels is None:
       ranks = _partner_ranks(queries, candidates, batch_size)
     else:
-      ranks = _first_relevant_ranks(np.asarray(queries), np.asarray(candidates), np.asarray(labels))
+      ranks = _first_relevant_ranks(np.asarray(queries), np.asarray(candidates), np.asarray(labels), batch_size)
     for k in ks:
       results[f'{direction}_recall_at_{k}'] = float(np.mean(ranks < k))
   return results
 
 
-def _first_relevant_ranks(queries, candidates, labels) -> np.ndarray:
-  """For each query, the rank (0 = most similar) of the most similar candidate sharing its label."""
-  order = np.argsort(-(queries @ candidates.T), axis=1, kind='stable')
-  relevant = labels[order] == labels[:, None]
-  return np.argmax(relevant, axis=1)
+def _first_relevant_ranks(queries, candidates, labels, batch_size: int) -> np.ndarray:
+  """For each query, the rank (0 = most similar) of the most similar candidate sharing its label: the number of
+  candidates of other labels at least as similar (a tie counts against it, as for partners)."""
+  ranks = []
+  for start in range(0, len(queries), batch_size):
+    similarities = queries[start:start + batch_size] @ candidates.T
+    relevant = labels[start:start + batch_size, None] == labels[None, :]
+    best = np.where(relevant, similarities, -np.inf).max(axis=1, keepdims=True)
+    ranks.append(np.sum(~relevant & (similarities >= best), axis=1))
+  return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
 def _partner_ranks(queries, candidates, batch_size: int) -> np.ndarray:
