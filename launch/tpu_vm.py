@@ -10,14 +10,14 @@ r"""Runs a config on a Cloud TPU VM, one host or a pod slice, through the gcloud
 create   asks for the slice through queued resources (spot, reserved or on-demand; --valid_until gives up on a
          request not granted in time), or directly with --direct, with the runtime image of the accelerator's
          generation (v4, v5e, v5p, v6e); it waits until the slice is ready.
-run      ships the code at a commit (git archive: no .venv, .git or workdirs), sets up every worker (a Python 3.11
-         venv by uv outside the code directory, the pinned requirements, jax[tpu] at the pinned jax version, the
-         datasets), stops any earlier run and frees the TPU, then starts the run detached on every worker
-         (it survives a dropped connection), each writing ~/foundation-logs/run.log and, when it ends, its exit
-         status. Every worker runs the same command; JAX joins them into one mesh (foundation/sharding.py). The
+run      stops any earlier run and frees the TPU, ships the code at a commit (git archive: no .venv, .git or
+         workdirs), sets up every worker (a Python 3.11 venv by uv outside the code directory, the pinned
+         requirements, jax[tpu] at the jax version that commit pins, the datasets), then starts the run detached
+         on every worker (it survives a dropped connection), each writing ~/foundation-logs/run.log and, when it
+         ends, its exit status. Every worker runs the same command; JAX joins them into one mesh (foundation/sharding.py). The
          workdir must be shared: a gs:// URL (orbax writes checkpoints there itself, the rest goes through gcsfs),
          a path on a gcsfuse mount of --bucket (mounted on every worker, with --rename-dir-limit so orbax can
-         finalise checkpoints by renaming) or a Filestore share.
+         finalise checkpoints by renaming) or a Filestore share; a relative path is refused.
 status   the slice's state and, per worker, whether the run is alive or how it ended.
 logs     the last lines of every worker's log, naming the workers whose run failed (--lines=N).
 stop     SIGTERM to every worker's run: it saves a checkpoint at the next step and exits.
@@ -119,11 +119,16 @@ def create(g: Gcloud, args) -> None:
       direct=args.direct))
 
 
-def _wait_active(g: Gcloud, poll_seconds: float) -> None:
+def _wait_active(g: Gcloud, poll_seconds: float, failures_allowed: int = 5) -> None:
+  failures = 0
   while True:
     state = g.queued_state()
     if state == 'ACTIVE':
       return
+    failures = failures + 1 if not state else 0  # describe failed: a deleted resource, another project, expired auth
+    if failures > failures_allowed:
+      raise SystemExit(f'error: `gcloud compute tpus queued-resources describe {g.name}` failed {failures} times in a '
+                       'row; check the name, --project and `gcloud auth login`.')
     if state in ('FAILED', 'SUSPENDED'):
       raise SystemExit(f'error: the queued resource {g.name} is {state}; `delete`, then `create` again (or '
                        '`recover`).')
@@ -165,32 +170,35 @@ def start_command(argv: list[str], bucket: str | None) -> str:
   detached = f'cd {CODE} && {main}; echo $? > {LOGS}/exit_status'
   steps = [f'mkdir -p {LOGS}', f'rm -f {LOGS}/exit_status']
   if bucket:
-    # Mounted by an earlier run, the directory is the user's FUSE mount, which even root may not chown: test first.
-    steps.append('(mountpoint -q /mnt/bucket || (sudo mkdir -p /mnt/bucket && sudo chown "$USER" /mnt/bucket && '
-                 f'gcsfuse --implicit-dirs --rename-dir-limit=200000 {shlex.quote(bucket)} /mnt/bucket))')
+    # Mounted by an earlier run, the directory is the user's FUSE mount, which even root may not chown: test first;
+    # another bucket mounted there is unmounted first.
+    quoted = shlex.quote(bucket)
+    steps.append(f'([ "$(findmnt -no SOURCE /mnt/bucket 2>/dev/null)" = {quoted} ] || ('
+                 '{ ! mountpoint -q /mnt/bucket || fusermount -u /mnt/bucket; } && sudo mkdir -p /mnt/bucket && '
+                 f'sudo chown "$USER" /mnt/bucket && gcsfuse --implicit-dirs --rename-dir-limit=200000 {quoted} '
+                 '/mnt/bucket))')
   steps.append(f'{{ setsid nohup bash -c {shlex.quote(detached)} > {LOGS}/run.log 2>&1 < /dev/null & }}')
   return ' && '.join(steps)
 
 
-def ship(g: Gcloud, commit: str) -> str:
-  """The code at `commit` (a git archive: tracked files only) unpacked fresh in ~/foundation on every worker."""
-  sha = subprocess.run(['git', '-C', REPO, 'rev-parse', commit], capture_output=True, text=True, check=True)
-  sha = sha.stdout.strip()
+def ship(g: Gcloud, sha: str) -> None:
+  """The code at commit `sha` (a git archive: tracked files only) unpacked fresh in ~/foundation on every worker."""
   with tempfile.TemporaryDirectory() as tmp:
     archive = os.path.join(tmp, 'foundation.tar.gz')
     subprocess.run(['git', '-C', REPO, 'archive', '--format=tar.gz', f'--output={archive}', sha], check=True)
     g('compute', 'tpus', 'tpu-vm', 'scp', archive, f'{g.name}:foundation.tar.gz', '--worker=all')
   g.ssh(f'rm -rf {CODE} && mkdir -p {CODE} && tar -xzf ~/foundation.tar.gz -C {CODE} && '
         f'echo {sha} > {CODE}/COMMIT && ln -sfn {VENV} {CODE}/.venv')
-  return sha
 
 
 def run(g: Gcloud, args, argv: list[str]) -> None:
-  with open(os.path.join(REPO, 'requirements.txt')) as f:
-    jax_version = re.search(r'^jax==(\S+)', f.read(), re.MULTILINE).group(1)
-  sha = ship(g, args.commit)
+  git = lambda *a: subprocess.run(['git', '-C', REPO, *a], capture_output=True, text=True, check=True).stdout
+  sha = git('rev-parse', args.commit).strip()
+  # The jax that commit pins (a recover ships the recorded commit, whatever this checkout pins today).
+  jax_version = re.search(r'^jax==(\S+)', git('show', f'{sha}:requirements.txt'), re.MULTILINE).group(1)
+  g.ssh(stop_command())  # before its code and packages are replaced under it: its last save runs on its own code
+  ship(g, sha)
   g.ssh(setup_command(jax_version))
-  g.ssh(stop_command())
   g.ssh(start_command(argv, args.bucket))
   _save_state(g.name, zone=g.zone, project=g.project,
               run=dict(argv=argv, commit=sha, bucket=args.bucket))
@@ -271,6 +279,13 @@ def parse(argv: list[str]):
       parser.error('run needs CONFIG[:variant] WORKDIR, then --config.field=value overrides.')
     if any(not a.startswith('--config.') for a in rest[2:]):
       parser.error(f'run passes on --config.field=value overrides only; got {rest[2:]}.')
+    workdir = rest[1]
+    if not (workdir.startswith('gs://') or os.path.isabs(workdir)):
+      parser.error(f'WORKDIR {workdir!r}: give a gs:// URL or an absolute path such as /mnt/bucket/runs/NAME (with '
+                   '--bucket); a relative one lands in ~/foundation, which the next run replaces.')
+    if workdir.startswith('/mnt/bucket') and not args.bucket:
+      parser.error(f'WORKDIR {workdir!r} is on /mnt/bucket: name its bucket with --bucket, so that `recover` on new '
+                   'workers mounts it again.')
   elif rest:
     parser.error(f'unexpected arguments {rest}.')
   if args.command == 'create' and not args.accelerator:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
@@ -139,6 +140,10 @@ def test_run_logs_preemption_and_recover_resume_the_run_exactly(fake_cloud, tmp_
   launcher(env, 'create', '--accelerator=v5litepod-8')
   launcher(env, 'run', config[0], workdir, *config[1:], override)
   made = calls(root)
+  # A run still going is stopped before its code and packages are replaced under it.
+  order = [c[3] if c[3] != 'ssh' else 'stop' if 'pkill' in c[6] else 'ssh' for c in made if c[:3] == ['compute', 'tpus',
+                                                                                                     'tpu-vm']]
+  assert order.index('stop') < order.index('scp'), order
   scp = [c for c in made if c[3] == 'scp'][0]
   assert scp[4].endswith('foundation.tar.gz') and scp[5:7] == ['lm:foundation.tar.gz', '--worker=all']
   setup = [c for c in made if c[3] == 'ssh' and 'uv venv' in c[6]][0]
@@ -207,9 +212,21 @@ def test_run_and_recover_refuse_what_they_cannot_do(fake_cloud):
   root, env = fake_cloud
   result = launcher(env, 'run', 'configs/lm/shakespeare.py', 'wd', '--verbose', check=False)
   assert result.returncode == 2 and 'passes on --config.field=value overrides only' in result.stderr
+  result = launcher(env, 'run', 'configs/lm/shakespeare.py', 'workdirs/lm', check=False)
+  assert result.returncode == 2 and "WORKDIR 'workdirs/lm': give a gs:// URL or an absolute path" in result.stderr
+  result = launcher(env, 'run', 'configs/lm/shakespeare.py', '/mnt/bucket/runs/lm', check=False)
+  assert result.returncode == 2 and 'name its bucket with --bucket' in result.stderr
   result = launcher(env, 'recover', check=False)
   assert result.returncode and 'does not record a create and a run of lm' in result.stderr
   assert not os.path.exists(root / 'calls.jsonl')  # refused before any gcloud call
+
+
+def test_waiting_for_a_queued_resource_gives_up_when_describe_keeps_failing(capsys):
+  tpu_vm = load_module('launch/tpu_vm.py')
+  states = iter(['WAITING_FOR_RESOURCES', '', '', 'PROVISIONING'] + [''] * 6)
+  with pytest.raises(SystemExit, match='describe lm` failed 6 times in a row; check the name, --project'):
+    tpu_vm._wait_active(types.SimpleNamespace(name='lm', queued_state=lambda: next(states)), 0)
+  assert capsys.readouterr().out.count('PROVISIONING; waiting') == 1  # two failures, then a state: counted afresh
 
 
 def test_the_run_command_quotes_every_argument_once():
