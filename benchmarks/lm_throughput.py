@@ -22,6 +22,7 @@ PyTorch row is timed the same way: warm-up steps, then intervals of --log_every 
 """
 
 import argparse
+import atexit
 import datetime
 import importlib.util
 import json
@@ -269,11 +270,17 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def foundation_records(python: str, label: str, overrides: list, *, xla_flags: str | None = None,
-                       glibc_malloc: bool = False) -> list[dict]:
-  """Runs `python -m foundation.main` in a fresh workdir on the CPU; returns its metrics.jsonl records."""
+                       glibc_malloc: bool = False, cache_dir: str | None = None) -> list[dict]:
+  """Runs `python -m foundation.main` in a fresh workdir on the CPU; returns its metrics.jsonl records. Without
+  `cache_dir` the run compiles everything (no persistent compilation cache); with it, it reads and fills that one."""
   workdir = tempfile.mkdtemp(prefix='foundation_benchmark_')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  if cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  else:
+    env['FOUNDATION_COMPILATION_CACHE'] = '0'
   env.pop('FOUNDATION_DEFAULT_MALLOC', None)
   if xla_flags:
     env['XLA_FLAGS'] = xla_flags
@@ -304,7 +311,7 @@ def run_foundation(args, *, label: str, xla_flags: str | None, steps: int, log_e
   records = foundation_records(args.python, label, [
       f'--config={CONFIG}:{VARIANT}', f'--config.data.data_dir={args.data_dir}', *schedule,
       f'--config.checkpoint_every={big}', '--config.sample.num_samples=0', *extra],
-      xla_flags=xla_flags, glibc_malloc=glibc_malloc)
+      xla_flags=xla_flags, glibc_malloc=glibc_malloc, cache_dir=args.cache_dir)
   if args.to_target is not None:
     curve = [{'step': r['step'], 'nats_per_byte': r['eval/nats_per_byte'], 'train_s': r['perf/train_s']}
              for r in records if 'eval/nats_per_byte' in r and r['step'] > 0]
@@ -452,7 +459,13 @@ def main():
   parser.add_argument('--eval_every', type=int, default=100, help='--to_target: steps between evaluations')
   parser.add_argument('--eval_batches', type=int, default=32,
                       help='--to_target: validation batches (of the config\'s eval batch size) per evaluation')
+  parser.add_argument('--compilation_cache', choices=('cold', 'warm'), default='cold',
+                      help='cold: every foundation run compiles its programs; warm: the runs share one persistent '
+                           'cache, new for this invocation (the first round compiles, the later ones load)')
   args = parser.parse_args()
+  args.cache_dir = tempfile.mkdtemp(prefix='foundation_benchmark_cache_') if args.compilation_cache == 'warm' else None
+  if args.cache_dir:
+    atexit.register(shutil.rmtree, args.cache_dir, True)
 
   if args.torch_worker is not None:
     print(json.dumps(torch_benchmark(**json.loads(args.torch_worker))))
