@@ -322,9 +322,9 @@ def test_linear_classifier_starts_uniform():
 # ---- two towers ---------------------------------------------------------------------------------------------------
 
 
-def two_tower(image_encoder='vit', loss='clip'):
+def two_tower(image_encoder='vit', loss='clip', text=TEXT):
   image = VIT if image_encoder == 'vit' else CNNConfig(widths=(8, 16))
-  return TwoTower(TwoTowerConfig(image_encoder=image_encoder, image=image, text=TEXT, embed_dim=6, loss=loss))
+  return TwoTower(TwoTowerConfig(image_encoder=image_encoder, image=image, text=text, embed_dim=6, loss=loss))
 
 
 def text_batch():
@@ -334,8 +334,10 @@ def text_batch():
   return tokens, mask, lengths
 
 
-def test_two_tower_pools_the_last_real_token():
-  model = two_tower()
+@pytest.mark.parametrize('causal', [True, False])
+def test_two_tower_pools_the_last_real_token(causal):
+  text = dataclasses.replace(TEXT, causal=causal)
+  model = two_tower(text=text)
   x = images((3, 8, 8, 3))
   tokens, mask, lengths = text_batch()
   repadded = jnp.where(mask == 1, tokens, 7)
@@ -343,18 +345,19 @@ def test_two_tower_pools_the_last_real_token():
   @jax.jit
   def run(x, tokens, repadded, mask):
     params = init(model, x, tokens, mask)
+    # The reference reads each row alone, unpadded: its hidden state at its last token.
+    alone = [apply(Transformer(text), params['text_encoder'], tokens[i:i + 1, :n], return_hidden=True)[0, -1]
+             for i, n in enumerate(lengths)]
     return (params, apply(model, params, tokens, mask, method=TwoTower.encode_text),
-            apply(model, params, repadded, mask, method=TwoTower.encode_text),
-            apply(Transformer(TEXT), params['text_encoder'], tokens, return_hidden=True))
+            apply(model, params, repadded, mask, method=TwoTower.encode_text), jnp.stack(alone))
 
-  params, got, got_repadded, hidden = run(x, tokens, repadded, mask)
-  hidden = np.asarray(hidden)
-  pooled = hidden[np.arange(3), lengths - 1]  # numpy gather at sum(mask) - 1
+  params, got, got_repadded, pooled = run(x, tokens, repadded, mask)
+  pooled = np.asarray(pooled)
   want = pooled @ np.asarray(params['text_projection']['kernel'])
   want /= np.linalg.norm(want, axis=-1, keepdims=True)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
-  # Causal text encoder: whatever sits in the padding does not move the embedding.
+  # Causal or not, whatever sits in the padding does not move the embedding.
   np.testing.assert_allclose(got_repadded, got, rtol=1e-5, atol=1e-6)
 
 

@@ -2,9 +2,8 @@
 projected linearly to a shared `embed_dim` and L2-normalised, plus the learnable logit scale (and SigLIP's bias).
 
 Text is encoded by the decoder of `transformer.py` (`return_hidden=True`) and pooled at each sequence's last real
-token, as CLIP pools at EOS. Padding must come after the real tokens (right padding), and the text config should be
-causal (CLIP's choice): the Transformer has no padding mask, so only a causal encoder keeps the padding out of the
-last real token's state. A bidirectional text encoder is fine only for unpadded text.
+token, as CLIP pools at EOS. Padding must come after the real tokens (right padding). The text mask keeps the padding
+out of every real token's state, so the text encoder may be causal (CLIP's choice) or bidirectional.
 
 `logit_scale` is the log of the multiplier of the cosine similarities (= -log temperature): the losses take
 scale = exp(logit_scale). Initial values follow the papers: CLIP log(1/0.07) (temperature 0.07); SigLIP log(10) and
@@ -96,7 +95,7 @@ class TwoTower(nn.Module):
   def encode_text(self, text: Array, text_mask: Array) -> Array:
     """text int [batch, length] (right-padded), text_mask [batch, length] 1 for real tokens -> unit-norm float32
     [batch, embed_dim], read at each row's last real token."""
-    hidden = self.text_encoder(text, return_hidden=True)
+    hidden = self.text_encoder(text, return_hidden=True, mask=text_mask.astype(bool))
     return l2_normalize(self.text_projection(last_token(hidden, text_mask)))
 
   def __call__(self, images: Array, text: Array, text_mask: Array) -> tuple[Array, Array, Array, Array]:
