@@ -27,6 +27,8 @@ PEAK_FLOPS_BF16 = (
     ('TPU v6 lite', 918e12),   # v6e (Trillium)
     ('TPU v6e', 918e12),
     ('A100', 312e12),
+    ('H100 PCIe', 756e12),     # matched before the SXM part's plain 'H100'
+    ('H100 NVL', 835e12),
     ('H100', 989e12),
     ('H200', 989e12),
 )
@@ -104,9 +106,10 @@ def peak_flops(devices: Sequence[jax.Device], matmul_dtype: str = 'float32') -> 
 
 
 # Power per device in watts, for the energy estimate: TPU v4's measured mean (Cloud TPU's v4 page: 90/170/192 W
-# min/mean/max) and NVIDIA's SXM board TDPs. Google publishes no power figures for v5e, v5p or v6e: there, set
+# min/mean/max) and NVIDIA's board TDPs (SXM unless named). Google publishes no power figures for v5e, v5p or v6e: there, set
 # config.energy.device_watts, or no energy is reported.
-DEVICE_WATTS = (('TPU v4', 170.0), ('A100', 400.0), ('H100', 700.0), ('H200', 700.0))
+DEVICE_WATTS = (('TPU v4', 170.0), ('A100', 400.0), ('H100 PCIe', 350.0), ('H100 NVL', 400.0), ('H100', 700.0),
+                ('H200', 700.0))
 # CPU devices share the machine's cores: its power is the cores' share of the package TDP (an AMD EPYC 9654, this
 # machine's Zen 4 family: 360 W over 96 cores).
 CPU_WATTS_PER_CORE = 360.0 / 96
@@ -180,9 +183,10 @@ class MetricWriter:
     from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
     record_writer.register_writer_factory('gs', _ObjectStoreEvents)
     # An event file per start, named by the step it starts from: tensorboardX names files by the second, and a
-    # resume within that second would otherwise overwrite the previous start's events.
+    # resume within that second would otherwise overwrite the previous start's events. Its purge step makes
+    # TensorBoard drop the earlier files' events from that step on: a fresh start (no checkpoint) drops them all.
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), filename_suffix=f'.from_step_{resume_step or 0}',
-                             purge_step=resume_step + 1 if resume_step is not None else None)
+                             purge_step=resume_step + 1 if resume_step is not None else 0)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self._enabled:

@@ -116,8 +116,10 @@ def _keep_zeros(mask: Any) -> optax.GradientTransformation:
   def update(updates, state, params):
     if params is None:
       raise ValueError('config.optim.keep_zeros needs the parameters in the optimizer update.')
-    kept = jax.tree.map(lambda u, p, m: jnp.where(p == 0, jnp.zeros_like(u), u) if m else u, updates, params, mask)
-    return kept, state
+    # The mask leads: under config.optim.freeze the updates and params hold an empty MaskedNode where a frozen
+    # parameter is (optax.multi_transform), which this leaves as it is.
+    keep = lambda m, u, p: jnp.where(p == 0, jnp.zeros_like(u), u) if m and not isinstance(u, optax.MaskedNode) else u
+    return jax.tree.map(keep, mask, updates, params), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 

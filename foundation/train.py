@@ -492,7 +492,9 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
                                        (state['params'], state['opt_state']))
       skipped = skipped + skip.astype(jnp.int32)
     out = {'update_skipped': skip} if skip_budget else {}
-    out |= {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(state['step']),
+    # The optimizer's own step count (and so its learning rate) does not advance over a skipped update.
+    out |= {'train/loss': loss, 'train/grad_norm': grad_norm,
+            'train/lr': schedule(state['step'] - state['skipped_updates']),
            **{f'train/{k}': v for k, v in aux.items()}}
     if skip_budget:
       out['train/skipped_updates'] = skipped

@@ -88,16 +88,28 @@ def test_a_gs_workdir_reads_back_what_a_local_one_does(tmp_path, bucket):
   assert files.absolute('run') == os.path.abspath('run')
 
 
-def _scalars(event_file: bytes) -> list[tuple[int, str, float]]:
-  """(step, tag, value) of every scalar in a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+def _events(event_file: bytes) -> list:
+  """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
   found, at = [], 0
   while at < len(event_file):
     (length,) = struct.unpack('<Q', event_file[at:at + 8])
-    event = event_pb2.Event.FromString(event_file[at + 12:at + 12 + length])
-    found += [(event.step, v.tag, round(v.simple_value, 6)) for v in event.summary.value]
+    found.append(event_pb2.Event.FromString(event_file[at + 12:at + 12 + length]))
     at += 12 + length + 4
   return found
+
+
+def _scalars(event_file: bytes) -> list[tuple[int, str, float]]:
+  """(step, tag, value) of every scalar in a TensorBoard event file."""
+  return [(e.step, v.tag, round(v.simple_value, 6)) for e in _events(event_file) for v in e.summary.value]
+
+
+def _purge_step(event_file: bytes) -> int | None:
+  """The step from which TensorBoard drops the earlier files' events: the step of the file's START session log."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  starts = [e.step for e in _events(event_file) if e.HasField('session_log')
+            and e.session_log.status == event_pb2.SessionLog.START]
+  return starts[0] if starts else None
 
 
 def test_metrics_and_events_in_a_gs_workdir_equal_a_local_workdir_s_across_a_resume(tmp_path, bucket):
@@ -122,6 +134,13 @@ def test_metrics_and_events_in_a_gs_workdir_equal_a_local_workdir_s_across_a_res
   assert [_scalars(e) for e in gs_events] == [_scalars(e) for e in local_events] == [
       [(s, k, round(v, 6)) for s in (1, 2, 3) for k, v in (('loss', 1.0 / s), ('tokens', 64.0 * s))],
       [(s, k, round(v, 6)) for s in (3, 4) for k, v in (('loss', 1.0 / s), ('tokens', 64.0 * s))]]
+  # The resume drops the earlier events from step 3 on; a start over (no checkpoint left) drops them all, as it
+  # drops metrics.jsonl, so TensorBoard does not draw the abandoned attempt's steps into the new run.
+  assert [_purge_step(e) for e in local_events] == [0, 3]
+  log(str(tmp_path), None, [1])
+  newest = max(os.listdir(tmp_path / 'tensorboard'), key=lambda n: os.path.getmtime(tmp_path / 'tensorboard' / n))
+  assert _purge_step((tmp_path / 'tensorboard' / newest).read_bytes()) == 0
+  assert [json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1]
 
 
 def test_reports_written_to_gs_are_the_local_bytes(tmp_path, bucket):

@@ -88,9 +88,9 @@ def test_accumulation_keeps_each_examples_randomness():
 
 
 def test_skip_nonfinite_keeps_the_state_and_spends_its_budget():
-  task, tx = toy_task(), optax.adam(0.1)
-  step = jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1),
-                                       toy_config(optim=dict(skip_nonfinite=1)), None))
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  task, tx = toy_task(), optax.adam(schedule)
+  step = jax.jit(train.make_train_step(task, tx, schedule, toy_config(optim=dict(skip_nonfinite=1)), None))
   good, bad = toy_batch(seed=0), toy_batch(seed=1)
   bad['x'][3, 1] = np.nan
   state = state_for(task, tx)
@@ -104,6 +104,10 @@ def test_skip_nonfinite_keeps_the_state_and_spends_its_budget():
   assert int(state['step']) == 2
   state, out = step(state, {}, jax.tree.map(jnp.asarray, bad))  # the budget is spent: applied, and reported
   assert not bool(out['update_skipped']) and int(out['train/skipped_updates']) == 1
+  # Its learning rate is the optimizer's: the schedule at its own count, which the skipped update did not advance
+  # (one good update before this one: count 1 when it ran, 2 after).
+  counts = {int(v) for _, v in optax.tree_utils.tree_get_all_with_path(state['opt_state'], 'count')}
+  assert float(out['train/lr']) == float(schedule(1)) and counts == {2}
   assert not np.isfinite(np.asarray(state['params']['w'])).all()
 
 

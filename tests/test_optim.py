@@ -63,8 +63,10 @@ def test_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(float(optim.global_norm(updates)), 1.0, rtol=1e-5)
 
 
-def test_keep_zeros_leaves_the_zero_entries_of_matching_params_at_zero():
-  cfg = optim_config(schedule='constant', warmup_steps=0, keep_zeros=('kernel',))
+@pytest.mark.parametrize('freeze', [(), ('norm',)])
+def test_keep_zeros_leaves_the_zero_entries_of_matching_params_at_zero(freeze):
+  """Also beside a freeze, including of a parameter keep_zeros names (fine-tuning part of a pruned model)."""
+  cfg = optim_config(schedule='constant', warmup_steps=0, keep_zeros=('kernel', 'scale'), freeze=freeze)
   p = params()
   p['layer']['kernel'] = jnp.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
   p['head'] = jnp.array([0.0, 1.0])  # a zero outside the pattern trains as usual
@@ -77,6 +79,7 @@ def test_keep_zeros_leaves_the_zero_entries_of_matching_params_at_zero():
   np.testing.assert_array_equal(kernel == 0, [[True, False], [False, True], [True, False]])
   assert np.all(kernel[kernel != 0] < [1.0, 2.0, 3.0])  # the others moved against the gradient
   assert p['head'][0] < 0
+  assert np.all(p['layer']['norm']['scale'] == 1.0) == bool(freeze)
 
 
 def test_lr_scale_is_a_learning_rate_per_parameter_group():

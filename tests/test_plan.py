@@ -229,6 +229,11 @@ def test_footprint_is_flops_hours_and_the_power_table():
   cfg.device_watts = 0.0
   assert metrics.footprint(cpus, 3600, 1.0, cfg)['compute/energy_kwh'] == pytest.approx(
       metrics.CPU_WATTS_PER_CORE * os.cpu_count() / 1000 * 1.2)
+  # The H100's PCIe and NVL boards are not the SXM part: their own data-sheet peaks and powers.
+  for kind, peak, watts in [('NVIDIA H100 80GB HBM3', 989e12, 700), ('NVIDIA H100 PCIe', 756e12, 350),
+                            ('NVIDIA H100 NVL', 835e12, 400)]:
+    gpus = [Device('gpu', kind)] * 2
+    assert (metrics.peak_flops(gpus), metrics.device_watts(gpus)) == (2 * peak, 2 * watts), kind
 
 
 def test_a_compiler_without_memory_figures_is_not_reported_as_fitting(tfds_dir, monkeypatch):
