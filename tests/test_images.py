@@ -1,12 +1,14 @@
 """Image side of the data: the Fashion-MNIST builder, the image pipeline, synthetic captions and on-device
 augmentations, each against an independent reference (raw IDX bytes, the spec written out in numpy, closed forms)."""
 
+import collections
 import functools
 import gzip
 import json
 import os
 import subprocess
 import sys
+import types
 
 import grain
 import jax
@@ -410,6 +412,29 @@ def jitted(**config):
 
 def run(x, keys, **config):
   return np.asarray(jitted(**config)(x, keys))
+
+
+def test_augment_options_are_checked_before_anything_runs():
+  assert augment.check_options({'crop_scale': (0.2, 1.0), 'flip': True}) == {'crop_scale': (0.2, 1.0), 'flip': True}
+  for options, message in [({'crop_scale': (0.5, 1.5)}, r'crop_scale=\(0.5, 1.5\) must be a pair'),
+                           ({'blur_prob': 2.0}, 'blur_prob=2.0 must be a number in'),
+                           ({'flip': 1}, 'flip=1 must be True or False'),
+                           # the tasks build and evaluate their models at data.image_shape, whatever out_size says
+                           ({'out_size': 24}, r"unknown options \['out_size'\]")]:
+    with pytest.raises(ValueError, match=message):
+      augment.check_options(options)
+
+
+def test_image_shape_check_gives_a_channel_axis_to_images_stored_without_one(monkeypatch):
+  feature = collections.namedtuple('Feature', 'shape')
+  info = lambda shape: types.SimpleNamespace(info=types.SimpleNamespace(features={'image': feature(shape)}))
+  for stored, config, ok in [((6, 6), (6, 6, 1), True), ((6, 6), (6, 6), False), ((6, 6, 3), (6, 6, 3), True)]:
+    monkeypatch.setattr(tfds, 'builder', lambda name, data_dir, shape=stored: info(shape))
+    if ok:  # as the batches give them: [batch, 6, 6, 1]
+      assert images.check_image_shape('d', '/data', config) == config
+    else:
+      with pytest.raises(ValueError, match=r'holds images of shape \(6, 6, 1\)'):
+        images.check_image_shape('d', '/data', config)
 
 
 def test_augment_shapes_range_and_determinism():

@@ -137,7 +137,8 @@ def check_options(options: dict) -> dict:
   """A config's `augment` section, checked before anything runs: known names, pairs that are ordered ranges,
   strengths and probabilities in range. Returns it as a plain dict."""
   options = dict(options)
-  known = set(inspect.signature(augment).parameters) - {'images', 'keys'}
+  # out_size is for callers of augment(); the tasks build their models and evaluate at config.data.image_shape.
+  known = set(inspect.signature(augment).parameters) - {'images', 'keys', 'out_size'}
   if set(options) - known:
     raise ValueError(f'config.augment has unknown options {sorted(set(options) - known)}; known: {sorted(known)}.')
   for name in ('crop_scale', 'crop_ratio', 'blur_sigma'):

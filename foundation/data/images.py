@@ -131,9 +131,11 @@ def training_records(*, name: str, data_dir: str, split: str, classes: Sequence[
 
 def check_image_shape(name: str, data_dir: str, image_shape, image_key: str = 'image') -> tuple[int, int, int]:
   """config.data.image_shape against the dataset's own (height, width, channels): a model built for another shape
-  would fail only when the first batch reaches it."""
+  would fail only when the first batch reaches it. An image stored without a channel axis has one, as the batches
+  give it (`_channels`)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   shape = tuple(tfds.builder(name, data_dir=data_dir).info.features[image_key].shape)
+  shape = shape + (1,) if len(shape) == 2 else shape
   if tuple(image_shape) != shape:
     raise ValueError(f'config.data.image_shape={tuple(image_shape)!r} but {name} holds images of shape {shape}; '
                      f'set --config.data.image_shape="{shape}".')
