@@ -656,8 +656,10 @@ class _StopRequest:
     return self.signal_name is not None
 
   def close(self):
+    """The signals' own handlers back: from here a signal stops the run at once."""
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
 
 class _Best:
@@ -954,6 +956,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       writer.write(reached, footprint)
     if best and best.step is not None and not interrupted:
       state = None  # the trained state is saved; the selected one takes its memory
+      ckpt.wait()
+      stop.close()  # every step is saved: a signal during the result's evaluation stops the run at once (unfinished:
+      # its rerun evaluates again), rather than after an evaluation that may take many minutes
       last.update(evaluate_best(reached))
     if not interrupted:
       results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}

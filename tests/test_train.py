@@ -75,9 +75,10 @@ from foundation import cli, main, tasks
 build = tasks.build
 def build_then_signal(config):
   task = build(config)
-  def evaluate(*args, **kwargs):
-    os.kill(os.getpid(), getattr(signal, os.environ['SIGNAL']))
-    return task.evaluate(*args, **kwargs)
+  def evaluate(params, frozen, step, ctx):
+    if ctx.final or not os.environ.get('SIGNAL_IN_FINAL_ONLY'):
+      os.kill(os.getpid(), getattr(signal, os.environ['SIGNAL']))
+    return task.evaluate(params, frozen, step, ctx)
   return task._replace(evaluate=evaluate)
 tasks.build = build_then_signal
 sys.argv[0] = 'foundation.main'
@@ -86,7 +87,7 @@ app.run(main.main, flags_parser=cli.parse_flags)
 
 
 def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=None, process=None, check=True,
-        signal_at=None, signal_in_eval=None):
+        signal_at=None, signal_in_eval=None, signal_in_final_eval=None):
   env = subprocess_env(devices)
   args = [f'--config={config}', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *overrides]
   if kill_at_step is not None:
@@ -95,8 +96,10 @@ def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=Non
   elif signal_at is not None:  # (signal name, step)
     env['SIGNAL'], env['SIGNAL_AT_STEPS'] = signal_at[0], str(signal_at[1])
     cmd = [sys.executable, '-c', SIGNALLING_MAIN, *args]
-  elif signal_in_eval is not None:  # a signal name
-    env['SIGNAL'] = signal_in_eval
+  elif signal_in_eval is not None or signal_in_final_eval is not None:  # a signal name
+    env['SIGNAL'] = signal_in_eval or signal_in_final_eval
+    if signal_in_final_eval:
+      env['SIGNAL_IN_FINAL_ONLY'] = '1'
     cmd = [sys.executable, '-c', SIGNAL_IN_EVAL_MAIN, *args]
   else:
     cmd = [sys.executable, '-m', 'foundation.main', *args]
@@ -428,6 +431,20 @@ def test_sigterm_stops_an_evaluation_only_run_at_once(tmp_path, tfds_dir):
   stopped = run(tmp_path, tfds_dir, '--config.num_train_steps=0', devices=1, signal_in_eval='SIGTERM', check=False)
   assert stopped.returncode == -signal.SIGTERM, stopped.stdout[-2000:]
   assert not (tmp_path / 'finished.json').exists()
+
+
+def test_sigterm_in_the_selected_step_s_evaluation_stops_at_once_and_the_rerun_evaluates_it(tmp_path, tfds_dir):
+  """With early stopping the result is an evaluation of the selected step after the last save: a signal there
+  (a preemption during a many-minute test evaluation) stops the run at once, unfinished; the rerun trains nothing
+  and evaluates."""
+  flags = ('--config.num_train_steps=4', '--config.eval_every=2', '--config.checkpoint_every=2',
+           '--config.log_every=2', '--config.early_stopping.metric=eval/loss', '--config.early_stopping.mode=min')
+  stopped = run(tmp_path, tfds_dir, *flags, devices=1, signal_in_final_eval='SIGTERM', check=False)
+  assert stopped.returncode == -signal.SIGTERM, stopped.stdout[-2000:]
+  assert not (tmp_path / 'finished.json').exists() and saved_steps(tmp_path)[-1] == 4
+  rerun = run(tmp_path, tfds_dir, *flags, devices=1)
+  assert 'Resuming from the checkpoint at step 4' in rerun.stdout and (tmp_path / 'finished.json').exists()
+  assert 'best/eval/loss' in logged(tmp_path)[4]
 
 
 def test_damaged_files_resume_with_a_warning_and_the_right_numbers(reference_8, tmp_path, tfds_dir):
