@@ -88,6 +88,11 @@ def fashion_vit(**changes) -> dict:
                    mlp_dim=256, pool='mean'), **changes)
 
 
+def is_whole(value, least: int) -> bool:
+  """Whether a config value is a whole number (not a bool, which Python counts as one) of at least `least`."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def below_top_stage(num_stages: int) -> str:
   """The optim.freeze regex of a classifier's `backbone` CNN of `num_stages` stages: its stem and every stage but
   its last, so that the top stage and the head train (`:finetune_top`)."""

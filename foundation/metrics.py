@@ -106,8 +106,8 @@ def peak_flops(devices: Sequence[jax.Device], matmul_dtype: str = 'float32') -> 
 
 
 # Power per device in watts, for the energy estimate: TPU v4's measured mean (Cloud TPU's v4 page: 90/170/192 W
-# min/mean/max) and NVIDIA's board TDPs (SXM unless named). Google publishes no power figures for v5e, v5p or v6e: there, set
-# config.energy.device_watts, or no energy is reported.
+# min/mean/max) and NVIDIA's board TDPs (SXM unless named). Google publishes no power figures for v5e, v5p or v6e:
+# there, set config.energy.device_watts, or no energy is reported.
 DEVICE_WATTS = (('TPU v4', 170.0), ('A100', 400.0), ('H100 PCIe', 350.0), ('H100 NVL', 400.0), ('H100', 700.0),
                 ('H200', 700.0))
 # CPU devices share the machine's cores: its power is the cores' share of the package TDP (an AMD EPYC 9654, this

@@ -14,8 +14,8 @@ run      stops any earlier run and frees the TPU, ships the code at a commit (gi
          workdirs), sets up every worker (a Python 3.11 venv by uv outside the code directory, the pinned
          requirements, jax[tpu] at the jax version that commit pins, the datasets), then starts the run detached
          on every worker (it survives a dropped connection), each writing ~/foundation-logs/run.log and, when it
-         ends, its exit status. Every worker runs the same command; JAX joins them into one mesh (foundation/sharding.py). The
-         workdir must be shared: a gs:// URL (orbax writes checkpoints there itself, the rest goes through gcsfs),
+         ends, its exit status. Every worker runs the same command; JAX joins them into one mesh
+         (foundation/sharding.py). The workdir must be shared: a gs:// URL (orbax writes checkpoints there itself, the rest goes through gcsfs),
          a path on a gcsfuse mount of --bucket (mounted on every worker, with --rename-dir-limit so orbax can
          finalise checkpoints by renaming) or a Filestore share; a relative path is refused.
 status   the slice's state and, per worker, whether the run is alive or how it ended.
@@ -283,7 +283,7 @@ def parse(argv: list[str]):
     if not (workdir.startswith('gs://') or os.path.isabs(workdir)):
       parser.error(f'WORKDIR {workdir!r}: give a gs:// URL or an absolute path such as /mnt/bucket/runs/NAME (with '
                    '--bucket); a relative one lands in ~/foundation, which the next run replaces.')
-    if workdir.startswith('/mnt/bucket') and not args.bucket:
+    if (workdir == '/mnt/bucket' or workdir.startswith('/mnt/bucket/')) and not args.bucket:
       parser.error(f'WORKDIR {workdir!r} is on /mnt/bucket: name its bucket with --bucket, so that `recover` on new '
                    'workers mounts it again.')
   elif rest:

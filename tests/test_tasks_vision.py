@@ -119,14 +119,18 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   top.init_from.source = config.init_from.source
   top.data.data_dir = tfds_dir
   for field, value, message in [
-      ('model.cnn.widths', (8, 16, 32), r"the top-stage freeze of a 2-stage CNN, but config.model.cnn.widths=\(8, 16, "
-                                        r"32\) has 3 stages: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0\|"
-                                        r"stage1\)',\)\""),
+      ('model.cnn.widths', (8, 16, 32), r"made by :finetune_top for a 2-stage CNN, but the encoder here is a 3-stage "
+                                        r"CNN: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0\|stage1\)',"
+                                        r"\)\" --config.finetune_top_stages=3"),
       ('eval.source_probe_examples', -1, 'source_probe_examples=-1 must be a whole number of at least 0')]:
     bad = top.copy_and_resolve_references()
     bad.update_from_flattened_dict({field: value})
     with pytest.raises(train.ConfigError, match=message):
       train.prepare(bad, str(tmp_path / 'wrong'))
+  # A freeze written by hand is the user's, whatever it spells: the lower stage frozen, the top one and head train.
+  own = config.copy_and_resolve_references()
+  own.optim.freeze = ('^backbone/(stem|stage0)',)
+  train.prepare(own, str(tmp_path / 'own'), dry=True)
   saved = json.loads((tmp_path / 'source' / 'config.json').read_text())
   saved['data']['name'] = 'unprepared_images'  # forgetting reads the source's task at the end: refused at the start
   (tmp_path / 'elsewhere').mkdir()

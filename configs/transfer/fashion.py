@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.update(name='transfer', representation=False, batch_size=1000)
   c.early_stopping = dict(metric='eval/validation/accuracy', mode='max', patience=0)
   c.init_from.update(params_path='params/backbone', target='backbone')
+  c.finetune_top_stages = 0  # :finetune_top: the CNN stage count its freeze was made for (the task checks it)
   return config_base.apply_variants(c, arg, VARIANTS, __file__)
 
 
@@ -53,14 +54,16 @@ def probe(c):
   c.optim.freeze = ('^backbone/',)
 
 
-def _below_top_stage(cnn) -> tuple[str]:
-  return (config_base.below_top_stage(len(cnn.widths)),)  # made for these widths: another --config.model.cnn.widths
-  # is refused by the task (foundation/tasks/classify.py), with the freeze that fits it
+def _freeze_below_top_stage(c):
+  """Made for the CNN's widths as they are now, and recorded: other --config.model.cnn.widths on the command line
+  (applied after the variants) are refused by the task (foundation/tasks/classify.py), with the freeze that fits."""
+  c.finetune_top_stages = len(c.model.cnn.widths)
+  c.optim.freeze = (config_base.below_top_stage(c.finetune_top_stages),)
 
 
 def finetune_top(c):
   _pretrained(c)
-  c.optim.freeze = _below_top_stage(c.model.cnn)
+  _freeze_below_top_stage(c)
 
 
 def finetune(c):
@@ -95,10 +98,9 @@ def patch(c):
 
 def smoke(c):
   if c.task != 'visual_prompt':
-    top_stage = tuple(c.optim.freeze) == _below_top_stage(c.model.cnn)  # :finetune_top, on the smaller CNN too
     c.model = config_base.load(CLASSIFY_CONFIG, 'smoke').model
-    if top_stage:
-      c.optim.freeze = _below_top_stage(c.model.cnn)
+    if c.finetune_top_stages:  # :finetune_top, on the smaller CNN too
+      _freeze_below_top_stage(c)
   config_base.smoke_loop(c, steps=4, batch=16)
   c.data.update(shots_per_class=2, **config_base.FASHION_SMOKE_SPLITS)
   c.eval.update(batch_size=400, source_probe_examples=min(c.eval.source_probe_examples, 400))

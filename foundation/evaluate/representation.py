@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from foundation import files, sharding
+from foundation import config_base, files, sharding
 from foundation.data import images as image_data
 from foundation.data import text as text_data
 from foundation.evaluate import probes, report
@@ -63,10 +63,9 @@ class RepresentationEval:
     e = config.eval  # checked here, at build, not at the first evaluation (for some runs, after training)
     if e.probe not in probes.PROBES:
       raise ValueError(f'config.eval.probe={e.probe!r}; choose one of {sorted(probes.PROBES)}.')
-    whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least
-    if not all(whole(s, 1) for s in e.shots):
+    if not all(config_base.is_whole(s, 1) for s in e.shots):
       raise ValueError(f'config.eval.shots={tuple(e.shots)!r} must be whole numbers of at least 1 (labels per class).')
-    if not whole(e.fewshot_seeds, 1):
+    if not config_base.is_whole(e.fewshot_seeds, 1):
       raise ValueError(f'config.eval.fewshot_seeds={e.fewshot_seeds!r} must be a whole number of at least 1.')
     self._start = start
     self._data_cfg = config.data

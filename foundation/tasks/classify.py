@@ -96,7 +96,7 @@ def build(config) -> Task:
     check_saved_encoder(source, model_cfg.encoder, encoder_config(model_cfg.encoder, model_cfg[model_cfg.encoder]),
                         'config.model.encoder', f'config.model.{model_cfg.encoder}', 'config.init_from.source')
   source_probe = config.eval.source_probe_examples
-  if not isinstance(source_probe, int) or isinstance(source_probe, bool) or source_probe < 0:
+  if not config_base.is_whole(source_probe, 0):
     raise ValueError(f'config.eval.source_probe_examples={source_probe!r} must be a whole number of at least 0 '
                      '(0: no forgetting probe).')
   if source_probe and not (source and config.init_from.target == 'backbone'):
@@ -145,18 +145,18 @@ def build(config) -> Task:
 
 
 def _check_top_stage_freeze(config) -> None:
-  """A `:finetune_top` freeze made for another number of CNN stages (the variant runs before the command line's
-  --config.model.cnn.widths) would train a lower stage, or only the head: refused, with the freeze that fits."""
-  if config.model.encoder != 'cnn':
-    return
-  stages = len(config.model.cnn.widths)
-  fitting = config_base.below_top_stage(stages)
-  for pattern in config.optim.freeze:
-    made_for = [n for n in range(1, 33) if n != stages and pattern == config_base.below_top_stage(n)]
-    if made_for:
-      raise ValueError(f'config.optim.freeze holds {pattern!r}, the top-stage freeze of a {made_for[0]}-stage CNN, '
-                       f'but config.model.cnn.widths={tuple(config.model.cnn.widths)} has {stages} stages: add '
-                       f'--config.optim.freeze="(\'{fitting}\',)".')
+  """`:finetune_top` makes its freeze for the CNN it sees and records that CNN's stage count
+  (config.finetune_top_stages); command-line --config.model.cnn.widths come after it, and another count would
+  train a lower stage, or only the head: refused, with the freeze that fits. A freeze written by hand is the
+  user's."""
+  made_for = config.get('finetune_top_stages', 0)
+  stages = len(config.model.cnn.widths) if config.model.encoder == 'cnn' else None
+  if made_for and made_for != stages:
+    fitting = (f'add --config.optim.freeze="(\'{config_base.below_top_stage(stages)}\',)" '
+               f'--config.finetune_top_stages={stages}' if stages else 'freeze the ViT by name in config.optim.freeze')
+    here = f'a {stages}-stage CNN' if stages else f'a {config.model.encoder!r} encoder'
+    raise ValueError(f'config.optim.freeze was made by :finetune_top for a {made_for}-stage CNN, but the encoder '
+                     f'here is {here}: {fitting}.')
 
 
 def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, float]:

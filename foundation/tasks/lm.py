@@ -133,7 +133,7 @@ def build(config) -> Task:
       sums = eval_sums(params, sharding.global_batch(batch, ctx.mesh))
       total, count, num_bytes = (a + float(b) for a, b in zip((total, count, num_bytes), sums))
     mean = total / count  # past ~709.8 nats per token (a diverged run) the perplexity is inf, not an OverflowError
-    perplexity = math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
+    perplexity = math.inf if mean > math.log(sys.float_info.max) else math.exp(mean)  # (a NaN loss stays NaN)
     results = dict(zip(EVAL_METRICS, (mean, perplexity, total / num_bytes)))
     if config.sample.num_samples:
       _write_samples(model, params, tokenizer, prompt, config, step, ctx)

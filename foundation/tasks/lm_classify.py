@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import grain
 import numpy as np
 
-from foundation import checkpoint, files, sharding
+from foundation import checkpoint, config_base, files, sharding
 from foundation.data import text as text_data
 from foundation.data.tokenizers import ByteTokenizer
 from foundation.evaluate import lm_classify as lmc
@@ -457,14 +457,13 @@ def _check_method(config, model_cfg) -> str:
 
 def _check_fields(config) -> None:
   icl, ev = config.icl, config.eval
-  whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least
   checks = [('icl.shots', icl.shots, 0), ('icl.draws', icl.draws, 1), ('eval.max_examples', ev.max_examples, 0),
             ('generate.max_new_tokens', config.generate.max_new_tokens, 0),
             ('data.shots_per_class', config.data.shots_per_class, 0), ('data.sort_window', config.data.sort_window, 0),
             ('eval.selection_max_examples', ev.selection_max_examples, 0),
             ('tune.prefix_hidden', config.tune.prefix_hidden, 0)]
   for name, value, least in checks:
-    if not whole(value, least):
+    if not config_base.is_whole(value, least):
       raise ValueError(f'config.{name}={value!r} must be a whole number of at least {least}.')
   if not ev.splits or len(set(ev.splits)) != len(ev.splits):
     raise ValueError(f'config.eval.splits={tuple(ev.splits)!r} must name at least one split, each once.')
