@@ -141,8 +141,8 @@ def test_run_logs_preemption_and_recover_resume_the_run_exactly(fake_cloud, tmp_
   launcher(env, 'run', config[0], workdir, *config[1:], override)
   made = calls(root)
   # A run still going is stopped before its code and packages are replaced under it.
-  order = [c[3] if c[3] != 'ssh' else 'stop' if 'pkill' in c[6] else 'ssh' for c in made if c[:3] == ['compute', 'tpus',
-                                                                                                     'tpu-vm']]
+  vm_calls = [c for c in made if c[:3] == ['compute', 'tpus', 'tpu-vm']]
+  order = ['stop' if c[3] == 'ssh' and 'pkill' in c[6] else c[3] for c in vm_calls]
   assert order.index('stop') < order.index('scp'), order
   scp = [c for c in made if c[3] == 'scp'][0]
   assert scp[4].endswith('foundation.tar.gz') and scp[5:7] == ['lm:foundation.tar.gz', '--worker=all']
