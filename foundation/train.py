@@ -863,6 +863,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     """The params of the selected step, restored from its checkpoint and evaluated as the run's result: written at
     step `at` (where the run ended) as best/<metric> and best/step, and into best.json."""
     ckpt.wait()
+    stop.close()  # every step is saved: a signal during this evaluation stops the run at once (unfinished: its
+    # rerun evaluates again), rather than after an evaluation that may take many minutes
     best_state, _ = ckpt.restore(best.step, abstract_state)
     with runner.context():
       results = task.evaluate(best_state['params'], frozen, best.step, dataclasses.replace(eval_ctx, final=True))
@@ -956,9 +958,6 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       writer.write(reached, footprint)
     if best and best.step is not None and not interrupted:
       state = None  # the trained state is saved; the selected one takes its memory
-      ckpt.wait()
-      stop.close()  # every step is saved: a signal during the result's evaluation stops the run at once (unfinished:
-      # its rerun evaluates again), rather than after an evaluation that may take many minutes
       last.update(evaluate_best(reached))
     if not interrupted:
       results = {k: v for k, v in last.items() if k.startswith(('eval/', 'best/'))}

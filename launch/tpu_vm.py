@@ -15,9 +15,10 @@ run      stops any earlier run and frees the TPU, ships the code at a commit (gi
          requirements, jax[tpu] at the jax version that commit pins, the datasets), then starts the run detached
          on every worker (it survives a dropped connection), each writing ~/foundation-logs/run.log and, when it
          ends, its exit status. Every worker runs the same command; JAX joins them into one mesh
-         (foundation/sharding.py). The workdir must be shared: a gs:// URL (orbax writes checkpoints there itself, the rest goes through gcsfs),
-         a path on a gcsfuse mount of --bucket (mounted on every worker, with --rename-dir-limit so orbax can
-         finalise checkpoints by renaming) or a Filestore share; a relative path is refused.
+         (foundation/sharding.py). The workdir must be shared: a gs:// URL (orbax writes checkpoints there
+         itself, the rest goes through gcsfs), a path on a gcsfuse mount of --bucket (mounted on every worker,
+         with --rename-dir-limit so orbax can finalise checkpoints by renaming) or a Filestore share; a relative
+         path is refused.
 status   the slice's state and, per worker, whether the run is alive or how it ended.
 logs     the last lines of every worker's log, naming the workers whose run failed (--lines=N).
 stop     SIGTERM to every worker's run: it saves a checkpoint at the next step and exits.

@@ -222,12 +222,11 @@ def _check_byte_level(spec: dict, path: str) -> None:
 
   pre = parts(spec.get('pre_tokenizer'), 'pretokenizers')
   byte_level = [p for p in pre if p.get('type') == 'ByteLevel']
-  found = (f"model {spec['model'].get('type')}, pre-tokenizer {[p.get('type') for p in pre]}, decoder "
-           f"{[p.get('type') for p in parts(spec.get('decoder'), 'decoders')]}, normalizer "
-           f"{(spec.get('normalizer') or {}).get('type')}")
+  decoders = [p.get('type') for p in parts(spec.get('decoder'), 'decoders')]
+  found = (f"model {spec['model'].get('type')}, pre-tokenizer {[p.get('type') for p in pre]}, decoder {decoders}, "
+           f"normalizer {(spec.get('normalizer') or {}).get('type')}")
   if (spec['model'].get('type') != 'BPE' or not byte_level or any(p.get('add_prefix_space') for p in byte_level)
-      or 'ByteLevel' not in [p.get('type') for p in parts(spec.get('decoder'), 'decoders')]
-      or spec.get('normalizer')):
+      or 'ByteLevel' not in decoders or spec.get('normalizer')):
     raise ValueError(f'{path} is not a byte-level BPE tokenizer ({found}); foundation reads GPT-2-style ones only '
                      '(a ByteLevel pre-tokenizer without add_prefix_space and decoder, no normalizer), whose tokens '
                      'spell their bytes.')
