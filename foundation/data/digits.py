@@ -9,8 +9,9 @@ pretrained on Fashion-MNIST, 28x28x1 uint8 like it.
 
 Both have fixed `train` / `validation` / `test` splits, stratified: the images of each class in an order drawn once
 by a fixed seed (SPLIT_SEED), then the first 60% of them to train, the next 20% to validation, the rest to test.
-Records are stored in that order (class by class within a split). Few-shot subsets are drawn from `train` by
-`images.few_shot_subset`.
+Each split's records are stored in an order drawn by the same seed, classes mixed, so that its first N records
+(`eval.max_examples`, pruning's calibration set, a split such as `train[:500]`) hold every class in about its
+share. Few-shot subsets are drawn from `train` by `images.few_shot_subset`.
 
 Build with `python -m foundation.data.prepare mnist5k sklearn_digits --data_dir=DIR`.
 """
@@ -29,8 +30,8 @@ CLASS_NAMES = tuple(str(d) for d in range(10))
 
 
 def stratified_splits(labels: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
-  """{split: record ids}: each class's ids in an order drawn by `seed`, cut 60 / 20 / 20 (validation and test get
-  round(20%) each, train the rest)."""
+  """{split: record ids in storage order}: each class's ids in an order drawn by `seed`, cut 60 / 20 / 20
+  (validation and test get round(20%) each, train the rest); then each split's ids shuffled, also by `seed`."""
   rng = np.random.default_rng(seed)
   out = {split: [] for split, _ in SPLIT_FRACTIONS}
   for c in np.unique(labels):
@@ -39,7 +40,7 @@ def stratified_splits(labels: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, n
     out['validation'].append(ids[len(ids) - 2 * held:len(ids) - held])
     out['test'].append(ids[len(ids) - held:])
     out['train'].append(ids[:len(ids) - 2 * held])
-  return {split: np.concatenate(ids) for split, ids in out.items()}
+  return {split: rng.permutation(np.concatenate(ids)) for split, ids in out.items()}
 
 
 def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -66,8 +67,9 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 class _Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """28x28x1 uint8 digits with stratified fixed splits."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: stratified 60/20/20 splits drawn with seed 0.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release: stratified 60/20/20 splits drawn with seed 0.',
+                   '1.1.0': 'The same splits, each stored in a shuffled order instead of class by class.'}
 
   def _load(self) -> tuple[np.ndarray, np.ndarray]:
     raise NotImplementedError
@@ -99,7 +101,7 @@ class Mnist5k(_Digits):
 
 
 class SklearnDigits(_Digits):
-  """scikit-learn's 1,797 digits at 28x28: 1,077 train, 360 validation, 360 test."""
+  """scikit-learn's 1,797 digits at 28x28: 1,079 train, 359 validation, 359 test."""
 
   def _load(self):
     return load_sklearn_digits()
