@@ -78,27 +78,36 @@ class Checkpointer:
   def restore_newest_readable(self, abstract_state: Any, *, step: int = 0,
                               warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
     """The newest checkpoint that restores (or exactly `step` if nonzero), as (step, state, record); None if there
-    is none. An unreadable one is moved to checkpoints_unreadable/ with a warning naming it and the fallback, so the
-    resumed run can write that step again; if none can be read the first error is raised, unchanged."""
+    is none. Newer ones that could not be read are then moved to checkpoints_unreadable/, each with a warning naming
+    it, so the resumed run can write those steps again. If none can be read, none is moved (a fault that is not
+    damage, such as memory or a lost connection, must not cost the run its checkpoints): the error says so."""
     steps = self.steps()
     if step:
       if step not in steps:
         raise ValueError(f'config.restore_step={step}: there is no checkpoint of that step in {self.directory} '
                          f'(it has {steps or "none"}).')
-      return (step, *self.restore(step, abstract_state))
-    errors = []
+      try:
+        return (step, *self.restore(step, abstract_state))
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f'config.restore_step={step}: the checkpoint of that step in {self.directory} cannot be '
+                         f'read ({type(e).__name__}: {_first_words(e)}); name another step, or 0 for the newest '
+                         'readable one.') from e
+    failed = []
     for candidate in reversed(steps):
       try:
-        return (candidate, *self.restore(candidate, abstract_state))
+        restored = (candidate, *self.restore(candidate, abstract_state))
       except Exception as e:  # pylint: disable=broad-except
-        errors.append(e)
-        older = [s for s in steps if s < candidate]
-        warn(f'WARNING: the checkpoint of step {candidate} in {self.directory} cannot be read '
-             f'({type(e).__name__}: {_first_words(e)}); moved to '
-             f'{self.quarantine([candidate], "unreadable")}; '
-             + (f'trying step {older[-1]}.' if older else 'no older checkpoint is left.'))
-    if errors:
-      raise errors[0]
+        failed.append((candidate, e))
+        continue
+      for bad, e in failed:
+        warn(f'WARNING: the checkpoint of step {bad} in {self.directory} cannot be read ({type(e).__name__}: '
+             f'{_first_words(e)}); moved to {self.quarantine([bad], "unreadable")}; resuming from step {candidate}.')
+      return restored
+    if failed:
+      first, e = failed[0]
+      raise ValueError(f'no checkpoint in {self.directory} can be read (steps {[s for s, _ in failed]}; step {first}: '
+                       f'{type(e).__name__}: {_first_words(e)}). They are left in place: if the fault is in them, '
+                       'move that directory aside to start this run again, or use another --workdir.') from e
     return None
 
   def quarantine(self, steps: list[int], reason: str) -> str:
@@ -237,17 +246,24 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
   return tree, step
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """Each leaf's shape by its path as 'a/b/0/c': the same names for a tree and for orbax's rebuilding of it from a
-  checkpoint, where a namedtuple comes back as a dict and a tuple as a list."""
+def _leaf_shapes(tree: Any, dtypes: bool = False) -> dict[str, tuple]:
+  """Each leaf's shape (and with `dtypes`, its dtype's name after it) by its path as 'a/b/0/c': the same names for a
+  tree and for orbax's rebuilding of it from a checkpoint, where a namedtuple comes back as a dict and a tuple as a
+  list."""
   def name(path):
     return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
-  return {name(p): tuple(getattr(x, 'shape', np.shape(x))) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  def describe(x):
+    shape = tuple(getattr(x, 'shape', np.shape(x)))
+    dtype = x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
+    return (*shape, np.dtype(dtype).name) if dtypes else shape
+  return {name(p): describe(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def tree_differences(found: Any, want: Any, limit: int = 4) -> str:
-  """'' if `found` has the structure and leaf shapes of `want`; else the first differing leaves, named."""
-  flat_found, flat_want = _leaf_shapes(found), _leaf_shapes(want)
+def tree_differences(found: Any, want: Any, limit: int = 4, *, dtypes: bool = False) -> str:
+  """'' if `found` has the structure and leaf shapes (and with `dtypes`, the leaf dtypes) of `want`; else the first
+  differing leaves, named."""
+  flat_found, flat_want = _leaf_shapes(found, dtypes), _leaf_shapes(want, dtypes)
   lines = [f'{k} is {flat_found[k]}, the model has {flat_want[k]}'
            for k in flat_want if k in flat_found and flat_found[k] != flat_want[k]]
   lines += [f'{k} is missing' for k in flat_want if k not in flat_found]
@@ -256,9 +272,10 @@ def tree_differences(found: Any, want: Any, limit: int = 4) -> str:
 
 
 def state_differences(workdir: str, step: int, abstract_state: Any) -> str:
-  """How the training state saved at `step` in `workdir` differs in structure or shapes from `abstract_state`, read
-  from the checkpoint's metadata alone ('' if it does not, or if its metadata cannot be read: then restoring it
-  fails, and the checkpoint counts as damaged)."""
+  """How the training state saved at `step` in `workdir` differs in structure, shapes or dtypes from
+  `abstract_state`, read from the checkpoint's metadata alone ('' if it does not, or if its metadata cannot be read:
+  then restoring it fails, and the checkpoint counts as damaged). A dtype counts: restoring casts, and the cast
+  arrays would not match the checksums saved with them."""
   manager = _reader(workdir)
   try:
     metadata = manager.item_metadata(step).state
@@ -266,7 +283,7 @@ def state_differences(workdir: str, step: int, abstract_state: Any) -> str:
     return ''
   finally:
     manager.close()
-  return tree_differences(metadata, abstract_state) if metadata is not None else ''
+  return tree_differences(metadata, abstract_state, dtypes=True) if metadata is not None else ''
 
 
 def saved_record(workdir: str, step: int) -> dict:

@@ -194,11 +194,45 @@ def test_an_unreadable_or_damaged_checkpoint_falls_back_to_the_previous(tmp_path
   step, state, record = ckpt.restore_newest_readable(_abstract(), warn=warnings.append)
   assert step == 1 and record['data'] == {'step': 1}
   np.testing.assert_array_equal(state['w'], np.asarray(_state(1)['w']))
-  assert len(warnings) == 2 and 'step 3' in warnings[0] and 'trying step 2' in warnings[0]
-  assert 'checksums' in warnings[1] and 'trying step 1' in warnings[1]
+  assert len(warnings) == 2 and 'step 3' in warnings[0] and 'resuming from step 1' in warnings[0]
+  assert 'step 2' in warnings[1] and 'checksums' in warnings[1] and 'resuming from step 1' in warnings[1]
   assert sorted(os.listdir(tmp_path / 'checkpoints_unreadable')) == ['2', '3']  # moved aside, not deleted
   assert ckpt.steps() == [1]
   ckpt.save(2, _state(5), {'data': {}})  # the resumed run can write those steps again
+  ckpt.close()
+
+
+def test_a_state_in_another_dtype_is_a_difference_read_from_the_metadata(tmp_path):
+  """--allow_config_change=model with another param_dtype builds a state orbax would restore cast, whose checksums
+  then differ: the resume check must name the dtype before anything is written, not take the checkpoints for
+  damaged."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt.save(1, _state(1), {'data': {}})
+  ckpt.close()
+  assert checkpoint.state_differences(str(tmp_path), 1, _abstract()) == ''
+  other = {**_abstract(), 'w': jax.ShapeDtypeStruct((10, 100), jnp.bfloat16)}
+  want = "w is (10, 100, 'float32'), the model has (10, 100, 'bfloat16')"
+  assert checkpoint.state_differences(str(tmp_path), 1, other) == want
+  # init_from casts on purpose: a shapes-only comparison stays the default.
+  assert checkpoint.tree_differences(_state(1), other) == ''
+
+
+def test_checkpoints_of_which_none_restores_are_left_in_place(tmp_path):
+  """A fault that no checkpoint survives (here: the state asked for in another dtype, so every checksum differs;
+  as well memory, or a lost connection) moves none of them aside: a rerun must not start the run again from step 0
+  over its metrics."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {'data': {'step': step}})
+  other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float16 if x.dtype == jnp.float32 else x.dtype,
+                                                      sharding=x.sharding), _abstract())
+  warnings = []
+  with pytest.raises(ValueError, match=r'no checkpoint in .* can be read \(steps \[2, 1\]; step 2: .*left in place'):
+    ckpt.restore_newest_readable(other, warn=warnings.append)
+  assert not warnings and ckpt.steps() == [1, 2] and not (tmp_path / 'checkpoints_unreadable').exists()
+  with pytest.raises(ValueError, match='restore_step=1: the checkpoint of that step in .* cannot be read'):
+    ckpt.restore_newest_readable(other, step=1, warn=warnings.append)
+  assert ckpt.restore_newest_readable(_abstract(), warn=warnings.append)[0] == 2 and not warnings
   ckpt.close()
 
 
