@@ -912,7 +912,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
         if step % config.log_every == 0 or is_last:
           fetched = check(pending)
           elapsed = time.perf_counter() - interval_start
-          logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != 'update_skipped'}
+          # In float64: a resumed run averages the cut interval's values from its checkpoint (as Python floats)
+          # with its own float32 ones, and must log the same number as the run that was not stopped.
+          logged = {k: float(np.mean(np.asarray([m[k] for m in fetched], np.float64)))
+                    for k in fetched[0] if k != 'update_skipped'}
           for k in ('train/lr', 'train/skipped_updates'):  # a value at the step, not an interval's average
             if k in logged:
               logged[k] = float(fetched[-1][k])

@@ -422,7 +422,7 @@ def test_sigterm_saves_the_step_it_was_on_then_kill_9_anywhere_resumes_exactly(r
     assert killed.returncode == -signal.SIGKILL, (at, killed.stderr[-2000:])
   resumed = run(tmp_path, tfds_dir, *STEPS_2, devices=2)
   assert 'Resuming from the checkpoint at step' in resumed.stdout
-  assert_same_numbers(logged(tmp_path), reference_2, rtol=1e-6)
+  assert_same_numbers(logged(tmp_path), reference_2, rtol=0)  # the cut interval's average included
 
 
 def test_sigterm_stops_an_evaluation_only_run_at_once(tmp_path, tfds_dir):
@@ -462,7 +462,7 @@ def test_damaged_files_resume_with_a_warning_and_the_right_numbers(reference_8, 
     f.write('{"step": 13, "train/lo')
   resumed = run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3')
   out = resumed.stdout
-  assert 'the checkpoint of step 12' in out and 'cannot be read' in out and 'trying step 8' in out, out[-3000:]
+  assert 'the checkpoint of step 12' in out and 'cannot be read' in out and 'resuming from step 8' in out, out[-3000:]
   assert 'dropped the last line' in out and 'Resuming from the checkpoint at step 8' in out
   assert not stale.exists() and saved_steps(tmp_path, 'checkpoints_unreadable') == [12]
   assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
