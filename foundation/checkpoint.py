@@ -11,6 +11,7 @@ out non-finite, are moved aside into `checkpoints_<reason>/` next to `checkpoint
 removes the newest checkpoint that the loop has confirmed good.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -58,7 +59,7 @@ class Checkpointer:
     sums, finite = jax.device_get(_inspect(state))
     if not finite:
       return False
-    record = {**record, 'checksums': [int(c) for c in sums]}
+    record = {**record, 'checksums': [int(c) for c in sums], 'checksum_version': CHECKSUM_VERSION}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      record=ocp.args.JsonSave(record)))
     return True
@@ -69,7 +70,8 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                    record=ocp.args.JsonRestore()))
     saved = restored.record.get('checksums')
-    found = [int(c) for c in jax.device_get(checksums(restored.state))]
+    version = restored.record.get('checksum_version', 1)
+    found = [int(c) for c in jax.device_get(checksums(restored.state, version=version))]
     if saved != found:
       bad = [i for i, (a, b) in enumerate(zip(saved or [], found)) if a != b]
       raise ValueError(f'its arrays do not match the checksums saved with them (leaves {bad[:5]} differ)')
@@ -147,10 +149,24 @@ def _first_words(error: Exception, limit: int = 160) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
-@jax.jit
-def checksums(tree: Any) -> list[jax.Array]:
-  """One uint32 per leaf: the leaf's bits, weighted by position, summed with wrap-around. Integer sums do not depend
-  on the order of reduction, so the value is the same on any mesh; computed on the devices, sharded as the leaf."""
+# Version 2 weights each element by an odd number (2 * position * 2654435761 + 1, mod 2**32), so that a change of
+# any one bit of any element changes the sum (an odd weight is invertible mod 2**32). Version 1's weight,
+# position * 2654435761 + 1, is even at odd positions and missed a sign flip there; records without a version are
+# version 1 and are checked with it.
+CHECKSUM_VERSION = 2
+
+
+def _weights(position, version: int, uint32):
+  if version == 1:
+    return position * uint32(2654435761) + uint32(1)
+  return position * uint32(2654435761) * uint32(2) + uint32(1)
+
+
+@functools.partial(jax.jit, static_argnames='version')
+def checksums(tree: Any, version: int = CHECKSUM_VERSION) -> list[jax.Array]:
+  """One uint32 per leaf: the leaf's bits, weighted by position (`_weights`), summed with wrap-around. Integer sums
+  do not depend on the order of reduction, so the value is the same on any mesh; computed on the devices, sharded
+  as the leaf."""
   def one(x):
     if x.dtype == jnp.bool_:
       bits = x.astype(jnp.uint32)
@@ -160,11 +176,11 @@ def checksums(tree: Any) -> list[jax.Array]:
     position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
     for axis in range(1, x.ndim):
       position = position * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
-    return jnp.sum(bits * (position * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+    return jnp.sum(bits * _weights(position, version, jnp.uint32), dtype=jnp.uint32)
   return [one(x) for x in jax.tree.leaves(tree)]
 
 
-def host_checksums(tree: Any) -> list[int]:
+def host_checksums(tree: Any, version: int = CHECKSUM_VERSION) -> list[int]:
   """`checksums` of host arrays, in numpy: the same bits, row-major positions and uint32 wrap-around, so the same
   numbers, without placing anything on a device (another run's weights are read whole, whatever mesh is current)."""
   sums = []
@@ -173,7 +189,7 @@ def host_checksums(tree: Any) -> list[int]:
     bits = x.astype(np.uint32) if x.dtype == np.bool_ else x.view(
         {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint32)
     position = np.arange(x.size, dtype=np.uint32).reshape(x.shape)
-    sums.append(int(np.sum(bits * (position * np.uint32(2654435761) + np.uint32(1)), dtype=np.uint32)))
+    sums.append(int(np.sum(bits * _weights(position, version, np.uint32), dtype=np.uint32)))
   return sums
 
 
@@ -230,7 +246,8 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
   # The saved checksums follow the saving run's tree order; this tree is orbax's rebuilding of it (namedtuples as
   # dicts, so another order): the two are compared as multisets, which any damaged leaf still changes.
   saved = restored.record.get('checksums')
-  if saved is not None and sorted(saved) != sorted(host_checksums(tree)):
+  version = restored.record.get('checksum_version', 1)
+  if saved is not None and sorted(saved) != sorted(host_checksums(tree, version)):
     raise ValueError(f'the checkpoint of step {step} in {workdir} is damaged: its arrays do not match the checksums '
                      'saved with them.')
   for key in path.split('/'):

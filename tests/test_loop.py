@@ -150,11 +150,19 @@ def test_frozen_parameters_get_no_gradient_work_and_the_grad_norm_is_of_what_tra
 def test_checksums_see_any_flipped_bit_or_swap_and_ignore_the_mesh():
   x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
   base = int(checkpoint.checksums({'x': x})[0])
+  assert checkpoint.host_checksums({'x': x}) == [base]
+  # Every bit of every element: 48 x 32 flips, each a different array, so the host version (numpy) checks them.
+  for at in range(x.size):
+    for bit in range(32):
+      flipped = x.copy()
+      flipped.reshape(-1).view(np.uint32)[at] ^= np.uint32(1 << bit)
+      assert checkpoint.host_checksums({'x': flipped}) != [base], (at, bit)
   flipped = x.copy()
-  flipped.view(np.uint32)[3, 2] ^= 1 << 7
+  flipped[0, 1] = -flipped[0, 1]  # a sign flip at an odd position: version 1's even weight there missed it
+  assert int(checkpoint.checksums({'x': flipped})[0]) != base
+  assert int(checkpoint.checksums({'x': flipped}, version=1)[0]) == int(checkpoint.checksums({'x': x}, version=1)[0])
   swapped = x.copy()
   swapped[[0, 1]] = swapped[[1, 0]]
-  assert int(checkpoint.checksums({'x': flipped})[0]) != base
   assert int(checkpoint.checksums({'x': swapped})[0]) != base
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ('a', 'b'))
   sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('a', 'b')))
@@ -200,6 +208,28 @@ def test_an_unreadable_or_damaged_checkpoint_falls_back_to_the_previous(tmp_path
   assert ckpt.steps() == [1]
   ckpt.save(2, _state(5), {'data': {}})  # the resumed run can write those steps again
   ckpt.close()
+
+
+def test_a_checkpoint_saved_with_version_1_checksums_still_restores(tmp_path):
+  """Checkpoints written before the checksums' weights were made odd carry no checksum_version: they are checked
+  with the weights they were saved with, by the loop and by init_from's reader."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt.save(1, _state(1), {'data': {}})
+  ckpt.close()
+  record_path = tmp_path / 'checkpoints' / '1' / 'record' / 'metadata'
+  record = json.loads(record_path.read_text())
+  assert record.pop('checksum_version') == 2
+  positions = [np.arange(np.size(x), dtype=np.uint64) for x in jax.tree.leaves(_state(1))]
+  record['checksums'] = [int(np.sum(np.asarray(x).reshape(-1).view(np.uint32).astype(np.uint64)
+                                    * ((p * 2654435761 + 1) % 2**32)) % 2**32)
+                         for x, p in zip(jax.tree.leaves(_state(1)), positions)]  # version 1, in numpy
+  record_path.write_text(json.dumps(record))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.restore_newest_readable(_abstract(), warn=print)[0] == 1
+  ckpt.close()
+  tree, step = checkpoint.restore_params(str(tmp_path), 'w', _abstract()['w'])
+  assert step == 1
+  np.testing.assert_array_equal(tree, np.asarray(_state(1)['w']))
 
 
 def test_a_state_in_another_dtype_is_a_difference_read_from_the_metadata(tmp_path):
