@@ -163,9 +163,10 @@ def xla_cost(stage) -> dict | None:
 class MetricWriter:
   """metrics.jsonl and TensorBoard events in the workdir (process 0 only).
 
-  On resume, the records past the restored step are dropped (the resumed run recomputes exactly those steps): the
-  kept ones are rewritten atomically, and the TensorBoard events of those steps are purged, so no step repeats.
-  Each record is then appended as one whole line.
+  On resume, the records past the restored step are dropped (the resumed run recomputes exactly those steps), and
+  so are the `best/...` values at that step (the evaluation of the selected step, which the resumed run writes
+  again where it ends): the kept ones are rewritten atomically, and the TensorBoard events of the later steps are
+  purged, so no metric repeats at a step. Each record is then appended as one whole line.
   """
 
   def __init__(self, workdir: str, *, enabled: bool, resume_step: int | None, warn=print):
@@ -175,7 +176,12 @@ class MetricWriter:
     if not enabled:
       return
     if resume_step is not None and files.exists(self._path):
-      kept = [r for r in files.read_records(self._path, warn=warn) if r['step'] <= resume_step]
+      kept = []
+      for r in files.read_records(self._path, warn=warn):
+        if r['step'] == resume_step:
+          r = {k: v for k, v in r.items() if not k.startswith('best/')}
+        if r['step'] < resume_step or (r['step'] == resume_step and len(r) > 1):
+          kept.append(r)
       files.write_atomically(self._path, ''.join(json.dumps(r) + '\n' for r in kept))
     elif files.exists(self._path):
       files.remove(self._path)  # no checkpoint: the run starts over, and so do its metrics

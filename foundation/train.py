@@ -667,11 +667,13 @@ class _Best:
   has gone `patience` evaluations without a strict improvement. Its state travels in the checkpoint record, so a
   resumed run selects the same step."""
 
-  def __init__(self, cfg, record: dict):
+  def __init__(self, cfg, record: dict, at: int = 0, eval_every: int = 1):
+    """record: the checkpoint record of step `at` the run resumes from ({} for a fresh start). A run that stopped
+    early stays stopped only while its patience is still spent: a rerun given more patience trains on."""
     self.metric, self.mode, self.patience = cfg['metric'], cfg['mode'], cfg['patience']
     saved = record.get('best') or {}
     self.step, self.value = saved.get('step'), saved.get('value')
-    self.stopped = bool(record.get('stopped_early'))
+    self.stopped = bool(record.get('stopped_early')) and self.exhausted(at, eval_every)
 
   def update(self, step: int, results: dict) -> bool:
     """Records the evaluation of `step`; True when it is a strict improvement (the new best)."""
@@ -735,7 +737,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
       say(f'Checkpoints {later} are newer than restore_step={start}; moved to {ckpt.quarantine(later, "superseded")}.')
   # Carried in every later checkpoint, so that a rerun of the command that went back does not go back again.
   restored_from = {'restored_from': prepared.restore_step or record.get('restored_from')}
-  best = _Best(config.early_stopping, record) if config.early_stopping.get('metric') else None
+  best = _Best(config.early_stopping, record, start, config.eval_every) if config.early_stopping.get('metric') else None
   if best and best.step is not None and best.step not in ckpt.steps():
     # Retention keeps the best step's checkpoint, but a checkpoint saved before a better step (and resumed from
     # after a non-finite stop set that one aside) names a best step since deleted: selection starts over.

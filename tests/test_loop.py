@@ -430,6 +430,9 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
   again = train.train_and_evaluate(descending_config(), workdir)
   assert [(s, f) for s, f, _ in descending] == [(3, True)]
   assert {k: again[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+  records = files.read_records(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in records if 'best/step' in r] == [6]  # reported again in place, not a second time
+  assert [r['step'] for r in records if 'eval/validation/score' in r] == list(range(1, 7))
 
   descending.clear()  # --eval_only: the selected step by default, or a named one, as a final evaluation
   listed = sorted(os.listdir(workdir))
@@ -451,6 +454,22 @@ def test_early_stopping_keeps_and_reports_the_best_step_and_a_rerun_trains_no_fu
                            str(tmp_path / 'eval'))
   assert len(descending) == 1 and descending[0][:2] == (0, True)
   assert descending[0][2] == pytest.approx(closed_form(3), rel=1e-6)
+
+
+def test_an_early_stopped_run_given_more_patience_trains_on(descending, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(descending_config(), workdir)  # patience 3: stops after step 6, best step 3
+  descending.clear()
+  train.train_and_evaluate(descending_config(**{'early_stopping.patience': 10}), workdir,
+                           allow_config_change=('early_stopping',))
+  # Patience 10 from the best step 3: steps 7 to 13 train and evaluate, on from where the run stopped; step 3 is
+  # still the best, and is reported again.
+  assert [(s, f) for s, f, _ in descending] == [(s, False) for s in range(7, 14)] + [(3, True)]
+  np.testing.assert_allclose([w for _, _, w in descending[:-1]], [closed_form(s) for s in range(7, 14)], rtol=1e-6)
+  with open(os.path.join(workdir, files.FINISHED_FILE)) as f:
+    assert json.load(f) == {'step': 13, 'stopped_early': True}
+  records = files.read_records(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in records if 'best/step' in r] == [13]
 
 
 def test_a_run_stopped_before_the_best_is_known_resumes_to_the_same_selection(descending, tmp_path, monkeypatch):
