@@ -677,9 +677,10 @@ class _Best:
 
   def update(self, step: int, results: dict) -> bool:
     """Records the evaluation of `step`; True when it is a strict improvement (the new best)."""
-    if self.metric not in results:
-      raise ConfigError(f'config.early_stopping.metric={self.metric!r} is not among the evaluation\'s metrics '
-                        f'({", ".join(sorted(results))}); name one of them.')
+    if self.metric not in results:  # a task that does not declare its selection metrics: met at the first evaluation,
+      # after steps were trained and written (not a ConfigError, whose message says nothing was)
+      raise ValueError(f'config.early_stopping.metric={self.metric!r} is not among the evaluation\'s metrics '
+                       f'({", ".join(sorted(results))}); name one of them.')
     value = float(results[self.metric])
     if not math.isfinite(value):
       return False
