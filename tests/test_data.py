@@ -1,6 +1,7 @@
 """Data: byte tokenizer, the Shakespeare builder, and the LM pipeline against naive numpy references."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -207,6 +208,22 @@ def test_missing_dataset_or_split_names_the_prepare_command(tmp_path, data_dir):
   with pytest.raises(FileNotFoundError, match=r"no split\(s\) \['test'\]"):
     text.check_prepared('tiny_text_corpus', data_dir, ['train[:50%]+test'])
   text.check_prepared('tiny_text_corpus', data_dir, ['train[:50%]+validation'])
+
+
+def test_a_tfrecord_build_is_refused_with_a_way_out(tmp_path):
+  """TFDS builds tfrecord by default, and will not build array_record into the same directory: the read check and
+  the prepare command each say to move that build aside, and the prepare command does not fail with a traceback."""
+  built = TinyTextCorpus(data_dir=str(tmp_path), file_format='array_record')
+  built.download_and_prepare()
+  info = os.path.join(built.data_dir, 'dataset_info.json')  # marked as a tfrecord build (writing one needs TF)
+  with open(info) as f:
+    fields = json.load(f)
+  with open(info, 'w') as f:
+    json.dump({**fields, 'fileFormat': 'tfrecord'}, f)
+  with pytest.raises(FileNotFoundError, match=r"stored as tfrecord, but .* array_record\. Move .*tiny_text_corpus"):
+    text.check_prepared('tiny_text_corpus', str(tmp_path), ['train'])
+  with pytest.raises(SystemExit, match=r'stored as tfrecord \(.*tiny_text_corpus.*\).*move that directory aside'):
+    prepare.main(['tiny_text_corpus', f'--data_dir={tmp_path}'])
 
 
 def test_bad_batch_shard_and_process_counts_are_clear_errors(data_dir):

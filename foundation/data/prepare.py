@@ -25,10 +25,17 @@ _MAX_EXAMPLES_TO_COUNT_CHARACTERS = 100_000
 
 
 def builder(name: str, data_dir: str):
+  """The array_record builder of `name` in `data_dir`. A build there in another format (TFDS's default, tfrecord)
+  is refused with one line: TFDS will not build a second format into the same directory."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   base_name = name.split(':')[0].split('/')[0]
   if base_name in FOUNDATION_BUILDERS:
     importlib.import_module(FOUNDATION_BUILDERS[base_name])
+  existing = tfds.builder(name, data_dir=data_dir)
+  if existing.is_prepared() and existing.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise SystemExit(f'error: {name} in {data_dir} is stored as {existing.info.file_format.value} '
+                     f'({existing.data_dir}), and this codebase reads array_record: move that directory aside, or '
+                     'name another --data_dir, and run this command again.')
   return tfds.builder(name, data_dir=data_dir, file_format='array_record')
 
 

@@ -69,7 +69,8 @@ def check_prepared(name: str, data_dir: str, splits: Sequence[str]) -> None:
                             f'{sorted(available)}. Prepare a version that has them with:\n  {command}')
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise FileNotFoundError(f'TFDS dataset {name!r} in {data_dir!r} is stored as {builder.info.file_format.value}, '
-                            f'but tfds.data_source needs array_record. Rebuild it with:\n  {command}')
+                            f'but tfds.data_source needs array_record. Move {builder.data_dir} aside and rebuild '
+                            f'it with:\n  {command}')
 
 
 def check_disjoint(name: str, data_dir: str, splits: dict[str, str]) -> None:
