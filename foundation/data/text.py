@@ -5,7 +5,9 @@ Training batches are a pure function of the global step, identical whatever the 
   * the split's records are cut into `num_shards` (K) contiguous blocks; each shard's documents are tokenized and
     concatenated into one token stream, `eos_id` after each document;
   * every global batch is K equal groups of rows; group k comes from shard k. Process p owns the contiguous run of
-    shards [p*K/P, (p+1)*K/P), so its rows are a contiguous block of the global batch, and it loads only those shards;
+    shards [p*K/P, (p+1)*K/P), so its rows are a contiguous block of the global batch, and it loads only those shards.
+    So each shard, whatever its size, gives 1/K of the training rows: a corpus of few, unequal records (Shakespeare's
+    plays) weights its shards unequally per token, one of many small records evenly;
   * shard k serves windows of seq_len + 1 tokens. Epoch e of shard k starts at a random offset in [0, seq_len) and
     visits its non-overlapping windows in a random order, both drawn from np.random.default_rng([seed, k, e]);
     row r of group k in global batch s is the shard's window j = s * (global_batch // K) + r.
