@@ -18,7 +18,9 @@ punctuation: texts are compared by `dedupe_key` (lower-cased words). The movie f
 stays together in one split. The movie splits are fixed: distinct movie texts are ordered by a SHA-256 of the text
 (no RNG whose stream could change between library versions), the first 2,000 snippets in that order are `test`,
 the next 1,000 `validation`, the rest `train`. Out-of-domain snippets whose text occurs in an earlier source (movie,
-then tweets) are dropped, so the OOD sets are disjoint from everything else too.
+then tweets) are dropped, so the OOD sets are disjoint from everything else too. Within the tweets, VADER's own
+variants of one tweet (another intensity: "YAY!!! Another good phone interview!!!" and its milder forms) share a
+key and are all kept, as the paper's raters scored them apart: 4,196 tweets, 4,041 distinct keys.
 
 The archive is looked up in $FOUNDATION_SDIST_DIR (default ~/.cache/foundation/sdists); when missing, the builder
 fetches it with pip from PyPI (the one network access, shared by setup, tests and users) and checks its SHA-256.
