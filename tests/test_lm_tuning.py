@@ -97,6 +97,13 @@ def test_an_adapter_saves_only_itself_and_loads_onto_its_base_only(movie_dir, ti
   with pytest.raises(train.ConfigError, match='its params belong to that base'):
     train.prepare(other, str(tmp_path / 'elsewhere'))
   assert not (tmp_path / 'elsewhere').exists()
+  # Loaded with another seed (a soft prompt's or prefix's initial tokens), or another LoRA scale, the saved values
+  # would make another adapter: refused, naming the field.
+  field, value = {'lora': ('tune.lora_alpha', 32.0)}.get(method, ('seed', 1))
+  moved = gguf_config(movie_dir, method, path, num_train_steps=0, **{'init_from.source': workdir, field: value})
+  with pytest.raises(train.ConfigError, match=rf'trained its {method} adapter with other settings \({field}='):
+    train.prepare(moved, str(tmp_path / 'moved'))
+  assert not (tmp_path / 'moved').exists()
 
 
 def reference_hidden(model, params, tokens):
@@ -266,6 +273,10 @@ def test_length_sorted_batches_cover_every_row_once_per_epoch_and_pad_less(movie
     ('head', {'early_stopping.metric': 'eval/validation/calibrated/accuracy'},
      r"before the end give \(eval/validation/accuracy\); name one of them"),
     ('prompt', {'eval.selection_splits': ('test',)}, 'not test: it is read for the result only'),
+    ('prompt', {'eval.selection_splits': ('validation+test[:8]',)}, 'not test: it is read for the result only'),
+    # The probe fits on the training split, though it takes no steps: what it is measured on must be apart from it.
+    ('probe', {'eval.splits': ('validation', 'train[:5]'), 'num_train_steps': 0},
+     r"config.eval.splits='train\[:5\]' share 5 examples"),
 ])
 def test_bad_tuning_input_is_one_line_before_anything_is_written(movie_dir, tmp_path, variant, overrides, message):
   config = smoke_config(movie_dir, f'{variant},smoke', **overrides)
@@ -275,10 +286,23 @@ def test_bad_tuning_input_is_one_line_before_anything_is_written(movie_dir, tmp_
   assert not (tmp_path / 'run').exists()
 
 
-def test_fine_tuning_a_gguf_needs_init_from_the_same_file(movie_dir, tiny_gguf, tmp_path):
-  config = gguf_config(movie_dir, 'finetune', tiny_gguf('base.gguf'), **{'init_from.source': ''})
+def test_fine_tuning_a_gguf_needs_init_from_the_same_file_and_its_run_evaluates_in_context(movie_dir, tiny_gguf,
+                                                                                          tmp_path):
+  path = tiny_gguf('base.gguf')
+  config = gguf_config(movie_dir, 'finetune', path, **{'init_from.source': ''})
   with pytest.raises(train.ConfigError, match='--config.init_from.target=lm'):
     train.prepare(config, str(tmp_path / 'run'))
+  # Its workdir in place of the file, training nothing: the fine-tuned LM read with demonstrations, as the advice
+  # against demonstrations in training says; with no demonstrations it gives the run's own numbers.
+  workdir = str(tmp_path / 'tuned')
+  results = train.train_and_evaluate(gguf_config(movie_dir, 'finetune', path, **{'init_from.source': path}), workdir)
+  again = {'init_from.source': workdir, 'init_from.params_path': 'params/lm', 'num_train_steps': 0}
+  reread = train.train_and_evaluate(gguf_config(movie_dir, 'finetune', path, **again), str(tmp_path / 'reread'))
+  final = {k[len('best/'):]: v for k, v in results.items() if k.startswith('best/eval/')}
+  assert final and eval_metrics(reread) == pytest.approx(final, rel=1e-6, abs=1e-6)
+  in_context = train.train_and_evaluate(gguf_config(movie_dir, 'finetune', path, **again, **{'icl.shots': 2}),
+                                        str(tmp_path / 'in_context'))
+  assert 'eval/accuracy_std' in in_context
 
 
 PROMPT_SMOKE = ('configs/adapt/movie_sentiment.py:prompt,smoke', '--config.num_train_steps=4',

@@ -43,6 +43,7 @@ length within windows of `data.sort_window` batches, so they pad little.
 
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -77,7 +78,8 @@ def build(config) -> Task:
   _check_fields(config)
   read_splits = list(dict.fromkeys([*ev.splits, *ev.selection_splits]))
   text_data.check_prepared(data.name, data.data_dir, [data.train_split, *read_splits])
-  for split in read_splits if icl.shots or config.num_train_steps else ():  # what demonstrations, training read
+  # What demonstrations, training or the probe's fit read from the training split must not be evaluated on.
+  for split in read_splits if icl.shots or config.num_train_steps or tune.method == 'probe' else ():
     field = 'config.eval.splits' if split in ev.splits else 'config.eval.selection_splits'
     text_data.check_disjoint(data.name, data.data_dir, {'config.data.train_split': data.train_split, field: split})
   class_names = _class_names(data)
@@ -435,7 +437,8 @@ def _check_method(config, model_cfg) -> str:
   if tune.method not in ('none', 'probe') and config.num_train_steps and config.icl.shots:
     raise ValueError(f'config.icl.shots={config.icl.shots}: training reads zero-shot prompts, so demonstrations '
                      'would only change the evaluation; set --config.icl.shots=0 to train, or evaluate a trained '
-                     'run in context with --config.num_train_steps=0 and its workdir as --config.init_from.source.')
+                     'run in context with --config.num_train_steps=0 and its workdir as --config.init_from.source'
+                     + (' (and --config.init_from.params_path=params/lm).' if tune.method in LM_TRAINED else '.'))
   if tune.method == 'prefix' and tune.prefix_hidden and tune.init != 'uniform':
     raise ValueError(f'config.tune.init={tune.init!r} does not apply to a prefix trained through the MLP '
                      f'(config.tune.prefix_hidden={tune.prefix_hidden}), which starts from random embeddings: set '
@@ -448,11 +451,51 @@ def _check_method(config, model_cfg) -> str:
     lora_target_names(dataclasses.replace(model_cfg, lora_rank=tune.lora_rank, lora_alpha=tune.lora_alpha,
                                           lora_targets=tune.lora_targets))  # a regex matching nothing fails here
   trained_lm = tune.method in LM_TRAINED and config.lm.source != RANDOM_SOURCE
-  if trained_lm and (config.init_from.source != config.lm.source or config.init_from.target != 'lm'):
+  # A trained run's workdir may stand in for the file when nothing trains (evaluating it in context).
+  evaluates_a_run = not config.num_train_steps and bool(config.init_from.source) and files.isdir(
+      config.init_from.source)
+  if trained_lm and not evaluates_a_run and (config.init_from.source != config.lm.source
+                                             or config.init_from.target != 'lm'):
     raise ValueError(f'config.tune.method={tune.method!r} trains the LM\'s weights, which start from '
                      f'config.init_from: set --config.init_from.source={config.lm.source} '
                      '--config.init_from.target=lm.')
+  _check_adapter_source(config)
   return tune.method
+
+
+def _adapter_fields(config) -> list[str]:
+  """The config fields, beside the base model, that give a trained adapter its meaning: its shape and scale, and the
+  tokens whose embeddings (or keys and values) its saved offset is added to."""
+  tune = config.tune
+  fields = {'prompt': ['tune.init', 'tune.length'], 'prefix': ['tune.init', 'tune.length', 'tune.prefix_hidden'],
+            'lora': ['tune.lora_rank', 'tune.lora_alpha', 'tune.lora_targets']}.get(tune.method, [])
+  if tune.method in ('prompt', 'prefix') and tune.init != 'uniform':
+    fields += ['seed'] + ['prompt.label_words'] * (tune.init == 'labels')
+  if fields and config.lm.source == RANDOM_SOURCE:  # the random base model is drawn from the seed
+    fields += ['seed', 'lm.random_model']
+  return list(dict.fromkeys(fields))
+
+
+def _check_adapter_source(config) -> None:
+  """An adapter loaded from another run's workdir (config.init_from.source) must be built as it was trained: the
+  checkpoint holds only the learned values (a soft prompt's offset from its initial tokens' embeddings, LoRA's
+  factors before their alpha / rank scale), so another seed, init or label words would rebuild another adapter."""
+  source = config.init_from.source
+  fields = _adapter_fields(config)
+  if not fields or not source or not files.exists(os.path.join(source, 'config.json')):
+    return
+  theirs = json.loads(files.read_text(os.path.join(source, 'config.json')))
+  ours = json.loads(config.to_json_best_effort())
+
+  def value(tree, name):
+    for key in name.split('.'):
+      tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+  differ = [f'{name}={value(theirs, name)!r} there, {value(ours, name)!r} here' for name in fields
+            if value(theirs, name) not in (None, value(ours, name))]  # None: a field its version did not have
+  if differ:
+    raise ValueError(f'config.init_from.source={source!r} trained its {config.tune.method} adapter with other '
+                     f'settings ({"; ".join(differ)}): set them as it did, or it loads as another adapter.')
 
 
 def _check_fields(config) -> None:
@@ -467,7 +510,7 @@ def _check_fields(config) -> None:
       raise ValueError(f'config.{name}={value!r} must be a whole number of at least {least}.')
   if not ev.splits or len(set(ev.splits)) != len(ev.splits):
     raise ValueError(f'config.eval.splits={tuple(ev.splits)!r} must name at least one split, each once.')
-  if len(set(ev.selection_splits)) != len(ev.selection_splits) or 'test' in ev.selection_splits:
+  if len(set(ev.selection_splits)) != len(ev.selection_splits) or any(map(text_data.reads_test, ev.selection_splits)):
     raise ValueError(f'config.eval.selection_splits={tuple(ev.selection_splits)!r} must name each split once, and '
                      'not test: it is read for the result only.')
   if not all(isinstance(t, str) for t in config.calibration.content_free) or not config.calibration.content_free:
