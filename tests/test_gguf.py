@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from foundation import checkpoint
 from foundation.data.tokenizers import BPETokenizer, ByteTokenizer, get_tokenizer
 from foundation.export import export_workdir
-from foundation.models.gguf import load_gguf
+from foundation.models.gguf import gguf_header, load_gguf
 from foundation.models.hf_export import export_llama
 from foundation.models.transformer import Transformer, TransformerConfig
 
@@ -136,7 +136,8 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def write_tiny_gguf(path, *, arch='llama', tied=True, drop=(), extra=(), vocab_rows=len(TOKENS), seed=0):
+def write_tiny_gguf(path, *, arch='llama', tied=True, drop=(), extra=(), vocab_rows=len(TOKENS), seed=0, pre='gpt-2',
+                    add_bos=None):
   """Random weights, stored in a mix of types (Q8_0, Q4_1, F16, F32) so that each one's dequantisation is used."""
   rng = np.random.default_rng(seed)
   c = TINY
@@ -162,7 +163,10 @@ def write_tiny_gguf(path, *, arch='llama', tied=True, drop=(), extra=(), vocab_r
   writer.add_rope_freq_base(c['rope_base'])
   writer.add_layer_norm_rms_eps(c['eps'])
   writer.add_tokenizer_model('gpt2')
-  writer.add_tokenizer_pre('default')
+  if pre is not None:
+    writer.add_tokenizer_pre(pre)
+  if add_bos is not None:
+    writer.add_add_bos_token(add_bos)
   writer.add_token_list(TOKENS)
   writer.add_token_types([3 if t in SPECIALS else 1 for t in TOKENS])
   writer.add_token_merges(MERGES)
@@ -294,6 +298,15 @@ def test_refuses_missing_or_extra_tensors_and_vocab_mismatch(tmp_path):
     load_gguf(write_tiny_gguf(str(tmp_path / 'vocab.gguf'), vocab_rows=256))
   with pytest.raises(FileNotFoundError, match='neither a GGUF file nor a known name'):
     load_gguf('smollm3-135m')
+  # llama.cpp's 'default' split (what it assumes without the key) is not GPT-2's, and a BOS the file asks for would
+  # be missing from every encoded text: refused from the header, before any weight is read.
+  for name, kwargs, message in [('nopre.gguf', {'pre': None}, r'tokenizer.ggml.pre=None has no pre-tokenizer'),
+                                ('default.gguf', {'pre': 'default'}, r"tokenizer.ggml.pre='default' has no"),
+                                ('bos.gguf', {'add_bos': True}, r'add_bos_token=True: this tokenizer adds no')]:
+    with pytest.raises(ValueError, match=message):
+      gguf_header(write_tiny_gguf(str(tmp_path / name), **kwargs))
+  assert gguf_header(write_tiny_gguf(str(tmp_path / 'nobos.gguf'), add_bos=False))[1].bos_id == TOKENS.index(
+      '<|endoftext|>')
 
 
 def test_known_name_without_its_package(monkeypatch):

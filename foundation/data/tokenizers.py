@@ -87,7 +87,8 @@ def _digits_then_gpt2_split(tk):  # StarCoder/SmolLM: every digit its own word, 
   return tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Digits(individual_digits=True), _gpt2_split(tk)])
 
 
-_GGUF_PRE_TOKENIZERS = {'default': _gpt2_split, 'gpt-2': _gpt2_split, 'smollm': _digits_then_gpt2_split}
+# llama.cpp's 'default' (also what it assumes when the key is missing) is a split of its own, not GPT-2's: refused.
+_GGUF_PRE_TOKENIZERS = {'gpt-2': _gpt2_split, 'smollm': _digits_then_gpt2_split}
 
 # llama.cpp's token types (gguf.TokenType): 3 is a control token (<|im_start|>, <|endoftext|>), 4 a user-defined
 # one; both are matched whole in the text before BPE runs, and only control tokens are dropped by decode.
@@ -112,10 +113,14 @@ class BPETokenizer:
     model = metadata.get('tokenizer.ggml.model')
     if model != 'gpt2':
       raise ValueError(f'GGUF tokenizer.ggml.model={model!r}: only byte-level BPE (\'gpt2\') is supported.')
-    pre = metadata.get('tokenizer.ggml.pre', 'default')
+    pre = metadata.get('tokenizer.ggml.pre')
     if pre not in _GGUF_PRE_TOKENIZERS:
       raise ValueError(f'GGUF tokenizer.ggml.pre={pre!r} has no pre-tokenizer here; known: '
                        f'{sorted(_GGUF_PRE_TOKENIZERS)}. Add its split to _GGUF_PRE_TOKENIZERS.')
+    for key in ('tokenizer.ggml.add_bos_token', 'tokenizer.ggml.add_eos_token'):
+      if metadata.get(key):  # encode() adds nothing: the prompt's parts are encoded apart and joined
+        raise ValueError(f'GGUF {key}=True: this tokenizer adds no special tokens to what it encodes, so the model '
+                         'would read its text without the token it was trained to see there.')
     tokens = list(metadata['tokenizer.ggml.tokens'])
     types = list(metadata.get('tokenizer.ggml.token_type', [1] * len(tokens)))
     merges = [tuple(m.split(' ', 1)) for m in metadata.get('tokenizer.ggml.merges', [])]
