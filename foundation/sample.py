@@ -22,7 +22,7 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
   import jax.numpy as jnp
   import numpy as np
 
-  from foundation.evaluate.generate import check_sampling, generate
+  from foundation.evaluate.generate import check_sampling, generate, text_until_eos
   from foundation.models.transformer import Transformer
   from foundation.tasks.lm import restore_run, saved_lm, tokenizer_for
 
@@ -46,7 +46,7 @@ def sample_workdir(workdir: str, prompt: str, *, step: int | None = None, max_ne
   tokens = generate(model, jax.tree.map(jnp.asarray, params), jnp.asarray(np.tile(ids, (rows, 1))),
                     max_new_tokens=max_new_tokens, rng=jax.random.key(seed), temperature=temperature, top_k=top_k,
                     top_p=top_p, greedy=greedy)
-  return [prompt + tokenizer.decode(np.asarray(row)) for row in jax.device_get(tokens)], step
+  return [prompt + text_until_eos(np.asarray(row), tokenizer) for row in jax.device_get(tokens)], step
 
 
 def main(argv: list[str] | None = None) -> int:

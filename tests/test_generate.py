@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from foundation.evaluate.generate import generate, sample_logits, top_k_mask, top_p_mask
+from foundation.data.tokenizers import ByteTokenizer
+from foundation.evaluate.generate import generate, sample_logits, text_until_eos, top_k_mask, top_p_mask
 from foundation.models.transformer import Transformer, TransformerConfig
 
 TINY = TransformerConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -134,6 +135,14 @@ def test_rejects_generation_past_max_len(model_params_prompt):
     generate(model, params, prompt, max_new_tokens=TINY.max_len - PROMPT_LEN + 1, rng=jax.random.key(0))
   with pytest.raises(ValueError, match='greedy=True'):
     generate(model, params, prompt, max_new_tokens=2, rng=jax.random.key(0), temperature=0.0)
+
+
+def test_generated_text_ends_at_the_first_end_of_text():
+  tokenizer = ByteTokenizer()
+  ids = np.concatenate([tokenizer.encode('end of doc.'), [tokenizer.eos_id], tokenizer.encode('New doc')])
+  assert tokenizer.decode(ids) == 'end of doc.New doc'  # decoding alone loses the boundary
+  assert text_until_eos(ids, tokenizer) == 'end of doc.'
+  assert text_until_eos(tokenizer.encode('no end'), tokenizer) == 'no end'
 
 
 # ----- the sampling command (foundation/sample.py) -----------------------------------------------------------------

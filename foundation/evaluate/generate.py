@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from foundation.models.transformer import Transformer, init_cache
 
@@ -108,3 +109,10 @@ def continue_from_cache(model: Transformer, params, cache: dict, last_logits: Ar
 
   out, _ = jax.lax.fori_loop(1, max_new_tokens, body, (out, cache))
   return out
+
+
+def text_until_eos(ids: np.ndarray, tokenizer) -> str:
+  """Generated ids as text, up to the first end of text: the model ended its document (or, in a chat, its turn)
+  there, and a tokenizer's decode would drop that token and run on into what the model invents after it."""
+  ends = np.flatnonzero(np.asarray(ids) == tokenizer.eos_id)
+  return tokenizer.decode(ids[:ends[0]] if len(ends) else ids)

@@ -18,7 +18,7 @@ import numpy as np
 from foundation import checkpoint, files, losses, optim, sharding
 from foundation.data import text
 from foundation.data.tokenizers import get_tokenizer
-from foundation.evaluate.generate import check_sampling, generate
+from foundation.evaluate.generate import check_sampling, generate, text_until_eos
 from foundation.models import gguf
 from foundation.models.transformer import Transformer, TransformerConfig, forward_flops_per_token
 from foundation.tasks import EvalContext, Task
@@ -184,7 +184,7 @@ def _write_samples(model, params, tokenizer, prompt, config, step: int, ctx: Eva
                       top_k=sample.top_k, top_p=sample.top_p)
   if not ctx.is_writer:
     return
-  texts = [config.sample.prompt + tokenizer.decode(np.asarray(row)) for row in jax.device_get(tokens)]
+  texts = [config.sample.prompt + text_until_eos(np.asarray(row), tokenizer) for row in jax.device_get(tokens)]
   files.makedirs(os.path.join(ctx.workdir, 'samples'))
   files.write_atomically(os.path.join(ctx.workdir, 'samples', f'step_{step:06d}.txt'),
                          '\n\n=====\n\n'.join(texts) + '\n')

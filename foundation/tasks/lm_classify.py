@@ -58,6 +58,7 @@ from foundation.data import text as text_data
 from foundation.data.tokenizers import ByteTokenizer
 from foundation.evaluate import lm_classify as lmc
 from foundation.evaluate import probes
+from foundation.evaluate.generate import text_until_eos
 from foundation.models import adapters
 from foundation.models.gguf import gguf_header, load_gguf, resolve_gguf
 from foundation.models.transformer import (Transformer, TransformerConfig, forward_flops_per_token, is_lora_param,
@@ -329,7 +330,8 @@ def build(config) -> Task:
                                  label_tokens, label_mask, max_new_tokens=new_tokens)
           scores[rows] = np.asarray(s)[:n]
           if generated is not None:
-            answers[rows] = [lmc.parse_label(_until_eos(g, tokenizer), label_words) for g in np.asarray(generated)[:n]]
+            answers[rows] = [lmc.parse_label(text_until_eos(g, tokenizer), label_words)
+                             for g in np.asarray(generated)[:n]]
         per_draw.append(_draw_metrics(scores, answers, reported, labels, content_free, label_words,
                                       class_names, generate=bool(new_tokens)))
     seconds = time.perf_counter() - start
@@ -688,11 +690,6 @@ def _place(x: np.ndarray, mesh):
   if mesh is None:
     return jnp.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh), lambda index: x[index])
-
-
-def _until_eos(ids: np.ndarray, tokenizer) -> str:
-  ends = np.flatnonzero(ids == tokenizer.eos_id)
-  return tokenizer.decode(ids[:ends[0]] if len(ends) else ids)
 
 
 def _split_prefix(split: str) -> str:
