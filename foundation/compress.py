@@ -26,6 +26,7 @@ projections (distill.AUXILIARY_HEADS) are not kept: load its pruned classifier i
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foundation import checkpoint
+from foundation import checkpoint, files
 from foundation.data import augment, images, text
 from foundation.models.transformer import Transformer
 from foundation.tasks import distill, lm
@@ -169,7 +170,7 @@ def layer_inputs(model: nn.Module, params, x: jax.Array) -> dict[tuple[str, ...]
 def _patches(conv: nn.Conv, x: jax.Array) -> jax.Array:
   """[N, H', W', kh * kw * C]: the windows the conv multiplies by its kernel, in the kernel's (kh, kw, C) order."""
   if (conv.feature_group_count != 1 or conv.input_dilation not in (None, 1)
-          or conv.kernel_dilation not in (None, 1) or isinstance(conv.padding, str) and conv.padding != 'SAME'):
+          or conv.kernel_dilation not in (None, 1) or conv.padding != 'SAME'):
     raise ValueError(f'{"/".join(conv.path)}: only plain (ungrouped, undilated, SAME-padded) convolutions are pruned.')
   kernel = tuple(conv.kernel_size)
   strides = conv.strides if isinstance(conv.strides, (tuple, list)) else (conv.strides or 1,) * len(kernel)
@@ -232,15 +233,20 @@ def _saved_model(workdir: str, data_dir: str | None) -> tuple[dict, nn.Module, j
 
 
 def _calibration(saved: dict, data_dir: str, n: int) -> jax.Array:
-  """The first n training examples of the run, unaugmented: images as floats, or token sequences."""
+  """n examples of the run's training split, unaugmented: the first n images as floats, or n token sequences, the
+  windows of the run's first training batch of ceil(n / num_shards) rows per shard (its seed), taken in turn from
+  every shard."""
   data = saved['data']
   if saved['task'] in lm.LM_TASKS:
-    rows = -(-n // data['num_shards']) * data['num_shards']  # the text pipeline fills whole shard groups
+    shards = data['num_shards']
     batch = text.train_batches(name=data['name'], data_dir=data_dir, split=data['train_split'],
                                text_key=data['text_key'], tokenizer=lm.tokenizer_for(data['tokenizer']),
-                               seq_len=data['seq_len'], global_batch=rows, num_shards=data['num_shards'],
+                               seq_len=data['seq_len'], global_batch=-(-n // shards) * shards, num_shards=shards,
                                seed=saved['seed'])[0]
-    return jnp.asarray(batch['inputs'][:n])
+    # The batch holds each shard's rows together: interleaved, a first n that is no multiple of num_shards still
+    # reads every shard.
+    inputs = batch['inputs'].reshape(shards, -1, data['seq_len']).swapaxes(0, 1).reshape(-1, data['seq_len'])
+    return jnp.asarray(inputs[:n])
   x, _ = images.load_split(name=data['name'], data_dir=data_dir, split=data['train_split'], max_examples=n)
   return augment.to_float(jnp.asarray(x))
 
@@ -257,6 +263,7 @@ def main(argv=None) -> int:
   parser.add_argument('--rounds', type=int, default=32, help='OBS removes each row\'s weights in this many batches')
   parser.add_argument('--data_dir', default='', help='TFDS data dir (default: the one RUN was trained with)')
   args = parser.parse_args(argv)
+  args.out = files.absolute(args.out)  # orbax writes to absolute paths only
   try:
     pattern = parse_pattern(args.pattern)
     if not 0 <= args.sparsity < 1:
@@ -281,20 +288,26 @@ def main(argv=None) -> int:
     return 2
   pruned, report = prune_model(model, params, x, method=args.method,
                                sparsity=args.sparsity, pattern=pattern, damp=args.damp, rounds=args.rounds)
-  os.makedirs(args.out)
-  with open(os.path.join(args.out, 'config.json'), 'w') as f:
-    json.dump(saved, f, indent=2)
-  ckpt = checkpoint.Checkpointer(os.path.join(args.out, 'checkpoints'), async_save=False)
-  ckpt.save(step, {'params': pruned}, {'pruned_from': os.path.abspath(args.workdir)})
-  ckpt.close()
   nonzero = sum(int(np.count_nonzero(v)) for v in jax.tree.leaves(pruned))
   summary = dict(source=os.path.abspath(args.workdir), step=step, method=args.method,
                  sparsity=1 - pattern[0] / pattern[1] if pattern else args.sparsity,  # what each row is asked for
                  pattern=args.pattern, calibration_examples=len(x), damp=args.damp, rounds=args.rounds,
                  nonzero_params=nonzero, total_params=sum(int(v.size) for v in jax.tree.leaves(pruned)),
                  layers=report)
-  with open(os.path.join(args.out, 'compress.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  # Written beside --out and renamed into place at the end: a failed write leaves no half-made workdir behind.
+  writing = f'{args.out}.writing-{os.getpid()}'
+  try:
+    os.makedirs(writing)
+    for name, content in (('config.json', saved), ('compress.json', summary)):
+      with open(os.path.join(writing, name), 'w') as f:
+        json.dump(content, f, indent=2)
+    ckpt = checkpoint.Checkpointer(os.path.join(writing, 'checkpoints'), async_save=False)
+    ckpt.save(step, {'params': pruned}, {'pruned_from': os.path.abspath(args.workdir)})
+    ckpt.close()
+    os.rename(writing, args.out)
+  except BaseException:
+    shutil.rmtree(writing, ignore_errors=True)
+    raise
   for name, layer in report.items():
     print(f'{name}: sparsity {layer["sparsity"]:.3f}, relative output error {layer["relative_error"]:.4f}')
   print(f'{nonzero:,} of {summary["total_params"]:,} params non-zero; wrote {args.out}')

@@ -78,12 +78,11 @@ def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.Gradi
     core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(schedule, momentum=cfg.b1))
   else:
     raise ValueError(f'config.optim.name={cfg.name!r}; choose adamw or sgd.')
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-  if cfg.get('keep_zeros'):
-    parts_after = [_keep_zeros(_matching(cfg.keep_zeros, params, 'keep_zeros'))]
-  else:
-    parts_after = []
-  tx = optax.chain(*parts, core, *parts_after, *_lr_scales(cfg.get('lr_scale', ()), params))
+  # A pruned weight's gradient is dropped before clipping, so that the global norm is the sparse model's: the update
+  # of a weight whose gradient is always zero is zero through AdamW and SGD alike (its decay too, as it is zero).
+  parts = [_keep_zeros(_matching(cfg.keep_zeros, params, 'keep_zeros'))] if cfg.get('keep_zeros') else []
+  parts += [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+  tx = optax.chain(*parts, core, *_lr_scales(cfg.get('lr_scale', ()), params))
   if cfg.freeze:
     # Frozen parameters get zero updates and no optimizer state (set_to_zero keeps none).
     labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen_mask(cfg, params))
@@ -111,8 +110,8 @@ def _lr_scales(rules: Sequence[str], params: Any) -> list[optax.GradientTransfor
 
 
 def _keep_zeros(mask: Any) -> optax.GradientTransformation:
-  """Zero updates at the entries that are exactly zero in the parameters `mask` selects (a pruned weight stays
-  pruned: the decoupled weight decay of a zero is zero too). Stateless."""
+  """Zero gradients at the entries that are exactly zero in the parameters `mask` selects, so that a pruned weight
+  stays pruned. Stateless."""
   def update(updates, state, params):
     if params is None:
       raise ValueError('config.optim.keep_zeros needs the parameters in the optimizer update.')

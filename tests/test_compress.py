@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from foundation import compress, config_base, train
+from foundation.data import text
+from foundation.tasks import lm
 from test_configs import load
 
 
@@ -107,13 +109,15 @@ def test_layer_inputs_are_what_each_kernel_multiplies():
   assert report['dense/kernel']['relative_error'] == 0.0 and 0 < report['conv/kernel']['relative_error'] < 1
 
 
-def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp_path, capsys):
+def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp_path, capsys, monkeypatch):
   config = load('configs/distill/fashion_mnist.py').get_config('teacher,smoke')
   config.data.data_dir = tfds_dir
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   out = tmp_path / 'pruned'
+  monkeypatch.chdir(tmp_path)  # --out relative to the working directory, as the README's command gives it
   assert compress.main([f'--workdir={tmp_path / "run"}', '--method=obs', '--pattern=2:4', '--sparsity=0.9',
-                        f'--out={out}', '--calibration_examples=64']) == 0
+                        '--out=pruned', '--calibration_examples=64']) == 0
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('pruned')) == ['pruned']
   summary = json.loads((out / 'compress.json').read_text())
   assert summary['sparsity'] == 0.5  # the pattern's, which overrides --sparsity
   # Every conv and dense kernel is 2:4 sparse (half of it zero), but the stem conv with its 9 inputs.
@@ -183,6 +187,15 @@ def test_decoder_projections_are_pruned_from_their_own_inputs(tfds_dir, tmp_path
   assert compress.main([f'--workdir={tmp_path / "lm"}', f'--out={out}', '--calibration_examples=10000000']) == 2
   assert capsys.readouterr().err.startswith('foundation.compress: --calibration_examples=10000000: ')
   assert not out.exists()
+  # Calibration sequences come from every shard in turn, so that 10 of them read 8 shards: the first batch of 2
+  # rows per shard (shard k's at rows 2k and 2k + 1), interleaved.
+  saved = json.loads((tmp_path / 'lm' / 'config.json').read_text())
+  assert saved['data']['num_shards'] == 8
+  batch = text.train_batches(name=saved['data']['name'], data_dir=tfds_dir, split='train', text_key='text',
+                             tokenizer=lm.tokenizer_for('byte'), seq_len=saved['data']['seq_len'], global_batch=16,
+                             num_shards=8, seed=saved['seed'])[0]
+  np.testing.assert_array_equal(compress._calibration(saved, tfds_dir, 10),
+                                batch['inputs'][[0, 2, 4, 6, 8, 10, 12, 14, 1, 3]])
   assert compress.main([f'--workdir={tmp_path / "lm"}', '--sparsity=0.5', f'--out={out}',
                         '--calibration_examples=16']) == 0
   layers = json.loads((out / 'compress.json').read_text())['layers']

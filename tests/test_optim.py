@@ -82,6 +82,17 @@ def test_keep_zeros_leaves_the_zero_entries_of_matching_params_at_zero(freeze):
   assert np.all(p['layer']['norm']['scale'] == 1.0) == bool(freeze)
 
 
+def test_keep_zeros_clips_the_sparse_model_s_gradient():
+  """SGD at lr 1 with grad_clip 1: the pruned weight's gradient (10) must not count in the clipped norm, so the
+  surviving weight moves by its whole gradient (1), not by 1/sqrt(101) of it."""
+  cfg = optim_config(name='sgd', lr=1.0, b1=0.0, weight_decay=0.0, schedule='constant', warmup_steps=0,
+                     grad_clip=1.0, keep_zeros=('w',), weight_decay_exclude=())
+  p = {'w': jnp.array([0.0, 1.0])}
+  tx, _ = optim.make_optimizer(cfg, p, total_steps=10)
+  updates, _ = tx.update({'w': jnp.array([10.0, 1.0])}, tx.init(p), p)
+  np.testing.assert_allclose(updates['w'], [0.0, -1.0], rtol=1e-6)
+
+
 def test_lr_scale_is_a_learning_rate_per_parameter_group():
   """Three AdamW steps with lr_scale 'layer=0.1' equal three steps of a plain AdamW at a tenth of the learning rate
   on the 'layer' params (weight decay included), and of the plain one elsewhere."""
