@@ -107,6 +107,15 @@ def test_layer_inputs_are_what_each_kernel_multiplies():
   _, report = compress.prune_model(Net(), params, np.asarray(x), method='obs', sparsity=0.5, pattern=None, damp=0.01,
                                    rounds=4)
   assert report['dense/kernel']['relative_error'] == 0.0 and 0 < report['conv/kernel']['relative_error'] < 1
+  # Explicit padding, even the same amounts as SAME's here, is another padding than the patches': refused.
+  class Padded(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name='conv')(x)
+
+  padded = Padded().init(jax.random.key(1), x)['params']
+  with pytest.raises(ValueError, match=r'conv: only plain \(ungrouped, undilated, SAME-padded\) convolutions'):
+    compress.layer_inputs(Padded(), padded, x)
 
 
 def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp_path, capsys, monkeypatch):
