@@ -157,6 +157,9 @@ CHECKSUM_VERSION = 2
 
 
 def _weights(position, version: int, uint32):
+  if version not in (1, 2):
+    raise ValueError(f'checksum_version {version} is newer than this code reads (1 and 2): resume it with the '
+                     'version of foundation that wrote it.')
   if version == 1:
     return position * uint32(2654435761) + uint32(1)
   return position * uint32(2654435761) * uint32(2) + uint32(1)

@@ -271,6 +271,8 @@ def main(argv=None) -> int:
     if args.calibration_examples < 1 or args.damp <= 0 or args.rounds < 1:
       # Without damping, a layer input that is always zero (a dead ReLU channel) makes H singular.
       raise ValueError('--calibration_examples, --rounds and --damp must be positive.')
+    if '://' in args.out:
+      raise ValueError(f'--out={args.out}: compress writes a local directory; copy it to the bucket afterwards.')
     if os.path.exists(args.out):
       raise ValueError(f'--out={args.out} exists; name a new directory (nothing there is overwritten).')
     saved, model, example = _saved_model(args.workdir, args.data_dir or None)

@@ -165,8 +165,9 @@ class MetricWriter:
 
   On resume, the records past the restored step are dropped (the resumed run recomputes exactly those steps), and
   so are the `best/...` values at that step (the evaluation of the selected step, which the resumed run writes
-  again where it ends): the kept ones are rewritten atomically, and the TensorBoard events of the later steps are
-  purged, so no metric repeats at a step. Each record is then appended as one whole line.
+  again where it ends): the kept ones are rewritten atomically, so no metric repeats at a step in metrics.jsonl.
+  TensorBoard's events past the restored step are purged (a rerun's `best/...` at that step is a second point
+  there). Each record is then appended as one whole line.
   """
 
   def __init__(self, workdir: str, *, enabled: bool, resume_step: int | None, warn=print):

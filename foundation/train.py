@@ -36,9 +36,11 @@ from jax.experimental import multihost_utils
 
 from foundation import checkpoint, files, host, metrics, optim, sharding, tasks
 
-# Bumped whenever the structure of the saved state changes; a workdir of another format is refused with a message
-# instead of an orbax tree-structure error.
-CHECKPOINT_FORMAT = 2
+# Bumped whenever the saved state changes; a workdir of a format this code does not read is refused with a message
+# instead of an orbax tree-structure error. Format 3 saves version-2 checksums (checkpoint.CHECKSUM_VERSION), which
+# code of format 2 would take for damage; this code reads both.
+CHECKPOINT_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 
 
 class ConfigError(ValueError):
@@ -242,10 +244,10 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   if files.exists(config_path):
     previous = json.loads(files.read_text(config_path))
     version = previous.get('foundation_version', {})
-    if version.get('checkpoint_format') != CHECKPOINT_FORMAT:
+    if version.get('checkpoint_format') not in READABLE_FORMATS:
       raise ConfigError(f'{workdir} was written by foundation {version.get("commit", "(an older version)")} with '
                         f'checkpoint format {version.get("checkpoint_format", 1)}; this code ({_code_version()}) '
-                        f'reads format {CHECKPOINT_FORMAT}. Resume it with that version, or pick a new --workdir.')
+                        f'reads formats {READABLE_FORMATS}. Resume it with that version, or pick a new --workdir.')
 
   # Model shapes, the optimizer (names, regexes), the frozen sources and the step's shapes: all traced abstractly.
   abstract_params = jax.eval_shape(task.init, jax.random.key(config.seed))
@@ -354,7 +356,7 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
     if not files.isdir(os.path.join(source, 'checkpoints')):
       raise ValueError(f'config.init_from.source={source!r} is a directory without checkpoints/: name a workdir '
                        'of a run that saved a checkpoint.')
-    _check_same_frozen(source, sources)
+    _check_source_run(source, sources, config, task.init_from_fields)
     tree = sources.load('init_from', source, spec.get('params_path', 'params'), want, step=spec.get('step') or None)
   elif task.import_params is None:
     raise ValueError(f'config.init_from.source={source!r} is not a workdir, and task {config.task!r} imports no '
@@ -368,19 +370,32 @@ def _init_from(config, task: tasks.Task, abstract_params, sources: checkpoint.So
   return target, tree
 
 
-def _check_same_frozen(source: str, sources: checkpoint.Sources) -> None:
+def _check_source_run(source: str, sources: checkpoint.Sources, config, fields: Sequence[str]) -> None:
   """Params trained on top of frozen ones (an adapter on its base model) only mean something on the same frozen
-  params: a source run whose frozen source of the same name had other contents is refused."""
+  params, and with the config `fields` the task names (task.init_from_fields): a source run whose frozen source of
+  the same name had other contents, or whose config.json has another value of one of the fields, is refused."""
   try:
-    theirs = json.loads(files.read_text(os.path.join(source, 'config.json'))).get('frozen_sources', {})
+    theirs = json.loads(files.read_text(os.path.join(source, 'config.json')))
   except FileNotFoundError:
     return
+  frozen = theirs.get('frozen_sources', {})
   for name, ours in sources.recorded.items():
-    if name in theirs and theirs[name].get('hash') != ours.get('hash'):
+    if name in frozen and frozen[name].get('hash') != ours.get('hash'):
       where = lambda r: r.get('file') or f'{r.get("workdir")} step {r.get("step")}'
-      raise ValueError(f'config.init_from.source={source!r} was trained with frozen {name!r} = {where(theirs[name])} '
-                       f'(hash {theirs[name].get("hash")}), but this run\'s is {where(ours)} (hash '
+      raise ValueError(f'config.init_from.source={source!r} was trained with frozen {name!r} = {where(frozen[name])} '
+                       f'(hash {frozen[name].get("hash")}), but this run\'s is {where(ours)} (hash '
                        f'{ours.get("hash")}): its params belong to that base. Use the same base, or start fresh.')
+
+  def value(tree, name):
+    for key in name.split('.'):
+      tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+  ours = json.loads(config.to_json_best_effort())  # tuples as JSON lists, as config.json holds them
+  differ = [f'{name}={value(theirs, name)!r} (here {value(ours, name)!r})' for name in fields
+            if value(theirs, name) not in (None, value(ours, name))]  # None: a field its version did not have
+  if differ:
+    raise ValueError(f'config.init_from.source={source!r} was trained with {"; ".join(differ)}: its params mean '
+                     'the same only with those settings; set them as it did, or start fresh.')
 
 
 def _check_memory(abstract_state, shardings) -> int:

@@ -145,8 +145,15 @@ def test_compress_writes_a_pruned_workdir_that_init_from_evaluates(tfds_dir, tmp
   logged = [json.loads(line) for line in (tmp_path / 'eval' / 'metrics.jsonl').read_text().splitlines()]
   assert any('eval/accuracy' in record for record in logged)
   assert only['eval/accuracy'] == pytest.approx(results['eval/accuracy'], abs=1e-6)
-  # Refused before anything is written: the output exists, a sparsity outside [0, 1), a bad pattern.
-  for args, message in (([f'--out={out}'], 'exists'), (['--sparsity=1.0', f'--out={tmp_path / "x"}'], '[0, 1)'),
+  # A write that fails leaves nothing behind, so the same command can run again.
+  with monkeypatch.context() as patch:
+    patch.setattr(compress.checkpoint.Checkpointer, 'save', lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+      compress.main([f'--workdir={tmp_path / "run"}', '--out=failed', '--calibration_examples=64'])
+  assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('failed')]
+  # Refused before anything is written: the output exists or is remote, a sparsity outside [0, 1), a bad pattern.
+  for args, message in (([f'--out={out}'], 'exists'), (['--out=gs://bucket/x'], 'writes a local directory'),
+                        (['--sparsity=1.0', f'--out={tmp_path / "x"}'], '[0, 1)'),
                         (['--pattern=4:2', f'--out={tmp_path / "x"}'], '0 < N < M'),
                         (['--damp=0', f'--out={tmp_path / "x"}'], '--damp must be positive')):
     assert compress.main([f'--workdir={tmp_path / "run"}', *args]) == 2

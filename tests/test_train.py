@@ -547,6 +547,11 @@ def test_a_workdir_of_another_checkpoint_format_is_refused_with_the_versions(tmp
   with pytest.raises(train.ConfigError, match='written by foundation abc1234 with checkpoint format 1'):
     train.prepare(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['config.json']
+  # Format 2 (version-1 checksums) is still read: its checkpoints are checked with the weights they were saved with.
+  (tmp_path / 'config.json').write_text(json.dumps({**json.loads(config.to_json_best_effort()),
+                                                    'foundation_version': {'checkpoint_format': 2,
+                                                                           'commit': 'abc1234'}}))
+  train.prepare(config, str(tmp_path), dry=True)
 
 
 def _smoke_config(tfds_dir, **fields):

@@ -53,6 +53,10 @@ class Task(NamedTuple):
   # and gradient accumulation, which would compute it on a device's share or a microbatch instead.
   batch_coupled_loss: bool = False
   tokens_per_example: int = 0      # for tokens/s; 0 when examples are not token sequences
+  # Dotted config fields that a run started from another run's workdir (config.init_from) must share with that run,
+  # because its params mean something only with them (an adapter's initial tokens, LoRA's scale); checked when
+  # init_from is applied, a fresh start.
+  init_from_fields: tuple[str, ...] = ()
 
 
 def build(config) -> Task:

@@ -43,7 +43,6 @@ length within windows of `data.sort_window` batches, so they pad little.
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -376,7 +375,8 @@ def build(config) -> Task:
   return Task(init=init, loss=loss, train_batches=train_batches, evaluate=evaluate, frozen=frozen,
               selection_metrics=selection_metrics,
               import_params=import_gguf(model_cfg) if method in LM_TRAINED else None,
-              flops_per_example=flops_per_example, tokens_per_example=int(round(body_length)))
+              flops_per_example=flops_per_example, tokens_per_example=int(round(body_length)),
+              init_from_fields=_adapter_fields(config))
 
 
 def _lora_leaves(params: dict) -> dict:
@@ -461,13 +461,14 @@ def _check_method(config, model_cfg) -> str:
     raise ValueError(f'config.tune.method={tune.method!r} trains the LM\'s weights, which start from '
                      f'config.init_from: set --config.init_from.source={config.lm.source} '
                      '--config.init_from.target=lm.')
-  _check_adapter_source(config)
   return tune.method
 
 
-def _adapter_fields(config) -> list[str]:
-  """The config fields, beside the base model, that give a trained adapter its meaning: its shape and scale, and the
-  tokens whose embeddings (or keys and values) its saved offset is added to."""
+def _adapter_fields(config) -> tuple[str, ...]:
+  """The config fields, beside the base model, that give a trained adapter its meaning (task.init_from_fields): its
+  shape and scale, and the tokens whose embeddings (or keys and values) its saved offset is added to, which
+  config.seed draws for 'vocab' and 'labels' inits (so an adapter evaluated in context varies its demonstrations by
+  icl.draws, not by seed)."""
   tune = config.tune
   fields = {'prompt': ['tune.init', 'tune.length'], 'prefix': ['tune.init', 'tune.length', 'tune.prefix_hidden'],
             'lora': ['tune.lora_rank', 'tune.lora_alpha', 'tune.lora_targets']}.get(tune.method, [])
@@ -475,29 +476,7 @@ def _adapter_fields(config) -> list[str]:
     fields += ['seed'] + ['prompt.label_words'] * (tune.init == 'labels')
   if fields and config.lm.source == RANDOM_SOURCE:  # the random base model is drawn from the seed
     fields += ['seed', 'lm.random_model']
-  return list(dict.fromkeys(fields))
-
-
-def _check_adapter_source(config) -> None:
-  """An adapter loaded from another run's workdir (config.init_from.source) must be built as it was trained: the
-  checkpoint holds only the learned values (a soft prompt's offset from its initial tokens' embeddings, LoRA's
-  factors before their alpha / rank scale), so another seed, init or label words would rebuild another adapter."""
-  source = config.init_from.source
-  fields = _adapter_fields(config)
-  if not fields or not source or not files.exists(os.path.join(source, 'config.json')):
-    return
-  theirs = json.loads(files.read_text(os.path.join(source, 'config.json')))
-  ours = json.loads(config.to_json_best_effort())
-
-  def value(tree, name):
-    for key in name.split('.'):
-      tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-  differ = [f'{name}={value(theirs, name)!r} there, {value(ours, name)!r} here' for name in fields
-            if value(theirs, name) not in (None, value(ours, name))]  # None: a field its version did not have
-  if differ:
-    raise ValueError(f'config.init_from.source={source!r} trained its {config.tune.method} adapter with other '
-                     f'settings ({"; ".join(differ)}): set them as it did, or it loads as another adapter.')
+  return tuple(dict.fromkeys(fields))
 
 
 def _check_fields(config) -> None:
