@@ -385,17 +385,13 @@ def _check_source_run(source: str, sources: checkpoint.Sources, config, fields: 
       raise ValueError(f'config.init_from.source={source!r} was trained with frozen {name!r} = {where(frozen[name])} '
                        f'(hash {frozen[name].get("hash")}), but this run\'s is {where(ours)} (hash '
                        f'{ours.get("hash")}): its params belong to that base. Use the same base, or start fresh.')
-
-  def value(tree, name):
-    for key in name.split('.'):
-      tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-  ours = json.loads(config.to_json_best_effort())  # tuples as JSON lists, as config.json holds them
-  differ = [f'{name}={value(theirs, name)!r} (here {value(ours, name)!r})' for name in fields
-            if value(theirs, name) not in (None, value(ours, name))]  # None: a field its version did not have
+  # Fields its config.json lacks (added to the code after that run) are not compared.
+  differ = {k: v for k, v in config_differences(theirs, json.loads(config.to_json_best_effort()),
+                                                new_fields=False).items() if _is_within(k, fields)}
   if differ:
-    raise ValueError(f'config.init_from.source={source!r} was trained with {"; ".join(differ)}: its params mean '
-                     'the same only with those settings; set them as it did, or start fresh.')
+    shown = '; '.join(f'{k}={a!r} (here {b!r})' for k, (a, b) in differ.items())
+    raise ValueError(f'config.init_from.source={source!r} was trained with {shown}: its params mean the same only '
+                     'with those settings; set them as it did, or start fresh.')
 
 
 def _check_memory(abstract_state, shardings) -> int:
