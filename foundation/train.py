@@ -35,6 +35,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from foundation import checkpoint, files, host, metrics, optim, sharding, tasks
+from foundation.data import text
 
 # Bumped whenever the saved state changes; a workdir of a format this code does not read is refused with a message
 # instead of an orbax tree-structure error. Format 3 saves version-2 checksums (checkpoint.CHECKSUM_VERSION), which
@@ -122,7 +123,7 @@ PROFILE_DIR = 'profile'
 # Where --eval_only writes its results (step_<N>.json), inside the workdir.
 EVAL_ONLY_DIR = 'eval_only'
 # Written into config.json beside the config, never compared as config fields.
-RECORD_FIELDS = ('frozen_sources', 'foundation_version')
+RECORD_FIELDS = ('frozen_sources', 'foundation_version', 'data_version')
 
 # The loop dispatches steps ahead of the device and fetches their metrics once per log interval; it waits for a
 # step once this many newer ones are queued behind it. Enough to hide dispatch on any accelerator, and a bound is
@@ -281,10 +282,21 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
                                                              frozen), global_batch)
 
   resolved = json.loads(config.to_json_best_effort())
+  data = config.get('data') or {}
+  # The dataset's version: another one (a builder that changed) may hold other examples or order them otherwise, so
+  # the run would not go on with the batches it would have seen.
+  data_version = text.prepared_version(data.name, data.data_dir) if data.get('name') and data.get('data_dir') else None
   changes = {}
   if previous is not None:
     changes = config_differences(previous, resolved)
+    if previous.get('data_version', data_version) != data_version:  # a record from before versions were has none
+      changes['data.version'] = [previous['data_version'], data_version]
     refused = [k for k in changes if not _is_within(k, allow_config_change)]
+    if 'data.version' in refused:
+      raise ConfigError(f'{workdir} holds a run that read version {changes["data.version"][0]} of {data.name}, but '
+                        f'{data.data_dir} now gives version {data_version}, whose examples may differ or come in '
+                        'another order. Resume it with the code that builds the version it read, pick a new '
+                        '--workdir, or accept the change with --allow_config_change=data.')
     if refused:
       shown = ', '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in refused[:6])
       raise ConfigError(f'{workdir} holds a run with a different config ({shown}). Rerun with the same config to '
@@ -292,7 +304,8 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
                         f'--allow_config_change={",".join(sorted({k.split(".")[0] for k in refused}))}.')
   restore_step = _check_resume(workdir, config.restore_step, saved, abstract_state) if resume else 0
   record = {**resolved, 'frozen_sources': {**(previous or {}).get('frozen_sources', {}), **sources.recorded},
-            'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()}}
+            'foundation_version': {'checkpoint_format': CHECKPOINT_FORMAT, 'commit': _code_version()},
+            'data_version': data_version}
   return Prepared(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule, shardings=shardings, frozen=frozen,
                   frozen_shardings=frozen_shardings, init_params=init_params, record=record, changes=changes,
                   traced_step=traced_step, state_bytes_per_device=state_bytes, batch=global_batch,

@@ -379,6 +379,18 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
                                               r'than this config builds \(opt_state/.*init_from.source='):
     train.prepare(config, str(tmp_path), allow_config_change=('optim',))
   assert saved_steps(tmp_path) == steps and sorted(os.listdir(tmp_path)) == sorted(listing)
+  # The dataset's version is recorded; a resume onto another version (a builder changed since) is refused.
+  from foundation.data.shakespeare import ShakespearePlays
+  record = json.loads((tmp_path / 'config.json').read_text())
+  assert record['data_version'] == str(ShakespearePlays.VERSION)
+  (tmp_path / 'config.json').write_text(json.dumps({**record, 'data_version': '0.9.0'}))
+  config = _smoke_config(tfds_dir, num_train_steps=4)
+  with pytest.raises(train.ConfigError, match=rf'read version 0.9.0 of shakespeare_plays, but .* now gives version '
+                                              rf'{ShakespearePlays.VERSION}, .* --allow_config_change=data\.$'):
+    train.prepare(config, str(tmp_path))
+  accepted = train.prepare(config, str(tmp_path), allow_config_change=('data',))
+  assert accepted.changes == {'data.version': ['0.9.0', str(ShakespearePlays.VERSION)]}
+  assert saved_steps(tmp_path) == steps and sorted(os.listdir(tmp_path)) == sorted(listing)
 
 
 def test_a_workdir_url_that_cannot_be_written_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -75,6 +75,12 @@ def check_prepared(name: str, data_dir: str, splits: Sequence[str]) -> None:
                             f'it with:\n  {command}')
 
 
+def prepared_version(name: str, data_dir: str) -> str:
+  """The version of TFDS dataset `name` that a run reads from `data_dir`: the newest one the code defines."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return str(tfds.builder(name, data_dir=data_dir).info.version)
+
+
 def check_disjoint(name: str, data_dir: str, splits: dict[str, str]) -> None:
   """Raises ValueError when two of `splits` ({config field: split spec}, prepared ones) share examples: 'train' and
   'train[50000:]' do, 'train[:50000]' and 'train[50000:]' do not."""
