@@ -12,34 +12,37 @@ label words): each value goes before --config's own variants, `+` joining severa
 that a modifier given in --config (`:smoke`) applies last and keeps its say over the cell's. A value that is one
 quoted string is passed without its quotes (they only protect commas). A cell is one combination of values; each
 cell runs `--seeds` times with `--config.seed=0..seeds-1` into `ROOT/<cell>/seed_<s>`, where `<cell>` spells the
-cell's overrides (`optim.lr=0.001,model.num_layers=2`) without quotes and spaces, and with characters a filesystem
-would mind (`/`, `:`, ...) replaced by `_`.
+cell's overrides (`optim.lr=0.001,model.num_layers=2`); where a value has quotes, spaces or characters a filesystem
+would mind (`/`, `:`, ...), they are left out or replaced by `_`, and a hash of the overrides ends the name, so that
+a cell's directory depends on that cell alone.
 
 Everything is checked before any run starts or anything is written: the config loads, and every `--set` and grid
 value parses into it through the same loader `foundation.main` uses (`config_flags`), so a typo fails here, once,
 with exit status 2, instead of in every run.
 
-Runs go one after another as subprocesses that print to this terminal. A run that exits 0 having finished (the
-loop's `finished.json`: its final evaluation written, early stopping included) gets a `.sweep_done` marker holding
-its command; rerunning the sweep skips the runs whose marker matches and
-reruns the others, which resume from their checkpoints. (A run whose command changed, say by another `--set`, is
-rerun, and `foundation.main` refuses a workdir that holds another config: give a changed sweep a new root.) A
-failing run does not stop the sweep: it is reported at the end, and the exit status is 1. `--jobs=print` prints
-the commands of the runs not yet marked done (one per line, shell-quoted) instead of running them, to submit them
-as separate jobs; `--table_only` builds the tables once they have finished.
+Runs go one after another as subprocesses that print to this terminal. Rerunning the sweep skips the runs that
+have finished (the loop's `finished.json`: the final evaluation written, early stopping included), however they
+were run, whose `config.json` is the config their cell's command resolves to now; the others run, and resume from
+their checkpoints. (A run whose config changed, say by another `--set`, is rerun, and `foundation.main` refuses a
+workdir that holds another config: give a changed sweep a new root.) Ctrl-C stops the sweep after the run it
+interrupted has saved its checkpoint. A failing run does not stop the sweep: it is reported at the end, and the
+exit status is 1. `--jobs=print` prints the commands of the runs not done (one per line, shell-quoted) instead of
+running them, to submit them as separate jobs; `--table_only` builds the tables once they have finished. A run
+that exits 0 here gets a `.sweep_done` marker holding its command.
 
 The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. For every metric (default: every
 `eval/...` key logged) they give the mean and the sample standard deviation (ddof=1; undefined for a single seed)
 over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over the
-runs that have it: the CSV's `<metric> n`, and `[k of n]` in the markdown; `a|b` takes each run's `a`, or its `b`
-where it has no `a`, so that `best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run that trains
-and the only evaluation of one that does not), and n, the number of finished runs. A run counts as finished when it
-wrote `finished.json`, however it was run (a run that crashed in its final evaluation, or was stopped, has not). The
-tables cover the cells of the latest sweep started or printed for the root (`ROOT/sweep.json`); a finished run whose
-`config.json` differs from the config its cell's command resolves to now (another `--set`, an edited config file or
-default, a resume with `--allow_config_change`) is left out of them, with the fields that differ; fields added to
-the code after the run are not compared. Build the tables from the directory the sweep ran in (its --config path is
-relative).
+runs that have it: the CSV's `<metric> n`, and `[k of n]` in the markdown; a value that is not finite, as a diverged
+seed logs, is left out of the mean and std and counted apart, `[k of n; j not finite]`; `a|b` takes each run's `a`,
+or its `b` where it has no `a`, so that `best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run
+that trains and the only evaluation of one that does not), and n, the number of finished runs. A run counts as
+finished when it wrote `finished.json`, however it was run (a run that crashed in its final evaluation, or was
+stopped, has not). The tables cover the cells of the latest sweep started or printed for the root
+(`ROOT/sweep.json`); a finished run whose `config.json` differs from the config its cell's command resolves to now
+(another `--set`, an edited config file or default, a resume with `--allow_config_change`) is left out of them, with
+the fields that differ; fields added to the code after the run are not compared. Build the tables from the directory
+the sweep ran in (its --config path is relative).
 """
 
 import argparse
@@ -149,21 +152,19 @@ def parse_sets(texts: list[str]) -> dict[str, str]:
 
 
 def _safe_name(overrides: dict[str, str]) -> str:
+  """The overrides as written where that is a safe file name; else cleaned and cut to length, and ended by a hash
+  of the overrides (names that cleaning made equal stay apart, whatever else the grid holds)."""
   raw = ','.join(f'{field}={value}' for field, value in overrides.items()) or 'default'
   name = _UNSAFE.sub('_', re.sub(r'[\'"\s]', '', raw))  # quotes and spaces carry nothing in a name
-  if len(name) > _MAX_NAME:
-    name = name[:_MAX_NAME - 9] + '~' + hashlib.sha1(raw.encode()).hexdigest()[:8]
-  return name
+  if name == raw and len(name) <= _MAX_NAME:
+    return name
+  return name[:_MAX_NAME - 9] + '~' + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def make_cells(grid: dict[str, list[str]]) -> list[Cell]:
-  """The Cartesian product of the grid, first field slowest; names that sanitising made equal get a hash suffix."""
+  """The Cartesian product of the grid, first field slowest."""
   cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
   names = [_safe_name(overrides) for overrides in cells]
-  for i, name in enumerate(names):
-    if names.count(name) > 1:
-      raw = json.dumps(cells[i], sort_keys=True)
-      names[i] = f'{name}~{hashlib.sha1(raw.encode()).hexdigest()[:8]}'
   if len(set(names)) != len(names):
     raise SweepError('the grid has the same cell twice (a value repeated within a field?)')
   return [Cell(name, overrides) for name, overrides in zip(names, cells)]
@@ -225,8 +226,11 @@ def validate(config: str, grid: dict[str, list[str]], sets: dict[str, str], seed
   for field, values in grid.items():  # one value at a time, so an error names the value at fault
     for value in values:
       load({**sets, field: value}, f'grid value {field}={value}')
+  resolved = {}
   for cell in make_cells(grid):
-    load({**sets, **cell.overrides}, f'cell {cell.name}')
+    same = resolved.setdefault(load({**sets, **cell.overrides}, f'cell {cell.name}').to_json_best_effort(), cell)
+    if same is not cell:  # 1e-3 and 0.001: one run's compute twice, and two rows of one thing
+      raise SweepError(f'cells {same.name} and {cell.name} give the same config; keep one spelling of the value')
 
 
 def with_variant(config: str, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -268,14 +272,10 @@ def finished(workdir: str) -> bool:
           and os.path.getmtime(metrics) <= os.path.getmtime(marker))
 
 
-def _marked_done(workdir: str, command: list[str]) -> bool:
-  """Whether this exact run (its arguments; not the interpreter's path) finished under the sweep before, and is
-  still finished."""
-  try:
-    with open(os.path.join(workdir, DONE_MARKER)) as f:
-      return json.load(f)['args'] == command[1:] and finished(workdir)
-  except (OSError, ValueError, KeyError):
-    return False
+def done(workdir: str, config: str, sets: dict[str, str], cell: Cell, seed: int) -> bool:
+  """Whether the run of this cell and seed has finished, however it was run (here, or as a job printed by
+  --jobs=print): its workdir holds a finished run of the config that the cell's command resolves to now."""
+  return finished(workdir) and other_config(workdir, config, sets, cell, seed) is None
 
 
 def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], seeds: int) -> list[str]:
@@ -285,11 +285,18 @@ def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], see
   for i, (cell, seed) in enumerate(itertools.product(cells, range(seeds)), 1):
     workdir = _workdir(root, cell.name, seed)
     command = run_command(config, workdir, sets, cell, seed)
-    if _marked_done(workdir, command):
+    if done(workdir, config, sets, cell, seed):
       print(f'[sweep {i}/{total}] {workdir}: finished before, skipped', flush=True)
       continue
     print(f'[sweep {i}/{total}] {workdir}: running\n  {shlex.join(command)}', flush=True)
-    returncode = subprocess.run(command).returncode
+    run = subprocess.Popen(command)
+    try:
+      returncode = run.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the run too, which saves its checkpoint and stops: let it
+      print(f'[sweep] interrupted: {workdir} saves its checkpoint before it stops (Ctrl-C again: stop waiting)',
+            file=sys.stderr, flush=True)
+      run.wait()
+      raise
     if returncode != 0:
       failures.append(f'{workdir}: exit status {returncode}')
     elif not os.path.exists(os.path.join(workdir, files.FINISHED_FILE)):
@@ -305,8 +312,9 @@ def run_all(config: str, root: str, sets: dict[str, str], cells: list[Cell], see
 class Row(NamedTuple):
   cell: Cell
   n: int                                     # finished runs
-  stats: dict[str, tuple[float, float]]      # metric -> (mean, sample std); NaN where undefined
-  counts: dict[str, int]                     # metric -> how many of the n runs logged it
+  stats: dict[str, tuple[float, float]]      # metric -> (mean, sample std) of its finite values; NaN where undefined
+  counts: dict[str, int]                     # metric -> how many of the n runs logged it as a finite number
+  nonfinite: dict[str, int]                  # metric -> how many logged NaN or an infinity (a diverged seed, say)
 
 
 def last_values(records: list[dict]) -> dict[str, float]:
@@ -373,8 +381,9 @@ def collect(root: str, manifest: dict,
   for cell in cells:
     runs = done.get(cell.name, [])
     values = {m: [float(v) for last in runs if (v := _value(last, m)) is not None] for m in metrics}
-    rows.append(Row(cell, len(runs), {m: mean_and_std(v) for m, v in values.items()},
-                    {m: len(v) for m, v in values.items()}))
+    finite = {m: [v for v in vs if math.isfinite(v)] for m, vs in values.items()}
+    rows.append(Row(cell, len(runs), {m: mean_and_std(v) for m, v in finite.items()},
+                    {m: len(v) for m, v in finite.items()}, {m: len(values[m]) - len(finite[m]) for m in metrics}))
   return rows, metrics, left_out
 
 
@@ -383,21 +392,24 @@ def _value(last: dict[str, float], metric: str) -> float | None:
   return next((last[m] for m in metric.split('|') if m in last), None)
 
 
-def _format(mean: float, std: float, count: int, n: int) -> str:
-  """mean (std), and how many of the cell's n runs it is over where some did not log the metric."""
-  if math.isnan(mean):
+def _format(mean: float, std: float, count: int, n: int, nonfinite: int) -> str:
+  """mean (std), and how many of the cell's n runs it is over where some did not log the metric or logged a value
+  that is not finite."""
+  if not count and not nonfinite:
     return '-'
-  text = f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ({std:.2g})'
-  return text if count == n else f'{text} [{count} of {n}]'
+  text = '-' if not count else f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ({std:.2g})'
+  return text if count == n else f'{text} [{count} of {n}' + (f'; {nonfinite} not finite]' if nonfinite else ']')
 
 
 def markdown_table(rows: list[Row], fields: list[str], metrics: list[str]) -> str:
-  line = lambda cells: '| ' + ' | '.join(str(c).replace('|', r'\|') for c in cells) + ' |'  # a|b, a regex's pipe
+  # a|b and a regex's pipe escaped; a template's line break written as \n, so that a row stays one line
+  line = lambda cells: '| ' + ' | '.join(str(c).replace('|', r'\|').replace('\n', r'\n') for c in cells) + ' |'
   lines = [line([*(fields or ['cell']), *metrics, 'n']),
            '|' + '|'.join([' --- '] * len(fields or ['cell']) + [' ---: '] * (len(metrics) + 1)) + '|']
   for row in rows:
     keys = [row.cell.overrides[f] for f in fields] if fields else [row.cell.name]
-    lines.append(line([*keys, *(_format(*row.stats[m], row.counts[m], row.n) for m in metrics), row.n]))
+    lines.append(line([*keys, *(_format(*row.stats[m], row.counts[m], row.n, row.nonfinite[m]) for m in metrics),
+                       row.n]))
   return '\n'.join(lines) + '\n'
 
 
@@ -477,8 +489,14 @@ def write_tables(root: str, metrics: list[str] | None) -> tuple[list[Row], list[
       manifest = json.load(f)
   except OSError:
     raise SweepError(f'{root} holds no {MANIFEST}: run the sweep (or --jobs=print) first') from None
+  except ValueError as e:
+    raise SweepError(f'{os.path.join(root, MANIFEST)} is not readable JSON ({e}): run the sweep again') from None
   fields = list(manifest['grid'])
   rows, metrics, left_out = collect(root, manifest, metrics or manifest['metrics'])
+  if any(r.n for r in rows):
+    for metric in metrics:
+      if not any(r.counts[metric] or r.nonfinite[metric] for r in rows):
+        print(f'[sweep] no finished run logged {metric}: a misspelled --metrics?', file=sys.stderr)
   sets = ''.join(f' --set={k}={v}' for k, v in manifest['set'].items())
   title = f'{manifest["config"]}{sets}, {manifest["seeds"]} seeds'
   with open(os.path.join(root, 'table.md'), 'w') as f:
@@ -503,7 +521,7 @@ def parse_args(argv: list[str] | None = None):
   parser.add_argument('--grid', help="fields and their values: 'field=v1,v2;field2=a,b'")
   parser.add_argument('--seeds', type=int, default=1, help='runs per cell, with config.seed = 0, ..., seeds - 1')
   parser.add_argument('--root', required=True, help='directory of the sweep: a subdirectory per cell, the tables')
-  parser.add_argument('--metrics', type=lambda s: [m for m in s.split(',') if m],
+  parser.add_argument('--metrics', type=lambda s: [m.strip() for m in s.split(',') if m.strip()],
                       help='comma-separated metrics of the tables (default: every eval/... key logged); a|b: a, '
                       'or b where a run has no a')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
@@ -516,7 +534,12 @@ def parse_args(argv: list[str] | None = None):
 
 def sweep(args) -> int:
   """Validates, runs (or prints) the runs, writes the tables; returns the exit status."""
-  root = os.path.normpath(args.root)  # one spelling of each workdir, as the markers record it
+  if files.is_remote(args.root):
+    raise SweepError(f'--root={args.root}: a sweep keeps its runs under a local directory (it reads their results '
+                     'from there); give one on this machine')
+  if os.path.exists(args.root) and not os.path.isdir(args.root):
+    raise SweepError(f'--root={args.root} is a file; give a directory')
+  root = os.path.normpath(args.root)  # one spelling of each workdir
   if args.table_only:
     rows, left_out = write_tables(root, args.metrics)
     failures = []
@@ -532,9 +555,9 @@ def sweep(args) -> int:
                  'cells': [c._asdict() for c in cells]}, f, indent=1)
     if args.jobs == 'print':
       for cell, seed in itertools.product(cells, range(args.seeds)):
-        command = run_command(args.config, _workdir(root, cell.name, seed), sets, cell, seed)
-        if not _marked_done(_workdir(root, cell.name, seed), command):
-          print(shlex.join(command))
+        workdir = _workdir(root, cell.name, seed)
+        if not done(workdir, args.config, sets, cell, seed):
+          print(shlex.join(run_command(args.config, workdir, sets, cell, seed)))
       print(f'When they have finished: python -m foundation.sweep --root={shlex.quote(root)} --table_only',
             file=sys.stderr)
       return 0
@@ -557,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
   except SweepError as e:
     print(f'sweep: error: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print('[sweep] stopped by Ctrl-C; rerun the same command to go on', file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

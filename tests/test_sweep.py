@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -90,6 +92,10 @@ def test_cell_names_are_readable_filesystem_safe_and_distinct():
   assert len(set(names)) == len(names) == 4
   assert all(re.fullmatch(r'[A-Za-z0-9._,=+()~-]+', n) and '/' not in n for n in names), names
   assert cells[0].overrides == {'data.name': 'a b', 'optim.freeze': "('a/',)"}
+  # A cell's directory is its own: adding a value that cleans to the same spelling does not move it.
+  alone = sweep.make_cells(sweep.parse_grid("prompt.template='{text} It was'"))
+  grown = sweep.make_cells(sweep.parse_grid("prompt.template='{text} It was','{text}  It was'"))
+  assert grown[0] == alone[0] and grown[1].name != alone[0].name
 
 
 def test_jobs_print_prints_shell_quoted_commands_and_writes_no_run(tmp_path, capsys):
@@ -99,8 +105,10 @@ def test_jobs_print_prints_shell_quoted_commands_and_writes_no_run(tmp_path, cap
                      '--set=num_train_steps=3']) == 0
   lines = capsys.readouterr().out.splitlines()
   expected = []
-  for cell, freeze in (('optim.freeze=(),data.name=a,b', '()'),
-                       ('optim.freeze=(layers_0_,xy),data.name=a,b', "('layers_0/', 'x y')")):
+  cells = [c.name for c in sweep.make_cells(sweep.parse_grid(grid))]
+  assert cells[0] == 'optim.freeze=(),data.name=a,b'
+  assert re.fullmatch(r'optim.freeze=\(layers_0_,xy\),data.name=a,b~[0-9a-f]{8}', cells[1]), cells[1]
+  for cell, freeze in zip(cells, ('()', "('layers_0/', 'x y')")):
     for seed in (0, 1):
       expected.append([sys.executable, '-m', 'foundation.main', f'--config={SMOKE}',
                        f'--workdir={root}/{cell}/seed_{seed}', '--config.num_train_steps=3',
@@ -130,6 +138,8 @@ def test_a_bad_field_fails_with_exit_2_before_anything_is_written(tmp_path):
     ((f'--config={SMOKE}', '--grid=seed=1,2'), 'grid field seed is also set by --seeds'),
     ((f'--config={SMOKE}', '--grid=optim.lr=(0.1'), "unclosed ')'"),
     ((f'--config={SMOKE}',), '--config and --grid are required'),
+    ((f'--config={SMOKE}', '--grid=optim.lr=1e-3,0.001'),
+     'cells optim.lr=1e-3 and optim.lr=0.001 give the same config'),
 ])
 def test_bad_sweeps_fail_with_exit_2_before_anything_is_written(tmp_path, capsys, args, message):
   root = tmp_path / 'root'
@@ -277,6 +287,30 @@ def test_a_marker_counts_while_its_run_is_unchanged_and_a_damaged_run_is_left_ou
   assert f'--workdir={workdir(0, 1)}' in printed and f'--workdir={workdir(0, 0)}' not in printed, printed
 
 
+def test_a_value_that_is_not_finite_is_counted_apart_and_a_metric_no_run_logged_is_named(tmp_path, capsys):
+  root, grid = str(tmp_path), 'optim.lr=0.01'
+  assert sweep.main([f'--config={SMOKE}', f'--grid={grid}', '--seeds=3', f'--root={root}', '--jobs=print']) == 0
+  cell, = sweep.make_cells(sweep.parse_grid(grid))
+  for seed, loss in enumerate([1.0, 2.0, float('nan')]):  # json writes the diverged seed's NaN as the loop does
+    fake_run(root, cell, seed, {'train/loss': 1.0, 'eval/loss': loss}, {})
+  capsys.readouterr()
+  assert sweep.main([f'--root={root}', '--table_only', '--metrics=eval/los, eval/loss']) == 0
+  row = read_csv(os.path.join(root, 'table.csv'))[cell.name]
+  assert (float(row['eval/loss mean']), row['eval/loss n'], row['n']) == (1.5, '2', '3')
+  np.testing.assert_allclose(float(row['eval/loss std']), np.std([1.0, 2.0], ddof=1), rtol=1e-12)
+  markdown = open(os.path.join(root, 'table.md')).read()
+  assert f'| 0.01 | - | 1.5 ({np.std([1.0, 2.0], ddof=1):.2g}) [2 of 3; 1 not finite] | 3 |' in markdown, markdown
+  assert '[sweep] no finished run logged eval/los: a misspelled --metrics?' in capsys.readouterr().err
+
+
+def test_a_remote_root_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)  # where os.makedirs('gs:/bucket') would make a local 'gs:' directory
+  config = os.path.join(REPO, SMOKE)
+  assert sweep.main([f'--config={config}', '--grid=optim.lr=0.01', '--root=gs://bucket/sweep', '--jobs=print']) == 2
+  assert 'a sweep keeps its runs under a local directory' in capsys.readouterr().err
+  assert not os.listdir(tmp_path)
+
+
 def test_a_metric_with_alternatives_takes_each_runs_first_logged_one(tmp_path):
   """`best/eval/accuracy|eval/accuracy`: a run that trains reports its selected step's number, one that trains
   nothing its only evaluation, and a run with both its first alternative; a run with neither is left out. The
@@ -344,10 +378,50 @@ def test_a_sweep_runs_tabulates_and_skips_finished_runs_on_rerun(tmp_path, tfds_
   assert {w: os.stat(os.path.join(w, 'metrics.jsonl')).st_mtime_ns for w in workdirs} == mtimes
   assert read_csv(os.path.join(root, 'table.csv')) == table
 
-  # A run without its marker (killed, say) is the only one left to do.
-  os.remove(os.path.join(workdirs[1], sweep.DONE_MARKER))
-  printed = run_sweep(*args, '--jobs=print').stdout.splitlines()
+  # A finished run counts however it was run (no marker: a job printed by --jobs=print) and whatever the order of
+  # the --set flags; one that has not finished (killed, say) is the only one left to do.
+  for workdir in workdirs:
+    os.remove(os.path.join(workdir, sweep.DONE_MARKER))
+  os.remove(os.path.join(workdirs[1], 'finished.json'))
+  printed = run_sweep(*args[:4], *reversed(args[4:]), '--jobs=print').stdout.splitlines()
   assert len(printed) == 1 and f'--workdir={workdirs[1]}' in shlex.split(printed[0])
+
+
+# Runs the sweep of one cell whose run, in place of foundation.main, stops as the loop does on SIGINT: it takes a
+# second to save its checkpoint, then exits.
+INTERRUPTED_SWEEP = """
+import os, sys
+from foundation import sweep
+run = '''
+import os, signal, sys, time
+def save_and_stop(*_):
+  time.sleep(1)  # writing its checkpoint
+  open(os.path.join(sys.argv[1], 'saved'), 'w').close()
+  sys.exit(0)
+signal.signal(signal.SIGINT, save_and_stop)
+open(os.path.join(sys.argv[1], 'ready'), 'w').close()
+signal.pause()
+'''
+sweep.run_command = lambda config, workdir, *_: (os.makedirs(workdir), [sys.executable, '-c', run, workdir])[1]
+sys.exit(sweep.main(['--config=' + sys.argv[2], '--grid=optim.lr=0.01', '--root=' + sys.argv[1]]))
+"""
+
+
+def test_ctrl_c_stops_the_sweep_after_its_run_has_saved(tmp_path):
+  workdir = tmp_path / 'optim.lr=0.01' / 'seed_0'
+  driver = subprocess.Popen([sys.executable, '-c', INTERRUPTED_SWEEP, str(tmp_path), SMOKE], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (workdir / 'ready').exists() and driver.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert (workdir / 'ready').exists(), driver.communicate(timeout=5)
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground group
+    _, err = driver.communicate(timeout=60)
+  finally:
+    driver.kill()
+  assert (workdir / 'saved').exists(), err
+  assert driver.returncode == 130 and 'stopped by Ctrl-C' in err, err
 
 
 def test_a_failing_run_is_reported_and_the_sweep_exits_nonzero(tmp_path, tfds_dir):
