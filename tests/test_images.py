@@ -196,6 +196,8 @@ def test_training_records_and_batches_of_a_class_filter_with_a_label_budget(tfds
   assert images.training_records(**kwargs) is None  # no filter, no budget: every record
   with pytest.raises(ValueError, match='shots_per_class=301, but class 0 has only 300'):
     images.training_records(**kwargs, shots_per_class=301)
+  with pytest.raises(ValueError, match=r'config.seed=-1 draws the few-shot examples and must be >= 0'):
+    images.training_records(**kwargs, shots_per_class=1, seed=-1)
   # A cut-down split that lacks a class (the records before the first of the class that shows up last) is refused,
   # not trained on the classes it has.
   firsts = [int(np.flatnonzero(all_y == c)[0]) for c in range(10)]

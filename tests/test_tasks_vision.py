@@ -2,13 +2,14 @@
 batch; retrieval with class labels."""
 
 import json
+import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from foundation import checkpoint, tasks, train
+from foundation import checkpoint, config_base, tasks, train
 from foundation.evaluate import zero_shot
 from foundation.tasks import clip
 from test_configs import load, step_flops
@@ -120,13 +121,18 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   top.data.data_dir = tfds_dir
   for field, value, message in [
       ('model.cnn.widths', (8, 16, 32), r"made by :finetune_top for a 2-stage CNN, but the encoder here is a 3-stage "
-                                        r"CNN: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0\|stage1\)',"
+                                        r"CNN: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0_\|stage1_\)',"
                                         r"\)\" --config.finetune_top_stages=3"),
       ('eval.source_probe_examples', -1, 'source_probe_examples=-1 must be a whole number of at least 0')]:
     bad = top.copy_and_resolve_references()
     bad.update_from_flattened_dict({field: value})
     with pytest.raises(train.ConfigError, match=message):
       train.prepare(bad, str(tmp_path / 'wrong'))
+  # Each stage's name is matched whole: with 11 stages, stage1 does not freeze stage10 (the top one).
+  freeze = re.compile(config_base.below_top_stage(11))
+  names = ('stem/kernel', 'stem_norm/scale', 'stage1_block0/conv1/kernel', 'stage9_block1/conv2/kernel',
+           'stage10_block0/conv1/kernel')
+  assert [bool(freeze.match(f'backbone/{name}')) for name in names] == [True, True, True, True, False]
   # A freeze written by hand is the user's, whatever it spells: the lower stage frozen, the top one and head train.
   own = config.copy_and_resolve_references()
   own.optim.freeze = ('^backbone/(stem|stage0)',)

@@ -159,6 +159,8 @@ def test_bad_prompt_configs_are_refused_before_anything_is_written(sources, tfds
       ('padding', sources['vit'], dict(class_map=(0,) * 10), 'entries must be distinct source classes'),
       ('padding', sources['vit'], dict(width=14), 'leaves no image inside the border; choose 1..13'),
       ('patch', sources['vit'], dict(patch_size=8, patch_at=(0, 24)), 'does not fit'),
+      ('padding', sources['vit'], dict(class_map=(0.5, *range(1, 10))), 'entries must be distinct source classes'),
+      ('patch', sources['vit'], dict(patch_at=(0, 0, 0)), r'patch_at=\(0, 0, 0\) must be \(row, column\)'),
   ]
   for method, source, prompt, message in cases:
     config = prompt_config(method, source, tfds_dir, **prompt)

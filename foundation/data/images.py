@@ -103,6 +103,8 @@ def few_shot_subset(labels: np.ndarray, shots_per_class: int, seed: int, class_i
     raise ValueError(f'config.data.shots_per_class={shots_per_class} must be >= 0 (0: every training example).')
   if shots_per_class == 0:
     return np.arange(len(labels))
+  if seed < 0:
+    raise ValueError(f'config.seed={seed} draws the few-shot examples and must be >= 0.')
   chosen = []
   for c in class_ids:
     ids = np.flatnonzero(labels == c)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation import checkpoint, metrics
+from foundation import checkpoint, config_base, metrics
 from foundation.data import augment, captions, images
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate import zero_shot
@@ -200,6 +200,8 @@ def pixel_prompt_mask(method: str, image_shape, *, width: int, patch_size: int, 
                        f'border; choose 1..{(min(height, width_px) - 1) // 2}.')
     mask[:width], mask[-width:], mask[:, :width], mask[:, -width:] = 1, 1, 1, 1
     return mask
+  if len(patch_at) != 2 or not all(config_base.is_whole(x, 0) for x in patch_at):
+    raise ValueError(f'config.prompt.patch_at={patch_at} must be (row, column) of the patch\'s top-left pixel.')
   row, col = patch_at
   if patch_size < 1 or row < 0 or col < 0 or row + patch_size > height or col + patch_size > width_px:
     raise ValueError(f'config.prompt.patch_size={patch_size} at config.prompt.patch_at={patch_at} does not fit in '
@@ -218,7 +220,8 @@ def check_class_map(class_map: tuple[int, ...], num_classes: int, num_source_cla
   if len(class_map) != num_classes:
     raise ValueError(f'config.prompt.class_map has {len(class_map)} entries for {num_classes} classes: give one '
                      'source class per class of the task.')
-  if len(set(class_map)) != len(class_map) or not all(0 <= c < num_source_classes for c in class_map):
+  if (len(set(class_map)) != len(class_map)
+      or not all(config_base.is_whole(c, 0) and c < num_source_classes for c in class_map)):
     raise ValueError(f'config.prompt.class_map={class_map}: entries must be distinct source classes in '
                      f'0..{num_source_classes - 1}.')
   return np.asarray(class_map)
