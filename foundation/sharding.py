@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -82,11 +83,35 @@ def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = N
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: with Explicit axes (jax.make_mesh's default) a tensor-parallel matmul is a type error.
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if devices[0].platform == 'cpu':  # no interconnect topology to follow: plain order
     device_array = np.asarray(devices).reshape(shape)
-  else:  # TPU/GPU: an order that follows the physical links; its errors (a shape the topology can't take) surface
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  elif slices > 1:  # multislice: data across the slices (data-center network), fsdp and tensor within each (ICI)
+    if shape[0] % slices:
+      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, shape))} on {slices} slices: the data axis must be a '
+                       f'multiple of {slices}, so that fsdp and tensor stay within a slice.')
+    device_array = _on_topology(mesh_utils.create_hybrid_device_mesh, (shape[0] // slices, *shape[1:]),
+                                (slices, 1, 1), devices)
+  else:  # TPU/GPU: an order that follows the physical links
+    device_array = _on_topology(mesh_utils.create_device_mesh, shape, devices)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _on_topology(create, shape, *args) -> np.ndarray:
+  """`create(shape, *args)`; a shape whose axes cut the chips' physical axes is placed anyway (a warning says so)."""
+  try:
+    return create(shape, *args)
+  except NotImplementedError:  # e.g. tensor 8 on a 4x4 slice: no physical axis of that size
+    pass
+  try:
+    device_array = create(shape, *args, allow_split_physical_axes=True)
+  except (NotImplementedError, ValueError) as e:
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, shape))} cannot be laid out on these chips '
+                     f'({str(e).splitlines()[0][:200]}); choose sizes that are products of their sides.') from None
+  logging.warning('config.mesh %s does not follow the physical axes of these chips; its axes split them, so some '
+                  'collectives travel further. Sizes that are products of the sides avoid this.',
+                  dict(zip(MESH_AXES, shape)))
+  return device_array
 
 
 def data_parallel_size(mesh: Mesh) -> int:
