@@ -359,20 +359,34 @@ def plan(config, devices: list, *, memory_limit: float | None = None, chip: Chip
   return result
 
 
-def proposals(config, num_devices: int) -> list[dict[str, Any]]:
-  """Config changes that lower memory per device, each adding to the one before: the parameters and optimizer state
-  sharded over every device, rematerialised blocks (models that have them), then 2, 4 and 8 microbatches."""
-  from foundation import sharding  # pylint: disable=g-import-not-at-top
+def proposals(config, devices: list) -> list[dict[str, Any]]:
+  """Config changes that lower memory per device, each adding to the last one that a run on `devices` would take
+  (`train.validate` for their hosts): the parameters and optimizer state sharded over every device of a slice (the
+  tensor axis kept, the data axis across slices), rematerialised blocks (models that have them), then 2, 4 and 8
+  microbatches."""
+  from foundation import sharding, train  # pylint: disable=g-import-not-at-top
+  num_devices, processes = len(devices), len({d.process_index for d in devices})
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+
+  def runs(changes):
+    try:
+      train.validate(with_changes(config, changes), num_devices, processes)
+    except ValueError:
+      return False
+    return True
+
+  current = sharding.mesh_shape(config.mesh, num_devices)
   changes, out = {}, []
-  if sharding.mesh_shape(config.mesh, num_devices) != (1, num_devices, 1):
-    changes = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
+  sharded = {'mesh.data': slices, 'mesh.fsdp': -1, 'mesh.tensor': current[2]}
+  if runs(sharded) and sharding.mesh_shape(with_changes(config, sharded).mesh, num_devices) != current:
+    changes = sharded
     out.append(dict(changes))
   if config.get('model', {}).get('remat', 'full') != 'full':
     changes = {**changes, 'model.remat': 'full'}
     out.append(dict(changes))
   for k in (2, 4, 8):
-    if config.global_batch_size % (k * config.grad_accum_steps) == 0:
-      out.append({**changes, 'grad_accum_steps': config.grad_accum_steps * k})
+    if runs(candidate := {**changes, 'grad_accum_steps': config.grad_accum_steps * k}):
+      out.append(candidate)
   return out
 
 
@@ -448,7 +462,7 @@ def run(config, topology: str = '', num_slices: int = 1, hbm_gib: float = 0.0, p
   if result.fits or not propose:
     return result, None, None
   from foundation import train  # pylint: disable=g-import-not-at-top
-  for changes in proposals(config, len(devices)):
+  for changes in proposals(config, devices):
     try:
       candidate = plan(with_changes(config, changes), devices, memory_limit=limit, chip=chip)
     except train.ConfigError as e:

@@ -52,8 +52,10 @@ class NonFiniteError(FloatingPointError):
   """A non-finite loss, gradient norm or parameter stopped the run."""
 
 
-def validate(config, num_devices: int) -> None:
-  """Every check that needs no data and no compilation, so a bad config fails before anything is written."""
+def validate(config, num_devices: int, processes: int | None = None) -> None:
+  """Every check that needs no data and no compilation, so a bad config fails before anything is written; for a run
+  of `processes` processes (default: this one's)."""
+  processes = processes or jax.process_count()
   if config.parallelism not in ('jit', 'pmap'):
     raise ValueError(f'config.parallelism={config.parallelism!r}; choose jit or pmap.')
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'grad_accum_steps', 'global_batch_size',
@@ -72,12 +74,12 @@ def validate(config, num_devices: int) -> None:
   if config.global_batch_size % replicas:
     raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by the data-parallel '
                      f'size {replicas} (mesh data={data} x fsdp={fsdp}); use a multiple of {replicas}.')
-  if config.global_batch_size % jax.process_count():
+  if config.global_batch_size % processes:
     raise ValueError(f'config.global_batch_size={config.global_batch_size} is not divisible by the '
-                     f'{jax.process_count()} processes.')
-  if replicas % jax.process_count():  # else processes that feed different rows would share one batch shard
+                     f'{processes} processes.')
+  if replicas % processes:  # else processes that feed different rows would share one batch shard
     raise ValueError(f'the mesh has {replicas} data-parallel replicas (data={data} x fsdp={fsdp}) for '
-                     f'{jax.process_count()} processes, each of which feeds rows of its own: make data x fsdp a '
+                     f'{processes} processes, each of which feeds rows of its own: make data x fsdp a '
                      f'multiple of the process count (config.mesh.tensor={tensor} spans processes).')
   if per_replica % config.grad_accum_steps:
     raise ValueError(f'config.grad_accum_steps={config.grad_accum_steps} does not divide the {int(per_replica)} '
@@ -221,7 +223,9 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   files.require(workdir)  # its ValueError becomes prepare's one-line ConfigError
   local = devices is None
   devices = jax.devices() if local else list(devices)
-  validate(config, len(devices))
+  # The hosts the devices span: this run's processes, or a planned topology's (each host runs one process).
+  processes = len({d.process_index for d in devices})
+  validate(config, len(devices), processes)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.get('sharding_rules'))
   if config.parallelism == 'pmap':
@@ -264,12 +268,12 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   saved = checkpoint.saved_steps(workdir)
   init_params = None if saved else _init_from(config, task, abstract_params, sources)
   try:
-    batch = task.train_batches(jax.process_index(), jax.process_count())[0]  # checks shards against the batch
+    batch = task.train_batches(jax.process_index() if local else 0, processes)[0]  # checks shards, the batch
   except MemoryError as e:
     raise ConfigError(f'one batch of config.global_batch_size={config.global_batch_size} does not fit in host '
                       f'memory ({e}); lower it.') from e
   global_batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]), x.dtype), batch)
+      lambda x: jax.ShapeDtypeStruct((x.shape[0] * processes, *x.shape[1:]), x.dtype), batch)
   traced_step = None
   if config.num_train_steps:  # an evaluation-only run never takes a step: tracing one would only cost time
     step_fn = make_train_step(task, tx, schedule, config, axis_name=None)
