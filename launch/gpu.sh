@@ -3,7 +3,8 @@
 # then one process that puts every local GPU in the mesh.
 #   bash launch/gpu.sh CONFIG[:variant] WORKDIR [--config.field=value ...]
 # Several hosts: run it on each with --coordinator_address=HOST:PORT --num_processes=N --process_id=I appended, or
-# as the tasks of a SLURM step (srun bash launch/gpu.sh ...), where JAX reads them from SLURM itself.
+# as the tasks of a SLURM step, one per host (srun --ntasks-per-node=1 bash launch/gpu.sh ...), where JAX reads them
+# from SLURM itself.
 # WORKDIR may be a gs:// URL (gcsfs is installed for it).
 # Environment: CUDA_EXTRA=cuda12|cuda13 overrides the choice; DRY_RUN=1 prints the install and run commands only.
 set -euo pipefail
@@ -44,6 +45,23 @@ esac
 jax_version=$(sed -n 's/^jax==//p' requirements.txt)
 install=(.venv/bin/python -m pip install --quiet "jax[$CUDA_EXTRA]==$jax_version")
 run=(.venv/bin/python -m foundation.main --config="$config" --workdir="$workdir" "$@")
+# JAX hands a SLURM task only the GPU numbered by its SLURM_LOCALID (a task per GPU); this is one process per host,
+# which drives every GPU the host gives it.
+if [ -n "${SLURM_LOCALID:-}" ] && [ -z "${JAX_LOCAL_DEVICE_IDS:-}" ]; then
+  if [ "$SLURM_LOCALID" != 0 ]; then
+    echo "error: SLURM started task $SLURM_LOCALID on this host, but launch/gpu.sh runs one process per host: use" \
+      "srun --ntasks-per-node=1." >&2
+    exit 2
+  fi
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    gpus=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+  else
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  fi
+  if [ "$gpus" -gt 0 ]; then
+    run=(env "JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))" "${run[@]}")
+  fi
+fi
 if [ -n "${DRY_RUN:-}" ]; then
   case "$workdir" in gs://*) echo ".venv/bin/python -m pip install --quiet -r requirements-gcs.txt" ;; esac
   printf '%q ' "${install[@]}"; echo

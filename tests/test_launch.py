@@ -267,6 +267,16 @@ def test_gpu_launcher_installs_the_cuda_build_the_driver_supports(tmp_path, bann
   assert install == ['.venv/bin/python', '-m', 'pip', 'install', '--quiet', f'jax[{extra}]=={JAX_VERSION}']
   assert run == ['.venv/bin/python', '-m', 'foundation.main', '--config=configs/lm/shakespeare.py:large',
                  '--workdir=wd', override]
+  if extra == 'cuda12':
+    # One task per host in a SLURM step drives every GPU the host gives it (JAX alone would give it only the one
+    # numbered by SLURM_LOCALID); a second task on the host is refused.
+    slurm = dict(env, SLURM_LOCALID='0', CUDA_VISIBLE_DEVICES='3,5,6')
+    result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'c.py', 'wd'], env=slurm,
+                            capture_output=True, text=True, check=False)
+    assert shlex.split(result.stdout.splitlines()[1])[:3] == ['env', 'JAX_LOCAL_DEVICE_IDS=0,1,2', '.venv/bin/python']
+    second = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'c.py', 'wd'],
+                            env=dict(slurm, SLURM_LOCALID='1'), capture_output=True, text=True, check=False)
+    assert second.returncode == 2 and 'srun --ntasks-per-node=1' in second.stderr, second.stderr
   # An override where the workdir goes is refused, not taken for a workdir.
   misplaced = subprocess.run(['bash', os.path.join(REPO, 'launch', 'gpu.sh'), 'configs/lm/shakespeare.py:large',
                               override], env=env, capture_output=True, text=True, check=False)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, subprocess_env
-from foundation import metrics, plan
+from foundation import metrics, plan, tasks, train
 from foundation.models.transformer import Transformer, TransformerConfig
 from test_configs import load
 
@@ -198,12 +198,27 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
 
 
 @pytest.mark.parametrize('mesh, sharded', [((2, -1, 1), False), ((-1, 2, 1), False), ((1, -1, 1), True),
-                                           ((1, 8, 1), True), ((1, 4, 2), False)])
+                                           ((1, 8, 1), True), ((1, 4, 2), True), ((2, 2, 2), False)])
 def test_the_first_proposal_shards_the_state_over_every_device_unless_it_is(mesh, sharded):
   config = load('configs/lm/shakespeare.py').get_config('smoke')
   config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
-  first = plan.proposals(config, 8)[0]
+  first = plan.proposals(config, jax.devices())[0]
   assert (first.get('mesh.fsdp') != -1) == sharded, first
+  assert first.get('mesh.tensor', mesh[2]) == mesh[2]  # tensor parallelism shards the state too: it stays
+
+
+def test_every_proposal_is_a_config_that_would_run():
+  # Tensor 2 on 4 devices gives 2 replicas for a batch of 2: a proposal of tensor 1 (4 replicas) would not divide
+  # it, nor would microbatches of its one row per replica.
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.mesh.update(data=2, fsdp=1, tensor=2)
+  config.update(global_batch_size=2)
+  config.eval.batch_size = 2
+  out = plan.proposals(config, jax.devices()[:4])
+  assert out[0] == {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 2}
+  assert not any('grad_accum_steps' in changes for changes in out)
+  for changes in out:
+    train.validate(plan.with_changes(config, changes), 4, 1)
 
 
 def test_dry_run_plans_the_local_devices_and_writes_nothing(tmp_path, tfds_dir):
@@ -243,3 +258,49 @@ def test_a_compiler_without_memory_figures_is_not_reported_as_fitting(tfds_dir, 
   monkeypatch.setattr(jax.stages.Compiled, 'memory_analysis', lambda self: None)
   with pytest.raises(ValueError, match='gives no memory analysis of the step'):
     plan.plan(config, jax.devices())
+
+
+# Meshes on TPU devices (the TPU compiler's topologies, no chips): the slice of each device along the data axis, a
+# multislice mesh whose data axis does not cover the slices, and a shape that cuts a slice's physical axes.
+MESH_ON_TPU = """
+import sys
+from foundation import plan, sharding
+if sys.argv[1] == 'slices':
+  devices = plan.tpu_devices('v5e:2x2', 2)
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': -1, 'tensor': 1}, devices)
+  print([sorted({d.slice_index for d in row.flat}) for row in mesh.devices])
+  try:
+    sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, devices)
+  except ValueError as e:
+    print(e)
+else:
+  print(dict(sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 8}, plan.tpu_devices('v5e:4x4')).shape))
+"""
+
+
+def test_a_multislice_mesh_keeps_fsdp_within_a_slice_and_any_shape_a_slice_can_hold_is_placed():
+  outputs = {}
+  for case in ('slices', 'split'):
+    result = subprocess.run([sys.executable, '-c', MESH_ON_TPU, case], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs[case] = result
+  lines = outputs['slices'].stdout.splitlines()
+  assert lines[0] == '[[0], [1]]'  # each data row is one slice: fsdp's collectives stay on the slice's own links
+  assert lines[1] == ("config.mesh {'data': 1, 'fsdp': 8, 'tensor': 1} on 2 slices: the data axis must be a "
+                      'multiple of 2, so that fsdp and tensor stay within a slice.')
+  # tensor 8 on a 4x4 slice has no physical axis of its size: placed across two, with a warning.
+  assert outputs['split'].stdout.strip() == "{'data': 1, 'fsdp': 2, 'tensor': 8}"
+  assert 'does not follow the physical axes of these chips' in outputs['split'].stderr
+
+
+def test_a_plan_checks_the_data_against_the_hosts_of_the_slice(tmp_path, tfds_dir):
+  # One shard feeds this one process, but a v4:2x2x2 slice has 2 hosts, each of which reads whole shards: the
+  # run there would be refused, so the plan is.
+  config = load('configs/lm/shakespeare.py').get_config('smoke')
+  config.data.update(data_dir=tfds_dir, num_shards=1)
+  assert len(tasks.build(config).train_batches(0, 1)[0]['inputs']) == config.global_batch_size
+  result, _ = run_plan(tmp_path, tfds_dir, '--topology=v4:2x2x2', '--config.data.num_shards=1')
+  assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+      'error: num_shards=1 must be divisible by process_count=2: each process reads whole shards, the same number '
+      'each.'), result.stderr[-3000:]
