@@ -11,6 +11,8 @@ import pytest
 
 from foundation import checkpoint, config_base, tasks, train
 from foundation.evaluate import zero_shot
+from foundation.models.image_encoders import image_encoder
+from foundation.models.two_tower import TwoTower, TwoTowerConfig
 from foundation.tasks import clip
 from test_configs import load, step_flops
 
@@ -30,6 +32,12 @@ def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, t
   assert not (tmp_path / 'lit').exists()  # refused before anything was written
 
   lit.model.image = supervised.model.cnn.to_dict()
+  # LiT proper: no image head, so the locked features are the embedding space and must have its size.
+  lit.model.image_head = False
+  with pytest.raises(ValueError, match=r'embeds an image as its encoder\'s (\d+) features: set '
+                                       r'--config\.model\.embed_dim=\1\.$') as refused:
+    train.train_and_evaluate(lit, str(tmp_path / 'lit'))
+  lit.model.embed_dim = int(refused.value.args[0].split('=')[-1].rstrip('.'))
   train.train_and_evaluate(lit, str(tmp_path / 'lit'))
 
   task = clip.build(lit)
@@ -41,7 +49,13 @@ def test_lit_restores_the_encoder_of_another_run_and_keeps_it_frozen(tfds_dir, t
   assert pin['step'] == supervised.num_train_steps and pin['hash'] == checkpoint.content_hash(saved)
   lit_state = _latest_state(tmp_path / 'lit')
   assert 'image_encoder' not in lit_state['params']  # not trained, not saved with the trainable state
-  assert 'text_encoder' in lit_state['params']
+  assert 'text_encoder' in lit_state['params'] and 'image_projection' not in lit_state['params']
+  # An image's embedding is its locked features, normalised (numpy here).
+  x = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
+  model = TwoTower(TwoTowerConfig.from_dict(lit.model))
+  embedded = model.apply({'params': {**lit_state['params'], 'image_encoder': saved}}, x, method=model.encode_image)
+  features = np.asarray(image_encoder('cnn', supervised.model.cnn).apply({'params': saved}, x), np.float64)
+  np.testing.assert_allclose(embedded, features / np.linalg.norm(features, axis=-1, keepdims=True), rtol=1e-5)
 
   # A padding prompt on the LiT run's zero-shot classifier reads its text tower from it and the image tower it
   # locked, from the run that tower came from.

@@ -7,9 +7,10 @@ Default (CPU, under 15 minutes on 2 cores, evaluations included):
 Variants:
   :smoke   seconds, for tests
   :siglip  the pairwise sigmoid loss with a learnable bias, instead of CLIP's softmax
-  :lit     locked-image tuning: the image tower is restored from another run's checkpoint and frozen; only the text
-           side trains. It locks the SimCLR default's run in workdirs/simclr; name another run (its encoder must
-           have the same config) with --config.lock_image_tower.workdir=DIR
+  :lit     locked-image tuning: the image tower is restored from another run's checkpoint and frozen, without a head
+           (its features are the embedding space); only the text side trains. It locks the SimCLR default's run in
+           workdirs/simclr; name another run (its encoder must have the same config) with
+           --config.lock_image_tower.workdir=DIR
 """
 
 import os
@@ -37,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text=dict(vocab_size=320, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=128, max_len=80),
       embed_dim=64,
       loss='clip',
+      image_head=True,
   )
   c.lock_image_tower = None  # LiT: dict(workdir=..., params_path='params/backbone')
   c.augment = dict(crop_scale=(0.5, 1.0), flip=True, brightness=0.2, contrast=0.2, blur_prob=0.0, noise_std=0.0)
@@ -52,7 +54,7 @@ def smoke(c):
   config_base.smoke_loop(c, steps=4, batch=16)
   c.model.image.widths = (8, 16)
   c.model.text.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, mlp_dim=64)
-  c.model.embed_dim = 16
+  c.model.embed_dim = 16 if c.model.image_head else 64  # :lit embeds an image as the smoke encoder's 2x2 x 16 features
   c.eval.update(shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400, max_test_examples=200,
                 retrieval_examples=64)
 
@@ -65,6 +67,8 @@ def siglip(c):
 def lit(c):
   # The SimCLR default's encoder (as above); a locked run with another one is refused with the overrides to set.
   c.lock_image_tower = dict(workdir='workdirs/simclr', params_path='params/backbone')
+  # The locked tower has no head: its 512 features (a 2x2 grid of 128 channels) are the embedding space.
+  c.model.update(image_head=False, embed_dim=512)
   c.eval.name = 'LiT (locked image tower)'
 
 

@@ -39,6 +39,9 @@ class TwoTowerConfig:
   text: TransformerConfig
   embed_dim: int  # the shared embedding space
   loss: str = 'clip'  # 'clip' | 'siglip': decides the initial logit scale and whether there is a bias
+  # A linear projection of the image features to embed_dim. LiT's locked tower has none: its features are the
+  # embedding space (embed_dim must be their size), and only the text side learns to reach them.
+  image_head: bool = True
 
   def __post_init__(self):
     if self.image_encoder not in IMAGE_ENCODERS:
@@ -81,7 +84,7 @@ class TwoTower(nn.Module):
     self.text_encoder = Transformer(cfg.text)
     projection = lambda: nn.Dense(cfg.embed_dim, use_bias=False, kernel_init=nn.with_logical_partitioning(
         nn.initializers.lecun_normal(), ('embed', 'projection')))
-    self.image_projection = projection()
+    self.image_projection = projection() if cfg.image_head else None
     self.text_projection = projection()
     scale, bias = INITIAL_LOGITS[cfg.loss]
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(scale), (), jnp.float32)
@@ -90,7 +93,8 @@ class TwoTower(nn.Module):
 
   def encode_image(self, images: Array) -> Array:
     """images float [batch, H, W, C] -> unit-norm float32 [batch, embed_dim]."""
-    return l2_normalize(self.image_projection(self.image_encoder(images)))
+    features = self.image_encoder(images)
+    return l2_normalize(features if self.image_projection is None else self.image_projection(features))
 
   def encode_text(self, text: Array, text_mask: Array) -> Array:
     """text int [batch, length] (right-padded), text_mask [batch, length] 1 for real tokens -> unit-norm float32

@@ -3,7 +3,8 @@
 Both losses see the GLOBAL batch: every image's negatives are the captions of every other example on every device.
 Evaluation: zero-shot classification from class-name prompts (template ensembling), image<->text retrieval, and the
 image tower's features through the probe suite. With `lock_image_tower` (LiT), the image encoder is restored from
-another run's checkpoint, frozen (no optimizer state, not trained), and only the text side learns.
+another run's checkpoint, frozen (no optimizer state, not trained), and only the text side learns (with
+`model.image_head=False`, as :lit sets: else a linear image head on the locked features trains too).
 """
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from foundation.data import augment, captions, images, text
 from foundation.data.tokenizers import get_tokenizer
 from foundation.evaluate import zero_shot
 from foundation.evaluate.representation import RepresentationEval, encoder_features
+from foundation.models.image_encoders import IMAGE_ENCODERS
 from foundation.models.two_tower import TwoTower, TwoTowerConfig
 from foundation.tasks import Task
 from foundation.tasks.classify import check_saved_encoder
@@ -44,6 +46,12 @@ def build(config) -> Task:
   aug = augment.check_options(config.augment)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
   text_len = config.text.max_len
+  if not model_cfg.image_head:
+    encoder = IMAGE_ENCODERS[model_cfg.image_encoder][0](model_cfg.image)
+    features = jax.eval_shape(encoder.init_with_output, jax.random.key(0), jnp.zeros((1, *image_shape)))[0].shape[-1]
+    if features != model_cfg.embed_dim:
+      raise ValueError(f'config.model.image_head=False embeds an image as its encoder\'s {features} features: set '
+                       f'--config.model.embed_dim={features}.')
 
   def init_all(rng):
     return model.init(rng, jnp.zeros((1, *image_shape)), jnp.zeros((1, text_len), jnp.int32),
