@@ -5,6 +5,8 @@ tokenizer the run was trained with. The run's config.json says which model and t
 params.
 """
 
+import sys
+
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a language-model run (config.json, checkpoints/).',
@@ -25,7 +27,11 @@ def export_workdir(workdir: str, out_dir: str, step: int | None = None) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}.')
-  export_workdir(_WORKDIR.value, _OUT.value, _STEP.value)
+  try:
+    export_workdir(_WORKDIR.value, _OUT.value, _STEP.value)
+  except (ValueError, FileNotFoundError) as e:  # a workdir that is no LM run, a step it lacks: one line, status 2
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
   print(f'wrote {_OUT.value}')
 
 

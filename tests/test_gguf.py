@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 
 import flax.linen as nn
 import gguf
@@ -19,6 +21,7 @@ import pytest
 import tokenizers
 from safetensors.numpy import load_file
 
+from conftest import REPO, subprocess_env
 from foundation import checkpoint
 from foundation.data.tokenizers import BPETokenizer, ByteTokenizer, get_tokenizer
 from foundation.export import export_workdir
@@ -383,6 +386,18 @@ def test_export_of_scanned_byte_model_through_the_cli(tmp_path, lora, param_dtyp
   assert not hf_config['tie_word_embeddings'] and hf_config['vocab_size'] == 264
   assert get_tokenizer(os.path.join(out_dir, 'tokenizer.json')).encode('héllo').tolist() == [
       104, 195, 169, 108, 108, 111]
+
+
+def test_the_export_command_refuses_a_workdir_that_is_no_lm_run_in_one_line(tmp_path):
+  (tmp_path / 'classify').mkdir()
+  (tmp_path / 'classify' / 'config.json').write_text(json.dumps({'task': 'classify'}))
+  for workdir, message in ((tmp_path / 'none', 'has no config.json'), (tmp_path / 'classify', "is a 'classify' run")):
+    result = subprocess.run([sys.executable, '-m', 'foundation.export', f'--workdir={workdir}',
+                             f'--out={tmp_path / "out"}'], cwd=REPO, env=subprocess_env(1), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith('error: ') and message in result.stderr, result.stderr
+  assert not (tmp_path / 'out').exists()
 
 
 # ----- the real SmolLM2-135M-Instruct -----
