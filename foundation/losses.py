@@ -48,9 +48,11 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array)
   the positive of row i being column i.
 
   image_emb, text_emb [N, D]: expected L2-normalised (the model normalises; this does not). logits =
-  scale * image @ text.T with scale = min(exp(logit_scale), 100), CLIP's clamp (no gradient to logit_scale above it).
+  scale * image @ text.T with scale = exp(logit_scale). CLIP bounds the scale at 100 by clipping the parameter after
+  each update (the CLIP config's optim.param_max), not here: a bound in the loss would leave no gradient above it,
+  and a scale that once crossed it could never come back down.
   """
-  scale = jnp.minimum(jnp.exp(jnp.asarray(logit_scale, jnp.float32)), 100.0)
+  scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
   logits = scale * (image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T)
   labels = jnp.arange(logits.shape[0])
   image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

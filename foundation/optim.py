@@ -82,7 +82,8 @@ def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.Gradi
   # of a weight whose gradient is always zero is zero through AdamW and SGD alike (its decay too, as it is zero).
   parts = [_keep_zeros(_matching(cfg.keep_zeros, params, 'keep_zeros'))] if cfg.get('keep_zeros') else []
   parts += [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-  tx = optax.chain(*parts, core, *_lr_scales(cfg.get('lr_scale', ()), params))
+  tx = optax.chain(*parts, core, *_lr_scales(cfg.get('lr_scale', ()), params),
+                   *_param_max(cfg.get('param_max', ()), params))
   if cfg.freeze:
     # Frozen parameters get zero updates and no optimizer state (set_to_zero keeps none).
     labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', frozen_mask(cfg, params))
@@ -107,6 +108,30 @@ def _lr_scales(rules: Sequence[str], params: Any) -> list[optax.GradientTransfor
     mask = _matching([pattern], params, 'lr_scale')
     scales.append(optax.masked(optax.scale(value), mask))
   return scales
+
+
+def _param_max(rules: Sequence[str], params: Any) -> list[optax.GradientTransformation]:
+  """config.optim.param_max (a field of the configs that set it: CLIP's), e.g. ('logit_scale=4.6052',): the
+  parameters a regex matches are at most the value after every update (the update is cut to reach it), as CLIP
+  bounds its learned logit scale at log(100); a gradient still moves them back below it."""
+  bounds = []
+  for rule in rules:
+    pattern, _, bound = str(rule).rpartition('=')
+    try:
+      value = float(bound)
+    except ValueError:
+      value = math.nan
+    if not pattern or not math.isfinite(value):
+      raise ValueError(f'config.optim.param_max entry {rule!r} must read REGEX=VALUE with a finite value, e.g. '
+                       '"logit_scale=4.6052".')
+
+    def update(updates, state, params, value=value):
+      if params is None:
+        raise ValueError('config.optim.param_max needs the parameters in the optimizer update.')
+      return jax.tree.map(lambda u, p: jnp.minimum(u, (value - p).astype(u.dtype)), updates, params), state
+    bounds.append(optax.masked(optax.GradientTransformation(lambda _: optax.EmptyState(), update),
+                               _matching([pattern], params, 'param_max')))
+  return bounds
 
 
 def _keep_zeros(mask: Any) -> optax.GradientTransformation:

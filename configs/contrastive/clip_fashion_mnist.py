@@ -13,6 +13,7 @@ Variants:
            --config.lock_image_tower.workdir=DIR
 """
 
+import math
 import os
 
 import ml_collections
@@ -44,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.augment = dict(crop_scale=(0.5, 1.0), flip=True, brightness=0.2, contrast=0.2, blur_prob=0.0, noise_std=0.0)
   c.optim = config_base.optimizer(lr=2e-3, b2=0.98, eps=1e-6, weight_decay_exclude=('norm|bias|scale|logit',),
                                   grad_clip=1.0)
+  c.optim.param_max = (f'^logit_scale$={math.log(100.0)}',)  # CLIP's bound: a scale of at most 100, after each update
   c.eval = dict(name='CLIP image tower', probe='ridge', shots=(1, 5, 10, 25, 60), fewshot_seeds=3, batch_size=1000,
                 max_train_examples=0, max_test_examples=0, compare={}, retrieval_examples=1000)
 
