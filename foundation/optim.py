@@ -8,7 +8,7 @@ misspelled freeze pattern silently training everything is the worst kind of abla
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,47 +91,45 @@ def make_optimizer(cfg: Any, params: Any, total_steps: int) -> tuple[optax.Gradi
   return tx, schedule
 
 
+def _rules(rules: Sequence[str], params: Any, field: str, valid: Callable[[float], bool],
+           needs: str) -> list[tuple[Any, float]]:
+  """config.optim.<field> entries 'REGEX=NUMBER' -> (mask of the parameters the regex matches, number); an entry that
+  does not parse, or whose number `valid` refuses, is a one-line error ending in `needs`."""
+  out = []
+  for rule in rules:
+    pattern, _, text = str(rule).rpartition('=')
+    try:
+      value = float(text)
+    except ValueError:
+      value = math.nan
+    if not pattern or not valid(value):
+      raise ValueError(f'config.optim.{field} entry {rule!r} must read {needs}')
+    out.append((_matching([pattern], params, field), value))
+  return out
+
+
 def _lr_scales(rules: Sequence[str], params: Any) -> list[optax.GradientTransformation]:
   """config.optim.lr_scale, e.g. ('backbone=0.1',): the updates of the parameters a regex matches are multiplied by
   the factor (with AdamW, exactly a learning rate, weight decay included, that many times the schedule's). A
   parameter matched by several rules gets the product."""
-  scales = []
-  for rule in rules:
-    pattern, _, factor = str(rule).rpartition('=')
-    try:
-      value = float(factor)
-    except ValueError:
-      value = -1.0
-    if not pattern or not value > 0 or value == float('inf'):
-      raise ValueError(f'config.optim.lr_scale entry {rule!r} must read REGEX=FACTOR with a positive factor, e.g. '
-                       '"backbone=0.1".')
-    mask = _matching([pattern], params, 'lr_scale')
-    scales.append(optax.masked(optax.scale(value), mask))
-  return scales
+  rules = _rules(rules, params, 'lr_scale', lambda v: 0 < v < math.inf,
+                 'REGEX=FACTOR with a positive factor, e.g. "backbone=0.1".')
+  return [optax.masked(optax.scale(value), mask) for mask, value in rules]
 
 
 def _param_max(rules: Sequence[str], params: Any) -> list[optax.GradientTransformation]:
   """config.optim.param_max (a field of the configs that set it: CLIP's), e.g. ('logit_scale=4.6052',): the
   parameters a regex matches are at most the value after every update (the update is cut to reach it), as CLIP
   bounds its learned logit scale at log(100); a gradient still moves them back below it."""
-  bounds = []
-  for rule in rules:
-    pattern, _, bound = str(rule).rpartition('=')
-    try:
-      value = float(bound)
-    except ValueError:
-      value = math.nan
-    if not pattern or not math.isfinite(value):
-      raise ValueError(f'config.optim.param_max entry {rule!r} must read REGEX=VALUE with a finite value, e.g. '
-                       '"logit_scale=4.6052".')
-
-    def update(updates, state, params, value=value):
+  def bound(value):
+    def update(updates, state, params):
       if params is None:
         raise ValueError('config.optim.param_max needs the parameters in the optimizer update.')
       return jax.tree.map(lambda u, p: jnp.minimum(u, (value - p).astype(u.dtype)), updates, params), state
-    bounds.append(optax.masked(optax.GradientTransformation(lambda _: optax.EmptyState(), update),
-                               _matching([pattern], params, 'param_max')))
-  return bounds
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+  rules = _rules(rules, params, 'param_max', math.isfinite,
+                 'REGEX=VALUE with a finite value, e.g. "logit_scale=4.6052".')
+  return [optax.masked(bound(value), mask) for mask, value in rules]
 
 
 def _keep_zeros(mask: Any) -> optax.GradientTransformation:
