@@ -147,10 +147,14 @@ def footprint_text(footprint: dict[str, float]) -> str:
 def forward_flops(fn, *args) -> float:
   """FLOPs of one call of fn(*args) as XLA counts them (args may be ShapeDtypeStructs); lowers, runs nothing.
 
-  For models without an analytic count (convolutions): training FLOPs ~ 3x this. XLA counts a scan's body once,
-  so use it on unscanned models.
+  For models without an analytic count (convolutions): training FLOPs ~ 3x this. XLA counts a loop's body once
+  (a scanned layer stack: `scan_layers`), so a program with a loop is counted short, and a warning says so.
   """
-  return float(xla_cost(jax.jit(fn).lower(*args)).get('flops', 0.0))  # the HLO before compiling: the same count
+  lowered = jax.jit(fn).lower(*args)  # the HLO before compiling: the same count
+  if 'stablehlo.while' in lowered.as_text():
+    print('WARNING: the model has a loop (scanned layers?), whose body XLA counts once: its FLOPs, MFU and '
+          'footprint read low by about the loop\'s length; set scan_layers=False for a true count.', file=sys.stderr)
+  return float(xla_cost(lowered).get('flops', 0.0))
 
 
 def xla_cost(stage) -> dict | None:

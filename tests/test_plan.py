@@ -304,3 +304,12 @@ def test_a_plan_checks_the_data_against_the_hosts_of_the_slice(tmp_path, tfds_di
   assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
       'error: num_shards=1 must be divisible by process_count=2: each process reads whole shards, the same number '
       'each.'), result.stderr[-3000:]
+
+
+def test_forward_flops_counts_each_matmul_and_warns_of_a_loop_it_counts_once(capsys):
+  x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+  assert metrics.forward_flops(lambda a: a @ a @ a @ a, x) == 3 * 2 * 8**3  # three 8x8x8 matmuls, by hand
+  assert 'WARNING' not in capsys.readouterr().err
+  scanned = metrics.forward_flops(lambda a: jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=3)[0], x)
+  assert scanned == pytest.approx(2 * 8**3, abs=8)  # the body once (and its counter): scanned layers, a warning
+  assert 'whose body XLA counts once' in capsys.readouterr().err
