@@ -269,15 +269,21 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
 def _leaf_shapes(tree: Any, dtypes: bool = False) -> dict[str, tuple]:
   """Each leaf's shape (and with `dtypes`, its dtype's name after it) by its path as 'a/b/0/c': the same names for a
   tree and for orbax's rebuilding of it from a checkpoint, where a namedtuple comes back as a dict and a tuple as a
-  list."""
+  list. A state that holds no array (optax's EmptyState, MaskedNode; None in orbax's metadata) is a leaf 'empty',
+  so that an optimizer step added to a chain is a difference too."""
   def name(path):
     return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
+  def empty(x):
+    return x is None or (isinstance(x, tuple) and not x and hasattr(x, '_fields'))
+
   def describe(x):
+    if empty(x):
+      return 'empty'
     shape = tuple(getattr(x, 'shape', np.shape(x)))
     dtype = x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
     return (*shape, np.dtype(dtype).name) if dtypes else shape
-  return {name(p): describe(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {name(p): describe(x) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]}
 
 
 def tree_differences(found: Any, want: Any, limit: int = 4, *, dtypes: bool = False) -> str:

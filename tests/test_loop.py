@@ -583,3 +583,17 @@ def test_the_run_compiles_the_step_prepare_traced_and_jits_other_batch_shapes(mo
   assert traces == [(8, 1), (8, 2)]
   assert [s for s, _, _ in calls] == [1, 2, 3, 4, 5]
   np.testing.assert_allclose(calls[-1][2], closed_form(5), rtol=1e-6)
+
+
+def test_an_optimizer_step_that_holds_no_array_is_a_difference_of_the_state(tmp_path):
+  """optim.param_max adds a masked step with an empty state to the chain: no array more, but orbax cannot restore
+  the old state into the new structure. The resume check must name it, not take the checkpoints for damaged."""
+  params = {'w': jnp.ones(3)}
+  two = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+  three = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3), optax.masked(optax.scale(2.0), {'w': True}))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt.save(1, {'params': params, 'opt_state': two.init(params)}, {'data': {}})
+  ckpt.close()
+  abstract = lambda tx: jax.eval_shape(lambda: {'params': params, 'opt_state': tx.init(params)})
+  assert checkpoint.state_differences(str(tmp_path), 1, abstract(two)) == ''
+  assert checkpoint.state_differences(str(tmp_path), 1, abstract(three)) == 'opt_state/2/inner_state is missing'
