@@ -39,7 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text=dict(vocab_size=320, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=128, max_len=80),
       embed_dim=64,
       loss='clip',
-      image_head=True,
   )
   c.lock_image_tower = None  # LiT: dict(workdir=..., params_path='params/backbone')
   c.augment = dict(crop_scale=(0.5, 1.0), flip=True, brightness=0.2, contrast=0.2, blur_prob=0.0, noise_std=0.0)
@@ -56,22 +55,29 @@ def smoke(c):
   config_base.smoke_loop(c, steps=4, batch=16)
   c.model.image.widths = (8, 16)
   c.model.text.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, mlp_dim=64)
-  c.model.embed_dim = 16 if c.model.image_head else 64  # :lit embeds an image as the smoke encoder's 2x2 x 16 features
+  c.model.embed_dim = _cnn_features(c.model.image) if not c.model.get('image_head', True) else 16
   c.eval.update(shots=(1, 5), fewshot_seeds=1, batch_size=200, max_train_examples=400, max_test_examples=200,
                 retrieval_examples=64)
 
 
 def siglip(c):
   c.model.loss = 'siglip'
+  c.optim.param_max = ()  # SigLIP does not bound its scale
   c.eval.name = 'SigLIP image tower'
 
 
 def lit(c):
   # The SimCLR default's encoder (as above); a locked run with another one is refused with the overrides to set.
   c.lock_image_tower = dict(workdir='workdirs/simclr', params_path='params/backbone')
-  # The locked tower has no head: its 512 features (a 2x2 grid of 128 channels) are the embedding space.
-  c.model.update(image_head=False, embed_dim=512)
+  # The locked tower has no head: its features (512: a 2x2 grid of 128 channels) are the embedding space.
+  c.model.image_head = False
+  c.model.embed_dim = _cnn_features(c.model.image)
   c.eval.name = 'LiT (locked image tower)'
+
+
+def _cnn_features(image) -> int:
+  """The size of the CNN's features: its last width at each cell of the pooling grid."""
+  return image.widths[-1] * image.pool_grid ** 2
 
 
 VARIANTS = {'smoke': smoke, 'siglip': siglip, 'lit': lit}

@@ -1,5 +1,6 @@
-"""Two towers for image-text contrastive pretraining (CLIP, SigLIP): an image encoder and a text encoder, each
-projected linearly to a shared `embed_dim` and L2-normalised, plus the learnable logit scale (and SigLIP's bias).
+"""Two towers for image-text contrastive pretraining (CLIP, SigLIP, LiT): an image encoder and a text encoder, each
+projected linearly to a shared `embed_dim` (the image's features themselves without `image_head`, as in LiT) and
+L2-normalised, plus the learnable logit scale (and SigLIP's bias).
 
 Text is encoded by the decoder of `transformer.py` (`return_hidden=True`) and pooled at each sequence's last real
 token, as CLIP pools at EOS. Padding must come after the real tokens (right padding). The text mask keeps the padding
