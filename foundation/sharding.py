@@ -83,10 +83,10 @@ def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = N
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: with Explicit axes (jax.make_mesh's default) a tensor-parallel matmul is a type error.
-  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})  # on GPUs each host is a 'slice': not these
   if devices[0].platform == 'cpu':  # no interconnect topology to follow: plain order
     device_array = np.asarray(devices).reshape(shape)
-  elif slices > 1:  # multislice: data across the slices (data-center network), fsdp and tensor within each (ICI)
+  elif slices > 1 and devices[0].platform == 'tpu':  # multislice: data over the slices (DCN), the rest within each
     if shape[0] % slices:
       raise ValueError(f'config.mesh {dict(zip(MESH_AXES, shape))} on {slices} slices: the data axis must be a '
                        f'multiple of {slices}, so that fsdp and tensor stay within a slice.')
