@@ -292,7 +292,9 @@ def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, device
   data_version = text.prepared_version(data.name, data.data_dir) if data.get('name') and data.get('data_dir') else None
   changes = {}
   if previous is not None:
-    changes = config_differences(previous, resolved)
+    # An evaluation of a saved checkpoint leaves out the fields its config.json lacks (added to the code after the
+    # run): were one to change the model, the checkpoint's structure would say so.
+    changes = config_differences(previous, resolved, new_fields=resume)
     if previous.get('data_version', data_version) != data_version:  # a record from before versions were has none
       changes['data.version'] = [previous['data_version'], data_version]
     refused = [k for k in changes if not _is_within(k, allow_config_change)]

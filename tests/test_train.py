@@ -390,6 +390,13 @@ def test_a_workdir_with_another_config_is_refused_and_kept(tmp_path, tfds_dir):
     train.prepare(config, str(tmp_path))
   accepted = train.prepare(config, str(tmp_path), allow_config_change=('data',))
   assert accepted.changes == {'data.version': ['0.9.0', str(ShakespearePlays.VERSION)]}
+  # A field added to the code after the run (its config.json lacks it): a resume names it; an evaluation of the
+  # saved checkpoint leaves it out (a field that changed the model would change the checkpoint's structure).
+  del record['sample']
+  (tmp_path / 'config.json').write_text(json.dumps(record))
+  with pytest.raises(train.ConfigError, match=r'different config \(sample\.'):
+    train.prepare(config, str(tmp_path))
+  assert train.prepare(config, str(tmp_path), resume=False).changes == {}
   assert saved_steps(tmp_path) == steps and sorted(os.listdir(tmp_path)) == sorted(listing)
 
 
