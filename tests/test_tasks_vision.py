@@ -232,3 +232,21 @@ def test_class_level_retrieval_counts_any_item_of_the_right_class():
                                          labels=labels, batch_size=7)
   for direction in ('image_to_text', 'text_to_image'):
     assert [collapsed[f'{direction}_recall_at_{k}'] for k in (1, others.min(), others.max() + 1)] == [0.0, 0.0, 1.0]
+
+
+def test_clip_retrieval_asks_for_no_more_pairs_than_the_split_holds(tfds_dir, tmp_path):
+  """Retrieval draws its pairs as one batch of the evaluation split: more than the split would repeat images, and a
+  repeat's caption counts as a miss. Refused before anything is written, counting a class filter's examples."""
+  from foundation.data import images
+  config = load('configs/contrastive/clip_fashion_mnist.py').get_config('smoke')
+  config.data.data_dir = tfds_dir
+  labels = images.split_labels(config.data.name, tfds_dir, config.data.eval_split)
+  config.data.classes = (0, 1)
+  held = int(np.isin(labels, (0, 1)).sum())
+  config.eval.retrieval_examples = held + 1
+  with pytest.raises(ValueError, match=rf'retrieval_examples={held + 1}: .* the {held} examples of .* set it to '
+                                       rf'1\.\.{held}\.$'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  config.eval.retrieval_examples = held
+  assert clip.build(config).evaluate is not None

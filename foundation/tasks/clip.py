@@ -46,6 +46,14 @@ def build(config) -> Task:
   aug = augment.check_options(config.augment)
   image_shape = images.check_image_shape(data.name, data.data_dir, data.image_shape)
   text_len = config.text.max_len
+  eval_records = images.training_records(name=data.name, data_dir=data.data_dir, split=data.eval_split,
+                                         classes=data.classes)
+  available = images.num_examples(data.name, data.data_dir, data.eval_split) if eval_records is None \
+      else len(eval_records)
+  if not 0 < config.eval.retrieval_examples <= available:
+    # Drawn as one batch of the split: more would repeat images, whose captions then count as misses.
+    raise ValueError(f'config.eval.retrieval_examples={config.eval.retrieval_examples}: retrieval draws distinct '
+                     f'pairs from the {available} examples of {data.name}/{data.eval_split}; set it to 1..{available}.')
   if not model_cfg.image_head:
     encoder = IMAGE_ENCODERS[model_cfg.image_encoder][0](model_cfg.image)
     features = jax.eval_shape(encoder.init_with_output, jax.random.key(0), jnp.zeros((1, *image_shape)))[0].shape[-1]
@@ -100,8 +108,7 @@ def build(config) -> Task:
       pairs = next(iter(images.train_batches(
           name=data.name, data_dir=data.data_dir, split=data.eval_split, global_batch=n, seed=config.seed + 1,
           captions=captions.class_prompts(class_names), tokenizer=tokenizer, text_len=text_len,
-          subset=images.training_records(name=data.name, data_dir=data.data_dir, split=data.eval_split,
-                                         classes=data.classes), classes=data.classes)))
+          subset=eval_records, classes=data.classes)))
       cache['pairs'] = pairs
     # Class embeddings: every prompt of every class through the text tower (one small batch), then ensembled.
     c, p = prompt_tokens.shape[:2]
