@@ -34,7 +34,7 @@ The tables (`ROOT/table.md`, `table.csv`, `table.png`) have one row per cell. Fo
 `eval/...` key logged) they give the mean and the sample standard deviation (ddof=1; undefined for a single seed)
 over seeds of the metric's last logged value in each finished run (a metric missing from a run is averaged over the
 runs that have it: the CSV's `<metric> n`, and `[k of n]` in the markdown; a value that is not finite, as a diverged
-seed logs, is left out of the mean and std and counted apart, `[k of n; j not finite]`; `a|b` takes each run's `a`,
+seed logs, is left out of the mean and std and counted apart: `<metric> not finite`, `[k of n; j not finite]`; `a|b` takes each run's `a`,
 or its `b` where it has no `a`, so that `best/eval/accuracy|eval/accuracy` is the selected step's accuracy of a run
 that trains and the only evaluation of one that does not), and n, the number of finished runs. A run counts as
 finished when it wrote `finished.json`, however it was run (a run that crashed in its final evaluation, or was
@@ -417,10 +417,12 @@ def write_csv(path: str, rows: list[Row], fields: list[str], metrics: list[str])
   number = lambda x: '' if math.isnan(x) else repr(x)  # full precision; empty where undefined
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['cell', *fields, *(f'{m} {s}' for m in metrics for s in ('mean', 'std', 'n')), 'n'])
+    writer.writerow(['cell', *fields, *(f'{m} {s}' for m in metrics for s in ('mean', 'std', 'n', 'not finite')),
+                     'n'])
     for row in rows:
       writer.writerow([row.cell.name, *(row.cell.overrides[f] for f in fields),
-                       *(x for m in metrics for x in (*map(number, row.stats[m]), row.counts[m])), row.n])
+                       *(x for m in metrics for x in (*map(number, row.stats[m]), row.counts[m], row.nonfinite[m])),
+                       row.n])
 
 
 def _as_number(value: str) -> float | None:

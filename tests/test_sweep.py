@@ -205,8 +205,8 @@ def test_tables_give_mean_and_sample_std_of_the_last_values(tmp_path, capsys, gr
   table = read_csv(os.path.join(root, 'table.csv'))
   assert list(table) == [c.name for c in cells]
   assert list(next(iter(table.values()))) == ['cell', *sweep.parse_grid(grid), 'eval/loss mean', 'eval/loss std',
-                                              'eval/loss n', 'eval/accuracy mean', 'eval/accuracy std',
-                                              'eval/accuracy n', 'n']
+                                              'eval/loss n', 'eval/loss not finite', 'eval/accuracy mean',
+                                              'eval/accuracy std', 'eval/accuracy n', 'eval/accuracy not finite', 'n']
   for cell in cells:
     row, finals = table[cell.name], expected[cell.name]
     assert int(row['n']) == len(finals) == (2 if cell in cells[:2] else 1 if cell == cells[3] else 3)
@@ -296,7 +296,8 @@ def test_a_value_that_is_not_finite_is_counted_apart_and_a_metric_no_run_logged_
   capsys.readouterr()
   assert sweep.main([f'--root={root}', '--table_only', '--metrics=eval/los, eval/loss']) == 0
   row = read_csv(os.path.join(root, 'table.csv'))[cell.name]
-  assert (float(row['eval/loss mean']), row['eval/loss n'], row['n']) == (1.5, '2', '3')
+  assert (float(row['eval/loss mean']), row['eval/loss n'], row['eval/loss not finite'], row['n']) == (1.5, '2', '1',
+                                                                                                     '3')
   np.testing.assert_allclose(float(row['eval/loss std']), np.std([1.0, 2.0], ddof=1), rtol=1e-12)
   markdown = open(os.path.join(root, 'table.md')).read()
   assert f'| 0.01 | - | 1.5 ({np.std([1.0, 2.0], ddof=1):.2g}) [2 of 3; 1 not finite] | 3 |' in markdown, markdown
