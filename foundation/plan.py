@@ -105,6 +105,7 @@ GPUS = {
     'h100': Gpu('NVIDIA H100 80GB HBM3', (9, 0), 132, 233472, 232448, 50 * 2**20, 81559 * 2**20, 3352e9, 1.98, 900e9),
     'h200': Gpu('NVIDIA H200', (9, 0), 132, 233472, 232448, 50 * 2**20, 143771 * 2**20, 4800e9, 1.98, 900e9),
 }
+GPUS_PER_HOST = 8
 GPU_NIC_BYTES_PER_S = 100e9  # between hosts: one 400 Gb/s NIC per GPU, both directions (DGX H100 / H200)
 JAX_GPU_MEMORY_FRACTION = 0.75  # what JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
@@ -146,6 +147,10 @@ def _gpu_spec(spec: str) -> tuple[str, int, int]:
     raise ValueError(f'--gpu={spec!r}: expected KIND:N or KIND:HOSTSxN with KIND one of {sorted(GPUS)}, e.g. '
                      'h100:8 or h100:2x8.')
   hosts, per_host = shape if len(shape) == 2 else (1, shape[0])
+  if per_host > GPUS_PER_HOST:  # the NVLink domain the projection assumes within a host
+    split = next(h for h in range(-(-per_host // GPUS_PER_HOST), per_host + 1) if per_host % h == 0)
+    raise ValueError(f'--gpu={spec!r}: an {kind.upper()} host (HGX / DGX) holds at most {GPUS_PER_HOST} GPUs; name '
+                     f'the hosts as KIND:HOSTSxN, e.g. {kind}:{split}x{per_host // split}.')
   return kind, hosts, per_host
 
 
