@@ -119,8 +119,12 @@ def main(argv=None) -> int:
       rows = sample_rows(model, params, prompts[r]['inputs'][:, :seq_len - chunk], tokens_per_row=args.tokens_per_row,
                          chunk=chunk, rng=jax.random.fold_in(jax.random.key(args.seed), r),
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-      train_texts += documents(rows, tokenizer)
-      generated += rows.size
+      # The last round keeps what --tokens still asks for: whole rows, then the start of one more.
+      keep = min(rows.size, args.tokens - generated)
+      full, part = divmod(keep, args.tokens_per_row)
+      train_texts += documents(rows[:full], tokenizer) + (documents(rows[full:full + 1, :part], tokenizer)
+                                                          if part else [])
+      generated += keep
       print(f'round {r + 1}/{rounds}: {generated:,} tokens, {len(train_texts):,} documents, '
             f'{time.time() - start:.0f} s', flush=True)
   os.makedirs(os.path.join(args.out, teacher_samples.SAMPLES_DIR))
