@@ -150,7 +150,7 @@ def _gpu_spec(spec: str) -> tuple[str, int, int]:
   if per_host > GPUS_PER_HOST:  # the NVLink domain the projection assumes within a host
     split = next(h for h in range(-(-per_host // GPUS_PER_HOST), per_host + 1) if per_host % h == 0)
     raise ValueError(f'--gpu={spec!r}: an {kind.upper()} host (HGX / DGX) holds at most {GPUS_PER_HOST} GPUs; name '
-                     f'the hosts as KIND:HOSTSxN, e.g. {kind}:{split}x{per_host // split}.')
+                     f'the hosts as KIND:HOSTSxN, e.g. {kind}:{hosts * split}x{per_host // split}.')
   return kind, hosts, per_host
 
 

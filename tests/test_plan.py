@@ -186,7 +186,8 @@ def test_plan_for_a_tpu_slice_and_a_proposal_when_it_does_not_fit(tmp_path, tfds
                          (('--topology=v5e:2x2', '--hbm_gib=-1'), 'a memory of 0 GiB'),
                          (('--num_slices=2',), 'joins slices of a --topology'),
                          (('--topology=v5e:2x2', '--gpu=h100:8'), 'plan for one of them at a time'),
-                         (('--gpu=h100:16',), 'holds at most 8 GPUs; name the hosts as KIND:HOSTSxN, e.g. h100:2x8.')]:
+                         (('--gpu=h100:16',), 'holds at most 8 GPUs; name the hosts as KIND:HOSTSxN, e.g. h100:2x8.'),
+                         (('--gpu=h200:2x12',), 'name the hosts as KIND:HOSTSxN, e.g. h200:4x6.')]:
     result, _ = run_plan(tmp_path, tfds_dir, *flags)
     assert result.returncode == 2 and message in result.stderr, (flags, result.stderr[-2000:])
     assert len(result.stderr.strip().splitlines()) == 1
