@@ -95,9 +95,11 @@ def is_whole(value, least: int) -> bool:
 
 def below_top_stage(num_stages: int) -> str:
   """The optim.freeze regex of a classifier's `backbone` CNN of `num_stages` stages: its stem and every stage but
-  its last, so that the top stage and the head train (`:finetune_top`). Each stage's name ends in its `_`, so that
-  stage1 does not also freeze stage10 (the stem's norm, `stem_norm`, is the stem's)."""
-  return f'^backbone/({"|".join(["stem", *(f"stage{i}_" for i in range(num_stages - 1))])})'
+  its last, so that the top stage and the head train (`:finetune_top`); the stem's norm, `stem_norm`, is the stem's.
+  From 11 stages on each stage's name ends in its `_`, so that stage1 does not also freeze stage10; below that
+  'stage1' names one stage, spelled as the runs recorded before, whose config.json must still match."""
+  end = '_' if num_stages > 10 else ''
+  return f'^backbone/({"|".join(["stem", *(f"stage{i}{end}" for i in range(num_stages - 1))])})'
 
 
 def smoke_loop(c: ml_collections.ConfigDict, *, steps: int, batch: int, checkpoint_every: int = 2) -> None:

@@ -135,7 +135,7 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   top.data.data_dir = tfds_dir
   for field, value, message in [
       ('model.cnn.widths', (8, 16, 32), r"made by :finetune_top for a 2-stage CNN, but the encoder here is a 3-stage "
-                                        r"CNN: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0_\|stage1_\)',"
+                                        r"CNN: add --config.optim.freeze=\"\('\^backbone/\(stem\|stage0\|stage1\)',"
                                         r"\)\" --config.finetune_top_stages=3"),
       ('eval.source_probe_examples', -1, 'source_probe_examples=-1 must be a whole number of at least 0')]:
     bad = top.copy_and_resolve_references()
@@ -147,6 +147,8 @@ def test_class_filter_label_budget_and_transfer_to_digits(tfds_dir, tmp_path):
   names = ('stem/kernel', 'stem_norm/scale', 'stage1_block0/conv1/kernel', 'stage9_block1/conv2/kernel',
            'stage10_block0/conv1/kernel')
   assert [bool(freeze.match(f'backbone/{name}')) for name in names] == [True, True, True, True, False]
+  # Up to 10 stages no stage's name starts another's: the pattern is the one earlier runs recorded, so they match.
+  assert config_base.below_top_stage(3) == '^backbone/(stem|stage0|stage1)'
   # A freeze written by hand is the user's, whatever it spells: the lower stage frozen, the top one and head train.
   own = config.copy_and_resolve_references()
   own.optim.freeze = ('^backbone/(stem|stage0)',)
