@@ -83,21 +83,22 @@ def test_clip_logit_scale_is_bounded_by_the_optimizer_and_comes_back_down():
                                                     jnp.float32(np.log(300.0)))),
                              naive_clip(img, txt, np.log(300.0)), rtol=1e-5)
   config = load('configs/contrastive/clip_fashion_mnist.py').get_config()
-  params = {'logit_scale': jnp.float32(np.log(100.0) - 1e-3), 'text_projection': jnp.zeros(3)}
+  # Another parameter starts at the same value and is pushed up all along: the bound must not hold it.
+  params = {'logit_scale': jnp.float32(np.log(100.0) - 1e-3), 'text_projection': jnp.full(3, np.log(100.0) - 1e-3)}
   tx, _ = optim.make_optimizer(config.optim, params, 1000)
   state = tx.init(params)
 
   def steps(sign, n):
     nonlocal params, state
     for _ in range(n):
-      grads = {'logit_scale': jnp.float32(sign), 'text_projection': jnp.ones(3)}
+      grads = {'logit_scale': jnp.float32(sign), 'text_projection': -jnp.ones(3)}
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
     return float(params['logit_scale'])
 
   assert abs(steps(-1.0, 200) - np.log(100.0)) < 1e-6  # pushed up: held at the bound
   assert steps(+1.0, 200) < np.log(100.0) - 0.05  # pushed down: it comes back
-  assert float(params['text_projection'][0]) < -0.05  # the bound touches no other parameter
+  assert float(params['text_projection'][0]) > np.log(100.0) + 0.05  # the bound touches no other parameter
 
 
 @pytest.mark.parametrize('logit_scale,logit_bias', [(np.log(10.0), -10.0), (1.0, 0.5), (0.0, 2.0)])
