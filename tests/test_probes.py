@@ -5,6 +5,8 @@ A sharp way to compare a probe with a reference that predicts labels: score the 
 predictions as `test_y`. Accuracy 1.0 then means every single prediction agrees, not just the count of right ones.
 """
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
@@ -278,3 +280,18 @@ def test_plot_fewshot_writes_png(tmp_path):
   assert data[12:16] == b'IHDR' and data[-8:-4] == b'IEND'
   width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
   assert (width, height) == (600, 420)  # figsize (5, 3.5) at 120 dpi
+
+
+def test_a_compared_run_is_shown_at_the_step_it_reports(tmp_path):
+  """eval.compare rows: a run with early stopping reports its selected step (best/eval/...), not its last one."""
+  from foundation.evaluate.representation import reported_evaluation
+  lines = [{'step': 100, 'eval/linear_probe/accuracy': 0.80, 'eval/knn/accuracy': 0.70},
+           {'step': 150, 'train/loss': 0.1},
+           {'step': 200, 'eval/linear_probe/accuracy': 0.75, 'eval/knn/accuracy': 0.72}]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+  assert reported_evaluation(str(tmp_path)) == {'linear_probe/accuracy': 0.75, 'knn/accuracy': 0.72}
+  selected = {'step': 200, 'best/eval/linear_probe/accuracy': 0.80, 'best/eval/knn/accuracy': 0.70, 'best/step': 100}
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps(selected) + '\n')
+  assert reported_evaluation(str(tmp_path)) == {'linear_probe/accuracy': 0.80, 'knn/accuracy': 0.70}
+  assert reported_evaluation(str(tmp_path / 'missing')) is None

@@ -3,7 +3,8 @@
 Any task with an image encoder evaluates through this (SimCLR, CLIP's image tower, the supervised baseline, and
 later fine-tuning and distillation), so all their numbers are measured the same way. Each evaluation also writes
 `results.md` and `fewshot.png` to the workdir, comparing this run's encoder with its own random init (the step-0
-evaluation), raw pixels, and the final evaluation of any other runs named in `config.eval.compare`.
+evaluation), raw pixels, and the evaluation any other run named in `config.eval.compare` reports (its selected step,
+else its last).
 """
 
 import json
@@ -39,17 +40,27 @@ def _columns(shots) -> list[str]:
   return ['linear_probe/accuracy', *[f'fewshot_{k}shot/accuracy' for k in shots], 'knn/accuracy']
 
 
-def _read_evals(workdir: str) -> dict[int, dict]:
-  """step -> eval metrics (without the 'eval/' prefix) logged in a workdir's metrics.jsonl."""
+def _read_evals(workdir: str, prefix: str = 'eval/') -> dict[int, dict]:
+  """step -> eval metrics (without `prefix`) logged in a workdir's metrics.jsonl."""
   path = os.path.join(workdir, 'metrics.jsonl')
   evals = {}
   if files.exists(path):
     for line in files.read_text(path).splitlines():
       record = json.loads(line)
-      found = {k[5:]: v for k, v in record.items() if k.startswith('eval/')}
+      found = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
       if found:
         evals.setdefault(record['step'], {}).update(found)
   return evals
+
+
+def reported_evaluation(workdir: str, key: str = 'linear_probe/accuracy') -> dict | None:
+  """The evaluation a finished run reports (without 'eval/'), among those holding `key`: the step its early stopping
+  selected (logged as best/eval/...), else its last; None if it logged none."""
+  for prefix in ('best/eval/', 'eval/'):
+    evals = [m for _, m in sorted(_read_evals(workdir, prefix).items()) if key in m]
+    if evals:
+      return evals[-1]
+  return None
 
 
 class RepresentationEval:
@@ -121,10 +132,9 @@ class RepresentationEval:
     if raw:
       rows['raw pixels'] = {k[len('raw_pixels/'):]: v for k, v in raw.items() if k.startswith('raw_pixels/')}
     for name, other in sorted(dict(self._cfg.compare).items()):
-      evals = _read_evals(other)
-      finals = [evals[s] for s in sorted(evals) if 'linear_probe/accuracy' in evals[s]]
-      if finals:
-        rows[name] = finals[-1]
+      reported = reported_evaluation(other)
+      if reported:
+        rows[name] = reported
     columns = _columns(self._cfg.shots)
     files.write_atomically(os.path.join(workdir, 'results.md'),
                            f'Linear-probe accuracy ({self._cfg.probe} probe) on {self._data_cfg.name} '
