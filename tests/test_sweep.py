@@ -389,10 +389,12 @@ def test_a_sweep_runs_tabulates_and_skips_finished_runs_on_rerun(tmp_path, tfds_
 
 
 # Runs the sweep of one cell whose run, in place of foundation.main, stops as the loop does on SIGINT: it takes a
-# second to save its checkpoint, then exits.
+# second to save its checkpoint, then exits. The sweep takes Ctrl-C as a terminal's foreground job does: a suite
+# started in the background by a shell without job control (`nohup ... &`) inherits SIGINT ignored.
 INTERRUPTED_SWEEP = """
-import os, sys
+import os, signal, sys
 from foundation import sweep
+signal.signal(signal.SIGINT, signal.default_int_handler)
 run = '''
 import os, signal, sys, time
 def save_and_stop(*_):
