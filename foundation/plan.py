@@ -371,7 +371,7 @@ def proposals(config, devices: list) -> list[dict[str, Any]]:
   microbatches."""
   from foundation import sharding, train  # pylint: disable=g-import-not-at-top
   num_devices, processes = len(devices), len({d.process_index for d in devices})
-  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  slices = sharding.num_slices(devices)
 
   def runs(changes):
     try:

@@ -79,14 +79,22 @@ def mesh_shape(mesh_cfg: dict[str, int], num_devices: int) -> tuple[int, int, in
   return tuple(sizes)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices the devices span (joined over the data-center network); 1 off TPU, where a GPU host's
+  devices carry a slice_index of their own that is no slice."""
+  if devices[0].platform != 'tpu':
+    return 1
+  return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
 def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: with Explicit axes (jax.make_mesh's default) a tensor-parallel matmul is a type error.
-  slices = len({getattr(d, 'slice_index', 0) for d in devices})  # on GPUs each host is a 'slice': not these
+  slices = num_slices(devices)
   if devices[0].platform == 'cpu':  # no interconnect topology to follow: plain order
     device_array = np.asarray(devices).reshape(shape)
-  elif slices > 1 and devices[0].platform == 'tpu':  # multislice: data over the slices (DCN), the rest within each
+  elif slices > 1:  # multislice: data over the slices (DCN), the rest within each
     if shape[0] % slices:
       raise ValueError(f'config.mesh {dict(zip(MESH_AXES, shape))} on {slices} slices: the data axis must be a '
                        f'multiple of {slices}, so that fsdp and tensor stay within a slice.')

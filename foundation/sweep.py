@@ -38,11 +38,11 @@ seed logs, is left out of the mean and std and counted apart: the CSV's `<metric
 finite]`; `a|b` takes each run's `a`, or its `b` where it has no `a`, so that `best/eval/accuracy|eval/accuracy` is
 the selected step's accuracy of a run that trains and the only evaluation of one that does not), and n, the number
 of finished runs. A run counts as finished when it wrote `finished.json`, however it was run (a run that crashed in
-its final evaluation, or was stopped, has not). The tables cover the cells of the latest sweep started or printed for the root
-(`ROOT/sweep.json`); a finished run whose `config.json` differs from the config its cell's command resolves to now
-(another `--set`, an edited config file or default, a resume with `--allow_config_change`) is left out of them, with
-the fields that differ; fields added to the code after the run are not compared. Build the tables from the directory
-the sweep ran in (its --config path is relative).
+its final evaluation, or was stopped, has not). The tables cover the cells of the latest sweep started or printed
+for the root (`ROOT/sweep.json`); a finished run whose `config.json` differs from the config its cell's command
+resolves to now (another `--set`, an edited config file or default, a resume with `--allow_config_change`) is left
+out of them, with the fields that differ; fields added to the code after the run are not compared. Build the tables
+from the directory the sweep ran in (its --config path is relative).
 """
 
 import argparse
