@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = config_base.load(LM_CONFIG)
   c.task = 'lm_distill'
   c.model.update(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=192)
+  c.optim.update(schedule='cosine', end_lr_fraction=0.1)  # the schedule the README's distillation rows ran with
   c.num_train_steps = 1000
   c.eval_every = 500
   c.teachers = ''  # comma-separated workdirs of trained LMs with this tokenizer
