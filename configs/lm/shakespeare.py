@@ -46,8 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       scan_layers=False,
       remat='none',
   )
-  # Linear decay to zero: below a cosine to 10% of the peak at 3,000 steps by 0.011 nats/byte on training plays held
-  # out of training, where it was chosen, and by 0.023 on validation (docs/lm_pretraining.md).
+  # Linear decay to zero: below a cosine to 10% of the peak at 3,000 steps by 0.014 nats/byte (two seeds) on training
+  # plays held out of training, where it was chosen, and by 0.023 on validation (docs/lm_pretraining.md).
   c.optim = config_base.optimizer(lr=6e-3, warmup_steps=100, schedule='linear', end_lr_fraction=0.0, b2=0.95,
                                   weight_decay=0.1, weight_decay_exclude=('norm', 'embed'), grad_clip=1.0)
   c.eval = dict(batch_size=64, max_batches=0)  # 0: the whole validation split
