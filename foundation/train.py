@@ -837,8 +837,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
     raise NonFiniteError(
         f'{what} at step {step}; stopped without saving it. '
         + (f'Checkpoints {suspect} hold params that produced it and were moved to {moved}. ' if suspect else '')
-        + (f'The newest good checkpoint is step {kept} (its loss at step {kept + 1} was finite). ' if kept
-           else 'No good checkpoint is left: the rerun starts from step 0. ')
+        + (f'The newest good checkpoint is step {kept} (its loss at step {kept + 1} was finite). '
+           if kept is not None else 'No good checkpoint is left: the rerun starts from step 0. ')
         + f'To continue with a lower learning rate: rerun with --allow_config_change=optim '
           f'--config.optim.lr={lower:g} (or skip rare bad batches with --config.optim.skip_nonfinite=N).')
 
@@ -916,7 +916,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change=()) -> dict[
   profile, tracing = tuple(config.get('profile_steps') or ()), False
   try:
     if start == 0 and (config.eval_at_start or config.num_train_steps == 0):
-      last.update(evaluate(0, final=config.num_train_steps == 0))
+      results = evaluate(0, final=config.num_train_steps == 0)
+      last.update(results)
+      # The model before training (a frozen classifier without its prompt, pretrained weights as loaded) is a
+      # candidate too: a run whose training never beats it on the selection metric selects step 0.
+      if best and config.num_train_steps and best.update(0, results):
+        save(0, [])
     reached, interrupted = start, False
     pending: list[tuple[int, Any, bool]] = list(interval)  # (step, metrics, already on the host)
     timed = False
@@ -1029,7 +1034,9 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   if task.evaluate is None:
     raise ConfigError(f'task {config.task!r} has no evaluation.')
   saved = checkpoint.saved_steps(workdir)
-  step = step or checkpoint.selected_step(workdir) or (saved[-1] if saved else 0)
+  if not step:
+    selected = checkpoint.selected_step(workdir)  # may be 0: training never beat the model it started from
+    step = selected if selected is not None else (saved[-1] if saved else 0)
   if step not in saved:
     raise ConfigError(f'{workdir} has no checkpoint of step {step} (it has {saved or "none"}); name one with '
                       '--eval_step.')

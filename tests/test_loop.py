@@ -488,6 +488,41 @@ def test_a_run_stopped_before_the_best_is_known_resumes_to_the_same_selection(de
       k: v for k, v in whole.items() if k.startswith('best/')}
 
 
+def test_the_model_before_training_is_a_candidate_when_it_is_evaluated(descending, tmp_path):
+  """With eval_at_start, step 0 (the model as initialised or loaded: a frozen classifier without its prompt) competes
+  like any trained step. SGD at lr 1.1 overshoots: w_t = 1 - (-1.2)^t, so the validation score -(w - 0.5)^2 is
+  -0.25 at step 0 and lower at every later step; without the step-0 evaluation, step 2 is the best trained step."""
+  w = lambda step: 1 - (-1.2)**step
+  config = lambda **fields: descending_config(**{'optim.lr': 1.1, 'eval_at_start': True, **fields})
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config(), workdir)
+  # Steps 1-3 do not improve on step 0: patience 3 stops the run after step 3; step 0 is restored and evaluated.
+  assert [(s, f) for s, f, _ in descending] == [(s, False) for s in range(4)] + [(0, True)]
+  np.testing.assert_allclose([x for _, _, x in descending], [w(s) for s in range(4)] + [0.0], rtol=1e-6, atol=1e-7)
+  expected = {f'best/{k}': v for k, v in scores(0.0).items()}
+  assert {k: results[k] for k in expected} == pytest.approx(expected, rel=1e-6) and results['best/step'] == 0
+  with open(os.path.join(workdir, checkpoint.BEST_FILE)) as f:
+    assert json.load(f)['step'] == 0
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.steps() == [0, 3]  # max_checkpoints=1 keeps the newest, and the best
+  ckpt.quarantine([3], 'test')  # as if killed before step 3 was saved (1 and 2 were pruned): step 0 is the newest
+  ckpt.close()
+  descending.clear()  # resumed from step 0's checkpoint, the run is the one that started fresh
+  assert train.train_and_evaluate(config(), workdir)['best/step'] == 0
+  assert [(s, f) for s, f, _ in descending] == [(s, False) for s in range(4)] + [(0, True)]
+  records = files.read_records(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in records if 'eval/validation/score' in r] == [0, 1, 2, 3]  # logged once each
+  descending.clear()  # --eval_only reads the selected step 0, not the newest
+  assert train.evaluate_checkpoint(config(), workdir) == pytest.approx(scores(0.0), rel=1e-6)
+  assert [(s, f) for s, f, _ in descending] == [(0, True)]
+
+  descending.clear()  # without the step-0 evaluation the trained steps compete alone: step 2 (w = -0.44)
+  results = train.train_and_evaluate(config(eval_at_start=False), str(tmp_path / 'trained_only'))
+  assert [s for s, _, _ in descending] == [1, 2, 3, 4, 5, 2] and results['best/step'] == 2
+  assert {k: results[k] for k in expected} == pytest.approx(
+      {f'best/{k}': v for k, v in scores(w(2)).items()}, rel=1e-5)
+
+
 def test_without_early_stopping_the_last_evaluation_is_the_final_one(descending, tmp_path):
   train.train_and_evaluate(descending_config(num_train_steps=3, **{'early_stopping.metric': ''}),
                            str(tmp_path / 'run'))
