@@ -488,7 +488,7 @@ def test_a_run_stopped_before_the_best_is_known_resumes_to_the_same_selection(de
       k: v for k, v in whole.items() if k.startswith('best/')}
 
 
-def test_the_model_before_training_is_a_candidate_when_it_is_evaluated(descending, tmp_path):
+def test_the_model_before_training_is_a_candidate_when_it_is_evaluated(descending, tmp_path, monkeypatch):
   """With eval_at_start, step 0 (the model as initialised or loaded: a frozen classifier without its prompt) competes
   like any trained step. SGD at lr 1.1 overshoots: w_t = 1 - (-1.2)^t, so the validation score -(w - 0.5)^2 is
   -0.25 at step 0 and lower at every later step; without the step-0 evaluation, step 2 is the best trained step."""
@@ -505,13 +505,17 @@ def test_the_model_before_training_is_a_candidate_when_it_is_evaluated(descendin
     assert json.load(f)['step'] == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.steps() == [0, 3]  # max_checkpoints=1 keeps the newest, and the best
-  ckpt.quarantine([3], 'test')  # as if killed before step 3 was saved (1 and 2 were pruned): step 0 is the newest
+  ckpt.quarantine([3], 'test')  # as if killed before step 3 was saved (steps 1 and 2 never were): step 0 is newest
   ckpt.close()
-  descending.clear()  # resumed from step 0's checkpoint, the run is the one that started fresh
+  descending.clear()  # resumed from step 0's checkpoint (w = 0, where a fresh init would now give 5): the same run
+  task = tasks.build(None)
+  monkeypatch.setattr(tasks, 'build', lambda config: task._replace(init=lambda rng: {'w': jnp.full((1,), 5.0)}))
   assert train.train_and_evaluate(config(), workdir)['best/step'] == 0
   assert [(s, f) for s, f, _ in descending] == [(s, False) for s in range(4)] + [(0, True)]
+  np.testing.assert_allclose([x for _, _, x in descending], [w(s) for s in range(4)] + [0.0], rtol=1e-6, atol=1e-7)
   records = files.read_records(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['step'] for r in records if 'eval/validation/score' in r] == [0, 1, 2, 3]  # logged once each
+  monkeypatch.setattr(tasks, 'build', lambda config: task)  # w starts at 0 again
   descending.clear()  # --eval_only reads the selected step 0, not the newest
   assert train.evaluate_checkpoint(config(), workdir) == pytest.approx(scores(0.0), rel=1e-6)
   assert [(s, f) for s, f, _ in descending] == [(0, True)]
