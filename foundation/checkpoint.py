@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Callable, Collection
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # not re-exported by orbax
 
 from foundation import files
+
+
+# How much of a process's restore error the others receive (the error's type and first words).
+_ERROR_BYTES = 200
 
 
 class Checkpointer:
@@ -66,16 +71,40 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """abstract_state: ShapeDtypeStructs with the target shardings (jax.eval_shape + shardings). Orbax reads
-    damaged array bytes without complaint, so the state's checksums are compared with those saved beside it."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                   record=ocp.args.JsonRestore()))
-    saved = restored.record.get('checksums')
-    version = restored.record.get('checksum_version', 1)
-    found = [int(c) for c in jax.device_get(checksums(restored.state, version=version))]
+    damaged array bytes without complaint, so the state's checksums are compared with those saved beside it.
+
+    Each process reads only its devices' shards, so one can fail where the others succeed (its files damaged, its
+    disk at fault). The processes agree on the outcome before anything collective runs, and a step that one of them
+    cannot read fails on all: all then try the same older step together. (Orbax's own restore ends in a barrier that
+    a process which failed never reaches, and the next step's barrier of that process would release the others still
+    waiting on this step's: the steps are read here with orbax's handlers, which have no barrier.)"""
+    step_dir = epath.Path(self.directory) / str(step)
+    handlers = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+    try:
+      state = handlers[0].restore(step_dir / 'state', args=ocp.args.StandardRestore(abstract_state))
+      record = handlers[1].restore(step_dir / 'record', args=ocp.args.JsonRestore())
+      error = None
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    finally:
+      for handler in handlers:
+        handler.close()
+    if jax.process_count() > 1:  # each process's error in a few words (none: all blanks), gathered
+      words = f'{type(error).__name__}: {_first_words(error)}' if error is not None else ''
+      sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
+      gathered = [bytes(row).decode(errors='replace').strip() for row in multihost_utils.process_allgather(sent)]
+      failed = [(process, words) for process, words in enumerate(gathered) if words]
+      if error is None and failed:
+        error = ValueError(f'process {failed[0][0]} could not read its part of it ({failed[0][1]})')
+    if error is not None:
+      raise error
+    saved = record.get('checksums')
+    version = record.get('checksum_version', 1)
+    found = [int(c) for c in jax.device_get(checksums(state, version=version))]
     if saved != found:
       bad = [i for i, (a, b) in enumerate(zip(saved or [], found)) if a != b]
       raise ValueError(f'its arrays do not match the checksums saved with them (leaves {bad[:5]} differ)')
-    return restored.state, restored.record
+    return state, record
 
   def restore_newest_readable(self, abstract_state: Any, *, step: int = 0,
                               warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:

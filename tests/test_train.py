@@ -224,20 +224,47 @@ def test_resume_onto_a_different_mesh(reference, tmp_path, tfds_dir):
   assert_same_numbers(logged(tmp_path), reference)
 
 
-def test_two_processes_equal_one(reference_8, tmp_path, tfds_dir):
+def two_processes(workdir, data_dir, *overrides, overrides_1=(), timeout=180):
+  """Runs the config as two cooperating processes of 4 devices each (process 1 also gets `overrides_1`); returns
+  their exit codes and outputs."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  procs = [run(tmp_path, tfds_dir, *STEPS, devices=4, process=(port, 2, i)) for i in range(2)]
+  procs = [run(workdir, data_dir, *overrides, *(overrides_1 if i else ()), devices=4, process=(port, 2, i))
+           for i in range(2)]
   try:
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
     for p in procs:
       p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
+  return [p.returncode for p in procs], outputs
+
+
+def test_two_processes_equal_one(reference_8, tmp_path, tfds_dir):
+  codes, outputs = two_processes(tmp_path, tfds_dir, *STEPS)
+  assert codes == [0, 0], outputs
   assert 'step 12/12' in outputs[0] and 'step 12/12' not in outputs[1]  # only process 0 reports
   assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-5)
+
+
+def test_a_checkpoint_one_process_cannot_read_is_passed_over_by_every_process(reference, tmp_path, tfds_dir):
+  # The state sharded over both processes' devices: each reads only the shards it wrote. Process 1's files of step 12
+  # are damaged, so process 0 reads that step and process 1 cannot; both must go on to step 8 together (not hang in
+  # a collective that process 1 never joins, nor pair process 0's step 12 with process 1's step 8).
+  sharded = (*STEPS, '--config.mesh.fsdp=8', '--config.mesh.data=1', '--config.max_checkpoints=3')
+  codes, outputs = two_processes(tmp_path, tfds_dir, *sharded)
+  assert codes == [0, 0] and saved_steps(tmp_path) == [4, 8, 12], outputs
+  damaged = tmp_path / 'checkpoints' / '12' / 'state' / 'ocdbt.process_1' / 'd'
+  assert damaged.is_dir() and os.listdir(damaged), os.listdir(damaged.parent.parent)
+  for name in os.listdir(damaged):
+    data = (damaged / name).read_bytes()
+    (damaged / name).write_bytes(bytes(b ^ 0x5A for b in data))
+  codes, outputs = two_processes(tmp_path, tfds_dir, *sharded, timeout=120)
+  assert codes == [0, 0], outputs
+  assert ('the checkpoint of step 12' in outputs[0] and 'process 1 could not read its part of it' in outputs[0]
+          and 'Resuming from the checkpoint at step 8' in outputs[0]), outputs[0][-3000:]
+  assert saved_steps(tmp_path, 'checkpoints_unreadable') == [12]
+  assert_same_numbers(logged(tmp_path), reference)
 
 
 def saved_steps(workdir, directory='checkpoints'):
@@ -539,18 +566,9 @@ def test_a_tensor_axis_across_processes_is_refused(tfds_dir, monkeypatch):
 
 def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_dir):
   # Process 1 alone gets a freeze pattern that matches nothing: both exit 2 at once, nothing is written, no hang.
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
   workdir = tmp_path / 'run'
-  procs = [run(workdir, tfds_dir, *(('--config.optim.freeze=("nomatch",)',) if i else ()), devices=4,
-               process=(port, 2, i)) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [2, 2], outputs
+  codes, outputs = two_processes(workdir, tfds_dir, overrides_1=('--config.optim.freeze=("nomatch",)',), timeout=120)
+  assert codes == [2, 2], outputs
   assert 'process(es) [1] refused this run' in outputs[0] and "pattern 'nomatch' matches no parameter" in outputs[1]
   assert not workdir.exists()
 
