@@ -73,31 +73,16 @@ class Checkpointer:
     """abstract_state: ShapeDtypeStructs with the target shardings (jax.eval_shape + shardings). Orbax reads
     damaged array bytes without complaint, so the state's checksums are compared with those saved beside it.
 
-    Each process reads only its devices' shards, so one can fail where the others succeed (its files damaged, its
-    disk at fault). The processes agree on the outcome before anything collective runs, and a step that one of them
-    cannot read fails on all: all then try the same older step together. (Orbax's own restore ends in a barrier that
-    a process which failed never reaches, and the next step's barrier of that process would release the others still
-    waiting on this step's: the steps are read here with orbax's handlers, which have no barrier.)"""
-    step_dir = epath.Path(self.directory) / str(step)
-    handlers = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+    Each process reads only its devices' shards, so one can fail where the others succeed. The processes agree on
+    the outcome before anything collective runs, and a step that one of them cannot read fails on all: all then try
+    the same older step together."""
+    error = None
     try:
-      state = handlers[0].restore(step_dir / 'state', args=ocp.args.StandardRestore(abstract_state))
-      record = handlers[1].restore(step_dir / 'record', args=ocp.args.JsonRestore())
-      error = None
+      state, record = _read(epath.Path(self.directory) / str(step), ocp.StandardCheckpointHandler(),
+                            ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # pylint: disable=broad-except
       error = e
-    finally:
-      for handler in handlers:
-        handler.close()
-    if jax.process_count() > 1:  # each process's error in a few words (none: all blanks), gathered
-      words = f'{type(error).__name__}: {_first_words(error)}' if error is not None else ''
-      sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
-      gathered = [bytes(row).decode(errors='replace').strip() for row in multihost_utils.process_allgather(sent)]
-      failed = [(process, words) for process, words in enumerate(gathered) if words]
-      if error is None and failed:
-        error = ValueError(f'process {failed[0][0]} could not read its part of it ({failed[0][1]})')
-    if error is not None:
-      raise error
+    _raise_where_any_failed(error, 'its part of it')
     saved = record.get('checksums')
     version = record.get('checksum_version', 1)
     found = [int(c) for c in jax.device_get(checksums(state, version=version))]
@@ -171,6 +156,35 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _read(step_dir: epath.Path, handler: Any, state_args: Any) -> tuple[Any, dict]:
+  """The state (through `handler`, with `state_args`) and the record of a step, read by this process with orbax's
+  handlers: unlike orbax's Checkpointer, they end in no barrier (see _raise_where_any_failed)."""
+  handlers = handler, ocp.JsonCheckpointHandler()
+  try:
+    return (handlers[0].restore(step_dir / 'state', args=state_args),
+            handlers[1].restore(step_dir / 'record', args=ocp.args.JsonRestore()))
+  finally:
+    for each in handlers:
+      each.close()
+
+
+def _raise_where_any_failed(error: Exception | None, what: str) -> None:
+  """Raises `error`, or on the processes that read `what` without one, an error naming a process that could not
+  (with its error's first words): all processes raise or none does. Each process reads a checkpoint on its own and
+  can fail where the others succeed (its shards damaged, its disk at fault); orbax's own restore would leave the
+  others waiting in its closing barrier, which the failing process's next restore then releases, pairing
+  different steps in what follows."""
+  if jax.process_count() > 1:  # each process's error in a few words (none: all blanks), gathered
+    words = f'{type(error).__name__}: {_first_words(error)}' if error is not None else ''
+    sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
+    gathered = [bytes(row).decode(errors='replace').strip() for row in multihost_utils.process_allgather(sent)]
+    failed = [(process, words) for process, words in enumerate(gathered) if words]
+    if error is None and failed:
+      error = ValueError(f'process {failed[0][0]} could not read {what} ({failed[0][1]})')
+  if error is not None:
+    raise error
 
 
 def _first_words(error: Exception, limit: int = 160) -> str:
@@ -265,23 +279,29 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
         raise FileNotFoundError(f'{workdir} has no checkpoint to restore {path!r} from; train that run first.')
     elif step not in steps:
       raise FileNotFoundError(f'{workdir} no longer has the checkpoint of step {step} (it has {sorted(steps)}).')
-    metadata = manager.item_metadata(step).state
-    # Every array whole on this process's first device: the saved run's mesh is irrelevant here (and naming the
-    # target sharding keeps orbax from reading, and warning about, the saved one).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), metadata)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=restore_args), record=ocp.args.JsonRestore()))
+    error = tree = None
+    try:
+      # Every array whole on this process's first device: the saved run's mesh is irrelevant here (and naming the
+      # target sharding keeps orbax from reading, and warning about, the saved one).
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), manager.item_metadata(step).state)
+      state, record = _read(epath.Path(files.absolute(workdir)) / 'checkpoints' / str(step),
+                            ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore's errors are plain Exceptions)
+      error = ValueError(f'the checkpoint of step {step} in {workdir} cannot be read ({type(e).__name__}: '
+                         f'{_first_words(e)}); name another step of that run, or train it again.')
+      error.__cause__ = e
   finally:
     manager.close()
-  tree = jax.tree.map(np.asarray, restored.state)
-  # The saved checksums follow the saving run's tree order; this tree is orbax's rebuilding of it (namedtuples as
-  # dicts, so another order): the two are compared as multisets, which any damaged leaf still changes.
-  saved = restored.record.get('checksums')
-  version = restored.record.get('checksum_version', 1)
-  if saved is not None and sorted(saved) != sorted(host_checksums(tree, version)):
-    raise ValueError(f'the checkpoint of step {step} in {workdir} is damaged: its arrays do not match the checksums '
-                     'saved with them.')
+  if error is None:
+    tree = jax.tree.map(np.asarray, state)
+    # The saved checksums follow the saving run's tree order; this tree is orbax's rebuilding of it (namedtuples as
+    # dicts, so another order): the two are compared as multisets, which any damaged leaf still changes.
+    saved = record.get('checksums')
+    if saved is not None and sorted(saved) != sorted(host_checksums(tree, record.get('checksum_version', 1))):
+      error = ValueError(f'the checkpoint of step {step} in {workdir} is damaged: its arrays do not match the '
+                         'checksums saved with them.')
+  _raise_where_any_failed(error, f'the checkpoint of step {step} in {workdir}')
   for key in path.split('/'):
     if not isinstance(tree, dict) or key not in tree:
       raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has '

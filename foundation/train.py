@@ -1040,7 +1040,10 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   if step not in saved:
     raise ConfigError(f'{workdir} has no checkpoint of step {step} (it has {saved or "none"}); name one with '
                       '--eval_step.')
-  params, _ = checkpoint.restore_params(workdir, 'params', prepared.abstract_state['params'], step=step)
+  try:
+    params, _ = checkpoint.restore_params(workdir, 'params', prepared.abstract_state['params'], step=step)
+  except ValueError as e:  # damaged or unreadable: one line, as for a source that training reads
+    raise ConfigError(str(e)) from e
   params = jax.device_put(params, prepared.shardings['params'])
   frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}
   is_writer = jax.process_index() == 0

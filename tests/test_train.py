@@ -86,11 +86,28 @@ app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 
+# Runs foundation.main, but in process 1 of a multi-process run every read of a checkpoint fails: a fault of that
+# host's disk.
+READ_FAILS_IN_PROCESS_1_MAIN = """
+import sys
+from absl import app
+from foundation import checkpoint, cli, main
+def fail(*args):
+  raise OSError('a fault of this host (simulated)')
+if '--process_id=1' in sys.argv:
+  checkpoint._read = fail
+sys.argv[0] = 'foundation.main'
+app.run(main.main, flags_parser=cli.parse_flags)
+"""
+
+
 def run(workdir, data_dir, *overrides, devices=8, config=SMOKE, kill_at_step=None, process=None, check=True,
-        signal_at=None, signal_in_eval=None, signal_in_final_eval=None):
+        signal_at=None, signal_in_eval=None, signal_in_final_eval=None, read_fails_in_process_1=False):
   env = subprocess_env(devices)
   args = [f'--config={config}', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *overrides]
-  if kill_at_step is not None:
+  if read_fails_in_process_1:
+    cmd = [sys.executable, '-c', READ_FAILS_IN_PROCESS_1_MAIN, *args]
+  elif kill_at_step is not None:
     env['KILL_AT_STEP'] = str(kill_at_step)
     cmd = [sys.executable, '-c', KILLING_MAIN, *args]
   elif signal_at is not None:  # (signal name, step)
@@ -224,13 +241,13 @@ def test_resume_onto_a_different_mesh(reference, tmp_path, tfds_dir):
   assert_same_numbers(logged(tmp_path), reference)
 
 
-def two_processes(workdir, data_dir, *overrides, overrides_1=(), timeout=180):
-  """Runs the config as two cooperating processes of 4 devices each (process 1 also gets `overrides_1`); returns
-  their exit codes and outputs."""
+def two_processes(workdir, data_dir, *overrides, overrides_1=(), timeout=180, **how):
+  """Runs the config as two cooperating processes of 4 devices each (process 1 also gets `overrides_1`; `how`: as
+  for run); returns their exit codes and outputs."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  procs = [run(workdir, data_dir, *overrides, *(overrides_1 if i else ()), devices=4, process=(port, 2, i))
+  procs = [run(workdir, data_dir, *overrides, *(overrides_1 if i else ()), devices=4, process=(port, 2, i), **how)
            for i in range(2)]
   try:
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -506,6 +523,10 @@ def test_damaged_files_resume_with_a_warning_and_the_right_numbers(reference_8, 
   stale.mkdir()
   with open(tmp_path / 'metrics.jsonl', 'a') as f:  # a write cut short by a crash
     f.write('{"step": 13, "train/lo')
+  evaluated = run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3', '--eval_only', '--eval_step=12',
+                  devices=1, check=False)
+  assert evaluated.returncode == 2, evaluated.stderr[-3000:]
+  assert 'error: the checkpoint of step 12' in evaluated.stderr and 'cannot be read' in evaluated.stderr
   resumed = run(tmp_path, tfds_dir, *STEPS, '--config.max_checkpoints=3')
   out = resumed.stdout
   assert 'the checkpoint of step 12' in out and 'cannot be read' in out and 'resuming from step 8' in out, out[-3000:]
@@ -570,6 +591,19 @@ def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_di
   codes, outputs = two_processes(workdir, tfds_dir, overrides_1=('--config.optim.freeze=("nomatch",)',), timeout=120)
   assert codes == [2, 2], outputs
   assert 'process(es) [1] refused this run' in outputs[0] and "pattern 'nomatch' matches no parameter" in outputs[1]
+  assert not workdir.exists()
+
+
+def test_a_source_one_process_cannot_read_refuses_the_run_on_every_process(tmp_path, tfds_dir):
+  # init_from reads the source on every process; where process 1 alone fails (its host's fault), every process
+  # refuses the run with one line and exits, none waits for process 1 in a barrier.
+  run(tmp_path / 'source', tfds_dir, '--config.num_train_steps=2', devices=1)
+  workdir = tmp_path / 'run'
+  codes, outputs = two_processes(workdir, tfds_dir, f'--config.init_from.source={tmp_path / "source"}',
+                                 read_fails_in_process_1=True, timeout=120)
+  assert codes == [2, 2], outputs
+  assert 'process 1 could not read the checkpoint of step 2' in outputs[0], outputs[0][-3000:]
+  assert 'cannot be read (OSError: a fault of this host (simulated))' in outputs[1], outputs[1][-3000:]
   assert not workdir.exists()
 
 
@@ -668,6 +702,15 @@ def test_restoring_params_from_a_damaged_checkpoint_is_refused(tmp_path):
         damaged += 1
   assert damaged
   with pytest.raises(ValueError, match='step 6 .* is damaged: its arrays do not match the checksums'):
+    checkpoint.restore_params(str(tmp_path), 'params', abstract)
+  # Bytes that no longer decompress: tensorstore's own error, as one line that a run's checks report.
+  for root, _, names in os.walk(tmp_path / 'checkpoints' / '6' / 'state'):
+    for name in names:
+      if os.sep + 'd' in root:
+        path = os.path.join(root, name)
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(bytes(b ^ 0x5A for b in data))
+  with pytest.raises(ValueError, match=r'the checkpoint of step 6 in .* cannot be read \(.*\); name another step'):
     checkpoint.restore_params(str(tmp_path), 'params', abstract)
 
 
