@@ -82,7 +82,7 @@ class Checkpointer:
                             ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # pylint: disable=broad-except
       error = e
-    _raise_where_any_failed(error, 'its part of it')
+    raise_where_any_failed(error, 'its part of it')
     saved = record.get('checksums')
     version = record.get('checksum_version', 1)
     found = [int(c) for c in jax.device_get(checksums(state, version=version))]
@@ -160,7 +160,7 @@ class Checkpointer:
 
 def _read(step_dir: epath.Path, handler: Any, state_args: Any) -> tuple[Any, dict]:
   """The state (through `handler`, with `state_args`) and the record of a step, read by this process with orbax's
-  handlers: unlike orbax's Checkpointer, they end in no barrier (see _raise_where_any_failed)."""
+  handlers: unlike orbax's Checkpointer, they end in no barrier (see raise_where_any_failed)."""
   handlers = handler, ocp.JsonCheckpointHandler()
   try:
     return (handlers[0].restore(step_dir / 'state', args=state_args),
@@ -170,12 +170,12 @@ def _read(step_dir: epath.Path, handler: Any, state_args: Any) -> tuple[Any, dic
       each.close()
 
 
-def _raise_where_any_failed(error: Exception | None, what: str) -> None:
+def raise_where_any_failed(error: Exception | None, what: str) -> None:
   """Raises `error`, or on the processes that read `what` without one, an error naming a process that could not
   (with its error's first words): all processes raise or none does. Each process reads a checkpoint on its own and
   can fail where the others succeed (its shards damaged, its disk at fault); orbax's own restore would leave the
   others waiting in its closing barrier, which the failing process's next restore then releases, pairing
-  different steps in what follows."""
+  different steps in what follows. Every process must call this at the same point (it is a collective)."""
   if jax.process_count() > 1:  # each process's error in a few words (none: all blanks), gathered
     words = f'{type(error).__name__}: {_first_words(error)}' if error is not None else ''
     sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
@@ -267,6 +267,9 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
   beside its classifier), shaped like `abstract`, as host arrays; returns (tree, step). For restoring a pretrained
   part (a LiT image tower, a teacher, a fine-tuning backbone); the whole state is read on the host, which is fine at
   these sizes.
+
+  Nothing here is collective: in a multi-process run a process can fail to read where the others succeed, and its
+  caller has the processes agree on the outcome (the loop's checks before a run, raise_where_any_failed after).
   """
   if not files.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ to restore {path!r} from; train that run first.')
@@ -287,6 +290,8 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
       restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), manager.item_metadata(step).state)
       state, record = _read(epath.Path(files.absolute(workdir)) / 'checkpoints' / str(step),
                             ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeRestore(restore_args=restore_args))
+    except MemoryError:
+      raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore's errors are plain Exceptions)
       error = ValueError(f'the checkpoint of step {step} in {workdir} cannot be read ({type(e).__name__}: '
                          f'{_first_words(e)}); name another step of that run, or train it again.')
@@ -301,7 +306,8 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
     if saved is not None and sorted(saved) != sorted(host_checksums(tree, record.get('checksum_version', 1))):
       error = ValueError(f'the checkpoint of step {step} in {workdir} is damaged: its arrays do not match the '
                          'checksums saved with them.')
-  _raise_where_any_failed(error, f'the checkpoint of step {step} in {workdir}')
+  if error is not None:
+    raise error
   for key in path.split('/'):
     if not isinstance(tree, dict) or key not in tree:
       raise ValueError(f'{path!r} is not in the checkpoint of {workdir}: at {key!r} it has '
@@ -362,21 +368,23 @@ def state_differences(workdir: str, step: int, abstract_state: Any) -> str:
 
 
 def saved_record(workdir: str, step: int) -> dict:
-  """The JSON record saved with the checkpoint of `step` ({} if it cannot be read)."""
-  manager = _reader(workdir)
+  """The JSON record saved with the checkpoint of `step` ({} if it cannot be read), read with no barrier (orbax's
+  restore ends in one; the loop's checks before a run must have none)."""
   try:
-    return dict(manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record or {})
+    record = ocp.JsonCheckpointHandler().restore(
+        epath.Path(files.absolute(workdir)) / 'checkpoints' / str(step) / 'record', args=ocp.args.JsonRestore())
+    return dict(record or {})
   except Exception:  # pylint: disable=broad-except  (a damaged record is the restore's to report)
     return {}
-  finally:
-    manager.close()
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
   """A read-only manager of `workdir`'s checkpoints, for reading another run's (or, before a run writes, this run's)
   state, record or metadata without the loop's Checkpointer."""
   return ocp.CheckpointManager(os.path.join(files.absolute(workdir), 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               # No root metadata: its save (none when read-only) ends in a barrier across the
+                               # processes, and the loop's checks before a run must have none (train.prepare).
+                               options=ocp.CheckpointManagerOptions(read_only=True, save_root_metadata=False),
                                item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                                               'record': ocp.JsonCheckpointHandler()})
 

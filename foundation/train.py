@@ -1040,9 +1040,14 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   if step not in saved:
     raise ConfigError(f'{workdir} has no checkpoint of step {step} (it has {saved or "none"}); name one with '
                       '--eval_step.')
+  error = None
   try:
     params, _ = checkpoint.restore_params(workdir, 'params', prepared.abstract_state['params'], step=step)
-  except ValueError as e:  # damaged or unreadable: one line, as for a source that training reads
+  except ValueError as e:
+    error = e
+  try:
+    checkpoint.raise_where_any_failed(error, f'the checkpoint of step {step} in {workdir}')
+  except ValueError as e:  # damaged or unreadable, here or on another process: one line on every process
     raise ConfigError(str(e)) from e
   params = jax.device_put(params, prepared.shardings['params'])
   frozen = jax.device_put(prepared.frozen, prepared.frozen_shardings) if prepared.frozen else {}

@@ -595,15 +595,20 @@ def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_di
 
 
 def test_a_source_one_process_cannot_read_refuses_the_run_on_every_process(tmp_path, tfds_dir):
-  # init_from reads the source on every process; where process 1 alone fails (its host's fault), every process
-  # refuses the run with one line and exits, none waits for process 1 in a barrier.
+  # init_from reads the source on every process, among the checks before a run, which have no collective until
+  # they agree: where process 1 alone cannot read it (its host's fault), or alone refuses the config before the
+  # others read it, every process refuses the run with one line and exits; none waits in a barrier.
   run(tmp_path / 'source', tfds_dir, '--config.num_train_steps=2', devices=1)
   workdir = tmp_path / 'run'
-  codes, outputs = two_processes(workdir, tfds_dir, f'--config.init_from.source={tmp_path / "source"}',
-                                 read_fails_in_process_1=True, timeout=120)
+  source = f'--config.init_from.source={tmp_path / "source"}'
+  codes, outputs = two_processes(workdir, tfds_dir, source, read_fails_in_process_1=True, timeout=120)
   assert codes == [2, 2], outputs
-  assert 'process 1 could not read the checkpoint of step 2' in outputs[0], outputs[0][-3000:]
+  assert 'process(es) [1] refused this run' in outputs[0], outputs[0][-3000:]
   assert 'cannot be read (OSError: a fault of this host (simulated))' in outputs[1], outputs[1][-3000:]
+  codes, outputs = two_processes(workdir, tfds_dir, source, overrides_1=('--config.optim.freeze=("nomatch",)',),
+                                 timeout=120)
+  assert codes == [2, 2], outputs
+  assert 'process(es) [1] refused this run' in outputs[0] and "pattern 'nomatch' matches no parameter" in outputs[1]
   assert not workdir.exists()
 
 
@@ -706,7 +711,7 @@ def test_restoring_params_from_a_damaged_checkpoint_is_refused(tmp_path):
   # Bytes that no longer decompress: tensorstore's own error, as one line that a run's checks report.
   for root, _, names in os.walk(tmp_path / 'checkpoints' / '6' / 'state'):
     for name in names:
-      if os.sep + 'd' in root:
+      if os.path.basename(root) == 'd':
         path = os.path.join(root, name)
         data = open(path, 'rb').read()
         open(path, 'wb').write(bytes(b ^ 0x5A for b in data))
