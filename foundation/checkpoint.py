@@ -26,11 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # not re-exported by orbax
 
-from foundation import files
-
-
-# How much of a process's restore error the others receive (the error's type and first words).
-_ERROR_BYTES = 200
+from foundation import files, sharding
 
 
 class Checkpointer:
@@ -171,20 +167,12 @@ def _read(step_dir: epath.Path, handler: Any, state_args: Any) -> tuple[Any, dic
 
 
 def raise_where_any_failed(error: Exception | None, what: str) -> None:
-  """Raises `error`, or on the processes that read `what` without one, an error naming a process that could not
-  (with its error's first words): all processes raise or none does. Each process reads a checkpoint on its own and
-  can fail where the others succeed (its shards damaged, its disk at fault); orbax's own restore would leave the
-  others waiting in its closing barrier, which the failing process's next restore then releases, pairing
-  different steps in what follows. Every process must call this at the same point (it is a collective)."""
-  if jax.process_count() > 1:  # each process's error in a few words (none: all blanks), gathered
-    words = f'{type(error).__name__}: {_first_words(error)}' if error is not None else ''
-    sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
-    gathered = [bytes(row).decode(errors='replace').strip() for row in multihost_utils.process_allgather(sent)]
-    failed = [(process, words) for process, words in enumerate(gathered) if words]
-    if error is None and failed:
-      error = ValueError(f'process {failed[0][0]} could not read {what} ({failed[0][1]})')
-  if error is not None:
-    raise error
+  """sharding.raise_where_any_failed for a read of `what`: the processes that read it hear which one could not. Each
+  process reads a checkpoint on its own and can fail where the others succeed (its shards damaged, its disk at
+  fault); orbax's own restore would leave the others waiting in its closing barrier, which the failing process's
+  next restore then releases, pairing different steps in what follows."""
+  sharding.raise_where_any_failed(
+      error, lambda failed: ValueError(f'process {failed[0][0]} could not read {what} ({failed[0][1]})'))
 
 
 def _first_words(error: Exception, limit: int = 160) -> str:

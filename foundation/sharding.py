@@ -8,11 +8,11 @@ weight's `embed` axis can be FSDP-sharded while an activation's embed axis is no
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -182,6 +182,28 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Builds global arrays from this process's rows (a contiguous block of the global batch)."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+# How much of a process's error the others receive in raise_where_any_failed (its type and first words).
+_ERROR_BYTES = 200
+
+
+def raise_where_any_failed(error: Exception | None, others: Callable[[list[tuple[int, str]]], Exception]) -> None:
+  """All processes raise or none does: `error` where a process has one, and where it has none but another process
+  has, others(failed), `failed` listing (process index, its error's type and first words). For work each process
+  does on its own (the checks before a run, reading a checkpoint) where one can fail and the others succeed: they
+  would otherwise go on to a collective that the failing process never joins. A collective itself: every process
+  calls it at the same point, with no other collective between the work and it."""
+  if jax.process_count() > 1:
+    words = ' '.join(f'{type(error).__name__}: {error}'.split()) if error is not None else ''
+    words = words if len(words) <= 160 else words[:160] + '...'
+    sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
+    gathered = [bytes(row).decode(errors='replace').strip() for row in multihost_utils.process_allgather(sent)]
+    failed = [(process, words) for process, words in enumerate(gathered) if words]
+    if error is None and failed:
+      error = others(failed)
+  if error is not None:
+    raise error
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

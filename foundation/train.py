@@ -210,12 +210,8 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
     error = ConfigError(f'the config asks for more host memory than there is ({e}); look for a size with an extra '
                         'digit.')
     error.__cause__ = e
-  if jax.process_count() > 1:
-    refused = multihost_utils.process_allgather(np.int32(error is not None))
-    if error is None and refused.any():
-      error = ConfigError(f'process(es) {np.flatnonzero(refused).tolist()} refused this run; their output says why.')
-  if error is not None:
-    raise error
+  sharding.raise_where_any_failed(error, lambda failed: ConfigError(
+      f'process(es) {[process for process, _ in failed]} refused this run; their output says why.'))
   return prepared
 
 
