@@ -46,7 +46,9 @@ except ValueError as e:
   sys.exit(f"error: ARGS is not a list of shell words ({e}): {sys.argv[1]}")' "${ARGS:-}")
     eval "set -- $quoted"
     if [ "$kind" = gpu ] && [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ]; then
-      head_ip=$(printf '%s\n' "$SKYPILOT_NODE_IPS" | head -n 1)
+      # The first line, without a pipe: under pipefail, `printf | head -n 1` fails (SIGPIPE, status 141) whenever
+      # head exits before printf has written the other lines.
+      head_ip=${SKYPILOT_NODE_IPS%%$'\n'*}
       set -- "$@" --coordinator_address="$head_ip:8476" --num_processes="$SKYPILOT_NUM_NODES" \
           --process_id="$SKYPILOT_NODE_RANK"
     fi
