@@ -184,8 +184,15 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-# How much of a process's error the others receive in raise_where_any_failed (its type and first words).
-_ERROR_BYTES = 200
+def gather_texts(text: str) -> list[str]:
+  """Every process's `text` (without trailing spaces), by process index. A collective: every process calls it at
+  the same point."""
+  data = text.encode()
+  longest = int(np.max(multihost_utils.process_allgather(np.int32(len(data)))))
+  if not longest:
+    return [''] * jax.process_count()
+  rows = np.asarray(multihost_utils.process_allgather(np.frombuffer(data.ljust(longest), np.uint8)))
+  return [bytes(row).decode(errors='replace').rstrip() for row in rows]
 
 
 def raise_where_any_failed(error: Exception | None, others: Callable[[list[tuple[int, str]]], Exception]) -> None:
@@ -197,9 +204,7 @@ def raise_where_any_failed(error: Exception | None, others: Callable[[list[tuple
   if jax.process_count() > 1:
     words = ' '.join(f'{type(error).__name__}: {error}'.split()) if error is not None else ''
     words = words if len(words) <= 160 else words[:160] + '...'
-    sent = np.frombuffer(words.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES), np.uint8)
-    gathered = [bytes(row).decode(errors='replace').strip() for row in multihost_utils.process_allgather(sent)]
-    failed = [(process, words) for process, words in enumerate(gathered) if words]
+    failed = [(process, words) for process, words in enumerate(gather_texts(words)) if words]
     if error is None and failed:
       error = others(failed)
   if error is not None:

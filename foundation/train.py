@@ -119,6 +119,10 @@ def validate(config, num_devices: int, processes: int | None = None) -> None:
 # mesh, machine or account). Dotted names are fields inside a section.
 RUNTIME_FIELDS = ('mesh', 'parallelism', 'prefetch_batches', 'restore_step', 'data.data_dir', 'profile_steps',
                   'energy')
+# Fields of a run's record that each process may set for itself: where its host finds the data, how far ahead it
+# reads, what it profiles, what its reports assume about power.
+PER_PROCESS_FIELDS = ('data.data_dir', 'prefetch_batches', 'profile_steps', 'energy')
+
 # Where config.profile_steps writes its jax.profiler trace, inside the workdir (TensorBoard's profile tab reads it).
 PROFILE_DIR = 'profile'
 
@@ -212,7 +216,27 @@ def prepare(config, workdir: str, allow_config_change=(), *, dry: bool = False,
     error.__cause__ = e
   sharding.raise_where_any_failed(error, lambda failed: ConfigError(
       f'process(es) {[process for process, _ in failed]} refused this run; their output says why.'))
+  if jax.process_count() > 1:
+    _check_processes_agree(prepared.record)
   return prepared
+
+
+def _check_processes_agree(record: dict) -> None:
+  """Raises ConfigError on every process unless all of them are about to run the same thing: the same config,
+  code and data version, and the same checkpoints of the runs they read (a launcher that gives one host other flags
+  or another checkout, or a source run that saves a newer checkpoint while the processes read its newest, would
+  otherwise have them compute different things in one program, silently or until a collective hangs). A collective:
+  every process calls it after prepare's agreement."""
+  flat = {k: v for k, v in _flatten(json.loads(json.dumps(record, default=str))).items()
+          if not _is_within(k, PER_PROCESS_FIELDS)}
+  records = [json.loads(text) for text in sharding.gather_texts(json.dumps(flat, sort_keys=True))]
+  for process, theirs in enumerate(records[1:], 1):
+    differing = [k for k in sorted(set(theirs) | set(records[0])) if theirs.get(k) != records[0].get(k)]
+    if differing:
+      shown = ', '.join(f'{k}: {records[0].get(k)!r} vs {theirs.get(k)!r}' for k in differing[:4])
+      raise ConfigError(f'process {process} would not run what process 0 runs ({shown}); start every process from '
+                        'the same checkout with the same config and flags (where only a frozen_sources step differs, '
+                        'that run saved a checkpoint while this one started: start this one again).')
 
 
 def _prepare(config, workdir: str, allow_config_change: tuple, dry: bool, devices, resume: bool) -> Prepared:

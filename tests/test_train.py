@@ -597,8 +597,11 @@ def test_a_process_that_refuses_the_config_stops_every_process(tmp_path, tfds_di
 def test_a_source_one_process_cannot_read_refuses_the_run_on_every_process(tmp_path, tfds_dir):
   # init_from reads the source on every process, among the checks before a run, which have no collective until
   # they agree: where process 1 alone cannot read it (its host's fault), or alone refuses the config before the
-  # others read it, every process refuses the run with one line and exits; none waits in a barrier.
-  run(tmp_path / 'source', tfds_dir, '--config.num_train_steps=2', devices=1)
+  # others read it, every process refuses the run with one line and exits; none waits in a barrier. And where the
+  # processes read different steps of it (as when the source saves a checkpoint between their reads), they refuse the
+  # run rather than start from different weights.
+  run(tmp_path / 'source', tfds_dir, '--config.num_train_steps=2', '--config.checkpoint_every=1',
+      '--config.log_every=1', devices=1)
   workdir = tmp_path / 'run'
   source = f'--config.init_from.source={tmp_path / "source"}'
   codes, outputs = two_processes(workdir, tfds_dir, source, read_fails_in_process_1=True, timeout=120)
@@ -609,6 +612,10 @@ def test_a_source_one_process_cannot_read_refuses_the_run_on_every_process(tmp_p
                                  timeout=120)
   assert codes == [2, 2], outputs
   assert 'process(es) [1] refused this run' in outputs[0] and "pattern 'nomatch' matches no parameter" in outputs[1]
+  codes, outputs = two_processes(workdir, tfds_dir, source, overrides_1=('--config.init_from.step=1',), timeout=120)
+  assert codes == [2, 2], outputs
+  for output in outputs:
+    assert 'process 1 would not run what process 0 runs' in output and 'frozen_sources.init_from.step: 2 vs 1' in output
   assert not workdir.exists()
 
 

@@ -171,7 +171,13 @@ def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, f
   encode = jax.jit(lambda p, x: encoder.apply({'params': p}, augment.to_float(x)))
   # Shapes only: the adapted backbone may be sharded over several hosts.
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone)
-  before, _ = checkpoint.restore_params(pin['workdir'], pin['path'], shapes, step=pin['step'])
+  error = before = None
+  try:
+    before, _ = checkpoint.restore_params(pin['workdir'], pin['path'], shapes, step=pin['step'])
+  except (ValueError, FileNotFoundError) as e:
+    error = e
+  # Every process reads it alone; the probes below are collective, so where one cannot read it, none goes on.
+  checkpoint.raise_where_any_failed(error, f'the checkpoint of step {pin["step"]} in {pin["workdir"]}')
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   results = {}
   for key, params in (('source_probe_before', before), ('source_probe', backbone)):
