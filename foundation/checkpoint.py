@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Callable, Collection
 
 from etils import epath
@@ -157,6 +158,7 @@ class Checkpointer:
 def _read(step_dir: epath.Path, handler: Any, state_args: Any) -> tuple[Any, dict]:
   """The state (through `handler`, with `state_args`) and the record of a step, read by this process with orbax's
   handlers: unlike orbax's Checkpointer, they end in no barrier (see raise_where_any_failed)."""
+  _drop_reads_into_closed_loops()
   handlers = handler, ocp.JsonCheckpointHandler()
   try:
     return (handlers[0].restore(step_dir / 'state', args=state_args),
@@ -164,6 +166,30 @@ def _read(step_dir: epath.Path, handler: Any, state_args: Any) -> tuple[Any, dic
   finally:
     for each in handlers:
       each.close()
+
+
+def _drop_reads_into_closed_loops() -> None:
+  """Where one array (or its metadata) of a checkpoint cannot be read, orbax stops at the first error and closes its
+  event loop while tensorstore still reads the others; each of those then completes into the closed loop, and
+  Python prints a traceback for it from tensorstore's thread ("Event loop is closed"), during the failed read or
+  after it. That says nothing about the run (the failed read is reported) and, printed beside the main thread's
+  work, can trip Python 3.11's AST parser (which formats tracebacks) into a SystemError there. Called before each
+  read: from the first on, this process drops exactly those tracebacks."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_reads_into_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    frames, tb = [], unraisable.exc_traceback
+    while tb is not None:
+      frames.append(tb.tb_frame.f_code.co_name)
+      tb = tb.tb_next
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
+            and 'call_soon_threadsafe' in frames):
+      previous(unraisable)
+
+  hook.drops_reads_into_closed_loops = True
+  sys.unraisablehook = hook
 
 
 def raise_where_any_failed(error: Exception | None, what: str) -> None:
@@ -369,6 +395,7 @@ def saved_record(workdir: str, step: int) -> dict:
 def _reader(workdir: str) -> ocp.CheckpointManager:
   """A read-only manager of `workdir`'s checkpoints, for reading another run's (or, before a run writes, this run's)
   state, record or metadata without the loop's Checkpointer."""
+  _drop_reads_into_closed_loops()
   return ocp.CheckpointManager(os.path.join(files.absolute(workdir), 'checkpoints'),
                                # No root metadata: its save (none when read-only) ends in a barrier across the
                                # processes, and the loop's checks before a run must have none (train.prepare).
