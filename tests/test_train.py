@@ -257,31 +257,44 @@ def two_processes(workdir, data_dir, *overrides, overrides_1=(), timeout=180, **
   return [p.returncode for p in procs], outputs
 
 
-def test_two_processes_equal_one(reference_8, tmp_path, tfds_dir):
-  codes, outputs = two_processes(tmp_path, tfds_dir, *STEPS)
+# The state sharded over both processes' devices (fsdp over all 8): each process writes and reads only its shards.
+TWO_PROCESSES = (*STEPS, '--config.mesh.fsdp=8', '--config.mesh.data=1', '--config.max_checkpoints=3')
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory, tfds_dir):
+  """The uninterrupted run as two cooperating processes: (workdir, exit codes, outputs)."""
+  workdir = tmp_path_factory.mktemp('two_processes')
+  codes, outputs = two_processes(workdir, tfds_dir, *TWO_PROCESSES)
+  return workdir, codes, outputs
+
+
+def test_two_processes_equal_one(two_process_run, reference):
+  workdir, codes, outputs = two_process_run
   assert codes == [0, 0], outputs
   assert 'step 12/12' in outputs[0] and 'step 12/12' not in outputs[1]  # only process 0 reports
-  assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-5)
+  assert_same_numbers(logged(workdir), reference)
 
 
-def test_a_checkpoint_one_process_cannot_read_is_passed_over_by_every_process(reference, tmp_path, tfds_dir):
-  # The state sharded over both processes' devices: each reads only the shards it wrote. Process 1's files of step 12
-  # are damaged, so process 0 reads that step and process 1 cannot; both must go on to step 8 together (not hang in
-  # a collective that process 1 never joins, nor pair process 0's step 12 with process 1's step 8).
-  sharded = (*STEPS, '--config.mesh.fsdp=8', '--config.mesh.data=1', '--config.max_checkpoints=3')
-  codes, outputs = two_processes(tmp_path, tfds_dir, *sharded)
-  assert codes == [0, 0] and saved_steps(tmp_path) == [4, 8, 12], outputs
-  damaged = tmp_path / 'checkpoints' / '12' / 'state' / 'ocdbt.process_1' / 'd'
+def test_a_checkpoint_one_process_cannot_read_is_passed_over_by_every_process(two_process_run, reference, tmp_path,
+                                                                               tfds_dir):
+  # Process 1's files of step 12 are damaged, so process 0 reads that step and process 1 cannot; both must go on to
+  # step 8 together (not hang in a collective that process 1 never joins, nor pair process 0's step 12 with process
+  # 1's step 8).
+  assert two_process_run[1] == [0, 0] and saved_steps(two_process_run[0]) == [4, 8, 12], two_process_run[2]
+  workdir = tmp_path / 'run'
+  shutil.copytree(two_process_run[0], workdir)
+  damaged = workdir / 'checkpoints' / '12' / 'state' / 'ocdbt.process_1' / 'd'
   assert damaged.is_dir() and os.listdir(damaged), os.listdir(damaged.parent.parent)
   for name in os.listdir(damaged):
     data = (damaged / name).read_bytes()
     (damaged / name).write_bytes(bytes(b ^ 0x5A for b in data))
-  codes, outputs = two_processes(tmp_path, tfds_dir, *sharded, timeout=120)
+  codes, outputs = two_processes(workdir, tfds_dir, *TWO_PROCESSES, timeout=120)
   assert codes == [0, 0], outputs
   assert ('the checkpoint of step 12' in outputs[0] and 'process 1 could not read its part of it' in outputs[0]
           and 'Resuming from the checkpoint at step 8' in outputs[0]), outputs[0][-3000:]
-  assert saved_steps(tmp_path, 'checkpoints_unreadable') == [12]
-  assert_same_numbers(logged(tmp_path), reference)
+  assert saved_steps(workdir, 'checkpoints_unreadable') == [12]
+  assert_same_numbers(logged(workdir), reference)
 
 
 def saved_steps(workdir, directory='checkpoints'):
