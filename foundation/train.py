@@ -225,13 +225,21 @@ def _check_processes_agree(record: dict) -> None:
   """Raises ConfigError on every process unless all of them are about to run the same thing: the same config,
   code and data version, and the same checkpoints of the runs they read (a launcher that gives one host other flags
   or another checkout, or a source run that saves a newer checkpoint while the processes read its newest, would
-  otherwise have them compute different things in one program, silently or until a collective hangs). A collective:
-  every process calls it after prepare's agreement."""
+  otherwise have them compute different things in one program, silently or until a collective hangs). A source's
+  path as each host spells it may differ (checkouts at other places), its step and content hash may not; the code
+  version is compared where every host knows it. A collective: every process calls it after prepare's agreement."""
   flat = {k: v for k, v in _flatten(json.loads(json.dumps(record, default=str))).items()
-          if not _is_within(k, PER_PROCESS_FIELDS)}
+          if not _is_within(k, PER_PROCESS_FIELDS) and not (k.startswith('frozen_sources.')
+                                                             and k.rsplit('.', 1)[-1] in ('workdir', 'file'))}
+  commit = 'foundation_version.commit'
+  flat[commit] = str(flat.get(commit))[:7]  # git's short hash grows with a clone's object count
   records = [json.loads(text) for text in sharding.gather_texts(json.dumps(flat, sort_keys=True))]
+  if any(theirs.get(commit) == 'unknown' for theirs in records):
+    records = [{k: v for k, v in theirs.items() if k != commit} for theirs in records]
   for process, theirs in enumerate(records[1:], 1):
-    differing = [k for k in sorted(set(theirs) | set(records[0])) if theirs.get(k) != records[0].get(k)]
+    # Compared as JSON text: a NaN in the config equals itself.
+    differing = [k for k in sorted(set(theirs) | set(records[0]))
+                 if json.dumps(theirs.get(k)) != json.dumps(records[0].get(k))]
     if differing:
       shown = ', '.join(f'{k}: {records[0].get(k)!r} vs {theirs.get(k)!r}' for k in differing[:4])
       raise ConfigError(f'process {process} would not run what process 0 runs ({shown}); start every process from '
@@ -1063,7 +1071,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int = 0) -> dict[str, flo
   error = None
   try:
     params, _ = checkpoint.restore_params(workdir, 'params', prepared.abstract_state['params'], step=step)
-  except ValueError as e:
+  except Exception as e:  # pylint: disable=broad-except  (any fault here must reach the other processes)
     error = e
   try:
     checkpoint.raise_where_any_failed(error, f'the checkpoint of step {step} in {workdir}')

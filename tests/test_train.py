@@ -635,6 +635,41 @@ def test_a_source_one_process_cannot_read_refuses_the_run_on_every_process(tmp_p
   assert not workdir.exists()
 
 
+def test_processes_agree_on_the_run_up_to_what_each_host_may_spell_its_own_way(monkeypatch):
+  # Each process's record as prepare builds it, with the other process's gathered beside it (the collective is
+  # exercised by the two-process tests): paths as each host spells them, a longer short hash of the same commit, an
+  # unknown commit, a per-host data dir and a NaN agree; another step of a source, or another learning rate, does not.
+  from foundation import sharding, train
+  def record(**changes):
+    base = {'optim': {'learning_rate': 0.1, 'clip': float('nan')}, 'data': {'data_dir': '/a'},
+            'foundation_version': {'checkpoint_format': 3, 'commit': 'abc1234'},
+            'frozen_sources': {'init_from': {'workdir': '/home/a/run', 'path': 'params', 'step': 2, 'hash': 'f00'}}}
+    for dotted, value in changes.items():
+      *parents, last = dotted.split('__')
+      node = base
+      for key in parents:
+        node = node[key]
+      node[last] = value
+    return base
+  def agree(mine, theirs):
+    monkeypatch.setattr(sharding, 'gather_texts', lambda text: [text, gathered(theirs)])
+    train._check_processes_agree(mine)
+  def gathered(theirs):  # what process 1 sends: its own record, prepared the same way
+    sent = []
+    monkeypatch.setattr(sharding, 'gather_texts', lambda text: sent.append(text) or [text, text])
+    train._check_processes_agree(theirs)
+    return sent[0]
+  agree(record(), record(frozen_sources__init_from__workdir='/mnt/b/run', data__data_dir='/b',
+                         foundation_version__commit='abc1234d'))
+  agree(record(foundation_version__commit='unknown'), record(foundation_version__commit='9999999'))
+  with pytest.raises(train.ConfigError, match=r'process 1 would not run what process 0 runs '
+                                              r'\(frozen_sources.init_from.step: 2 vs 1\)'):
+    agree(record(), record(frozen_sources__init_from__step=1))
+  with pytest.raises(train.ConfigError, match=r'\(foundation_version.commit: .abc1234. vs .9999999., '
+                                              r'optim.learning_rate: 0.1 vs 0.2\)'):
+    agree(record(), record(optim__learning_rate=0.2, foundation_version__commit='9999999'))
+
+
 def test_a_workdir_of_another_checkpoint_format_is_refused_with_the_versions(tmp_path, tfds_dir):
   from foundation import train
   from test_configs import load

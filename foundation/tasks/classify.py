@@ -174,7 +174,7 @@ def _forgetting(backbone, ctx, config, model_cfg, max_train: int) -> dict[str, f
   error = before = None
   try:
     before, _ = checkpoint.restore_params(pin['workdir'], pin['path'], shapes, step=pin['step'])
-  except (ValueError, FileNotFoundError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (any fault here must reach the other processes)
     error = e
   # Every process reads it alone; the probes below are collective, so where one cannot read it, none goes on.
   checkpoint.raise_where_any_failed(error, f'the checkpoint of step {pin["step"]} in {pin["workdir"]}')
