@@ -103,8 +103,8 @@ class Checkpointer:
         return (step, *self.restore(step, abstract_state))
       except Exception as e:  # pylint: disable=broad-except
         raise ValueError(f'config.restore_step={step}: the checkpoint of that step in {self.directory} cannot be '
-                         f'read ({type(e).__name__}: {_first_words(e)}); name another step, or 0 for the newest '
-                         'readable one.') from e
+                         f'read ({sharding.error_words(e)}); name another step, or 0 for the newest readable '
+                         'one.') from e
     failed = []
     for candidate in reversed(steps):
       try:
@@ -113,14 +113,14 @@ class Checkpointer:
         failed.append((candidate, e))
         continue
       for bad, e in failed:
-        warn(f'WARNING: the checkpoint of step {bad} in {self.directory} cannot be read ({type(e).__name__}: '
-             f'{_first_words(e)}); moved to {self.quarantine([bad], "unreadable")}; resuming from step {candidate}.')
+        warn(f'WARNING: the checkpoint of step {bad} in {self.directory} cannot be read ({sharding.error_words(e)}); '
+             f'moved to {self.quarantine([bad], "unreadable")}; resuming from step {candidate}.')
       return restored
     if failed:
       first, e = failed[0]
       raise ValueError(f'no checkpoint in {self.directory} can be read (steps {[s for s, _ in failed]}; step {first}: '
-                       f'{type(e).__name__}: {_first_words(e)}). They are left in place: if the fault is in them, '
-                       'move that directory aside to start this run again, or use another --workdir.') from e
+                       f'{sharding.error_words(e)}). They are left in place: if the fault is in them, move that '
+                       'directory aside to start this run again, or use another --workdir.') from e
     return None
 
   def quarantine(self, steps: list[int], reason: str) -> str:
@@ -199,11 +199,6 @@ def raise_where_any_failed(error: Exception | None, what: str) -> None:
   next restore then releases, pairing different steps in what follows."""
   sharding.raise_where_any_failed(
       error, lambda failed: ValueError(f'process {failed[0][0]} could not read {what} ({failed[0][1]})'))
-
-
-def _first_words(error: Exception, limit: int = 160) -> str:
-  text = ' '.join(str(error).split())
-  return text if len(text) <= limit else text[:limit] + '...'
 
 
 # Version 2 weights each element by an odd number (2 * position * 2654435761 + 1, mod 2**32), so that a change of
@@ -307,8 +302,8 @@ def restore_params(workdir: str, path: str, abstract: Any, step: int | None = No
     except MemoryError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore's errors are plain Exceptions)
-      error = ValueError(f'the checkpoint of step {step} in {workdir} cannot be read ({type(e).__name__}: '
-                         f'{_first_words(e)}); name another step of that run, or train it again.')
+      error = ValueError(f'the checkpoint of step {step} in {workdir} cannot be read ({sharding.error_words(e)}); '
+                         'name another step of that run, or train it again.')
       error.__cause__ = e
   finally:
     manager.close()

@@ -195,6 +195,13 @@ def gather_texts(text: str) -> list[str]:
   return [bytes(row).decode(errors='replace').rstrip() for row in rows]
 
 
+def error_words(error: Exception, limit: int = 160) -> str:
+  """An error's type and message on one line, the message cut to `limit` characters: what a warning quotes, and
+  what a process tells the others of its failure."""
+  text = ' '.join(str(error).split())
+  return f'{type(error).__name__}: ' + (text if len(text) <= limit else text[:limit] + '...')
+
+
 def raise_where_any_failed(error: Exception | None, others: Callable[[list[tuple[int, str]]], Exception]) -> None:
   """All processes raise or none does: `error` where a process has one, and where it has none but another process
   has, others(failed), `failed` listing (process index, its error's type and first words). For work each process
@@ -202,8 +209,7 @@ def raise_where_any_failed(error: Exception | None, others: Callable[[list[tuple
   would otherwise go on to a collective that the failing process never joins. A collective itself: every process
   calls it at the same point, with no other collective between the work and it."""
   if jax.process_count() > 1:
-    words = ' '.join(f'{type(error).__name__}: {error}'.split()) if error is not None else ''
-    words = words if len(words) <= 160 else words[:160] + '...'
+    words = error_words(error) if error is not None else ''
     failed = [(process, words) for process, words in enumerate(gather_texts(words)) if words]
     if error is None and failed:
       error = others(failed)

@@ -546,7 +546,8 @@ def test_damaged_files_resume_with_a_warning_and_the_right_numbers(reference_8, 
   assert 'dropped the last line' in out and 'Resuming from the checkpoint at step 8' in out
   # Reads of step 12's other arrays were still in flight when orbax gave up on it; they complete into its closed
   # event loop, which says nothing about the run: no traceback for them.
-  assert 'Event loop is closed' not in resumed.stderr and 'never retrieved' not in resumed.stderr, resumed.stderr[-3000:]
+  assert 'Event loop is closed' not in resumed.stderr and 'never retrieved' not in resumed.stderr, \
+      resumed.stderr[-3000:]
   assert not stale.exists() and saved_steps(tmp_path, 'checkpoints_unreadable') == [12]
   assert_same_numbers(logged(tmp_path), reference_8, rtol=1e-6)
 
@@ -651,14 +652,15 @@ def test_processes_agree_on_the_run_up_to_what_each_host_may_spell_its_own_way(m
         node = node[key]
       node[last] = value
     return base
-  def agree(mine, theirs):
-    monkeypatch.setattr(sharding, 'gather_texts', lambda text: [text, gathered(theirs)])
-    train._check_processes_agree(mine)
-  def gathered(theirs):  # what process 1 sends: its own record, prepared the same way
+  def sent_by(record):  # what a process sends: its own record, prepared by the same function
     sent = []
-    monkeypatch.setattr(sharding, 'gather_texts', lambda text: sent.append(text) or [text, text])
-    train._check_processes_agree(theirs)
+    monkeypatch.setattr(sharding, 'gather_texts', lambda text: sent.append(text) or [text])
+    train._check_processes_agree(record)
     return sent[0]
+  def agree(mine, theirs):
+    theirs = sent_by(theirs)
+    monkeypatch.setattr(sharding, 'gather_texts', lambda text: [text, theirs])
+    train._check_processes_agree(mine)
   agree(record(), record(frozen_sources__init_from__workdir='/mnt/b/run', data__data_dir='/b',
                          foundation_version__commit='abc1234d'))
   agree(record(foundation_version__commit='unknown'), record(foundation_version__commit='9999999'))
